@@ -1,0 +1,46 @@
+r"""Command line: flags and dispatch only.
+
+    python -m r1jax.main --config=configs/pretrain.py:variant=tiny --workdir=/tmp/run \
+        [--config.train.num_steps=100]
+
+`config.stage` names the module in `r1jax.stages` whose `run(config, workdir)` does the work; each
+stage validates its own config before anything is compiled.
+"""
+import importlib
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Stage config file, e.g. configs/pretrain.py:variant=tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+STAGES = ("data", "pretrain", "finetune", "distill", "quantize", "prune", "tune", "pipeline", "compare",
+          "diagnose")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]!r}. Use --config.key=value for overrides.")
+  config = _CONFIG.value
+  stage = config.get("stage")
+  if stage not in STAGES:
+    raise app.UsageError(f"config.stage={stage!r} is not a known stage; choose one of {STAGES}.")
+  from r1jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize()
+  module = importlib.import_module(f"r1jax.stages.{stage}")
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  logging.info("Running stage %r in %s", stage, workdir)
+  module.run(config, workdir)
+
+
+def cli():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
