@@ -1,0 +1,161 @@
+"""Task heads on the Transformer-XL backbone, and the two models the stages train.
+
+* `MLMHead`: dense -> gelu -> LayerNorm -> tied word embedding^T + bias (BERT). Given
+  `mlm_positions` [B, P], the hidden states are gathered at those positions *before* the head, so
+  the [*, V] logits cost B * P rows instead of B * Q.
+* `PooledHead`: pooled = tanh(dense(h[:, 0])) -> dropout -> dense to `num_outputs`. Used for NSP
+  (2 logits, label 1 = random next segment), the knowledge head (triple validity) and sequence
+  classification (multi-class or multi-label: the logits are the same, only the loss differs).
+* `PretrainModel`: params `backbone/`, `mlm_head/`, `nsp_head/`, `kg_head/` (when num_kg_labels > 0).
+* `Classifier`: params `backbone/`, `cls_head/`.
+
+`nsp_head/pooler` and `cls_head/pooler` have the same shapes, so a finetuning stage can carry the
+pretrained pooler over, as BERT does.
+
+Logits are float32 whatever the compute dtype, so losses are computed at full precision.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from r1jax.model import axes
+from r1jax.model import transformer_xl as txl
+
+Memory = txl.Memory
+
+
+def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+  """hidden [B, Q, d], positions int [B, P] -> [B, P, d]."""
+  return jnp.take_along_axis(hidden, jnp.asarray(positions)[..., None].astype(jnp.int32), axis=1)
+
+
+def _check_positions(positions: Any, batch: int, qlen: int) -> None:
+  shape = tuple(jnp.shape(positions))
+  if len(shape) != 2 or shape[0] != batch:
+    raise ValueError(f"mlm_positions must have shape [batch={batch}, num_predictions], got "
+                     f"{shape}.")
+  txl.check_int_range("mlm_positions", positions, qlen, "the segment positions")
+
+
+class MLMHead(nn.Module):
+  """Masked-LM head with the output projection tied to the word embedding."""
+  config: txl.TransformerXLConfig
+
+  @nn.compact
+  def __call__(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
+    """h [B, P, d], embedding [V, d] -> logits float32 [B, P, V]."""
+    cfg = self.config
+    x = txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "dense")(h)
+    x = nn.gelu(x, approximate=False)
+    x = txl.make_layer_norm(cfg, "norm")(x)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (axes.VOCAB,)),
+                      (cfg.vocab_size,), jnp.float32)
+    logits = jnp.einsum("bpd,vd->bpv", x, embedding.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32) + bias
+    return axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+
+
+class PooledHead(nn.Module):
+  """pooled = tanh(dense(h[:, 0])); logits = dense(dropout(pooled))."""
+  config: txl.TransformerXLConfig
+  num_outputs: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array, deterministic: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+    """hidden [B, Q, d] -> (logits float32 [B, num_outputs], pooled [B, d])."""
+    cfg = self.config
+    pooled = jnp.tanh(txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "pooler")(
+        hidden[:, 0]))
+    x = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
+    logits = txl.make_dense(cfg, self.num_outputs, (axes.EMBED, axes.CLASSES), "out")(x)
+    return logits.astype(jnp.float32), pooled
+
+
+class PretrainModel(nn.Module):
+  """Backbone + MLM + NSP (+ knowledge) heads for pretraining and domain adaptation."""
+  config: txl.TransformerXLConfig
+  num_kg_labels: int = 0
+
+  def setup(self):
+    if self.num_kg_labels < 0:
+      raise ValueError(f"num_kg_labels={self.num_kg_labels}: must be >= 0 (0 = no knowledge head, "
+                       "2 = binary triple validity).")
+    self.backbone = txl.TransformerXL(self.config)
+    self.mlm_head = MLMHead(self.config)
+    self.nsp_head = PooledHead(self.config, 2)
+    if self.num_kg_labels:
+      self.kg_head = PooledHead(self.config, self.num_kg_labels, self.config.dropout)
+
+  def __call__(self, tokens: jax.Array, memory: Memory | Sequence[jax.Array] | None = None,
+               token_mask: jax.Array | None = None, token_types: jax.Array | None = None,
+               mlm_positions: jax.Array | None = None, *, deterministic: bool = True
+               ) -> tuple[dict[str, jax.Array], Memory]:
+    """Pretraining forward pass.
+
+    Args:
+      tokens: int [B, Q]; memory / token_mask / token_types as in `TransformerXL.__call__`.
+      mlm_positions: int [B, P] positions to predict, or None for every position.
+      deterministic: True disables dropout.
+
+    Returns:
+      ({"mlm_logits": [B, P, V] (or [B, Q, V]), "nsp_logits": [B, 2], "hidden": [B, Q, d],
+        "pooled": [B, d]}, new_memory).
+    """
+    hidden, new_memory = self.backbone(tokens, memory, token_mask, token_types,
+                                       deterministic=deterministic)
+    picked = hidden
+    if mlm_positions is not None:
+      _check_positions(mlm_positions, hidden.shape[0], hidden.shape[1])
+      picked = gather_positions(hidden, mlm_positions)
+    mlm_logits = self.mlm_head(picked, self.backbone.embedding_table())
+    nsp_logits, pooled = self.nsp_head(hidden, deterministic)
+    if self.num_kg_labels and self.is_initializing():
+      self.kg_head(hidden, True)  # create kg_head params in the same init call
+    outputs = {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits, "hidden": hidden,
+               "pooled": pooled}
+    return outputs, new_memory
+
+  def kg_logits(self, kg_tokens: jax.Array, kg_token_mask: jax.Array | None = None,
+                kg_token_types: jax.Array | None = None, *, deterministic: bool = True
+                ) -> jax.Array:
+    """Triple-validity logits float32 [B, num_kg_labels] for triple sequences int [B, T].
+
+    Each triple sequence is independent: it runs through the backbone without memory. Call with
+    `model.apply(variables, kg_tokens, kg_token_mask, method=PretrainModel.kg_logits)`.
+    """
+    if not self.num_kg_labels:
+      raise ValueError("kg_logits needs a knowledge head: build PretrainModel(config, "
+                       "num_kg_labels=2) (num_kg_labels=0 has none).")
+    hidden, _ = self.backbone(kg_tokens, None, kg_token_mask, kg_token_types,
+                              deterministic=deterministic)
+    logits, _ = self.kg_head(hidden, deterministic)
+    return logits
+
+
+class Classifier(nn.Module):
+  """Backbone + pooled classification head; multi-label only changes the loss (sigmoid)."""
+  config: txl.TransformerXLConfig
+  num_classes: int
+  multi_label: bool = False
+
+  def setup(self):
+    minimum = 1 if self.multi_label else 2
+    if self.num_classes < minimum:
+      kind = "multi-label" if self.multi_label else "multi-class"
+      raise ValueError(f"num_classes={self.num_classes}: a {kind} classifier needs >= {minimum}.")
+    self.backbone = txl.TransformerXL(self.config)
+    self.cls_head = PooledHead(self.config, self.num_classes, self.config.dropout)
+
+  def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None,
+               token_types: jax.Array | None = None, *, deterministic: bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """tokens int [B, Q] -> (logits float32 [B, C], {"hidden": [B, Q, d], "pooled": [B, d]})."""
+    hidden, _ = self.backbone(tokens, None, token_mask, token_types, deterministic=deterministic)
+    logits, pooled = self.cls_head(hidden, deterministic)
+    return logits, {"hidden": hidden, "pooled": pooled}

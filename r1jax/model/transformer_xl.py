@@ -1,0 +1,581 @@
+"""Transformer-XL backbone in Flax linen: config, variants, relative attention, layers, memory.
+
+Notation: B batch, Q segment (query) length, M memory length, K = M + Q key length, d model width,
+H heads, D head width, V vocabulary.
+
+The backbone is pure: memory goes in and comes out as an explicit `Memory` pytree, never through a
+mutable collection. Two attention modes share every parameter:
+
+* ``"causal"`` is the original language-model formulation (Dai et al. 2019; kimiyoung/transformer-xl
+  and the HuggingFace port): query i of the segment sits at absolute slot M + i of the K keys, sees
+  keys j <= M + i, and scores them with
+      ((q_i + r_w_bias) . k_j + (q_i + r_r_bias) . W_r R[M + i - j]) / sqrt(D)
+  where R is the sinusoid table; ``same_length`` additionally hides keys at distance >= mem_len, and
+  ``clamp_len > 0`` caps distances.
+* ``"bidirectional"`` (for MLM; XLNet's ``attn_type="bi"``) lets every query see every valid key,
+  memory included, with the same score and the true signed distance M + i - j (negative for keys
+  to the right), capped to +-clamp_len when clamp_len > 0.
+
+Both modes use the "relative shift" reshape trick to turn a [Q, P] table of query x position scores
+into [Q, K] query x key scores without a gather.
+
+Memory: the memory of layer l is the *input* of layer l (the embedding output for l = 0). After a
+segment, new_mem_l = stop_gradient(concat(mem_l, input_l)[-mem_len:]), and the validity mask is
+carried the same way: padded tokens become invalid memory slots and are never attended. As in the
+original code, memory made in training mode holds the training-mode (dropout) activations of the
+layer inputs. Memory may be zero-length (the first segment of a stream) or a fixed-length all-invalid
+block (static shapes under jit): both give identical outputs, because attention depends only on
+relative distances and invalid slots are masked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.model import axes
+
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+}
+ATTENTIONS = ("bidirectional", "causal")
+
+# Masked scores get this finite value (never -inf: bf16/fp16 would turn inf - inf into NaN). Scores
+# are float32 when masked, so -1e9 underflows exp() to exactly 0 next to any unmasked score.
+MASK_VALUE = -1e9
+# Initialiser scale of weights and relative biases (transformer_xl.md: N(0, 0.02)).
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerXLConfig:
+  """Hyperparameters of the Transformer-XL backbone (see `get_variant` for named sizes)."""
+  vocab_size: int = 1000          # V, rows of the word-embedding table.
+  d_model: int = 64               # d, model width (even: the sinusoid table is sin | cos halves).
+  n_layer: int = 2                # number of layers (unrolled, named layer_{i}).
+  n_head: int = 4                 # H, attention heads.
+  d_head: int = 16                # D, width per head (H * D need not equal d).
+  d_inner: int = 256              # feed-forward width.
+  mem_len: int = 32               # steps of memory kept per layer (0 = no memory).
+  clamp_len: int = -1             # > 0 caps relative distances at +-clamp_len; <= 0 = no cap.
+  same_length: bool = False       # causal only: every query sees at most mem_len keys.
+  attention: str = "bidirectional"  # "bidirectional" (MLM) or "causal" (LM).
+  pre_lnorm: bool = False         # LayerNorm before attention/FF (no final LayerNorm), else after.
+  activation: str = "gelu"        # feed-forward activation: gelu | relu | relu6.
+  dropout: float = 0.1            # dropout on embeddings, positions, sublayer outputs, FF hidden.
+  dropatt: float = 0.0            # dropout on attention probabilities.
+  layer_norm_eps: float = 1e-5    # LayerNorm epsilon (original and HF use 1e-5).
+  untie_r: bool = True            # one (r_w_bias, r_r_bias) pair per layer, else one shared pair.
+  n_token_types: int = 0          # > 0 adds a token-type (segment A/B) embedding table.
+  dtype: Any = "float32"          # compute dtype (e.g. "bfloat16").
+  param_dtype: Any = "float32"    # parameter dtype.
+  remat: bool = False             # rematerialise each layer in the backward pass (saves memory).
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"TransformerXLConfig.{name}={value!r}: must be a positive integer.")
+    if self.d_model % 2:
+      raise ValueError(f"TransformerXLConfig.d_model={self.d_model}: must be even (the sinusoid "
+                       "position table is a sin half and a cos half).")
+    for name in ("mem_len", "n_token_types"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"TransformerXLConfig.{name}={value!r}: must be an integer >= 0.")
+    if not isinstance(self.clamp_len, (int, np.integer)) or isinstance(self.clamp_len, bool):
+      raise ValueError(f"TransformerXLConfig.clamp_len={self.clamp_len!r}: must be an integer "
+                       "(> 0 caps distances, <= 0 means no cap).")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"TransformerXLConfig.attention={self.attention!r}: allowed values are "
+                       f"{', '.join(ATTENTIONS)}.")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"TransformerXLConfig.activation={self.activation!r}: allowed values are "
+                       f"{', '.join(ACTIVATIONS)}.")
+    if self.same_length and self.attention != "causal":
+      raise ValueError("TransformerXLConfig.same_length=True needs attention='causal' (got "
+                       f"{self.attention!r}); bidirectional attention always sees all memory.")
+    if self.same_length and self.mem_len == 0:
+      raise ValueError("TransformerXLConfig.same_length=True with mem_len=0 would hide every key; "
+                       "set mem_len > 0 or same_length=False.")
+    for name in ("dropout", "dropatt"):
+      value = getattr(self, name)
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f"TransformerXLConfig.{name}={value!r}: must be in [0, 1).")
+    if not self.layer_norm_eps > 0:
+      raise ValueError(f"TransformerXLConfig.layer_norm_eps={self.layer_norm_eps!r}: must be > 0.")
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        dt = jnp.dtype(value)
+      except TypeError:
+        dt = None
+      if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"TransformerXLConfig.{name}={value!r}: must be a floating dtype such as "
+                         "'float32' or 'bfloat16'.")
+      object.__setattr__(self, name, dt)
+
+  @property
+  def is_causal(self) -> bool:
+    return self.attention == "causal"
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Fast enough for CPU tests and demos.
+    "tiny": dict(vocab_size=1000, d_model=64, n_layer=2, n_head=4, d_head=16, d_inner=256,
+                 mem_len=32),
+    "small": dict(vocab_size=8000, d_model=256, n_layer=4, n_head=4, d_head=64, d_inner=1024,
+                  mem_len=128),
+    # The seed's table: 1024 positions of context = segment 512 + memory 512.
+    "base": dict(vocab_size=50000, d_model=768, n_layer=12, n_head=12, d_head=64, d_inner=3072,
+                 mem_len=512),
+}
+# Segment length each variant is sized for (a data setting, not a model field).
+SEGMENT_LEN = {"tiny": 32, "small": 128, "base": 512}
+
+
+def get_variant(name: str, **overrides: Any) -> TransformerXLConfig:
+  """The named variant ("tiny", "small" or "base") with `overrides` applied to its fields."""
+  if name not in VARIANTS:
+    raise ValueError(f"Unknown Transformer-XL variant {name!r}: allowed values are "
+                     f"{', '.join(VARIANTS)}.")
+  fields = {f.name for f in dataclasses.fields(TransformerXLConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"Unknown TransformerXLConfig field(s) {unknown}: allowed fields are "
+                     f"{', '.join(sorted(fields))}.")
+  return TransformerXLConfig(**{**VARIANTS[name], **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory.
+
+
+class Memory(NamedTuple):
+  """Per-layer memory: `states` is a tuple of n_layer arrays [B, M, d], `mask` bool [B, M] (valid)."""
+  states: tuple[jax.Array, ...]
+  mask: jax.Array
+
+  @property
+  def length(self) -> int:
+    """M, the number of memory slots (valid or not)."""
+    return int(self.mask.shape[1])
+
+  @classmethod
+  def empty(cls, n_layer: int, batch_size: int, d_model: int, length: int = 0,
+            dtype: Any = jnp.float32) -> "Memory":
+    """Memory of `length` all-invalid zero slots (length 0 = no memory yet)."""
+    states = tuple(jnp.zeros((batch_size, length, d_model), dtype) for _ in range(n_layer))
+    return cls(states, jnp.zeros((batch_size, length), bool))
+
+  @classmethod
+  def from_mems(cls, mems: Sequence[jax.Array]) -> "Memory":
+    """Wraps an HF-style tuple of n_layer arrays [B, M, d] (every slot valid)."""
+    mems = tuple(mems)
+    if not mems:
+      raise ValueError("mems is empty: pass one [B, M, d] array per layer, or None.")
+    b, m = jnp.shape(mems[0])[:2]
+    return cls(mems, jnp.ones((b, m), bool))
+
+  def reset(self, rows: jax.Array) -> "Memory":
+    """Invalidates the memory of rows where `rows` [B] is True (a new document starts there)."""
+    return Memory(self.states, self.mask & ~jnp.asarray(rows, bool)[:, None])
+
+
+def init_memory(config: TransformerXLConfig, batch_size: int, length: int | None = None) -> Memory:
+  """All-invalid memory for `config`; `length` defaults to mem_len (static shapes under jit)."""
+  length = config.mem_len if length is None else length
+  return Memory.empty(config.n_layer, batch_size, config.d_model, length, config.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks (shapes at trace time; values only for concrete host data, never a sync under jit).
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
+
+
+def _dtype_of(x: Any) -> np.dtype:
+  dtype = getattr(x, "dtype", None)
+  return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def check_int_range(name: str, x: Any, high: int, what: str) -> None:
+  """Raises ValueError if concrete int array `x` has a value outside [0, high); skips tracers."""
+  if not _is_concrete(x):
+    return
+  arr = np.asarray(x)
+  if arr.size == 0:
+    return
+  lo, hi = int(arr.min()), int(arr.max())
+  if lo < 0 or hi >= high:
+    bad = lo if lo < 0 else hi
+    raise ValueError(f"{name} contains {bad}, outside {what} [0, {high - 1}].")
+
+
+def check_inputs(config: TransformerXLConfig, tokens: Any, memory: Memory | Sequence[Any] | None
+                 = None, token_mask: Any = None, token_types: Any = None) -> None:
+  """Raises ValueError for malformed backbone inputs.
+
+  Shapes are always checked (they are static, so this happens while tracing, before compiling).
+  Token ids and token types are range-checked only when they are concrete host values (numpy
+  arrays, lists or committed jax arrays); under jit they are tracers and are not checked, so no
+  host sync is ever added. The engine calls this on host batches.
+
+  Args:
+    config: the model config.
+    tokens: int [B, Q].
+    memory: None, a `Memory`, or a sequence of n_layer arrays [B, M, d].
+    token_mask: None or bool [B, Q].
+    token_types: None or int [B, Q].
+  """
+  shape = tuple(jnp.shape(tokens))
+  if len(shape) != 2 or shape[1] < 1:
+    raise ValueError(f"tokens must have shape [batch, length] with length >= 1, got {shape}.")
+  if not np.issubdtype(_dtype_of(tokens), np.integer):
+    raise ValueError(f"tokens must be integer ids, got dtype {_dtype_of(tokens)}.")
+  batch = shape[0]
+  check_int_range("tokens", tokens, config.vocab_size, "the vocabulary")
+  if token_mask is not None and tuple(jnp.shape(token_mask)) != shape:
+    raise ValueError(f"token_mask shape {tuple(jnp.shape(token_mask))} != tokens shape {shape}.")
+  if token_types is not None:
+    if config.n_token_types == 0:
+      raise ValueError("token_types were given but config.n_token_types=0: set n_token_types "
+                       "(e.g. 2 for segments A/B) or pass token_types=None.")
+    if tuple(jnp.shape(token_types)) != shape:
+      raise ValueError(f"token_types shape {tuple(jnp.shape(token_types))} != tokens shape "
+                       f"{shape}.")
+    check_int_range("token_types", token_types, config.n_token_types, "the token types")
+  if memory is None:
+    return
+  states = memory.states if isinstance(memory, Memory) else tuple(memory)
+  what = "memory.states" if isinstance(memory, Memory) else "mems"
+  if len(states) != config.n_layer:
+    raise ValueError(f"{what} has {len(states)} arrays; the model has n_layer={config.n_layer} "
+                     "(one [batch, mem_length, d_model] array per layer).")
+  mem_shape = None
+  for i, s in enumerate(states):
+    s_shape = tuple(jnp.shape(s))
+    if len(s_shape) != 3 or s_shape[0] != batch or s_shape[2] != config.d_model:
+      raise ValueError(f"{what}[{i}] has shape {s_shape}; expected [batch={batch}, mem_length, "
+                       f"d_model={config.d_model}].")
+    if mem_shape is not None and s_shape != mem_shape:
+      raise ValueError(f"{what}[{i}] has shape {s_shape} but {what}[0] has {mem_shape}: all "
+                       "layers need the same memory length.")
+    mem_shape = s_shape
+  if isinstance(memory, Memory):
+    mask_shape = tuple(jnp.shape(memory.mask))
+    if mask_shape != mem_shape[:2]:
+      raise ValueError(f"memory.mask has shape {mask_shape}; expected {mem_shape[:2]} "
+                       "[batch, mem_length].")
+
+
+def _resolve_memory(memory: Any, mems: Any) -> Memory | Sequence[Any] | None:
+  if memory is not None and mems is not None:
+    raise ValueError("Pass either memory= (a Memory) or mems= (a tuple of arrays), not both.")
+  return memory if memory is not None else mems
+
+
+# --------------------------------------------------------------------------------------------------
+# Relative positions.
+
+
+def relative_positions(klen: int, qlen: int, bidirectional: bool, clamp_len: int) -> np.ndarray:
+  """Relative distances, descending: [K-1, ..., 0] (causal, length K) or [K-1, ..., -(Q-1)]
+  (bidirectional, length K + Q - 1), capped at +-clamp_len when clamp_len > 0. float32 [P]."""
+  end = -qlen if bidirectional else -1
+  pos = np.arange(klen - 1, end, -1, dtype=np.float32)
+  if clamp_len > 0:
+    pos = np.clip(pos, -clamp_len, clamp_len)
+  return pos
+
+
+def sinusoid_table(positions: np.ndarray | jax.Array, d_model: int) -> jax.Array:
+  """[P] positions -> [P, d] = concat(sin(p * f), cos(p * f)), f = 1 / 10000^(2k / d)."""
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0.0, d_model, 2.0, dtype=np.float32) / d_model))
+  angles = jnp.asarray(positions, jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def rel_shift(x: jax.Array, klen: int) -> jax.Array:
+  """Skews query x position scores into query x key scores.
+
+  Args:
+    x: [..., Q, P] scores against positions that descend by one per column, starting at K - 1.
+    klen: K.
+
+  Returns:
+    [..., Q, K] with out[..., i, j] = x[..., i, j + Q - 1 - i], i.e. the score for distance
+    (K - Q) + i - j. For P = K (causal) the entries with j > (K - Q) + i are garbage (hidden by the
+    causal mask); for P = K + Q - 1 (bidirectional) every entry is exact.
+  """
+  *lead, q, p = x.shape
+  # One zero column, then read the flat buffer with a row stride of P instead of P + 1: each row
+  # starts one element earlier than the last, which is the skew, using only pad/reshape/slice.
+  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
+  flat = x.reshape(*lead, q * (p + 1))
+  flat = jax.lax.slice_in_dim(flat, q - 1, q - 1 + q * p, axis=-1)
+  return flat.reshape(*lead, q, p)[..., :klen]
+
+
+def attention_pattern(qlen: int, mlen: int, config: TransformerXLConfig) -> np.ndarray:
+  """Static bool [Q, K] of key slots a query may see before validity masking (True = allowed)."""
+  dist = mlen + np.arange(qlen)[:, None] - np.arange(mlen + qlen)[None, :]
+  if not config.is_causal:
+    return np.ones_like(dist, dtype=bool)
+  allowed = dist >= 0
+  if config.same_length:
+    # Original/HF same_length mask, in closed form: each query sees distances 0 .. mem_len - 1.
+    allowed &= dist < config.mem_len
+  return allowed
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules.
+
+
+def _normal(axes_names: Sequence[str | None], std: float = INIT_STD):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(axes_names))
+
+
+def make_layer_norm(config: TransformerXLConfig, name: str) -> nn.LayerNorm:
+  """LayerNorm with the config's epsilon and dtypes; scale/bias replicated (NORM axis)."""
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)), name=name)
+
+
+def make_dense(config: TransformerXLConfig, features: int, kernel_axes: tuple[str, str],
+           name: str, use_bias: bool = True) -> nn.Dense:
+  """nn.Dense with N(0, 0.02) kernel over `kernel_axes` (in, out) and a zero bias over `out`."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
+      kernel_init=_normal(kernel_axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[1],)), name=name)
+
+
+def _relative_biases(module: nn.Module, config: TransformerXLConfig) -> tuple[jax.Array, jax.Array]:
+  shape = (config.n_head, config.d_head)
+  init = _normal((axes.HEADS, axes.KV))
+  return (module.param("r_w_bias", init, shape, config.param_dtype),
+          module.param("r_r_bias", init, shape, config.param_dtype))
+
+
+class _Kernel(nn.Module):
+  """Holds one projection weight as `<name>/kernel`, like nn.Dense, for einsums that slice it."""
+  shape: tuple[int, ...]
+  logical_axes: tuple[str, ...]
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param("kernel", _normal(self.logical_axes), self.shape, self.param_dtype)
+
+
+class RelativeAttention(nn.Module):
+  """Multi-head attention with Transformer-XL relative positions (output projection included)."""
+  config: TransformerXLConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, qlen: int, pos_emb: jax.Array, allowed: jax.Array,
+               r_w_bias: jax.Array | None, r_r_bias: jax.Array | None,
+               deterministic: bool) -> jax.Array:
+    """Attention of the last `qlen` rows of `x` over all its rows.
+
+    Args:
+      x: [B, K, d] concat(memory, segment), LayerNorm-ed already under pre_lnorm.
+      qlen: Q; queries are x[:, K - Q:].
+      pos_emb: [P, d] sinusoid table of the distances (see `relative_positions`).
+      allowed: bool [B, 1, Q, K], True where query i may attend key j.
+      r_w_bias, r_r_bias: [H, D] shared biases, or None to own per-layer biases (untie_r).
+      deterministic: disables attention dropout.
+
+    Returns:
+      [B, Q, d].
+    """
+    cfg = self.config
+    dtype = cfg.dtype
+    h, dh = cfg.n_head, cfg.d_head
+    klen = x.shape[1]
+    mlen = klen - qlen
+    if r_w_bias is None:
+      r_w_bias, r_r_bias = _relative_biases(self, cfg)
+    qkv_kernel = _Kernel((cfg.d_model, 3, h, dh), (axes.EMBED, axes.QKV, axes.HEADS, axes.KV),
+                         cfg.param_dtype, name="qkv")().astype(dtype)
+    r_kernel = _Kernel((cfg.d_model, h, dh), (axes.EMBED, axes.HEADS, axes.KV),
+                       cfg.param_dtype, name="r_net")().astype(dtype)
+    o_kernel = _Kernel((h, dh, cfg.d_model), (axes.HEADS, axes.KV, axes.EMBED),
+                       cfg.param_dtype, name="out")().astype(dtype)
+    x = x.astype(dtype)
+    head_axes = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+    if mlen == 0:
+      # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D].
+      qkv = jnp.einsum("bkd,dthn->bkthn", x, qkv_kernel)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      # Queries only for the segment's rows; keys and values for memory and segment.
+      q = jnp.einsum("bqd,dhn->bqhn", x[:, mlen:], qkv_kernel[:, 0])
+      kv = jnp.einsum("bkd,dthn->bkthn", x, qkv_kernel[:, 1:])
+      k, v = kv[:, :, 0], kv[:, :, 1]
+    q, k, v = (axes.constrain(t, head_axes) for t in (q, k, v))
+    r = jnp.einsum("pd,dhn->phn", pos_emb.astype(dtype), r_kernel)            # [P, H, D]
+
+    # Content and position terms in float32, as in the original (sum, then scale).
+    ac = jnp.einsum("bqhn,bkhn->bhqk", q + r_w_bias.astype(dtype), k,
+                    preferred_element_type=jnp.float32)                       # [B, H, Q, K]
+    bd = jnp.einsum("bqhn,phn->bhqp", q + r_r_bias.astype(dtype), r,
+                    preferred_element_type=jnp.float32)                       # [B, H, Q, P]
+    bd = rel_shift(bd, klen)                                                  # [B, H, Q, K]
+    scores = (ac + bd) * (1.0 / math.sqrt(dh))
+    scores = jnp.where(allowed, scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    probs = nn.Dropout(cfg.dropatt)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhn->bqhn", probs, v)                             # [B, Q, H, D]
+    out = axes.constrain(out, head_axes)
+    return jnp.einsum("bqhn,hnd->bqd", out, o_kernel)                          # [B, Q, d]
+
+
+class TransformerXLLayer(nn.Module):
+  """Relative attention + position-wise feed-forward, post-LN (original default) or pre-LN."""
+  config: TransformerXLConfig
+
+  @nn.compact
+  def __call__(self, h: jax.Array, mem: jax.Array, pos_emb: jax.Array, allowed: jax.Array,
+               r_w_bias: jax.Array | None, r_r_bias: jax.Array | None,
+               deterministic: bool) -> jax.Array:
+    """[B, Q, d] segment + [B, M, d] memory -> [B, Q, d] (see RelativeAttention for the rest)."""
+    cfg = self.config
+    act_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+    qlen = h.shape[1]
+    attn_norm = make_layer_norm(cfg, "attn_norm")
+    x = jnp.concatenate([mem.astype(h.dtype), h], axis=1) if mem.shape[1] else h   # [B, K, d]
+    if cfg.pre_lnorm:
+      x = attn_norm(x)
+    a = RelativeAttention(cfg, name="attn")(x, qlen, pos_emb, allowed, r_w_bias, r_r_bias,
+                                             deterministic)
+    a = nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
+    h = h + a if cfg.pre_lnorm else attn_norm(h + a)
+    h = axes.constrain(h, act_axes)
+
+    ff_norm = make_layer_norm(cfg, "ff_norm")
+    y = ff_norm(h) if cfg.pre_lnorm else h
+    y = make_dense(cfg, cfg.d_inner, (axes.EMBED, axes.MLP), "ff_in")(y)
+    y = ACTIVATIONS[cfg.activation](y)
+    y = axes.constrain(y, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    y = make_dense(cfg, cfg.d_model, (axes.MLP, axes.EMBED), "ff_out")(y)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    h = h + y if cfg.pre_lnorm else ff_norm(h + y)
+    return axes.constrain(h, act_axes)
+
+
+class TransformerXL(nn.Module):
+  """The Transformer-XL backbone: tokens (+ memory) -> hidden states (+ new memory).
+
+  Parameters: `word_emb/embedding` [V, d], optional `type_emb/embedding` [n_token_types, d],
+  `r_w_bias`/`r_r_bias` [H, D] here when untie_r=False, and `layer_{i}/...` per layer.
+  """
+  config: TransformerXLConfig
+
+  def setup(self):
+    cfg = self.config
+    self.word_emb = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                             param_dtype=cfg.param_dtype,
+                             embedding_init=_normal((axes.VOCAB, axes.EMBED)))
+    if cfg.n_token_types:
+      self.type_emb = nn.Embed(cfg.n_token_types, cfg.d_model, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype,
+                               embedding_init=_normal((axes.TYPES, axes.EMBED)))
+    if not cfg.untie_r:
+      self.r_w_bias, self.r_r_bias = _relative_biases(self, cfg)
+    # deterministic (argument 7, counting self) must stay a Python bool under remat.
+    layer_cls = (nn.remat(TransformerXLLayer, static_argnums=(7,)) if cfg.remat
+                 else TransformerXLLayer)
+    for i in range(cfg.n_layer):
+      setattr(self, f"layer_{i}", layer_cls(cfg))
+    self.drop = nn.Dropout(cfg.dropout)
+
+  def embedding_table(self) -> jax.Array:
+    """The word-embedding table [V, d] (param dtype), for tied output heads."""
+    return self.word_emb.embedding
+
+  def __call__(self, tokens: jax.Array, memory: Memory | Sequence[jax.Array] | None = None,
+               token_mask: jax.Array | None = None, token_types: jax.Array | None = None, *,
+               mems: Sequence[jax.Array] | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, Memory]:
+    """Runs one segment.
+
+    Args:
+      tokens: int [B, Q].
+      memory: None (no memory), a `Memory` (states n_layer x [B, M, d], mask [B, M]), or an
+        HF-style sequence of n_layer arrays [B, M, d] (all slots valid).
+      token_mask: bool [B, Q], False at padding (never attended, invalid in the new memory).
+      token_types: int [B, Q] (needs config.n_token_types > 0); zeros when None.
+      mems: keyword alias of `memory` for the HF-style tuple form.
+      deterministic: True disables dropout; False needs rngs={"dropout": key}.
+
+    Returns:
+      hidden [B, Q, d] (compute dtype) and the new `Memory` (length min(mem_len, M + Q),
+      stop-gradient, compute dtype).
+    """
+    cfg = self.config
+    memory = _resolve_memory(memory, mems)
+    check_inputs(cfg, tokens, memory, token_mask, token_types)
+    tokens = jnp.asarray(tokens)
+    batch, qlen = tokens.shape
+    if memory is None:
+      memory = Memory.empty(cfg.n_layer, batch, cfg.d_model, 0, cfg.dtype)
+    elif not isinstance(memory, Memory):
+      memory = Memory.from_mems(memory)
+    mlen = memory.length
+    klen = mlen + qlen
+    token_mask = (jnp.ones((batch, qlen), bool) if token_mask is None
+                  else jnp.asarray(token_mask, bool))
+    act_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+
+    h = self.word_emb(tokens) * jnp.asarray(math.sqrt(cfg.d_model), cfg.dtype)
+    if cfg.n_token_types:
+      types = jnp.zeros_like(tokens) if token_types is None else jnp.asarray(token_types)
+      h = h + self.type_emb(types)
+    h = axes.constrain(self.drop(h, deterministic=deterministic), act_axes)
+
+    pos = relative_positions(klen, qlen, not cfg.is_causal, cfg.clamp_len)
+    pos_emb = self.drop(sinusoid_table(pos, cfg.d_model).astype(cfg.dtype),
+                        deterministic=deterministic)
+    key_valid = jnp.concatenate([jnp.asarray(memory.mask, bool), token_mask], axis=1)  # [B, K]
+    allowed = (jnp.asarray(attention_pattern(qlen, mlen, cfg))[None, None]
+               & key_valid[:, None, None, :])                                          # [B,1,Q,K]
+
+    shared = (None, None) if cfg.untie_r else (self.r_w_bias, self.r_r_bias)
+    keep = min(cfg.mem_len, klen)
+    new_states = []
+    for i in range(cfg.n_layer):
+      mem_i = jnp.asarray(memory.states[i]).astype(cfg.dtype)
+      new_states.append(jax.lax.stop_gradient(
+          jnp.concatenate([mem_i, h], axis=1)[:, klen - keep:]))
+      h = getattr(self, f"layer_{i}")(h, mem_i, pos_emb, allowed, *shared, deterministic)
+    h = axes.constrain(self.drop(h, deterministic=deterministic), act_axes)
+    new_mask = jax.lax.stop_gradient(key_valid[:, klen - keep:])
+    return h, Memory(tuple(new_states), new_mask)
+
+
+def count_params(config: TransformerXLConfig, *, pretrain_heads: bool = False) -> int:
+  """Number of parameters of the backbone (or of `heads.PretrainModel`), via eval_shape only."""
+  if pretrain_heads:
+    from r1jax.model import heads  # pylint: disable=g-import-not-at-top
+    model = heads.PretrainModel(config)
+  else:
+    model = TransformerXL(config)
+  tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"]))))
