@@ -1,0 +1,513 @@
+r"""Input sources: text, JSONL, CSV, Parquet and TFDS as random-access Grain data sources.
+
+    src = sources.open_source("corpus/*.jsonl,notes.txt,builtin:domain", text_field="body")
+    ds = grain.MapDataset.source(src)[process_index::process_count]
+    for record in sources.read_records("data.csv"): ...
+
+An input spec is a comma-separated list of items:
+  PATH | GLOB | DIRECTORY     files; the format comes from the extension (after an optional .gz):
+                              .jsonl/.json -> JSONL, .csv -> CSV, .tsv -> tab CSV, .parquet ->
+                              Parquet, anything else -> plain text; `format=` overrides it.
+                              A directory means the supported files directly inside it.
+  builtin:general | builtin:domain | builtin:task:SPLIT   the embedded corpus (r1jax.data.builtin)
+  tfds:NAME[:VERSION]/SPLIT[@DATA_DIR]   a prepared TFDS dataset read through `tfds.data_source`
+                              (ArrayRecord), never downloaded; SPLIT may be a slice ("train[:10%]").
+
+Every record is a dict: `{"text": str, <metadata fields>, "_file": str, "_line": int}` (for TFDS
+"_line" is the example index). Keys starting with "_" are bookkeeping and are not written out. A bad
+row inside a good file is not dropped here: it comes through with `"_error": reason` (and "text"
+possibly missing) so the cleaning pipeline can count it with its location, and
+documents_in = documents_out + sum(dropped) holds. Reasons raised here:
+  malformed_json      a JSONL line that is not a JSON object
+  missing_text        the text field is absent, null or empty in a JSONL/CSV/Parquet/TFDS row
+  bad_text_type       the text field is not a string (a number, a list)
+  ragged_row          a CSV row with a different number of fields than the header
+  too_long            a row longer than `max_chars` (default 1,000,000) characters
+  undecodable         invalid UTF-8 when `on_undecodable="drop"`
+With `on_undecodable="repair"` (default) invalid bytes become U+FFFD and the record carries
+`"_undecodable": True`; the cleaning step removes them and counts the repair.
+
+Whole-file problems raise at open time, naming the file: a missing path or a glob matching
+nothing (FileNotFoundError), an empty file, a file that is not text (NUL bytes in its first 8 KiB), a
+CSV/Parquet file without the text column, an unreadable Parquet/TFDS input (ValueError).
+
+Plain text: one document per line (`text_mode="lines"`, default) or per blank-line separated
+paragraph (`text_mode="paragraphs"`). Text and JSONL files are indexed by byte offsets in one pass
+and read lazily through mmap; CSV, Parquet and gzip files are held in memory.
+"""
+import bisect
+import csv
+import glob as glob_lib
+import gzip
+import io
+import json
+import math
+import mmap
+import os
+import re
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
+TEXT_MODES = ("lines", "paragraphs")
+UNDECODABLE_POLICIES = ("repair", "drop")
+MISSING_STRINGS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+_SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".text")
+_BINARY_PROBE = 8192
+_PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r\f\v]*\n\s*")
+
+
+def _format_of(path: str, fmt: str) -> str:
+  if fmt != "auto":
+    return fmt
+  base = path[:-3] if path.endswith(".gz") else path
+  ext = os.path.splitext(base)[1].lower()
+  return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
+          ".parquet": "parquet"}.get(ext, "text")
+
+
+def _decode(raw: bytes):
+  """-> (text, undecodable flag)."""
+  try:
+    return raw.decode("utf-8"), False
+  except UnicodeDecodeError:
+    return raw.decode("utf-8", errors="replace"), True
+
+
+def _check_text_bytes(path: str, head: bytes, size: int):
+  if size == 0:
+    raise ValueError(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
+  nul = head.find(b"\x00")
+  if nul >= 0:
+    raise ValueError(f"Input file {path} does not look like text: NUL byte at offset {nul}. "
+                     "Pass text, JSONL, CSV, Parquet or a TFDS dataset.")
+
+
+def _is_missing(value) -> bool:
+  if value is None:
+    return True
+  if isinstance(value, float) and math.isnan(value):
+    return True
+  return isinstance(value, str) and value.strip().lower() in MISSING_STRINGS
+
+
+class _FileSource:
+  """Records of one file; subclasses implement __len__ and record(i)."""
+
+  def __init__(self, path: str, text_field: str, on_undecodable: str, max_chars: int):
+    self.path = path
+    self.text_field = text_field
+    self.on_undecodable = on_undecodable
+    self.max_chars = max_chars
+
+  def _text_record(self, text, meta, line, undecodable=False):
+    record = dict(meta)
+    record["_file"] = self.path
+    record["_line"] = line
+    if _is_missing(text) and not (isinstance(text, str) and text.strip()):
+      record.pop("text", None)
+      record["_error"] = "missing_text"
+      return record
+    if not isinstance(text, str):
+      record["_error"] = "bad_text_type"
+      record["text"] = str(text)[:200]
+      return record
+    if len(text) > self.max_chars:
+      record["_error"] = "too_long"
+      record["text"] = text[:200]
+      return record
+    record["text"] = text
+    if undecodable:
+      if self.on_undecodable == "drop":
+        record["_error"] = "undecodable"
+      else:
+        record["_undecodable"] = True
+    return record
+
+
+class _OffsetFileSource(_FileSource):
+  """Text or JSONL file indexed by the byte offsets of its lines (or paragraphs)."""
+
+  def __init__(self, path, fmt, text_field, on_undecodable, max_chars, text_mode):
+    super().__init__(path, text_field, on_undecodable, max_chars)
+    self.fmt = fmt
+    self.text_mode = text_mode
+    self._data = None  # bytes for gzip files; an mmap opened lazily otherwise
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      try:
+        buf = f.read()
+      except (OSError, EOFError) as e:
+        raise ValueError(f"Input file {path} is not readable (bad gzip?): {e}") from e
+    _check_text_bytes(path, buf[:_BINARY_PROBE], len(buf))
+    self._build_index(buf)
+    if path.endswith(".gz"):
+      self._data = buf
+
+  def _build_index(self, buf):
+    """starts/ends/line numbers of the non-blank units of buf."""
+    arr = np.frombuffer(buf, np.uint8)
+    newlines = np.flatnonzero(arr == 10)
+    line_starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    line_ends = np.concatenate([newlines, [len(arr)]]).astype(np.int64)
+    if self.fmt == "text" and self.text_mode == "paragraphs":
+      starts, ends, lines = [], [], []
+      pos = 0
+      for m in list(_PARAGRAPH_BREAK.finditer(buf)) + [None]:
+        end = m.start() if m else len(buf)
+        if buf[pos:end].strip():
+          starts.append(pos)
+          ends.append(end)
+          lines.append(int(np.searchsorted(line_starts, pos, side="right")))
+        if m:
+          pos = m.end()
+      self._starts = np.asarray(starts, np.int64)
+      self._ends = np.asarray(ends, np.int64)
+      self._lines = np.asarray(lines, np.int64)
+      return
+    # Lines: skip the empty ones (length 0, or "\r" only); other blank lines come through and the
+    # cleaning pipeline counts them as too short.
+    lengths = line_ends - line_starts
+    keep = lengths > 0
+    if keep.any():
+      cr_only = lengths == 1
+      if cr_only.any():
+        idx = np.flatnonzero(cr_only)
+        keep[idx] = arr[line_starts[idx]] != 13
+    self._starts = line_starts[keep]
+    self._ends = line_ends[keep]
+    self._lines = np.flatnonzero(keep) + 1
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    if not self.path.endswith(".gz"):
+      state["_data"] = None  # reopened lazily in the worker
+    return state
+
+  def _bytes(self, start, end):
+    if self._data is None:
+      f = open(self.path, "rb")  # pylint: disable=consider-using-with
+      self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      f.close()
+    return bytes(self._data[start:end])
+
+  def __len__(self):
+    return len(self._starts)
+
+  def record(self, i):
+    start, end, line = int(self._starts[i]), int(self._ends[i]), int(self._lines[i])
+    if end - start > 4 * self.max_chars:  # surely too long: do not decode megabytes
+      return {"_file": self.path, "_line": line, "_error": "too_long",
+              "text": self._bytes(start, start + 200).decode("utf-8", errors="replace")}
+    raw = self._bytes(start, end).rstrip(b"\r")
+    text, undecodable = _decode(raw)
+    if self.fmt == "text":
+      return self._text_record(text, {}, line, undecodable)
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      return {"_file": self.path, "_line": line, "_error": "malformed_json",
+              "text": text[:200], "_detail": str(e)}
+    if not isinstance(obj, dict):
+      return {"_file": self.path, "_line": line, "_error": "malformed_json", "text": text[:200],
+              "_detail": f"expected a JSON object, got {type(obj).__name__}"}
+    value = obj.pop(self.text_field, None)
+    meta = {k: v for k, v in obj.items() if not k.startswith("_")}
+    return self._text_record(value, meta, line, undecodable)
+
+
+def _infer_column(values):
+  """Strings from CSV -> int/float/str values with None for missing (pandas-like inference)."""
+  present = [v for v in values if not _is_missing(v)]
+  for cast in (int, float):
+    try:
+      converted = [cast(v) for v in present]
+    except (TypeError, ValueError):
+      continue
+    del converted
+    return [None if _is_missing(v) else cast(v) for v in values]
+  return [None if _is_missing(v) else v for v in values]
+
+
+class _CsvSource(_FileSource):
+  """CSV/TSV with a header row; ragged rows become error records."""
+
+  def __init__(self, path, delimiter, text_field, on_undecodable, max_chars):
+    super().__init__(path, text_field, on_undecodable, max_chars)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      raw = f.read()
+    _check_text_bytes(path, raw[:_BINARY_PROBE], len(raw))
+    bad_lines = set()
+    lines = []
+    for n, raw_line in enumerate(raw.splitlines(keepends=True), 1):
+      text, undecodable = _decode(raw_line)
+      if undecodable:
+        bad_lines.add(n)
+      lines.append(text)
+    csv.field_size_limit(max(4 * max_chars, 1 << 20))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+      header = next(reader)
+    except StopIteration:
+      raise ValueError(f"CSV file {path} has no header row.") from None
+    except csv.Error as e:
+      raise ValueError(f"CSV file {path}:1: cannot parse the header: {e}") from e
+    header = [h.strip() for h in header]
+    if text_field not in header:
+      raise ValueError(f"CSV file {path} has no column {text_field!r} (columns: {header}); set "
+                       "the text field (config.data.text_field) to one of them.")
+    self._rows, self._errors = [], {}
+    first_line = reader.line_num + 1
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        break
+      except csv.Error as e:  # e.g. a field larger than the limit or a NUL
+        self._errors[len(self._rows)] = ("too_long" if "larger" in str(e) else "ragged_row")
+        self._rows.append((first_line, None, False))
+        first_line = reader.line_num + 1
+        continue
+      undecodable = any(n in bad_lines for n in range(first_line, reader.line_num + 1))
+      if not any(cell.strip() for cell in row):
+        first_line = reader.line_num + 1
+        continue  # blank line
+      if len(row) != len(header):
+        self._errors[len(self._rows)] = "ragged_row"
+        self._rows.append((first_line, row, undecodable))
+      else:
+        self._rows.append((first_line, row, undecodable))
+      first_line = reader.line_num + 1
+    # Column types from the well-formed rows only.
+    good = [r for i, (_, r, _) in enumerate(self._rows) if i not in self._errors]
+    columns = {}
+    for c, name in enumerate(header):
+      if name == text_field:
+        continue
+      columns[name] = iter(_infer_column([r[c] for r in good]))
+    self._meta = []
+    for i, (_, row, _) in enumerate(self._rows):
+      if i in self._errors:
+        self._meta.append(None)
+      else:
+        self._meta.append({name: next(values) for name, values in columns.items()})
+    self._text_col = header.index(text_field)
+
+  def __len__(self):
+    return len(self._rows)
+
+  def record(self, i):
+    line, row, undecodable = self._rows[i]
+    if i in self._errors:
+      text = "" if row is None else ",".join(row)
+      return {"_file": self.path, "_line": line, "_error": self._errors[i], "text": text[:200]}
+    return self._text_record(row[self._text_col], self._meta[i], line, undecodable)
+
+
+class _ParquetSource(_FileSource):
+  """Parquet file held in memory as columns."""
+
+  def __init__(self, path, text_field, on_undecodable, max_chars):
+    super().__init__(path, text_field, on_undecodable, max_chars)
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    if os.path.getsize(path) == 0:
+      raise ValueError(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
+    try:
+      table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+      raise ValueError(f"Input file {path} is not a readable Parquet file: {e}") from e
+    if text_field not in table.column_names:
+      raise ValueError(f"Parquet file {path} has no column {text_field!r} (columns: "
+                       f"{table.column_names}); set the text field to one of them.")
+    self._columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    self._n = table.num_rows
+
+  def __len__(self):
+    return self._n
+
+  def record(self, i):
+    meta = {k: v[i] for k, v in self._columns.items() if k != self.text_field}
+    meta = {k: (None if _is_missing(v) else v) for k, v in meta.items()}
+    return self._text_record(self._columns[self.text_field][i], meta, i + 1)
+
+
+class _TfdsSource(_FileSource):
+  """A prepared TFDS dataset through `tfds.data_source` (ArrayRecord, random access)."""
+
+  def __init__(self, spec, text_field, on_undecodable, max_chars):
+    super().__init__(spec, text_field, on_undecodable, max_chars)
+    m = re.fullmatch(r"tfds:([^/@:]+(?:/[^/@:]+)?)(?::([\d.]+))?/([^@]+)(?:@(.+))?", spec)
+    if not m:
+      raise ValueError(f"Bad TFDS spec {spec!r}; expected tfds:NAME[:VERSION]/SPLIT[@DATA_DIR], "
+                       "e.g. tfds:imdb_reviews/train@/data/tfds.")
+    name, version, split, data_dir = m.groups()
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    full_name = f"{name}:{version}" if version else name
+    try:
+      self._ds = tfds.data_source(full_name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises a variety of errors for missing data
+      raise ValueError(f"Cannot open TFDS dataset {spec!r} (nothing is downloaded; prepare it in "
+                       f"DATA_DIR first): {e}") from e
+    features = self._ds.dataset_info.features
+    if text_field not in features:
+      raise ValueError(f"TFDS dataset {spec!r} has no feature {text_field!r} (features: "
+                       f"{list(features.keys())}).")
+    self._class_names = {k: f.names for k, f in features.items()
+                         if isinstance(f, tfds.features.ClassLabel)}
+
+  def __len__(self):
+    return len(self._ds)
+
+  def record(self, i):
+    example = dict(self._ds[i])
+    undecodable = False
+    text = example.pop(self.text_field, None)
+    if isinstance(text, bytes):
+      text, undecodable = _decode(text)
+    meta = {}
+    for k, v in example.items():
+      if k in self._class_names and v is not None and 0 <= int(v) < len(self._class_names[k]):
+        v = self._class_names[k][int(v)]
+      elif isinstance(v, bytes):
+        v = v.decode("utf-8", errors="replace")
+      elif isinstance(v, np.generic):
+        v = v.item()
+      elif isinstance(v, np.ndarray):
+        v = v.tolist()
+      meta[k] = v
+    return self._text_record(text, meta, i, undecodable)
+
+
+class _BuiltinSource(_FileSource):
+  """One of the embedded corpora."""
+
+  def __init__(self, spec, text_field, on_undecodable, max_chars):
+    super().__init__(spec, text_field, on_undecodable, max_chars)
+    from r1jax.data import builtin  # pylint: disable=g-import-not-at-top
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+      raise ValueError(f"Bad builtin spec {spec!r}; use builtin:general, builtin:domain or "
+                       "builtin:task:train|dev|test.")
+    self._records = builtin.load(parts[1], parts[2] if len(parts) == 3 else None)
+
+  def __len__(self):
+    return len(self._records)
+
+  def record(self, i):
+    meta = dict(self._records[i])
+    return self._text_record(meta.pop("text"), meta, i + 1)
+
+
+def expand_spec(spec: str | Sequence[str]) -> list[str]:
+  """Comma-separated spec (or list of specs) -> list of files / builtin: / tfds: items.
+
+  Raises FileNotFoundError naming an item that matches nothing.
+  """
+  items = [spec] if isinstance(spec, str) else list(spec)
+  out = []
+  for item in items:
+    for part in (item.split(",") if not item.startswith("tfds:") else [item]):
+      part = part.strip()
+      if not part:
+        continue
+      if part.startswith(("builtin:", "tfds:")):
+        out.append(part)
+      elif os.path.isdir(part):
+        files = sorted(os.path.join(part, f) for f in os.listdir(part)
+                       if not f.startswith(".") and os.path.isfile(os.path.join(part, f))
+                       and f.lower().replace(".gz", "").endswith(_SUPPORTED_EXTENSIONS))
+        if not files:
+          raise FileNotFoundError(f"Input directory {part} has no {_SUPPORTED_EXTENSIONS} files.")
+        out.extend(files)
+      elif any(c in part for c in "*?["):
+        files = sorted(f for f in glob_lib.glob(part, recursive=True) if os.path.isfile(f))
+        if not files:
+          raise FileNotFoundError(f"Input glob {part!r} matches no file.")
+        out.extend(files)
+      elif os.path.isfile(part):
+        out.append(part)
+      else:
+        raise FileNotFoundError(f"Input path {part!r} does not exist.")
+  if not out:
+    raise FileNotFoundError(f"Input spec {spec!r} names no input.")
+  return out
+
+
+class RecordSource(grain.sources.RandomAccessDataSource):
+  """All records of an input spec, concatenated in spec order (a Grain random-access source)."""
+
+  def __init__(self, spec, *, text_field: str = "text", format: str = "auto",  # pylint: disable=redefined-builtin
+               text_mode: str = "lines", on_undecodable: str = "repair",
+               max_chars: int = 1_000_000, csv_delimiter: str = ","):
+    if format not in FORMATS:
+      raise ValueError(f"format={format!r}; choose one of {FORMATS}.")
+    if text_mode not in TEXT_MODES:
+      raise ValueError(f"text_mode={text_mode!r}; choose one of {TEXT_MODES}.")
+    if on_undecodable not in UNDECODABLE_POLICIES:
+      raise ValueError(f"on_undecodable={on_undecodable!r}; choose one of {UNDECODABLE_POLICIES}.")
+    self.spec = spec
+    self.files = []
+    for item in expand_spec(spec):
+      args = (text_field, on_undecodable, max_chars)
+      if item.startswith("builtin:"):
+        src = _BuiltinSource(item, *args)
+      elif item.startswith("tfds:"):
+        src = _TfdsSource(item, *args)
+      else:
+        fmt = _format_of(item, format)
+        if fmt == "parquet":
+          src = _ParquetSource(item, *args)
+        elif fmt in ("csv", "tsv"):
+          src = _CsvSource(item, "\t" if fmt == "tsv" else csv_delimiter, *args)
+        else:
+          src = _OffsetFileSource(item, fmt, text_field, on_undecodable, max_chars, text_mode)
+      self.files.append(src)
+    self._offsets = np.cumsum([0] + [len(f) for f in self.files]).tolist()
+
+  def __len__(self) -> int:
+    return self._offsets[-1]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range [0, {len(self)})")
+    f = bisect.bisect_right(self._offsets, index) - 1
+    return self.files[f].record(index - self._offsets[f])
+
+  def __repr__(self):
+    return f"RecordSource({self.spec!r}, files={len(self.files)}, records={len(self)})"
+
+
+def open_source(spec, **kwargs) -> RecordSource:
+  """`RecordSource(spec, **kwargs)`: see the module docstring for specs and options."""
+  return RecordSource(spec, **kwargs)
+
+
+def read_records(spec, *, process_index: int = 0, process_count: int = 1,
+                 **kwargs) -> Iterator[dict[str, Any]]:
+  """Iterates the records of a spec (this process's share: every process_count-th record)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  src = open_source(spec, **kwargs)
+  for i in range(process_index, len(src), process_count):
+    yield src[i]
+
+
+def public_fields(record: dict[str, Any]) -> dict[str, Any]:
+  """The record without bookkeeping keys (those starting with '_')."""
+  return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def write_jsonl(records, path: str) -> int:
+  """Writes records' public fields as JSONL; returns the count."""
+  n = 0
+  with io.open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(public_fields(r), ensure_ascii=False) + "\n")
+      n += 1
+  return n
