@@ -1,0 +1,359 @@
+"""Config helpers shared by every stage: common sections, `arg` parsing and up-front validation.
+
+Configs are `ml_collections.ConfigDict`s built by `configs/<stage>.py:get_config(arg)`. The command
+line locks them, so unknown keys and wrong types are already rejected by `ml_collections`; this module
+checks values and combinations (ranges, choices, mesh vs device count, batch vs data-parallel size)
+before anything is compiled, and reports every problem at once with the key and the fix:
+
+    problems = Validator(config)
+    problems.positive_int("train.batch_size")
+    problems.raise_if_any()   # ConfigError listing all problems
+
+Sections built here (`mesh_section`, `train_section`, ...) keep the key names that scripts rely on
+(`train.num_steps`, `train.batch_size`, `checkpoint.every_steps`, `init_from`) identical across stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+MESH_AXES = ("data", "fsdp", "tensor")  # == r1jax.model.axes.MESH_AXES (kept import-free here)
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Fields of `r1jax.model.transformer_xl.TransformerXLConfig` a config may override, with their type.
+# `None` (the placeholder default) means "the variant's value".
+MODEL_OVERRIDES = {
+    "vocab_size": int, "d_model": int, "n_layer": int, "n_head": int, "d_head": int, "d_inner": int,
+    "mem_len": int, "clamp_len": int, "same_length": bool, "attention": str, "pre_lnorm": bool,
+    "activation": str, "dropout": float, "dropatt": float, "layer_norm_eps": float, "untie_r": bool,
+    "n_token_types": int, "dtype": str, "param_dtype": str, "remat": bool,
+}
+
+
+class ConfigError(ValueError):
+  """A config value or combination that cannot work; the message names each key and its fix."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `get_config`'s argument "variant=tiny,foo=1" into a ConfigDict over `defaults`.
+
+  Each key must appear in `defaults`; the value is converted to the default's type.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or key not in defaults:
+      raise ConfigError(f"Config argument {item!r} is not of the form key=value with key in "
+                        f"{sorted(defaults)}; e.g. configs/pretrain.py:variant=tiny.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.strip().lower() in ("1", "true", "yes")
+    elif default is None or isinstance(default, str):
+      out[key] = value.strip()
+    else:
+      out[key] = type(default)(value)
+  return ml_collections.ConfigDict(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Common sections.
+
+
+def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+  """Device mesh axes; -1 on one axis means "all remaining devices"."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def check_variant(variant: str) -> None:
+  from r1jax.model import transformer_xl  # pylint: disable=g-import-not-at-top
+  if variant not in transformer_xl.VARIANTS:
+    raise ConfigError(f"variant={variant!r} is not one of {tuple(transformer_xl.VARIANTS)}; e.g. "
+                      f"configs/pretrain.py:variant=tiny.")
+
+
+def model_section(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """`model.variant` plus one typed placeholder per TransformerXLConfig field (None = variant's)."""
+  section = ml_collections.ConfigDict()
+  section.variant = variant
+  for name, typ in MODEL_OVERRIDES.items():
+    value = overrides.pop(name, None)
+    section[name] = config_dict.placeholder(typ) if value is None else value
+  if overrides:
+    raise ConfigError(f"model_section: unknown model fields {sorted(overrides)}; "
+                      f"choose from {sorted(MODEL_OVERRIDES)}.")
+  return section
+
+
+def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model fields a config sets explicitly (not None), for `get_variant(variant, **overrides)`."""
+  return {k: model_cfg[k] for k in MODEL_OVERRIDES if k in model_cfg and model_cfg[k] is not None}
+
+
+def train_section(**values: Any) -> ml_collections.ConfigDict:
+  """Optimisation and loop settings shared by every training stage (defaults can be overridden)."""
+  section = ml_collections.ConfigDict(dict(
+      num_steps=-1,            # optimizer steps; -1 derives them from num_epochs and the data size
+      num_epochs=1.0,          # used only when num_steps == -1
+      batch_size=32,           # global batch (rows) per optimizer step, across all processes
+      learning_rate=1e-4,      # peak learning rate
+      schedule="linear",       # decay after warmup: linear | cosine | constant
+      warmup_steps=-1,         # -1: warmup_fraction of num_steps
+      warmup_fraction=0.1,
+      end_lr_fraction=0.0,     # final learning rate as a fraction of the peak
+      weight_decay=0.01,       # AdamW decoupled decay (not on biases, LayerNorm, 1-d params)
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip_norm=1.0,      # global-norm clipping; 0 disables
+      label_smoothing=0.0,
+      grad_accum_steps=1,      # micro-batches per optimizer step (batch_size must divide evenly)
+      skip_nonfinite=False,    # False: stop at a NaN/inf step; True: skip it and count skips
+      log_every_steps=10,
+      peak_flops=0.0,          # accelerator peak FLOP/s for MFU (all devices); 0 = table/measure
+      progress_bar=True,
+  ))
+  section.update(values)
+  return section
+
+
+def eval_section(**values: Any) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict(dict(
+      every_steps=100,              # 0 disables periodic eval (the final eval still runs)
+      num_batches=8,                # held-out batches per eval
+      early_stopping_patience=3,    # evals without improvement before stopping; 0 disables
+  ))
+  section.update(values)
+  return section
+
+
+def checkpoint_section(**values: Any) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict(dict(
+      every_steps=500,          # periodic save; the final step is always saved
+      max_to_keep=2,            # last N periodic checkpoints kept ...
+      keep_best=1,              # ... plus the best N by eval loss
+      async_save=True,          # write in a background thread while training continues
+      sigterm_grace_secs=60.0,  # on SIGTERM: save and exit within this time
+  ))
+  section.update(values)
+  return section
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A JSON-ready plain dict of a (resolved) config."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def write_config_json(config: ml_collections.ConfigDict, workdir: str, **resolved: Any) -> str:
+  """Writes DIR/config.json: the config plus values resolved at run time (e.g. derived num_steps)."""
+  data = to_dict(config)
+  if resolved:
+    data["resolved"] = resolved
+  path = os.path.join(workdir, "config.json")
+  _atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+  return path
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes with -1 resolved; raises ConfigError naming the fix."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{axis}={size!r} must be a positive int or -1 (= the remaining "
+                        f"devices).")
+  free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh axes {free} are all -1; at most one axis may be -1 (set the others to "
+                      f"explicit sizes).")
+  fixed = math.prod(s for s in sizes if s != -1)
+  shape_str = "x".join(str(s) for s in sizes)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh {shape_str} (data x fsdp x tensor): the fixed axes use {fixed} devices, "
+                        f"which does not divide the {num_devices} devices available; choose sizes "
+                        f"whose product divides {num_devices}.")
+    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+  elif fixed != num_devices:
+    raise ConfigError(f"mesh {shape_str} (data x fsdp x tensor) needs {fixed} devices but "
+                      f"{num_devices} are available; set one axis to -1 or make the product "
+                      f"{num_devices}.")
+  return tuple(sizes)
+
+
+@dataclasses.dataclass
+class Validator:
+  """Collects config problems (key, message) and raises them together as one ConfigError."""
+  config: ml_collections.ConfigDict
+  problems: list[str] = dataclasses.field(default_factory=list)
+
+  def get(self, key: str) -> Any:
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def has(self, key: str) -> bool:
+    try:
+      self.get(key)
+      return True
+    except (KeyError, AttributeError):
+      return False
+
+  def add(self, key: str, message: str) -> None:
+    self.problems.append(f"{key}: {message}")
+
+  def require(self, condition: bool, key: str, message: str) -> bool:
+    if not condition:
+      self.add(key, message)
+    return bool(condition)
+
+  def _typed(self, key: str, types: tuple[type, ...], what: str) -> Any:
+    if not self.has(key):
+      self.add(key, "missing; every training config must define it.")
+      return None
+    value = self.get(key)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+      self.add(key, f"{value!r} is a {type(value).__name__}; expected {what}.")
+      return None
+    return value
+
+  def int_at_least(self, key: str, minimum: int, *, allow: Sequence[int] = ()) -> int | None:
+    value = self._typed(key, (int,), "an int")
+    if value is not None and value < minimum and value not in allow:
+      extra = f" (or one of {list(allow)})" if allow else ""
+      self.add(key, f"{value} must be >= {minimum}{extra}.")
+      return None
+    return value
+
+  def positive_int(self, key: str, **kw: Any) -> int | None:
+    return self.int_at_least(key, 1, **kw)
+
+  def number_in(self, key: str, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> float | None:
+    value = self._typed(key, (int, float), "a number")
+    if value is None:
+      return None
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high and math.isfinite(value)):
+      lo = "(" if low_open else "["
+      hi = ")" if high_open else "]"
+      self.add(key, f"{value!r} is outside {lo}{low}, {high}{hi}.")
+      return None
+    return float(value)
+
+  def choice(self, key: str, choices: Iterable[Any]) -> Any:
+    choices = tuple(choices)
+    if not self.has(key):
+      self.add(key, f"missing; choose one of {choices}.")
+      return None
+    value = self.get(key)
+    if value not in choices:
+      self.add(key, f"{value!r} is not one of {choices}.")
+      return None
+    return value
+
+  def boolean(self, key: str) -> bool | None:
+    return self._typed(key, (bool,), "True or False")
+
+  def string(self, key: str) -> str | None:
+    return self._typed(key, (str,), "a string")
+
+  def raise_if_any(self, what: str = "config") -> None:
+    if self.problems:
+      lines = "\n  ".join(self.problems)
+      raise ConfigError(f"Invalid {what} ({len(self.problems)} problem(s)); fix with "
+                        f"--config.<key>=<value>:\n  {lines}")
+
+
+def validate_training(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
+                      extra: Callable[[Validator], None] | None = None) -> Validator:
+  """Checks the sections every training stage shares; `extra` adds stage-specific checks.
+
+  Raises ConfigError listing every problem; returns the Validator on success.
+  """
+  v = Validator(config)
+  v.string("stage")
+  v.int_at_least("seed", 0)
+  init_from = v.string("init_from")
+  if init_from:
+    v.require(os.path.isdir(os.path.expanduser(init_from)), "init_from",
+              f"{init_from!r} is not a directory; name the workdir of an earlier run, or '' to "
+              f"start from scratch.")
+
+  # Training loop.
+  num_steps = v.int_at_least("train.num_steps", 1, allow=(-1,))
+  if num_steps == -1:
+    v.number_in("train.num_epochs", 0, 1e6, low_open=True)
+  batch = v.positive_int("train.batch_size")
+  v.number_in("train.learning_rate", 0.0, 10.0, low_open=True)
+  v.choice("train.schedule", SCHEDULES)
+  warmup = v.int_at_least("train.warmup_steps", 0, allow=(-1,))
+  v.number_in("train.warmup_fraction", 0.0, 1.0)
+  if warmup is not None and num_steps is not None and num_steps > 0 and warmup >= num_steps:
+    v.add("train.warmup_steps", f"{warmup} must be smaller than train.num_steps={num_steps}.")
+  v.number_in("train.end_lr_fraction", 0.0, 1.0)
+  v.number_in("train.weight_decay", 0.0, 1.0)
+  v.number_in("train.b1", 0.0, 1.0, high_open=True)
+  v.number_in("train.b2", 0.0, 1.0, high_open=True)
+  v.number_in("train.eps", 0.0, 1.0, low_open=True)
+  v.number_in("train.grad_clip_norm", 0.0, 1e9)
+  v.number_in("train.label_smoothing", 0.0, 1.0, high_open=True)
+  accum = v.positive_int("train.grad_accum_steps")
+  v.boolean("train.skip_nonfinite")
+  v.positive_int("train.log_every_steps")
+  v.number_in("train.peak_flops", 0.0, 1e30)
+  v.boolean("train.progress_bar")
+
+  # Mesh vs devices and batch vs data parallelism.
+  mesh_shape = None
+  try:
+    mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
+  except ConfigError as e:
+    v.add("mesh", str(e))
+  except (KeyError, AttributeError):
+    v.add("mesh", "missing; add mesh.data, mesh.fsdp, mesh.tensor (-1 = the rest).")
+  if mesh_shape and batch and accum:
+    dp = mesh_shape[0] * mesh_shape[1]
+    if batch % (dp * accum):
+      good = dp * accum * max(1, round(batch / (dp * accum)))
+      v.add("train.batch_size", f"{batch} is not divisible by data-parallel size (mesh.data x "
+            f"mesh.fsdp = {dp}) x train.grad_accum_steps ({accum}) = {dp * accum}; use e.g. "
+            f"{good}, or change the mesh.")
+  if batch and batch % process_count:
+    v.add("train.batch_size", f"{batch} is not divisible by the {process_count} processes.")
+
+  # Eval and checkpoints.
+  v.int_at_least("eval.every_steps", 0)
+  v.positive_int("eval.num_batches")
+  v.int_at_least("eval.early_stopping_patience", 0)
+  v.int_at_least("checkpoint.every_steps", 1)
+  v.positive_int("checkpoint.max_to_keep")
+  v.int_at_least("checkpoint.keep_best", 0)
+  v.boolean("checkpoint.async_save")
+  v.number_in("checkpoint.sigterm_grace_secs", 0.0, 1e6, low_open=True)
+
+  # Model: the model package validates its own fields; report its message under model.*.
+  v.string("model.variant")
+  if extra is not None:
+    extra(v)
+  v.raise_if_any(f"{config.get('stage', 'training')} config")
+  return v

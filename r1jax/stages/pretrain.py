@@ -1,0 +1,260 @@
+"""Pretraining stage: MLM + NSP (+ knowledge) on a streamed corpus, with Transformer-XL memory.
+
+    python -m r1jax.main --config=configs/pretrain.py:variant=tiny --workdir=DIR
+
+`run(config, workdir)` validates the config (before anything is compiled), takes the workdir lock,
+prepares the tokenizer (DIR/tokenizer.model: kept from an earlier attempt, copied from
+`data.tokenizer` or `init_from`, or trained on the training documents), builds the model, the mesh
+and the engine, restores the newest good checkpoint (or initialises, from `init_from`'s parameters
+for domain-adaptive pretraining), trains with periodic held-out eval and checkpoints, and writes
+DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/summary.json.
+
+Held-out data: every `data.eval_every_nth_doc`-th document of the corpus (by position, so the split
+does not move with the seed) is kept out of training and streamed the same way for eval.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from r1jax import configlib
+from r1jax.data import examples
+from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.model import axes
+from r1jax.model import heads
+from r1jax.model import transformer_xl as txl
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import loop as loop_lib
+from r1jax.train import mesh as mesh_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import optim
+from r1jax.train import steps as steps_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             process_count: int | None = None) -> configlib.Validator:
+  """All checks that need no data or compilation; raises ConfigError naming each bad key."""
+  def extra(v: configlib.Validator) -> None:
+    v.require(config.get("stage") == "pretrain", "stage",
+              f"{config.get('stage')!r}; this stage runs configs with stage='pretrain'.")
+    try:
+      model_config(config)
+    except (ValueError, TypeError) as e:
+      v.add("model", str(e))
+    v.int_at_least("data.seq_len", 8, allow=(-1,))
+    v.number_in("data.mlm_prob", 0.0, 1.0, low_open=True, high_open=True)
+    v.int_at_least("data.max_predictions", 1, allow=(-1,))
+    v.boolean("data.whole_word")
+    v.boolean("data.nsp")
+    v.string("data.corpus")
+    v.choice("data.tokenizer_type", tokenizer_lib.MODEL_TYPES)
+    tok = v.string("data.tokenizer")
+    if tok:
+      v.require(os.path.isfile(os.path.expanduser(tok)), "data.tokenizer",
+                f"{tok!r} is not a file; name a tokenizer.model or '' to train one.")
+    kg = v.string("data.knowledge_file")
+    if kg and kg != "builtin":
+      v.require(os.path.isfile(os.path.expanduser(kg)), "data.knowledge_file",
+                f"{kg!r} is not a file; name an entity/triple TSV, 'builtin', or ''.")
+    v.int_at_least("data.kg_seq_len", 8)
+    v.number_in("data.kg_weight", 0.0, 1e3)
+    v.int_at_least("data.eval_every_nth_doc", 2)
+    v.int_at_least("data.worker_count", 0)
+    seq_len = seq_len_of(config)
+    max_pred = config.data.get("max_predictions", -1)
+    if isinstance(max_pred, int) and seq_len and max_pred > seq_len:
+      v.add("data.max_predictions", f"{max_pred} exceeds data.seq_len={seq_len}.")
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
+                                     extra=extra)
+
+
+def seq_len_of(config: ml_collections.ConfigDict) -> int:
+  seq_len = config.data.get("seq_len", -1)
+  if seq_len == -1:
+    return txl.SEGMENT_LEN.get(config.model.variant, 0)
+  return seq_len
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None
+                 ) -> txl.TransformerXLConfig:
+  """The TransformerXLConfig: variant + overrides; segment types on for NSP pairs."""
+  overrides = configlib.model_overrides(config.model)
+  if config.data.get("nsp", True) and "n_token_types" not in overrides:
+    overrides["n_token_types"] = 2
+  if vocab_size is not None:
+    overrides["vocab_size"] = vocab_size
+  return txl.get_variant(config.model.variant, **overrides)
+
+
+def knowledge_path(config: ml_collections.ConfigDict) -> str | None:
+  path = config.data.knowledge_file
+  if not path:
+    return None
+  if path == "builtin":
+    from r1jax.data import builtin  # pylint: disable=g-import-not-at-top
+    return builtin.path("knowledge")
+  return os.path.expanduser(path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                      train_texts: list[str]) -> tokenizer_lib.Tokenizer:
+  """DIR/tokenizer.model: kept if present, else copied (data.tokenizer, init_from) or trained."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if jax.process_index() == 0 and not os.path.exists(path):
+    source = config.data.tokenizer or ""
+    if not source and config.init_from:
+      source = os.path.join(os.path.expanduser(config.init_from), TOKENIZER_FILE)
+      if not os.path.exists(source):
+        raise FileNotFoundError(f"init_from={config.init_from!r} has no {TOKENIZER_FILE}; it must be "
+                                f"a finished pretraining workdir.")
+    if source:
+      shutil.copyfile(os.path.expanduser(source), path + ".tmp")
+      os.replace(path + ".tmp", path)
+    else:
+      vocab = model_config(config).vocab_size
+      logging.info("Training a %s tokenizer (vocab %d) on %d documents.",
+                   config.data.tokenizer_type, vocab, len(train_texts))
+      tokenizer_lib.Tokenizer.train(train_texts, vocab,
+                                    model_type=config.data.tokenizer_type).save(path)
+  _sync("tokenizer")
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+def split_documents(texts: list[str], every_nth: int) -> tuple[list[str], list[str]]:
+  """(train, held-out): document i is held out when i % every_nth == every_nth - 1."""
+  held = [t for i, t in enumerate(texts) if i % every_nth == every_nth - 1]
+  train = [t for i, t in enumerate(texts) if i % every_nth != every_nth - 1]
+  return train, held
+
+
+def estimate_steps_per_epoch(texts: list[str], tok: tokenizer_lib.Tokenizer, *, seq_len: int,
+                             batch_size: int, nsp: bool) -> int:
+  """Steps for one pass over `texts`: each row takes one document at a time, ~0.75 (NSP: a true
+  pair consumes A and B, a random pair only A) or all of its seq_len - 2 content slots per step."""
+  per_step = 0.75 * (seq_len - 3) if nsp else seq_len - 2
+  row_steps = sum(max(1, math.ceil(len(ids) / per_step)) for ids in tok.sp.encode(texts))
+  return max(1, math.ceil(row_steps / batch_size))
+
+
+def _batches(config, texts, tok, *, seq_len, seed, knowledge):
+  d = config.data
+  return examples.pretrain_iterator(
+      texts, tok, seq_len=seq_len, batch_size=config.train.batch_size, seed=seed,
+      mlm_prob=d.mlm_prob, max_predictions=None if d.max_predictions == -1 else d.max_predictions,
+      whole_word=d.whole_word, nsp=d.nsp, knowledge_path=knowledge, kg_seq_len=d.kg_seq_len,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=d.worker_count)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes, or returns the summary of a finished) pretraining in `workdir`."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    done = loop_lib.finished_summary(workdir, config)
+    if done is not None:
+      logging.info("Pretraining in %s already finished at step %s; nothing to do.", workdir,
+                   done.get("step"))
+      return done
+    return _run(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  seq_len = seq_len_of(config)
+  texts = examples.resolve_texts(config.data.corpus)
+  train_texts, eval_texts = split_documents(texts, config.data.eval_every_nth_doc)
+  if len(train_texts) < 2 or not eval_texts:
+    raise ValueError(f"data.corpus={config.data.corpus!r} has {len(texts)} documents; need enough "
+                     f"for a training set and every {config.data.eval_every_nth_doc}-th as held-out.")
+  tok = prepare_tokenizer(config, workdir, train_texts)
+  mcfg = model_config(config, vocab_size=tok.vocab_size)
+  knowledge = knowledge_path(config)
+  model = heads.PretrainModel(mcfg, num_kg_labels=2 if knowledge else 0)
+  batch_size = config.train.batch_size
+
+  num_steps = config.train.num_steps
+  steps_per_epoch = None
+  if num_steps == -1:
+    steps_per_epoch = estimate_steps_per_epoch(train_texts, tok, seq_len=seq_len,
+                                               batch_size=batch_size, nsp=config.data.nsp)
+    num_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
+    logging.info("num_steps=%d (%.2f epochs x ~%d steps/epoch)", num_steps,
+                 config.train.num_epochs, steps_per_epoch)
+
+  def init_params(rng):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = model.init({"params": rng}, tokens, token_types=(
+        jnp.zeros_like(tokens) if mcfg.n_token_types else None))
+    return variables["params"]
+
+  abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  tx = optim.build_optimizer(config.train, abstract_params, num_steps=num_steps)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = axes.DEFAULT_RULES
+  engine = steps_lib.Engine(
+      mesh=mesh, rules=rules, tx=tx, init_params=init_params, batch_size=batch_size,
+      loss_fn=steps_lib.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
+                                         kg_weight=config.data.kg_weight),
+      init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)},
+      accum_steps=config.train.grad_accum_steps,
+      lr_schedule=optim.make_schedule(config.train, num_steps))
+
+  def init_state():
+    state = engine.init_state(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      params, step = ckpt_lib.restore_params(os.path.expanduser(config.init_from),
+                                             engine.abstract_state().params)
+      logging.info("Initialised parameters from %s (step %d).", config.init_from, step)
+      state = state.replace(params=params)
+    return state
+
+  train_iter = _batches(config, train_texts, tok, seq_len=seq_len, seed=config.seed,
+                        knowledge=knowledge)
+
+  def evaluate(params):
+    # The same held-out stream every time (fixed seed), memory carried across its batches.
+    batches = _batches(config, eval_texts, tok, seq_len=seq_len, seed=0, knowledge=knowledge)
+    return engine.evaluate(params, itertools.islice(batches, config.eval.num_batches))
+
+  num_predictions = (config.data.max_predictions if config.data.max_predictions > 0 else
+                     max(1, math.ceil(seq_len * config.data.mlm_prob)))
+  flops = metrics_lib.pretrain_flops_per_step(mcfg, batch_size=batch_size, seq_len=seq_len,
+                                              num_predictions=num_predictions)
+  n_params = optim.count_params(abstract_params)["total"]
+  if jax.process_index() == 0:
+    configlib.write_config_json(config, workdir, num_steps=num_steps, seq_len=seq_len,
+                                steps_per_epoch=steps_per_epoch, vocab_size=tok.vocab_size,
+                                mesh=dict(mesh.shape), num_params=n_params,
+                                train_docs=len(train_texts), eval_docs=len(eval_texts))
+  logging.info("Pretraining %s model (%d params) for %d steps on mesh %s.", config.model.variant,
+               n_params, num_steps, dict(mesh.shape))
+  return loop_lib.train_and_evaluate(
+      config, workdir, engine=engine, train_iter=train_iter, init_state=init_state,
+      num_steps=num_steps, evaluate=evaluate, flops_per_step=flops,
+      summary_extra={"num_params": n_params, "model": config.model.variant,
+                     "vocab_size": tok.vocab_size, "seq_len": seq_len,
+                     "train_flops_per_step": flops,
+                     "mlm_chance_accuracy": 1.0 / tok.vocab_size})

@@ -1,0 +1,331 @@
+"""The training loop every training stage runs: steps, logging, eval, early stopping, checkpoints.
+
+    result = fit(engine, state, train_iter, options=LoopOptions.from_config(config, ...),
+                 checkpointer=ckpt, writer=writer, evaluate=lambda params: {...},
+                 on_eval=lambda step, metrics: should_stop)
+
+The loop only dispatches steps; the host fetches metrics at log/eval/checkpoint points (and every
+`max_pending` steps), checks the NaN/inf flag of each step there, and sums metrics over the log window.
+Host-side loop state (the partial log window, best eval, patience counter, skip count) is saved in
+every checkpoint, so a resumed run writes the same metrics.jsonl records as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from absl import logging
+import jax
+
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import steps as steps_lib
+from r1jax.train.state import TrainState
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a NaN/inf loss or gradient (and train.skip_nonfinite is False)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+  num_steps: int
+  log_every: int = 10
+  eval_every: int = 0                 # 0: only the final eval
+  checkpoint_every: int = 500
+  early_stopping_patience: int = 0    # evals without improvement; 0 disables
+  skip_nonfinite: bool = False
+  tokens_per_step: int = 0            # global tokens per step when constant (else counted)
+  flops_per_step: float = 0.0         # model training FLOPs per step (global batch), for MFU
+  peak_flops: float = 0.0             # all devices; 0: no MFU
+  progress_bar: bool = True
+  sigterm_grace_secs: float = 60.0
+  max_pending: int = 50               # fetch metrics at least this often (bounds device memory)
+
+  @classmethod
+  def from_config(cls, config: Any, *, num_steps: int, flops_per_step: float = 0.0,
+                  peak_flops: float = 0.0, tokens_per_step: int = 0) -> "LoopOptions":
+    return cls(num_steps=num_steps, log_every=config.train.log_every_steps,
+               eval_every=config.eval.every_steps, checkpoint_every=config.checkpoint.every_steps,
+               early_stopping_patience=config.eval.early_stopping_patience,
+               skip_nonfinite=config.train.skip_nonfinite, tokens_per_step=tokens_per_step,
+               flops_per_step=flops_per_step, peak_flops=peak_flops,
+               progress_bar=config.train.progress_bar,
+               sigterm_grace_secs=config.checkpoint.sigterm_grace_secs)
+
+
+@dataclasses.dataclass
+class LoopState:
+  """Host-side state saved with each checkpoint (JSON)."""
+  window: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # name -> [sum, count]
+  window_steps: int = 0
+  best_eval_loss: float | None = None
+  best_step: int | None = None
+  evals_without_improvement: int = 0
+  nonfinite_skips: int = 0
+  stopped_early: bool = False
+  last_train: dict[str, Any] | None = None
+  last_eval: dict[str, Any] | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any] | None) -> "LoopState":
+    return cls(**dict(data or {}))
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: TrainState
+  loop: LoopState
+  step: int
+  wall_secs: float
+  last_checkpoint: int | None
+
+
+def _add_to_window(window: dict[str, list[float]], metrics: Mapping[str, Any]) -> None:
+  for name, (total, count) in metrics.items():
+    acc = window.setdefault(name, [0.0, 0.0])
+    acc[0] += float(total)
+    acc[1] += float(count)
+
+
+def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mapping[str, Any]], *,
+        options: LoopOptions, checkpointer: ckpt_lib.Checkpointer,
+        writer: metrics_lib.MetricsWriter,
+        evaluate: Callable[[Any], dict[str, float]] | None = None,
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+        loop_state: LoopState | None = None, start_step: int | None = None) -> FitResult:
+  """Trains `state` until `options.num_steps`, early stopping, or preemption.
+
+  Args:
+    engine: compiled steps.
+    state: initial or restored state.
+    train_iter: yields local (per-process) numpy batches; `get_state()` (if present) is saved.
+    options: loop settings.
+    checkpointer, writer: where checkpoints and metrics go.
+    evaluate: params -> {"loss": ..., ...} on held-out data (also run at the end).
+    on_eval: hook called after each eval with (step, metrics); returning True stops training
+      (e.g. an optuna pruner). Early stopping on eval loss is built in.
+    loop_state: host state restored from the checkpoint (None for a fresh run).
+    start_step: `state.step` as a host int if already known (avoids one fetch).
+  Raises:
+    NonFiniteError: a NaN/inf step with skip_nonfinite=False (the message names the step and the
+      last good checkpoint).
+    checkpoint.Preempted: after saving on SIGTERM (exits the process with code 143).
+  """
+  loop = loop_state or LoopState()
+  step = int(jax.device_get(state.step)) if start_step is None else start_step
+  last_ckpt = checkpointer.latest_step()
+  pending: list[tuple[int, Any]] = []
+  watcher = ckpt_lib.PreemptionWatcher(options.sigterm_grace_secs)
+  bar = metrics_lib.ProgressBar(options.num_steps, initial=step, enabled=options.progress_bar)
+  get_data_state = getattr(train_iter, "get_state", None)
+  started = time.time()
+  clock = None          # throughput clock: starts once the first step (compilation) is done
+  clock_steps = clock_tokens = 0
+  process_count = jax.process_count()
+
+  def flush() -> None:
+    """Fetches pending step metrics; NaN/inf check; sums into the log window."""
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+      if float(m["nonfinite"][0]) > 0:
+        if not options.skip_nonfinite:
+          checkpointer.wait()
+          good = checkpointer.latest_step()
+          where = (f"the last good checkpoint is step {good} in {checkpointer.directory} (rerunning "
+                   f"resumes from it)" if good is not None else "no checkpoint was saved yet")
+          raise NonFiniteError(
+              f"Non-finite loss or gradient at step {s} (loss={float(m['loss'][0])}, "
+              f"grad_norm={float(m['grad_norm'][0])}); the update was not applied and {where}. "
+              f"Lower train.learning_rate, check the data, or set train.skip_nonfinite=True.")
+        loop.nonfinite_skips += 1
+        logging.warning("Skipped step %d: non-finite loss/gradient (%d skipped so far).", s,
+                        loop.nonfinite_skips)
+        continue
+      _add_to_window(loop.window, {k: v for k, v in m.items() if k != "nonfinite"})
+      loop.window_steps += 1
+    pending.clear()
+
+  def save(eval_loss: float | None = None) -> None:
+    nonlocal last_ckpt
+    flush()  # never save past a NaN step unnoticed
+    data_state = get_data_state() if get_data_state else None
+    last_ckpt = checkpointer.save(state, data_state=data_state, meta={"loop": loop.to_json()},
+                                  eval_loss=eval_loss)
+
+  try:
+    while step < options.num_steps:
+      try:
+        batch = next(train_iter)
+      except StopIteration:
+        logging.warning("Training data ran out at step %d of %d; stopping.", step, options.num_steps)
+        break
+      state, metrics = engine.train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if clock is None:
+        jax.block_until_ready(metrics)
+        clock = time.time()
+      else:
+        clock_steps += 1
+        clock_tokens += options.tokens_per_step or steps_lib.tokens_in(batch) * process_count
+      is_last = step == options.num_steps
+      is_log = step % options.log_every == 0 or is_last
+      is_eval = evaluate is not None and (is_last or (options.eval_every and
+                                                      step % options.eval_every == 0))
+      is_ckpt = step % options.checkpoint_every == 0 or is_last
+      preempt = watcher.should_stop(step)
+      if is_log or is_eval or is_ckpt or preempt or len(pending) >= options.max_pending:
+        flush()
+
+      if is_log and loop.window_steps:
+        record = steps_lib.normalize(loop.window)
+        if "learning_rate" in loop.window:  # report the current rate, not the window mean
+          record["learning_rate"] = float(jax.device_get(metrics["learning_rate"][0]))
+        elapsed = time.time() - clock if clock else 0.0
+        if elapsed > 0 and clock_steps:
+          record["tokens_per_sec"] = clock_tokens / elapsed
+          record["steps_per_sec"] = clock_steps / elapsed
+          if options.flops_per_step and options.peak_flops:
+            record["mfu"] = options.flops_per_step * clock_steps / elapsed / options.peak_flops
+        record["nonfinite_skips"] = loop.nonfinite_skips
+        writer.write(step, "train", record)
+        loop.last_train = dict(record, step=step)
+        bar.update_to(step, loss=record.get("loss", math.nan),
+                      tok_s=record.get("tokens_per_sec", 0.0))
+        loop.window, loop.window_steps = {}, 0
+        clock, clock_steps, clock_tokens = time.time(), 0, 0
+
+      eval_loss = None
+      if is_eval:
+        result = evaluate(state.params)
+        eval_loss = result["loss"]
+        writer.write(step, "eval", result)
+        loop.last_eval = dict(result, step=step)
+        improved = loop.best_eval_loss is None or eval_loss < loop.best_eval_loss
+        if improved:
+          loop.best_eval_loss, loop.best_step = eval_loss, step
+          loop.evals_without_improvement = 0
+        else:
+          loop.evals_without_improvement += 1
+        logging.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
+        stop = bool(on_eval(step, result)) if on_eval is not None else False
+        patience = options.early_stopping_patience
+        if patience and loop.evals_without_improvement >= patience:
+          logging.info("Early stopping at step %d: eval loss has not improved on %.4f (step %d) for "
+                       "%d evals.", step, loop.best_eval_loss, loop.best_step, patience)
+          stop = True
+        if stop:
+          loop.stopped_early = True
+        if improved or stop:
+          is_ckpt = True
+        clock = time.time()
+
+      if is_ckpt or preempt:
+        save(eval_loss)
+        clock = time.time() if clock is not None else None
+      if preempt:
+        checkpointer.wait()
+        bar.close()
+        raise ckpt_lib.Preempted(step)
+      if loop.stopped_early:
+        break
+    flush()
+    checkpointer.wait()
+  finally:
+    watcher.close()
+    bar.close()
+    writer.flush()
+  return FitResult(state=state, loop=loop, step=step, wall_secs=time.time() - started,
+                   last_checkpoint=last_ckpt)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The part of a training stage's run() that is the same for every stage.
+
+
+def finished_summary(workdir: str, config: Any) -> dict[str, Any] | None:
+  """The summary of a finished run of this same config in `workdir`, else None.
+
+  "Same" means the same train.num_steps setting, so raising num_steps continues a finished run.
+  """
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  if summary.get("status") in ("complete", "stopped_early") and (
+      summary.get("config_num_steps") == config.train.num_steps):
+    return summary
+  return None
+
+
+def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
+                       train_iter: Iterator[Mapping[str, Any]], init_state: Callable[[], TrainState],
+                       num_steps: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
+                       on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+                       flops_per_step: float = 0.0, tokens_per_step: int = 0,
+                       summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Restore-or-init, train with `fit`, write DIR/summary.json; returns the summary.
+
+  Resuming: the newest good checkpoint in DIR/checkpoints gives the state, the data iterator state
+  (`train_iter.set_state`) and the host loop state; metrics.jsonl/TensorBoard are cut back to it.
+  `init_state()` is only called for a fresh run (it may load `init_from` parameters).
+  """
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+      keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+  writer = None
+  try:
+    restored = checkpointer.restore(engine.abstract_state())
+    if restored is not None:
+      state, start = restored.state, restored.step
+      if restored.data_state is not None and hasattr(train_iter, "set_state"):
+        train_iter.set_state(restored.data_state)
+      loop_state = LoopState.from_json(restored.meta.get("loop"))
+      logging.info("Resuming from checkpoint step %d in %s.", start, checkpointer.directory)
+    else:
+      state, start, loop_state = init_state(), 0, None
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+    peak, peak_source = metrics_lib.peak_flops(config.train.peak_flops)
+    options = LoopOptions.from_config(config, num_steps=num_steps, flops_per_step=flops_per_step,
+                                      peak_flops=peak, tokens_per_step=tokens_per_step)
+    result = fit(engine, state, train_iter, options=options, checkpointer=checkpointer,
+                 writer=writer, evaluate=evaluate, on_eval=on_eval, loop_state=loop_state,
+                 start_step=start)
+  finally:
+    if writer is not None:
+      writer.close()
+    checkpointer.close()
+  loop = result.loop
+  summary = {
+      "stage": config.stage,
+      "status": "stopped_early" if loop.stopped_early else (
+          "complete" if result.step >= num_steps else "data_exhausted"),
+      "step": result.step,
+      "num_steps": num_steps,
+      "config_num_steps": config.train.num_steps,
+      "resumed_from_step": start or None,
+      "wall_secs": result.wall_secs,
+      "final_train": loop.last_train,
+      "final_eval": loop.last_eval,
+      "best_eval": ({"loss": loop.best_eval_loss, "step": loop.best_step}
+                    if loop.best_step is not None else None),
+      "nonfinite_skips": loop.nonfinite_skips,
+      "peak_flops": peak,
+      "peak_flops_source": peak_source,
+      "checkpoint": os.path.join(workdir, "checkpoints", str(result.last_checkpoint)),
+  }
+  summary.update(summary_extra or {})
+  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary

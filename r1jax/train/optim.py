@@ -1,0 +1,173 @@
+"""Optimizer: AdamW with warmup + decay, clipping, no decay on biases/LayerNorm, regex rules.
+
+Rules pick parameters by regex over their "/"-joined path (e.g. `backbone/layer_3/ff/dense_1/kernel`),
+first match wins:
+
+    rules = [(r"backbone/(embed|layer_[0-5])/.*", "frozen"),    # no gradient step, no Adam state
+             (r".*_head/.*", {"lr_mult": 10.0}),                 # its own learning rate
+             (r"backbone/layer_11/.*", {"learning_rate": 1e-4, "weight_decay": 0.0})]
+    tx = build_optimizer(config.train, params, rules=rules)
+
+A rule that matches no parameter (including one shadowed by earlier rules) raises ValueError, since a
+typo would otherwise silently train (or freeze) the wrong thing. Frozen leaves carry no optimizer state
+(`optax.multi_transform` with `optax.set_to_zero()`), and their gradients are zeroed before clipping so
+they do not count towards the global norm.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
+
+from flax.core import meta
+import jax
+import numpy as np
+import optax
+
+Rule = tuple[str, Union[str, Mapping[str, float]]]
+FROZEN = "frozen"
+DEFAULT_GROUP = "default"
+_RULE_KEYS = ("lr_mult", "learning_rate", "weight_decay")
+# A parameter whose path has one of these components is a normalisation parameter (no weight decay).
+_NORM_NAME = re.compile(r"(?i)^(.*layer_?norm.*|.*_ln|ln(_\w+)?|norm\w*|.*_norm)$")
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'a/b/c' for a jax key path (DictKey/GetAttrKey/SequenceKey entries)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def param_paths(params: Any) -> list[str]:
+  return jax.tree.leaves(map_with_path(lambda path, _: path, params))
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+  """Maps fn(path, leaf) over a tree; `nn.LogicallyPartitioned` boxes count as (unboxed) leaves, so
+  the result is shaped like the unboxed tree (a prefix of the boxed one, which optax masks accept)."""
+  def one(p, x):
+    return fn(path_str(p), x.unbox() if isinstance(x, meta.AxisMetadata) else x)
+  return jax.tree_util.tree_map_with_path(one, tree,
+                                          is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
+def decays(path: str, leaf: Any) -> bool:
+  """Weight decay applies to matrices, not to biases, LayerNorm parameters or other 1-d vectors."""
+  parts = path.split("/")
+  if parts[-1].endswith("bias") or any(_NORM_NAME.match(p) for p in parts[:-1]):
+    return False
+  return getattr(leaf, "ndim", 0) >= 2
+
+
+def make_schedule(train_cfg: Any, num_steps: int, peak_lr: float | None = None) -> optax.Schedule:
+  """Linear warmup to the peak, then linear/cosine decay to `end_lr_fraction` of it, or constant."""
+  peak = float(train_cfg.learning_rate if peak_lr is None else peak_lr)
+  warmup = int(train_cfg.warmup_steps)
+  if warmup < 0:
+    warmup = int(round(train_cfg.warmup_fraction * num_steps))
+  warmup = min(warmup, max(num_steps - 1, 0))
+  end = peak * float(train_cfg.end_lr_fraction)
+  decay_steps = max(num_steps - warmup, 1)
+  if train_cfg.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  elif train_cfg.schedule == "linear":
+    after = optax.linear_schedule(peak, end, decay_steps)
+  elif train_cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+  else:
+    raise ValueError(f"train.schedule={train_cfg.schedule!r}; choose linear, cosine or constant.")
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def assign_groups(params: Any, rules: Sequence[Rule] = ()) -> dict[str, Any]:
+  """Labels every leaf with its group: "frozen", "rule_<i>" or "default" (first matching rule wins).
+
+  Returns {"labels": tree of labels, "groups": {label: rule value}}; raises ValueError when a rule
+  matches no parameter not already claimed by an earlier rule.
+  """
+  compiled = []
+  for i, (pattern, value) in enumerate(rules):
+    if isinstance(value, str):
+      if value != FROZEN:
+        raise ValueError(f"Optimizer rule {i} ({pattern!r}): {value!r} is not 'frozen' or a dict of "
+                         f"{_RULE_KEYS}.")
+    else:
+      unknown = set(value) - set(_RULE_KEYS)
+      if unknown:
+        raise ValueError(f"Optimizer rule {i} ({pattern!r}): unknown keys {sorted(unknown)}; "
+                         f"allowed: {_RULE_KEYS}.")
+    compiled.append((re.compile(pattern), value))
+  hits = [0] * len(compiled)
+
+  def label(path: str, _):
+    for i, (regex, value) in enumerate(compiled):
+      if regex.fullmatch(path):
+        hits[i] += 1
+        return FROZEN if value == FROZEN else f"rule_{i}"
+    return DEFAULT_GROUP
+
+  labels = map_with_path(label, params)
+  unmatched = [rules[i][0] for i, n in enumerate(hits) if n == 0]
+  if unmatched:
+    sample = param_paths(params)[:8]
+    raise ValueError(f"Optimizer rule(s) {unmatched} matched no parameter (patterns must match the "
+                     f"whole path, and earlier rules win). Parameter paths look like: {sample}.")
+  groups = {DEFAULT_GROUP: {}}
+  groups.update({f"rule_{i}": dict(v) for i, (_, v) in enumerate(rules) if v != FROZEN})
+  return {"labels": labels, "groups": groups}
+
+
+def _adamw(train_cfg: Any, schedule: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+  def decay_mask(params):
+    return map_with_path(decays, params)
+  return optax.chain(
+      optax.scale_by_adam(b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(schedule),
+  )
+
+
+def build_optimizer(train_cfg: Any, params: Any, *, num_steps: int,
+                    rules: Sequence[Rule] = ()) -> optax.GradientTransformation:
+  """AdamW + schedule + clipping + per-group rules.
+
+  Args:
+    train_cfg: `config.train` (learning_rate, schedule, warmup_*, end_lr_fraction, weight_decay,
+      b1, b2, eps, grad_clip_norm).
+    params: the (possibly abstract or boxed) parameter tree, used for paths and shapes only.
+    num_steps: optimizer steps, for the schedule.
+    rules: (regex, "frozen" | {"lr_mult"|"learning_rate"|"weight_decay": float}) pairs.
+  """
+  assigned = assign_groups(params, rules)
+  labels = assigned["labels"]
+  transforms = {FROZEN: optax.set_to_zero()}
+  for name, value in assigned["groups"].items():
+    peak = value.get("learning_rate", train_cfg.learning_rate * value.get("lr_mult", 1.0))
+    wd = value.get("weight_decay", train_cfg.weight_decay)
+    transforms[name] = _adamw(train_cfg, make_schedule(train_cfg, num_steps, peak), wd)
+  chain = []
+  frozen_mask = jax.tree.map(lambda l: l == FROZEN, labels)
+  if any(jax.tree.leaves(frozen_mask)):
+    # Zero frozen gradients first so they do not count in the clipping norm.
+    chain.append(optax.masked(optax.set_to_zero(), frozen_mask))
+  if train_cfg.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
+  chain.append(optax.multi_transform(transforms, labels))
+  return optax.chain(*chain)
+
+
+def count_params(params: Any, labels: Any | None = None) -> dict[str, int]:
+  """{"total": n, "trainable": n} (trainable excludes leaves labelled frozen)."""
+  sizes = jax.tree.leaves(map_with_path(lambda _, x: int(np.prod(x.shape)), params))
+  out = {"total": sum(sizes), "trainable": sum(sizes)}
+  if labels is not None:
+    out["trainable"] -= sum(n for n, l in zip(sizes, jax.tree.leaves(labels)) if l == FROZEN)
+  return out

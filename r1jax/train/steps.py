@@ -1,0 +1,291 @@
+"""Loss functions and the train/eval steps every training stage shares.
+
+A stage plugs in a loss function with this signature and reuses everything else:
+
+    loss_fn(params, batch, extras, rng, deterministic) -> (loss, (metrics, new_extras))
+
+- `batch`: dict of global arrays, leading axis = rows [B, ...];
+- `extras`: carried per-stage state (e.g. {"memory": Memory}); `new_extras` replaces it;
+- `metrics`: {name: (sum, count)} float32 scalars; the host divides after summing over steps, so
+  averages over steps, micro-batches and eval batches are exact;
+- `loss`: the scalar to differentiate.
+
+`train_step`/`eval_step` are pure module-level functions; `Engine` jits them once with explicit
+in/out shardings and donates the state. Nothing in a step syncs with the host: the NaN/inf check is a
+flag in the metrics (the update is not applied when it is set), read on the host at log time.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from r1jax.train import mesh as mesh_lib
+from r1jax.train import state as state_lib
+from r1jax.train.state import TrainState
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], Any, jax.Array, bool],
+                  tuple[jax.Array, tuple[dict[str, tuple[jax.Array, jax.Array]], Any]]]
+
+
+def metric(total: jax.Array, count: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """A (sum, count) pair of float32 scalars."""
+  return (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
+
+
+def add_metrics(a: Any, b: Any) -> Any:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def normalize(metrics: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+  """Host side: {name: (sum, count)} -> {name: sum / count} as Python floats."""
+  out = {}
+  for name, (total, count) in metrics.items():
+    count = float(count)
+    out[name] = float(total) / count if count else float("nan")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Per-example (smoothed loss, plain nll) for logits [..., V] and int labels [...], in float32.
+
+  With smoothing s the target is (1 - s) one-hot + s uniform: loss = (1 - s) nll + s mean(-log p).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  if not label_smoothing:
+    return nll, nll
+  return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1), nll
+
+
+def weighted_classification(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                            label_smoothing: float = 0.0) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Sums for a (masked) classification: {"loss", "nll", "accuracy"} as (sum, sum of weights)."""
+  weights = weights.astype(jnp.float32)
+  loss, nll = cross_entropy(logits, labels, label_smoothing)
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  denom = weights.sum()
+  return {"loss": metric((loss * weights).sum(), denom), "nll": metric((nll * weights).sum(), denom),
+          "accuracy": metric((correct * weights).sum(), denom)}
+
+
+def pretrain_loss_fn(model: Any, *, label_smoothing: float = 0.0, kg_weight: float = 1.0) -> LossFn:
+  """MLM + NSP (+ knowledge) loss for `r1jax.model.heads.PretrainModel` with memory in extras.
+
+  batch: tokens/token_mask/token_types [B, Q], mlm_positions/mlm_ids/mlm_weights [B, P],
+  nsp_label [B], reset_memory [B]; optional kg_tokens/kg_token_mask [B, T], kg_label [B].
+  Loss = mean MLM cross-entropy over masked positions (sum(w * ce) / sum(w)) + mean NSP cross-entropy
+  (+ kg_weight * mean knowledge cross-entropy).
+  """
+  def loss_fn(params, batch, extras, rng, deterministic):
+    memory = extras["memory"].reset(batch["reset_memory"])  # rows starting a new document
+    rngs = {"dropout": rng}
+    outputs, new_memory = model.apply(
+        {"params": params}, batch["tokens"], memory=memory, token_mask=batch["token_mask"],
+        token_types=batch["token_types"], mlm_positions=batch["mlm_positions"],
+        deterministic=deterministic, rngs=rngs)
+    mlm = weighted_classification(outputs["mlm_logits"], batch["mlm_ids"], batch["mlm_weights"],
+                                  label_smoothing)
+    rows = jnp.ones(batch["nsp_label"].shape, jnp.float32)
+    nsp = weighted_classification(outputs["nsp_logits"], batch["nsp_label"], rows, label_smoothing)
+    mlm_loss = mlm["loss"][0] / (mlm["loss"][1] + 1e-5)
+    nsp_loss = nsp["loss"][0] / nsp["loss"][1]
+    loss = mlm_loss + nsp_loss
+    metrics = {"mlm_loss": mlm["nll"], "mlm_accuracy": mlm["accuracy"],
+               "nsp_loss": nsp["nll"], "nsp_accuracy": nsp["accuracy"]}
+    if "kg_tokens" in batch:
+      kg_logits = model.apply({"params": params}, batch["kg_tokens"], batch["kg_token_mask"],
+                              deterministic=deterministic, rngs=rngs, method="kg_logits")
+      kg = weighted_classification(kg_logits, batch["kg_label"], rows, label_smoothing)
+      loss = loss + kg_weight * kg["loss"][0] / kg["loss"][1]
+      metrics.update(kg_loss=kg["nll"], kg_accuracy=kg["accuracy"])
+    return loss, (metrics, {"memory": new_memory})
+  return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def split_rows(tree: Any, k: int) -> Any:
+  """[B, ...] -> [k, B/k, ...] with micro-batch m = rows m, m+k, m+2k, ... (so each device keeps
+  its own rows: the batch axis stays split the same way)."""
+  def one(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+  return jax.tree.map(one, tree)
+
+
+def merge_rows(tree: Any) -> Any:
+  """Inverse of split_rows: [k, B/k, ...] -> [B, ...]."""
+  def one(x):
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  return jax.tree.map(one, tree)
+
+
+def _where(cond: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: LossFn,
+               tx: optax.GradientTransformation, accum_steps: int = 1,
+               lr_schedule: optax.Schedule | None = None) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step (gradients averaged over `accum_steps` micro-batches of the rows).
+
+  A step whose loss or gradient norm is NaN/inf is not applied (params, optimizer state and extras
+  stay as they were) and reports `nonfinite` = 1; the host decides to stop or to count a skip.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro(batch_m, extras_m, rng_m):
+    (loss, (metrics, new_extras)), grads = grad_fn(state.params, batch_m, extras_m, rng_m, False)
+    return grads, dict(metrics, loss=metric(loss)), new_extras
+
+  if accum_steps == 1:
+    grads, metrics, new_extras = micro(batch, state.extras, rng)
+  else:
+    batches = split_rows(batch, accum_steps)
+    extras = split_rows(state.extras, accum_steps)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum_steps))
+    first = jax.tree.map(lambda x: x[0], (batches, extras, rngs))
+    shapes = jax.eval_shape(micro, *first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:2])
+
+    def body(carry, xs):
+      grads_m, metrics_m, extras_m = micro(*xs)
+      return add_metrics(carry, (grads_m, metrics_m)), extras_m
+    (grads, metrics), new_extras = jax.lax.scan(body, zeros, (batches, extras, rngs))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    new_extras = merge_rows(new_extras)
+
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=_where(finite, params, state.params),
+      opt_state=_where(finite, opt_state, state.opt_state),
+      extras=_where(finite, new_extras, state.extras),
+      nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
+  metrics = dict(metrics, grad_norm=metric(grad_norm), nonfinite=metric((~finite).astype(jnp.float32)))
+  if lr_schedule is not None:
+    metrics["learning_rate"] = metric(lr_schedule(state.step))
+  return new_state, metrics
+
+
+def eval_step(params: Any, extras: Any, batch: Mapping[str, jax.Array], *,
+              loss_fn: LossFn) -> tuple[dict[str, Any], Any]:
+  """Deterministic loss and metrics on one batch; returns (metrics, new_extras)."""
+  loss, (metrics, new_extras) = loss_fn(params, batch, extras, jax.random.PRNGKey(0), True)
+  return dict(metrics, loss=metric(loss)), new_extras
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine: the jitted, sharded steps for one (model, loss, optimizer, mesh).
+
+
+class Engine:
+  """Owns the mesh, the shardings and the compiled steps; shared by every training stage.
+
+      engine = Engine(mesh=mesh, rules=rules, loss_fn=loss_fn, tx=tx, init_params=init_params,
+                      init_extras=init_extras, batch_size=B)
+      state = engine.init_state(jax.random.PRNGKey(seed))
+      state, metrics = engine.train_step(state, local_batch)       # dispatch only, no host sync
+      totals = engine.evaluate(state.params, batches)               # {name: value}, one host sync
+  """
+
+  def __init__(self, *, mesh: Mesh, rules: Sequence[tuple[str, Any]], loss_fn: LossFn,
+               tx: optax.GradientTransformation, init_params: Callable[[jax.Array], Any],
+               init_extras: Callable[[], Any], batch_size: int, accum_steps: int = 1,
+               lr_schedule: optax.Schedule | None = None, eval_loss_fn: LossFn | None = None):
+    self.mesh = mesh
+    self.rules = tuple(rules)
+    self.tx = tx
+    self.batch_size = batch_size
+    self.init_params = init_params
+    self._init_extras = init_extras
+    abstract, self.state_shardings = state_lib.create_train_state(
+        jax.random.PRNGKey(0), init_params=init_params, tx=tx, init_extras=init_extras, mesh=mesh,
+        rules=self.rules, batch_size=batch_size, abstract_only=True)
+    self._abstract = abstract
+    bad = [x.shape for x in jax.tree.leaves(abstract.extras)
+           if accum_steps > 1 and (x.ndim == 0 or x.shape[0] != batch_size)]
+    if bad:
+      raise ValueError(f"grad_accum_steps={accum_steps} needs every extras leaf to be per-row "
+                       f"[{batch_size}, ...]; got shapes {bad}.")
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    rep = mesh_lib.replicated(mesh)
+    sh = self.state_shardings
+    self._train = jax.jit(
+        functools.partial(train_step, loss_fn=loss_fn, tx=tx, accum_steps=accum_steps,
+                          lr_schedule=lr_schedule),
+        in_shardings=(sh, batch_sh), out_shardings=(sh, rep), donate_argnums=(0,))
+    self._eval = jax.jit(
+        functools.partial(eval_step, loss_fn=eval_loss_fn or loss_fn),
+        in_shardings=(sh.params, sh.extras, batch_sh), out_shardings=(rep, sh.extras),
+        donate_argnums=(1,))
+    self._new_extras = jax.jit(init_extras, out_shardings=sh.extras)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs with shardings for every state leaf (a restore target)."""
+    return self._abstract
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    state, _ = state_lib.create_train_state(
+        rng, init_params=self.init_params, tx=self.tx, init_extras=self._init_extras,
+        mesh=self.mesh, rules=self.rules, batch_size=self.batch_size)
+    return state
+
+  def new_extras(self) -> Any:
+    with mesh_lib.mesh_context(self.mesh, self.rules):
+      return self._new_extras()
+
+  def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    return mesh_lib.global_batch(dict(local_batch), self.mesh)
+
+  def train_step(self, state: TrainState, local_batch: Mapping[str, np.ndarray]
+                 ) -> tuple[TrainState, dict[str, Any]]:
+    batch = self.shard_batch(local_batch)
+    with mesh_lib.mesh_context(self.mesh, self.rules):
+      return self._train(state, batch)
+
+  def eval_step(self, params: Any, extras: Any, local_batch: Mapping[str, np.ndarray]
+                ) -> tuple[dict[str, Any], Any]:
+    batch = self.shard_batch(local_batch)
+    with mesh_lib.mesh_context(self.mesh, self.rules):
+      return self._eval(params, extras, batch)
+
+  def evaluate(self, params: Any, batches: Any) -> dict[str, float]:
+    """Sums metrics over `batches` (local numpy batches) from fresh extras; one host fetch."""
+    extras = self.new_extras()
+    totals = None
+    for batch in batches:
+      metrics, extras = self.eval_step(params, extras, batch)
+      totals = metrics if totals is None else add_metrics(totals, metrics)
+    if totals is None:
+      raise ValueError("evaluate() got no batches; check the eval data and eval.num_batches.")
+    return normalize(jax.device_get(totals))
+
+
+def tokens_in(batch: Mapping[str, np.ndarray]) -> int:
+  """Number of real tokens in a local batch (token_mask sum, else tokens size)."""
+  if "token_mask" in batch:
+    return int(np.asarray(batch["token_mask"]).sum())
+  return int(np.asarray(batch["tokens"]).size)
+
+
+
+
