@@ -1,4 +1,4 @@
-"""Tests of the Transformer-XL backbone and heads (r1jax.model.transformer_xl, r1jax.model.heads)."""
+"""Tests of the Transformer-XL backbone and heads (r1jax.model.transformer_xl, .heads)."""
 import dataclasses
 import math
 

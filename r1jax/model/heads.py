@@ -6,7 +6,8 @@
 * `PooledHead`: pooled = tanh(dense(h[:, 0])) -> dropout -> dense to `num_outputs`. Used for NSP
   (2 logits, label 1 = random next segment), the knowledge head (triple validity) and sequence
   classification (multi-class or multi-label: the logits are the same, only the loss differs).
-* `PretrainModel`: params `backbone/`, `mlm_head/`, `nsp_head/`, `kg_head/` (when num_kg_labels > 0).
+* `PretrainModel`: params `backbone/`, `mlm_head/`, `nsp_head/`, and `kg_head/` when
+  num_kg_labels > 0.
 * `Classifier`: params `backbone/`, `cls_head/`.
 
 `nsp_head/pooler` and `cls_head/pooler` have the same shapes, so a finetuning stage can carry the

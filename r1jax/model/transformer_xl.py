@@ -23,9 +23,9 @@ Memory: the memory of layer l is the *input* of layer l (the embedding output fo
 segment, new_mem_l = stop_gradient(concat(mem_l, input_l)[-mem_len:]), and the validity mask is
 carried the same way: padded tokens become invalid memory slots and are never attended. As in the
 original code, memory made in training mode holds the training-mode (dropout) activations of the
-layer inputs. Memory may be zero-length (the first segment of a stream) or a fixed-length all-invalid
-block (static shapes under jit): both give identical outputs, because attention depends only on
-relative distances and invalid slots are masked.
+layer inputs. Memory may be zero-length (the first segment of a stream) or a fixed-length
+all-invalid block (static shapes under jit): both give identical outputs, because attention depends
+only on relative distances and invalid slots are masked. Memory is kept in the compute dtype.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def get_variant(name: str, **overrides: Any) -> TransformerXLConfig:
 
 
 class Memory(NamedTuple):
-  """Per-layer memory: `states` is a tuple of n_layer arrays [B, M, d], `mask` bool [B, M] (valid)."""
+  """Per-layer memory: `states` n_layer arrays [B, M, d]; `mask` bool [B, M], True = valid."""
   states: tuple[jax.Array, ...]
   mask: jax.Array
 
