@@ -470,6 +470,11 @@ class RecordSource(grain.sources.RandomAccessDataSource):
   def __len__(self) -> int:
     return self._offsets[-1]
 
+  @property
+  def tabular_files(self) -> list[Any]:
+    """The CSV and Parquet inputs (the ones with columns for missing-value imputation)."""
+    return [f for f in self.files if isinstance(f, (_CsvSource, _ParquetSource))]
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if index < 0:
