@@ -33,7 +33,7 @@ import jax
 
 KINDS = ("single", "local", "slurm", "tpu", "auto")
 _DISTRIBUTED_CHOICES = ("auto", "off")
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips are PCI devices of this vendor.
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # PCI vendor id of Cloud TPU chips and Google virtual NICs.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +126,12 @@ def _slurm_plan(environ: Mapping[str, str]) -> LaunchPlan | None:
   return LaunchPlan("slurm", local_device_ids=device_ids)
 
 
-def tpu_chip_count() -> int:
-  """Number of Cloud TPU chips attached to this host (0 off Cloud TPU VMs); reads /sys only."""
+def google_pci_device_count() -> int:
+  """Number of Google PCI devices on this host (TPU chips, gVNIC); reads /sys only.
+
+  Zero off Google Cloud, so `detect` asks the metadata server only on Google Cloud VMs. Any Google
+  device counts (not a list of TPU device ids), so a new TPU generation needs no change here.
+  """
   count = 0
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
@@ -141,7 +145,8 @@ def tpu_chip_count() -> int:
 def gce_tpu_worker_count(timeout_s: float = 2.0) -> int:
   """Workers in this Cloud TPU VM slice per the VM metadata server; 0 when there is no answer.
 
-  Only asked on hosts with TPU chips (see `detect`), so CPU and GPU machines never wait on it.
+  Only asked on hosts with Google PCI devices (see `detect`), so machines off Google Cloud never
+  wait on it; other Google Cloud VMs have no such attribute and get 0 at once.
   """
   host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
   request = urllib.request.Request(
@@ -164,14 +169,14 @@ def _tpu_hosts_from_env(environ: Mapping[str, str]) -> int:
 
 def detect(environ: Mapping[str, str] | None = None,
            tpu_worker_count: Callable[[], int] = gce_tpu_worker_count,
-           tpu_chips: Callable[[], int] = tpu_chip_count) -> LaunchPlan:
+           google_devices: Callable[[], int] = google_pci_device_count) -> LaunchPlan:
   """Decides from the environment whether and how to join a multi-process job.
 
   Args:
     environ: the environment to read; `os.environ` by default.
     tpu_worker_count: returns the number of workers of this TPU VM slice; only called on hosts
-      where `tpu_chips()` is positive and no variable decided already.
-    tpu_chips: returns the number of TPU chips attached to this host.
+      where `google_devices()` is positive and no variable decided already.
+    google_devices: returns the number of Google PCI devices of this host (0 off Google Cloud).
 
   Returns:
     The LaunchPlan; kind "single" when this is the only process.
@@ -195,7 +200,7 @@ def detect(environ: Mapping[str, str] | None = None,
     return LaunchPlan("auto", local_device_ids=_explicit_device_ids(environ))
   if _tpu_hosts_from_env(environ) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return LaunchPlan("tpu")
-  if tpu_chips() > 0 and tpu_worker_count() > 1:
+  if google_devices() > 0 and tpu_worker_count() > 1:
     return LaunchPlan("tpu")
   return LaunchPlan("single")
 

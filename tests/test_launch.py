@@ -384,12 +384,13 @@ def test_slurm_inside_allocation_runs_srun_one_process_per_node():
 
 # --- r1jax.distributed.detect --------------------------------------------------------------------
 
-def _detect(environ, chips=0, workers=0):
-  return distributed.detect(environ, tpu_worker_count=lambda: workers, tpu_chips=lambda: chips)
+def _detect(environ, google_devices=0, workers=0):
+  return distributed.detect(environ, tpu_worker_count=lambda: workers,
+                            google_devices=lambda: google_devices)
 
 
 def test_detect_single_process_by_default():
-  assert distributed.detect({}) == distributed.LaunchPlan("single")  # real /sys probe: no TPU
+  assert distributed.detect({}) == distributed.LaunchPlan("single")  # real /sys probe here
   assert not _detect({}).is_multi_process
 
 
@@ -441,9 +442,11 @@ def test_detect_tpu():
   assert _detect({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}).kind == "tpu"
   assert _detect({"TPU_WORKER_HOSTNAMES": "w0"}).kind == "single"
   assert _detect({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}).kind == "tpu"
-  assert _detect({}, chips=4, workers=4).kind == "tpu"  # a v4-32 slice: metadata lists 4 workers
-  assert _detect({}, chips=4, workers=1).kind == "single"  # a single-host TPU VM
-  assert _detect({}, chips=0, workers=4).kind == "single"  # metadata is asked on TPU hosts only
+  # A v4-32 slice: 4 TPU chips per host, the metadata lists 4 workers.
+  assert _detect({}, google_devices=4, workers=4).kind == "tpu"
+  assert _detect({}, google_devices=4, workers=1).kind == "single"  # a single-host TPU VM
+  assert _detect({}, google_devices=1, workers=0).kind == "single"  # another Google Cloud VM
+  assert _detect({}, google_devices=0, workers=4).kind == "single"  # off Google Cloud: not asked
 
 
 def test_gce_tpu_worker_count_without_metadata_server_is_zero(monkeypatch):
