@@ -33,7 +33,9 @@ def main(argv):
   from r1jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   module = importlib.import_module(f"r1jax.stages.{stage}")
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  workdir = _WORKDIR.value
+  if "://" not in workdir:  # Leave bucket URLs (gs://...) as they are.
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   logging.info("Running stage %r in %s", stage, workdir)
   module.run(config, workdir)
 
