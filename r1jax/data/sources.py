@@ -409,7 +409,7 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
   items = [spec] if isinstance(spec, str) else list(spec)
   out = []
   for item in items:
-    for part in (item.split(",") if not item.startswith("tfds:") else [item]):
+    for part in item.split(","):
       part = part.strip()
       if not part:
         continue

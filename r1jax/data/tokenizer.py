@@ -146,6 +146,7 @@ class Tokenizer:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
       f.write(self._proto)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600
     shutil.move(f.name, path)
     return path
 

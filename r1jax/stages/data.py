@@ -1,0 +1,315 @@
+r"""Data stage: sources -> cleaning -> (augmentation) -> tokenizer, as Grain pipelines.
+
+    python -m r1jax.main --config=configs/data.py --workdir=DIR
+
+Outputs (see configs/data.py): DIR/data/clean/part-NNNNN.jsonl, DIR/data/report.json,
+DIR/data/augmented/part-NNNNN.jsonl (augmentation on), DIR/tokenizer.model, DIR/config.json,
+DIR/summary.json. The cleaned shards are written to DIR/data/clean.tmp and renamed at the end, so
+an interrupted run leaves no half-written corpus; rerunning an interrupted run starts over, and
+rerunning a finished one with the same config returns its summary without doing anything.
+
+report.json:
+  {"documents_in": int, "documents_out": int, "dropped": {rule: count}, "repaired": {rule: count},
+   "augmented": int, "augment_unchanged": int, "samples": {rule: [{"text", "file", "line",
+   "detail"}]}, "inputs": spec, "seconds": float, "docs_per_sec": float}
+with documents_in == documents_out + sum(dropped.values()) (checked before writing).
+"""
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+import ml_collections
+
+from r1jax import configlib
+from r1jax.data import augment
+from r1jax.data import clean
+from r1jax.data import sources
+from r1jax.data import tokenizer as tokenizer_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises configlib.ConfigError listing every bad value."""
+  v = configlib.Validator(config)
+  v.choice("stage", ("data",))
+  v.int_at_least("seed", 0)
+  v.string("data.inputs")
+  if v.has("data.inputs") and not str(config.data.inputs).strip():
+    v.add("data.inputs", "is empty; name files, globs, builtin:general|domain or tfds:NAME/SPLIT.")
+  v.choice("data.format", sources.FORMATS)
+  v.string("data.text_field")
+  v.choice("data.text_mode", sources.TEXT_MODES)
+  v.string("data.csv_delimiter")
+  v.choice("data.on_undecodable", sources.UNDECODABLE_POLICIES)
+  v.positive_int("data.max_chars")
+  v.positive_int("data.shard_docs")
+  v.int_at_least("data.worker_count", 0)
+  v.boolean("data.progress_bar")
+  for key in ("nfkc", "remove_control_chars", "normalize_whitespace", "impute_missing",
+              "default_phrases", "meaningless_replies", "dedup_exact"):
+    v.boolean(f"clean.{key}")
+  v.int_at_least("clean.min_chars", 0, allow=(-1,))
+  for key in ("max_url_fraction", "max_symbol_fraction", "max_repetition", "near_dup_threshold"):
+    if v.has(f"clean.{key}") and config.clean[key] != -1:
+      v.number_in(f"clean.{key}", 0.0, 1.0)
+  if v.has("clean.max_contact_density") and config.clean.max_contact_density != -1:
+    v.number_in("clean.max_contact_density", 0.0, 1e6)
+  v.int_at_least("clean.max_phrase_hits", 1, allow=(-1,))
+  v.number_in("clean.min_domain_score", 0.0, 1e6)
+  num_perm = v.int_at_least("clean.num_perm", 8)
+  if num_perm and num_perm % 4:
+    v.add("clean.num_perm", f"{num_perm} must be a multiple of 4.")
+  v.positive_int("clean.shingle_size")
+  v.int_at_least("clean.max_samples", 0)
+  v.boolean("augment.enabled")
+  v.positive_int("augment.copies")
+  for key in ("synonym_prob", "insert_prob", "delete_prob", "swap_prob"):
+    v.number_in(f"augment.{key}", 0.0, 1.0)
+  v.string("augment.synonyms")
+  v.string("augment.back_translation.model_dirs")
+  v.positive_int("augment.back_translation.batch_size")
+  v.boolean("tokenizer.train")
+  v.int_at_least("tokenizer.vocab_size", tokenizer_lib.NUM_SPECIAL + 258)
+  v.choice("tokenizer.model_type", tokenizer_lib.MODEL_TYPES)
+  v.number_in("tokenizer.character_coverage", 0.9, 1.0)
+  v.positive_int("tokenizer.max_sentences")
+  v.raise_if_any("data config")
+
+
+def _list_or_file(value: str) -> tuple[str, ...]:
+  """"a,b,c" -> items; a path to an existing file -> its non-empty lines."""
+  value = value.strip()
+  if not value:
+    return ()
+  if os.path.isfile(os.path.expanduser(value)):
+    with open(os.path.expanduser(value), encoding="utf-8") as f:
+      return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
+  return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def clean_config(config: ml_collections.ConfigDict) -> clean.CleanConfig:
+  c = config.clean
+
+  def threshold(value):
+    return None if value == -1 else value
+
+  phrases = (clean.DEFAULT_SPAM_PHRASES if c.default_phrases else ()) + _list_or_file(
+      c.extra_phrases)
+  return clean.CleanConfig(
+      nfkc=c.nfkc, remove_control_chars=c.remove_control_chars,
+      normalize_whitespace=c.normalize_whitespace, impute_missing=c.impute_missing,
+      min_chars=threshold(c.min_chars), max_url_fraction=threshold(c.max_url_fraction),
+      max_contact_density=threshold(c.max_contact_density),
+      max_symbol_fraction=threshold(c.max_symbol_fraction),
+      max_repetition=threshold(c.max_repetition), spam_phrases=phrases,
+      max_phrase_hits=threshold(c.max_phrase_hits),
+      meaningless_replies=clean.DEFAULT_MEANINGLESS_REPLIES if c.meaningless_replies else (),
+      domain_lexicon=_list_or_file(c.domain_lexicon), min_domain_score=c.min_domain_score,
+      dedup_exact=c.dedup_exact, near_dup_threshold=threshold(c.near_dup_threshold),
+      num_perm=c.num_perm, shingle_size=c.shingle_size, seed=config.seed)
+
+
+def _write_json(path: str, data: Any) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class _ShardWriter:
+  """Writes records' public fields to DIR/part-NNNNN.jsonl, `shard_docs` per file."""
+
+  def __init__(self, directory: str, shard_docs: int):
+    self.directory = directory
+    self.shard_docs = shard_docs
+    self.count = 0
+    self.paths = []
+    self._file = None
+    os.makedirs(directory, exist_ok=True)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.count % self.shard_docs == 0:
+      self.close()
+      path = os.path.join(self.directory, f"part-{len(self.paths):05d}.jsonl")
+      self._file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+      self.paths.append(path)
+    self._file.write(json.dumps(sources.public_fields(record), ensure_ascii=False) + "\n")
+    self.count += 1
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def _progress(total: int, enabled: bool, desc: str):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit="doc", unit_scale=True, desc=desc, disable=not enabled,
+              smoothing=0.1, mininterval=0.5)
+
+
+def _run_cleaning(config, source, out_dir):
+  cfg = clean_config(config)
+  report = clean.CleaningReport(clean.rule_names(cfg), max_samples=config.clean.max_samples)
+  writer = _ShardWriter(out_dir, config.data.shard_docs)
+  ds = clean.cleaning_dataset(source, cfg, worker_count=config.data.worker_count)
+  start = time.perf_counter()
+  with _progress(len(source), config.data.progress_bar, "clean") as bar:
+    for record in ds:
+      report.add(record)
+      if not record.get("_drop"):
+        writer.write(record)
+      bar.update(1)
+  writer.close()
+  seconds = time.perf_counter() - start
+  return report, writer.paths, seconds
+
+
+def _translator(config):
+  spec = config.augment.back_translation.model_dirs.strip()
+  if not spec:
+    return None
+  dirs = {}
+  for item in spec.split(","):
+    pair, sep, path = item.partition("=")
+    if not sep:
+      raise configlib.ConfigError(
+          f"augment.back_translation.model_dirs item {item!r} must be PAIR=DIR, e.g. "
+          "en-zh=/models/opus-mt-en-zh.")
+    dirs[pair.strip()] = os.path.expanduser(path.strip())
+  bt = config.augment.back_translation
+  return augment.BackTranslator(augment.MarianTranslator(dirs, batch_size=bt.batch_size),
+                                bt.source_lang, bt.pivot_lang)
+
+
+def _synonyms(spec: str) -> augment.SynonymLexicon:
+  lexicon = augment.SynonymLexicon({})
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    part = (augment.SynonymLexicon.wordnet() if item == "wordnet" else
+            augment.SynonymLexicon.from_file(os.path.expanduser(item)))
+    lexicon = lexicon.merged(part)
+  return lexicon
+
+
+def _run_augmentation(config, clean_dir, out_dir):
+  """-> (written, unchanged)."""
+  a = config.augment
+  records = sources.open_source(clean_dir)
+  aug = augment.TextAugmenter(_synonyms(a.synonyms), augment.AugmentConfig(
+      synonym_prob=a.synonym_prob, insert_prob=a.insert_prob, delete_prob=a.delete_prob,
+      swap_prob=a.swap_prob))
+  writer = _ShardWriter(out_dir, config.data.shard_docs)
+  unchanged = 0
+  ds = augment.augment_dataset(records, aug, seed=config.seed, copies=a.copies)
+  with _progress(len(ds), config.data.progress_bar, "augment") as bar:
+    for record in ds:
+      if record.get("_unchanged"):
+        unchanged += 1
+      else:
+        writer.write(record)
+      bar.update(1)
+  back = _translator(config)
+  if back is not None:
+    size = a.back_translation.batch_size
+    with _progress(len(records), config.data.progress_bar, "back-translate") as bar:
+      for start in range(0, len(records), size):
+        batch = [records[i] for i in range(start, min(start + size, len(records)))]
+        for i, (record, new) in enumerate(zip(batch, back([r["text"] for r in batch]))):
+          if new is None:
+            unchanged += 1
+            continue
+          out = sources.public_fields(record)
+          out.update(text=new, augment_ops=["back_translation"], augment_source=start + i)
+          writer.write(out)
+        bar.update(len(batch))
+  writer.close()
+  return writer.count, unchanged
+
+
+def _iter_texts(paths):
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        yield json.loads(line)["text"]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the data stage in `workdir` (see module docstring); returns the summary."""
+  validate(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  summary_path = os.path.join(workdir, "summary.json")
+  config_dict = configlib.to_dict(config)
+  if os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    if summary.get("status") == "complete":
+      with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        previous = json.load(f)
+      previous.pop("resolved", None)
+      if previous != config_dict:
+        raise ValueError(f"{workdir} holds a finished data stage with a different config; use a "
+                         "new --workdir (or delete this one) to run with the new settings.")
+      logging.info("Data stage in %s already complete; nothing to do.", workdir)
+      return summary
+  configlib.write_config_json(config, workdir)
+
+  data_dir = os.path.join(workdir, "data")
+  clean_dir = os.path.join(data_dir, "clean")
+  tmp_dir = clean_dir + ".tmp"
+  for stale in (clean_dir, tmp_dir, os.path.join(data_dir, "augmented")):
+    shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier attempt
+  started = time.perf_counter()
+
+  d = config.data
+  source = sources.open_source(d.inputs, text_field=d.text_field, format=d.format,
+                               text_mode=d.text_mode, on_undecodable=d.on_undecodable,
+                               max_chars=d.max_chars, csv_delimiter=d.csv_delimiter)
+  logging.info("Cleaning %d documents from %s", len(source), d.inputs)
+  report, shard_paths, clean_seconds = _run_cleaning(config, source, tmp_dir)
+  report_dict = report.to_dict()  # asserts documents_in == documents_out + sum(dropped)
+  if report.documents_out == 0:
+    raise ValueError(f"Cleaning kept no document of {report.documents_in} from {d.inputs!r}; "
+                     f"dropped: { {k: v for k, v in report.dropped.items() if v} }. Check the "
+                     "inputs, text_field and thresholds (samples in the error above).")
+  os.replace(tmp_dir, clean_dir)
+  shard_paths = [os.path.join(clean_dir, os.path.basename(p)) for p in shard_paths]
+
+  augmented = unchanged = 0
+  if config.augment.enabled:
+    augmented, unchanged = _run_augmentation(config, clean_dir, os.path.join(data_dir, "augmented"))
+
+  tokenizer_path = None
+  vocab_size = None
+  if config.tokenizer.train:
+    t = config.tokenizer
+    logging.info("Training a %s tokenizer (vocab %d) on the cleaned documents.", t.model_type,
+                 t.vocab_size)
+    tok = tokenizer_lib.Tokenizer.train(
+        _iter_texts(shard_paths), t.vocab_size, model_type=t.model_type,
+        character_coverage=t.character_coverage, max_sentences=t.max_sentences)
+    tokenizer_path = tok.save(os.path.join(workdir, TOKENIZER_FILE))
+    vocab_size = tok.vocab_size
+
+  report_dict.update(augmented=augmented, augment_unchanged=unchanged, inputs=d.inputs,
+                     seconds=round(clean_seconds, 3),
+                     docs_per_sec=round(report.documents_in / max(clean_seconds, 1e-9), 1))
+  _write_json(os.path.join(data_dir, "report.json"), report_dict)
+  summary = {
+      "stage": "data", "status": "complete", "inputs": d.inputs,
+      "documents_in": report.documents_in, "documents_out": report.documents_out,
+      "dropped": sum(report.dropped.values()), "augmented": augmented,
+      "clean_dir": clean_dir, "clean_shards": len(shard_paths),
+      "report": os.path.join(data_dir, "report.json"), "tokenizer": tokenizer_path,
+      "vocab_size": vocab_size, "docs_per_sec": report_dict["docs_per_sec"],
+      "seconds": round(time.perf_counter() - started, 3),
+  }
+  _write_json(summary_path, summary)
+  logging.info("Data stage done: %d of %d documents kept, %d augmented; %s", report.documents_out,
+               report.documents_in, augmented, summary_path)
+  return summary
