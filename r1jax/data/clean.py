@@ -686,13 +686,29 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
     ds = ds.map(step)
   # No reader threads: the steps are pure Python (threads would only contend for the GIL, and
   # Grain's thread prefetch costs more per element than a step); parallelism comes from workers.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   if worker_count:
+    # Workers send chunks of records: one message per record would cost more than its cleaning.
     from r1jax.data import examples  # pylint: disable=g-import-not-at-top
+    ds = ds.batch(WORKER_CHUNK, batch_fn=list).to_iter_dataset(no_threads)
     ds = examples._mp_prefetch(ds, worker_count)  # pylint: disable=protected-access
+    ds = grain.experimental.FlatMapIterDataset(ds, _Unchunk())
+  else:
+    ds = ds.to_iter_dataset(no_threads)
   for step in sequential_steps(config):
     ds = ds.map(step)
   return ds
+
+
+WORKER_CHUNK = 64
+
+
+class _Unchunk(grain.experimental.FlatMapTransform):
+  """A chunk (list) of records from a worker -> the records."""
+  max_fan_out = WORKER_CHUNK
+
+  def flat_map(self, element):
+    return element
 
 
 class CleaningReport:

@@ -288,7 +288,7 @@ def _stochastic_round(x: float, rng: np.random.Generator) -> int:
 
 
 class _PretrainRowIterator(grain.DatasetIterator):
-  """Yields one row dict per (step, row), step-major over this iterator's rows."""
+  """Yields, per step, this iterator's rows stacked: a dict of arrays with leading dim len(rows)."""
 
   def __init__(self, ds: "PretrainRowDataset"):
     super().__init__()
@@ -301,13 +301,12 @@ class _PretrainRowIterator(grain.DatasetIterator):
     self._kg_cache = {}
     rows = ds.rows
     self._step = 0
-    self._row_pos = 0
     self._docs_started = [0] * len(rows)  # k: the row's current document is its k-th
     self._cursor = [0] * len(rows)
 
   # --- state -------------------------------------------------------------------------------------
   def get_state(self) -> dict[str, Any]:
-    return {"step": self._step, "row_pos": self._row_pos, "rows": list(self._ds.rows),
+    return {"step": self._step, "rows": list(self._ds.rows),
             "docs_started": list(self._docs_started), "cursor": list(self._cursor)}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -316,7 +315,6 @@ class _PretrainRowIterator(grain.DatasetIterator):
                        f"builds rows {list(self._ds.rows)[:8]}...: batch size, process or worker "
                        "count changed since the checkpoint.")
     self._step = int(state["step"])
-    self._row_pos = int(state["row_pos"])
     self._docs_started = [int(x) for x in state["docs_started"]]
     self._cursor = [int(x) for x in state["cursor"]]
 
@@ -334,18 +332,14 @@ class _PretrainRowIterator(grain.DatasetIterator):
         self._perms.popitem(last=False)
     return int(perm[g % n_docs]), epoch
 
-  # --- one row -----------------------------------------------------------------------------------
+  # --- one step ----------------------------------------------------------------------------------
   def __next__(self):
     rows = self._ds.rows
     if not rows:
       raise StopIteration
-    j = self._row_pos
-    example = self._row_example(j, rows[j], self._step)
-    self._row_pos += 1
-    if self._row_pos == len(rows):
-      self._row_pos = 0
-      self._step += 1
-    return example
+    examples = [self._row_example(j, row, self._step) for j, row in enumerate(rows)]
+    self._step += 1
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
   def _row_example(self, j: int, row: int, step: int) -> dict[str, np.ndarray]:
     opt = self._opt
@@ -403,7 +397,8 @@ class _PretrainRowIterator(grain.DatasetIterator):
     padded[:length] = out["tokens"]
     out["tokens"] = padded
     out["token_mask"] = np.arange(q) < length
-    out["token_types"] = np.pad(types, (0, q - length))
+    out["token_types"] = np.zeros(q, np.int32)
+    out["token_types"][:length] = types
     out["nsp_label"] = np.int32(label)
     out["reset_memory"] = np.bool_(reset)
     out["epoch"] = np.int32(epoch)
@@ -418,31 +413,28 @@ class _PretrainRowIterator(grain.DatasetIterator):
     special = (tokens == CLS_ID) | (tokens == SEP_ID) | (tokens == PAD_ID)
     candidates = np.flatnonzero(~special)
     target = min(p, _stochastic_round(len(candidates) * opt.mlm_prob, rng))
-    # Group candidate positions into units: an entity mention, a whole word, or a single token.
-    groups = []
-    if len(candidates):
-      starts_new = np.ones(len(candidates), bool)
-      prev = candidates[:-1]
-      cur = candidates[1:]
-      adjacent = cur == prev + 1
-      same_entity = (units[cur] >= 0) & (units[cur] == units[prev])
-      continues = same_entity
+    grouped = self._word_start is not None or bool((units >= 0).any())
+    if not grouped or target == 0:
+      positions = np.sort(rng.choice(candidates, target, replace=False))
+    else:
+      # Units: an entity mention, a whole word, or a single token; taken in random order while
+      # they fit in the budget.
+      prev, cur = candidates[:-1], candidates[1:]
+      continues = (units[cur] >= 0) & (units[cur] == units[prev])
       if self._word_start is not None:
-        continues = continues | (adjacent & ~self._word_start[tokens[cur]] &
-                                 (units[cur] < 0) & (units[prev] < 0))
-      starts_new[1:] = ~continues
-      groups = np.split(candidates, np.flatnonzero(starts_new)[1:])
-    chosen = []
-    count = 0
-    if target > 0:
-      for g in rng.permutation(len(groups)):
-        size = len(groups[g])
-        if count + size <= target:
-          chosen.append(groups[g])
-          count += size
+        continues |= ((cur == prev + 1) & ~self._word_start[tokens[cur]] &
+                      (units[cur] < 0) & (units[prev] < 0))
+      starts = np.flatnonzero(np.concatenate([[True], ~continues]))
+      ends = np.append(starts[1:], len(candidates))
+      sizes = (ends - starts).tolist()
+      chosen, count = [], 0
+      for g in rng.permutation(len(starts)).tolist():
+        if count + sizes[g] <= target:
+          chosen.append(candidates[starts[g]:ends[g]])
+          count += sizes[g]
           if count == target:
             break
-    positions = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+      positions = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
     masked = tokens.copy()
     u = rng.random(len(positions))
     random_ids = rng.integers(tokenizer_lib.NUM_SPECIAL, self._vocab_size, len(positions))
@@ -480,10 +472,10 @@ class _PretrainRowIterator(grain.DatasetIterator):
 
 
 class PretrainRowDataset(grain.IterDataset):
-  """Per-row pretraining examples, step-major over `rows` (global row indices).
+  """Pretraining rows `rows` (global row indices), one element per step: the rows stacked.
 
-  Supports Grain's in-place slicing over rows, which is how `mp_prefetch` gives each worker the rows
-  w, w + workers, ... Batch it with `batch(len(rows))`.
+  Supports Grain's in-place slicing over rows, which is how `mp_prefetch` gives worker w the rows
+  w, w + workers, ...; `_InterleaveRows` puts the workers' parts back in row order.
   """
 
   def __init__(self, texts: Sequence[str], tokenizer: tokenizer_lib.Tokenizer,
@@ -518,11 +510,24 @@ def _local_rows(batch_size, process_index, process_count):
 
 
 def _mp_prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
-  """Grain worker processes; outside an absl app (tests, notebooks) Grain's flags need parsing."""
+  """Grain worker processes; outside an absl app (tests, notebooks) Grain's flags need parsing.
+
+  Arrays under 1 MiB are pickled with their element instead of getting a shared-memory block each
+  (one block per small array costs more than the copy).
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  ds = grain.experimental.WithOptionsIterDataset(
+      ds, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+
+
+class _InterleaveRows(grain.transforms.Map):
+  """[workers, rows_per_worker, ...] (worker w holding rows w, w + workers, ...) -> [rows, ...]."""
+
+  def map(self, element):
+    return {k: np.swapaxes(v, 0, 1).reshape((-1,) + v.shape[2:]) for k, v in element.items()}
 
 
 def _check_workers(worker_count, local_batch):
@@ -572,8 +577,9 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   knowledge = KnowledgeBase.from_file(knowledge_path) if knowledge_path else None
   ds = PretrainRowDataset(texts, tokenizer, options, rows, knowledge)
   if worker_count:
-    ds = _mp_prefetch(ds, worker_count)
-  return ds.batch(local_batch, drop_remainder=True)
+    # Worker w yields rows w, w + k, ... of each step; k consecutive elements are one step.
+    ds = _mp_prefetch(ds, worker_count).batch(worker_count).map(_InterleaveRows())
+  return ds
 
 
 def pretrain_iterator(docs_or_paths, tokenizer, **kwargs) -> grain.DatasetIterator:
