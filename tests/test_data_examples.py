@@ -278,6 +278,17 @@ def test_classification_eval_padding_and_sharding(tok):
   assert sorted(seen) == sorted(r["text"] for r in records)
 
 
+def test_classification_workers_give_the_same_batches(tok):
+  records = builtin.load("task", split="dev")[:64]
+  kw = dict(labels=builtin.labels(), seq_len=24, batch_size=8, num_epochs=1, seed=1)
+  plain = list(examples.classification_batches(records, tok, **kw))
+  workers = list(examples.classification_batches(records, tok, worker_count=2, **kw))
+  assert len(plain) == len(workers) == 8
+  for x, y in zip(plain, workers):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
 def test_label_vocabulary_errors(tok, tmp_path):
   records = [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}]
   vocab = examples.LabelVocab.from_records(records)

@@ -327,8 +327,8 @@ class MarianTranslator:
     return self._loaded[pair]
 
   def translate(self, texts, source_lang, target_lang):
-    import torch  # pylint: disable=g-import-not-at-top
     tokenizer, model = self._model(f"{source_lang}-{target_lang}")
+    import torch  # pylint: disable=g-import-not-at-top
     out = []
     for start in range(0, len(texts), self.batch_size):
       batch = tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",

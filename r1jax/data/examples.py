@@ -719,7 +719,8 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
       batches, which multi-host evaluation needs.
   """
   local_batch, _ = _local_rows(batch_size, process_index, process_count)
-  _check_workers(worker_count, 1)
+  if worker_count < 0:
+    raise ValueError(f"worker_count={worker_count} must be >= 0.")
   if isinstance(records_or_path, (str, os.PathLike)):
     from r1jax.data import sources  # pylint: disable=g-import-not-at-top
     records = [r for r in sources.read_records(str(records_or_path)) if not r.get("_error")]
@@ -751,7 +752,8 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
                                    multi_label))
   if not pad_final_batch:
     ds = ds.map(_DropKey("example_mask"))
-  ds = ds.to_iter_dataset()
+  # No reader threads: encoding is Python under the GIL; parallelism comes from workers.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count:
     ds = _mp_prefetch(ds, worker_count)
   return ds.batch(local_batch, drop_remainder=drop_remainder and not pad_final_batch)

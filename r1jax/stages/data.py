@@ -238,8 +238,35 @@ def _iter_texts(paths):
         yield json.loads(line)["text"]
 
 
+def _processes() -> tuple[int, int]:
+  """(index, count) of this process when jax.distributed runs several, else (0, 1)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if "jax" not in sys.modules:  # the data stage itself never needs jax
+    return 0, 1
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index(), jax.process_count()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the data stage in `workdir` (see module docstring); returns the summary."""
+  """Runs the data stage in `workdir` (see module docstring); returns the summary.
+
+  With several jax processes (a multi-host launch), process 0 does the work on the shared workdir
+  and the others wait for it and return the same summary.
+  """
+  index, count = _processes()
+  if count > 1:
+    summary = _run(config, workdir) if index == 0 else None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("r1jax_data_stage")
+    if summary is None:
+      with open(os.path.join(os.path.abspath(os.path.expanduser(workdir)), "summary.json"),
+                encoding="utf-8") as f:
+        summary = json.load(f)
+    return summary
+  return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
