@@ -63,6 +63,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads "configs/pretrain.py[:arg]" like `--config=` does (for tests and notebooks)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(
+      f"r1jax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
 # --------------------------------------------------------------------------------------------------
 # Common sections.
 
@@ -185,6 +196,10 @@ def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
                       f"explicit sizes).")
   fixed = math.prod(s for s in sizes if s != -1)
   shape_str = "x".join(str(s) for s in sizes)
+  if fixed > num_devices:
+    raise ConfigError(f"mesh {shape_str} (data x fsdp x tensor) needs {fixed} devices but "
+                      f"{num_devices} are available; make the product of the fixed axes at most "
+                      f"{num_devices}.")
   if free:
     if num_devices % fixed:
       raise ConfigError(f"mesh {shape_str} (data x fsdp x tensor): the fixed axes use {fixed} devices, "

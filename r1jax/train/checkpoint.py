@@ -129,10 +129,18 @@ def _checksums(tree: Any) -> Any:
 
 
 def checksums(tree: Any) -> dict[str, int]:
-  """{leaf path: uint32 checksum} for every array leaf of `tree` (one small host fetch)."""
-  sums = jax.device_get(_checksums(tree))
-  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
-  return {optim.path_str(p): int(v) for p, v in flat}
+  """{leaf path: uint32 checksum} for every array leaf of `tree` (one small host fetch per set of
+  devices the leaves live on; normally one)."""
+  groups: dict[Any, list[tuple[str, Any]]] = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    sharding = getattr(x, "sharding", None)
+    key = None if sharding is None else frozenset(d.id for d in sharding.device_set)
+    groups.setdefault(key, []).append((optim.path_str(p), x))
+  out = {}
+  for items in groups.values():
+    sums = jax.device_get(_checksums([x for _, x in items]))
+    out.update({path: int(v) for (path, _), v in zip(items, sums)})
+  return out
 
 
 def _split(state: TrainState) -> tuple[Any, dict[str, Any]]:
@@ -192,6 +200,27 @@ def quiet_orbax_logging() -> None:
     handler.addFilter(_QuietOrbax())
 
 
+# Replicated arrays are written by one replica unless a slice per replica would be at least this big:
+# Orbax's default (split every replicated array across its replicas) compiles a slice per device and
+# per shape, which costs more than it saves for small arrays and on one host.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 << 20
+
+
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+      (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()), (str, th.StringHandler()),
+      (jax.Array, th.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
+  return ocp.args.PyTreeRestore(item=abstract,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 class Checkpointer:
   """Orbax CheckpointManager with the items above, retention and verified restore with fallback.
 
@@ -211,7 +240,7 @@ class Checkpointer:
         preservation_policy=cm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
         read_only=read_only, create=not read_only)
-    handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+    handlers = {"params": _pytree_handler(), "train": _pytree_handler(),
                 "data": IteratorStateHandler(), "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -227,7 +256,7 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     params, train = _split(state)
     meta = dict(meta or {}, step=step, checksums=checksums(state), saved_at=time.time())
-    items = dict(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+    items = dict(params=ocp.args.PyTreeSave(params), train=ocp.args.PyTreeSave(train),
                  meta=ocp.args.JsonSave(meta))
     if data_state is not None:
       items["data"] = IteratorStateSave(data_state)
@@ -249,8 +278,8 @@ class Checkpointer:
                   metadata["params"], abstract_params, "params", step)
     _check_shapes(metadata["train"].tree if hasattr(metadata["train"], "tree") else
                   metadata["train"], abstract_train, "optimizer/train state", step)
-    items = dict(params=ocp.args.StandardRestore(abstract_params),
-                 train=ocp.args.StandardRestore(abstract_train), meta=ocp.args.JsonRestore())
+    items = dict(params=_restore_args(abstract_params), train=_restore_args(abstract_train),
+                 meta=ocp.args.JsonRestore())
     has_data = (epath.Path(self.directory) / str(step) / "data").exists()
     if with_data and has_data:
       items["data"] = IteratorStateRestore()
@@ -301,14 +330,14 @@ class Checkpointer:
     return None
 
 
-def restore_params(workdir_or_ckpt_dir: str, target: Any, *, step: int | None = None
+def restore_params(workdir_or_ckpt_dir: str, target: Any = None, *, step: int | None = None
                    ) -> tuple[Any, int]:
   """Restores (a subtree of) the parameters of another run, e.g. for `init_from`.
 
   Args:
     workdir_or_ckpt_dir: a stage workdir (its `checkpoints/` is used) or a checkpoints directory.
     target: ShapeDtypeStructs with shardings; may hold only some top-level keys (e.g.
-      {"backbone": ...}): only those are read.
+      {"backbone": ...}): only those are read. None: every parameter, as host numpy arrays.
     step: which step (default: the newest).
   Returns (params, step).
   """
@@ -324,11 +353,15 @@ def restore_params(workdir_or_ckpt_dir: str, target: Any, *, step: int | None = 
       raise FileNotFoundError(f"No checkpoint in {directory}: finish (or resume) that run first.")
     saved = manager.item_metadata(step)["params"]
     saved = saved.tree if hasattr(saved, "tree") else saved
-    subset = {k: saved[k] for k in target if k in saved} if isinstance(saved, Mapping) else saved
-    _check_shapes(subset, target, f"params of {directory}", step)
-    args = ocp.args.PyTreeRestore(item=target,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
+    if target is None:
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+      args = ocp.args.PyTreeRestore(restore_args=restore_args)
+    else:
+      subset = {k: saved[k] for k in target if k in saved} if isinstance(saved, Mapping) else saved
+      _check_shapes(subset, target, f"params of {directory}", step)
+      args = ocp.args.PyTreeRestore(item=target,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True)
     restored = manager.restore(step, args=ocp.args.Composite(params=args))
     return restored.params, step
   finally:
@@ -337,6 +370,17 @@ def restore_params(workdir_or_ckpt_dir: str, target: Any, *, step: int | None = 
 
 # ------------------------------------------------------------------------------------------------
 # Preemption.
+
+
+_requested_step: int | None = None
+
+
+def request_preemption(at_step: int = 0) -> None:
+  """Asks the running (or next) training loop to save and exit as on SIGTERM, once it has reached
+  `at_step` (0: at the next step). For notebooks, drivers and tests; cleared when honoured. With
+  several processes, every process must make the same request."""
+  global _requested_step
+  _requested_step = int(at_step)
 
 
 class PreemptionWatcher:
@@ -372,12 +416,12 @@ class PreemptionWatcher:
     logging.flush()
     os._exit(PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
 
-  def request(self) -> None:
-    """Asks for a save-and-exit as SIGTERM would (used by tests and by in-process callers)."""
-    self._on_sigterm(signal.SIGTERM, None)
-
   def should_stop(self, step: int) -> bool:
+    global _requested_step
     if self._flag.is_set():
+      return True
+    if _requested_step is not None and step >= _requested_step:
+      _requested_step = None
       return True
     if self._multi:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -4,7 +4,7 @@
   TensorBoard event files in `DIR/tensorboard/` (tensorboardX). On resume from step s, records after s
   are dropped from metrics.jsonl and purged from TensorBoard, so the files read as one run.
 - `ProgressBar`: tqdm with loss, tokens/s and ETA.
-- `encoder_flops_per_token` / `train_flops_per_step`: honest model FLOPs for Transformer-XL
+- `encoder_flops` / `pretrain_flops_per_step`: honest model FLOPs for Transformer-XL
   (bidirectional attention over memory + segment is counted in full, not halved as for causal LMs).
 - `peak_flops`: the accelerator's peak (table by device kind; on CPU a matmul measured in-process).
 """
@@ -133,27 +133,28 @@ class ProgressBar:
 # FLOPs and MFU.
 
 
-def encoder_flops_per_token(cfg: Any, seq_len: int) -> float:
-  """Forward matmul FLOPs per segment token for the Transformer-XL backbone (2 per multiply-add).
+def encoder_flops(cfg: Any, *, batch_size: int, seq_len: int) -> float:
+  """Forward matmul FLOPs of the Transformer-XL backbone on one [B, Q] segment (2 per multiply-add).
 
   Per layer, with K = mem_len + Q keys and R relative positions (K + Q in bidirectional mode, K in
-  causal mode), divided by Q at the end:
-    q from the Q segment rows, k and v from all K rows:   2 d HD (Q + 2K)
-    relative position projection of R embeddings:        2 R d HD
-    content scores q.k over all K keys (not halved):      2 Q K HD
-    position scores over R positions (before the shift):  2 Q R HD
-    attention-weighted values:                            2 Q K HD
-    output projection:                                    2 Q HD d
-    feed-forward:                                         4 Q d d_inner
+  causal mode):
+    q from the Q segment rows, k and v from all K rows:   2 d HD (Q + 2K)        per row
+    content scores q.k over all K keys (not halved):      2 Q K HD               per row
+    position scores over R positions (before the shift):  2 Q R HD               per row
+    attention-weighted values:                            2 Q K HD               per row
+    output projection:                                    2 Q HD d               per row
+    feed-forward:                                         4 Q d d_inner          per row
+    relative position projection of R embeddings:        2 R d HD               once per batch
+  Elementwise work (softmax, LayerNorm, residuals) is not counted.
   """
   q = float(seq_len)
   k = cfg.mem_len + q
   hd = cfg.n_head * cfg.d_head
   r = k + q if getattr(cfg, "attention", "bidirectional") == "bidirectional" else k
   d = cfg.d_model
-  per_layer = (2 * d * hd * (q + 2 * k) + 2 * r * d * hd + 2 * q * k * hd + 2 * q * r * hd
-               + 2 * q * k * hd + 2 * q * hd * d + 4 * q * d * cfg.d_inner)
-  return cfg.n_layer * per_layer / q
+  per_row = (2 * d * hd * (q + 2 * k) + 2 * q * k * hd + 2 * q * r * hd + 2 * q * k * hd
+             + 2 * q * hd * d + 4 * q * d * cfg.d_inner)
+  return cfg.n_layer * (batch_size * per_row + 2 * r * d * hd)
 
 
 def pretrain_flops_per_step(cfg: Any, *, batch_size: int, seq_len: int, num_predictions: int
@@ -163,10 +164,10 @@ def pretrain_flops_per_step(cfg: Any, *, batch_size: int, seq_len: int, num_pred
   Heads: MLM transform (d x d) and tied decoder (d x V) on the P predicted positions per row; NSP
   pooler (d x d) and classifier on one row position.
   """
-  encoder = encoder_flops_per_token(cfg, seq_len) * seq_len
+  encoder = encoder_flops(cfg, batch_size=batch_size, seq_len=seq_len)
   heads = num_predictions * (2 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.vocab_size)
   heads += 2 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * 2
-  return 3.0 * batch_size * (encoder + heads)
+  return 3.0 * (encoder + batch_size * heads)
 
 
 # Dense bf16 peak FLOP/s per device (vendor figures).

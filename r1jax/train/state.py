@@ -52,11 +52,28 @@ def state_shardings(abstract_boxed: TrainState, mesh: Mesh, rules: Sequence[tupl
   return shardings.replace(extras=mesh_lib.row_shardings(abstract_boxed.extras, mesh, batch_size))
 
 
+def abstract_state(init: Callable[[jax.Array], TrainState], mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]], batch_size: int) -> tuple[TrainState, TrainState]:
+  """(ShapeDtypeStructs with shardings, NamedShardings) of the unboxed state; nothing allocated."""
+  with mesh_lib.mesh_context(mesh, rules):
+    abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = state_shardings(abstract_boxed, mesh, rules, batch_size)
+  abstract = meta.unbox(abstract_boxed)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings), shardings
+
+
+def sharded_init(init: Callable[[jax.Array], TrainState], shardings: TrainState
+                 ) -> Callable[[jax.Array], TrainState]:
+  """A jitted rng -> state that creates every leaf directly in its sharding (no full copies)."""
+  return jax.jit(lambda rng: meta.unbox(init(rng)), out_shardings=shardings)
+
+
 def create_train_state(rng: jax.Array, *, init_params: Callable[[jax.Array], Any],
                        tx: optax.GradientTransformation, init_extras: Callable[[], Any],
-                       mesh: Mesh, rules: Sequence[tuple[str, Any]], batch_size: int,
-                       abstract_only: bool = False) -> tuple[Any, TrainState]:
-  """Returns (state or abstract state, shardings); state leaves are created already sharded.
+                       mesh: Mesh, rules: Sequence[tuple[str, Any]], batch_size: int
+                       ) -> tuple[TrainState, TrainState]:
+  """One-off (state, shardings); `steps.Engine` keeps the compiled init instead.
 
   Args:
     rng: key for parameter init and the state's rng.
@@ -65,20 +82,11 @@ def create_train_state(rng: jax.Array, *, init_params: Callable[[jax.Array], Any
     init_extras: () -> extras pytree (e.g. an all-invalid fixed-length memory for `batch_size`).
     mesh, rules: device mesh and logical->mesh axis rules.
     batch_size: global batch, to recognise per-row extras.
-    abstract_only: return ShapeDtypeStructs with shardings instead of arrays (for restoring).
   """
   init = init_state_fn(init_params, tx, init_extras)
+  _, shardings = abstract_state(init, mesh, rules, batch_size)
   with mesh_lib.mesh_context(mesh, rules):
-    abstract_boxed = jax.eval_shape(init, rng)
-  shardings = state_shardings(abstract_boxed, mesh, rules, batch_size)
-  if abstract_only:
-    abstract = meta.unbox(abstract_boxed)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings), shardings
-  jitted = jax.jit(lambda r: meta.unbox(init(r)), out_shardings=shardings)
-  with mesh_lib.mesh_context(mesh, rules):
-    state = jitted(rng)
-  return state, shardings
+    return sharded_init(init, shardings)(rng), shardings
 
 
 def abstract_like(state: Any) -> Any:

@@ -215,12 +215,10 @@ class Engine:
     self.rules = tuple(rules)
     self.tx = tx
     self.batch_size = batch_size
-    self.init_params = init_params
-    self._init_extras = init_extras
-    abstract, self.state_shardings = state_lib.create_train_state(
-        jax.random.PRNGKey(0), init_params=init_params, tx=tx, init_extras=init_extras, mesh=mesh,
-        rules=self.rules, batch_size=batch_size, abstract_only=True)
+    init = state_lib.init_state_fn(init_params, tx, init_extras)
+    abstract, self.state_shardings = state_lib.abstract_state(init, mesh, self.rules, batch_size)
     self._abstract = abstract
+    self._init = state_lib.sharded_init(init, self.state_shardings)
     bad = [x.shape for x in jax.tree.leaves(abstract.extras)
            if accum_steps > 1 and (x.ndim == 0 or x.shape[0] != batch_size)]
     if bad:
@@ -235,8 +233,7 @@ class Engine:
         in_shardings=(sh, batch_sh), out_shardings=(sh, rep), donate_argnums=(0,))
     self._eval = jax.jit(
         functools.partial(eval_step, loss_fn=eval_loss_fn or loss_fn),
-        in_shardings=(sh.params, sh.extras, batch_sh), out_shardings=(rep, sh.extras),
-        donate_argnums=(1,))
+        in_shardings=(sh.params, sh.extras, batch_sh), out_shardings=(rep, sh.extras))
     self._new_extras = jax.jit(init_extras, out_shardings=sh.extras)
 
   def abstract_state(self) -> TrainState:
@@ -244,10 +241,9 @@ class Engine:
     return self._abstract
 
   def init_state(self, rng: jax.Array) -> TrainState:
-    state, _ = state_lib.create_train_state(
-        rng, init_params=self.init_params, tx=self.tx, init_extras=self._init_extras,
-        mesh=self.mesh, rules=self.rules, batch_size=self.batch_size)
-    return state
+    """A fresh state, every leaf created directly in its sharding."""
+    with mesh_lib.mesh_context(self.mesh, self.rules):
+      return self._init(rng)
 
   def new_extras(self) -> Any:
     with mesh_lib.mesh_context(self.mesh, self.rules):

@@ -1,0 +1,108 @@
+"""Every config in configs/ loads and validates; bad values fail up front with a message naming the
+key and the fix."""
+import glob
+import importlib
+import os
+
+import jax
+import pytest
+
+from r1jax import configlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+VARIANTS = ("tiny", "small", "base")
+
+
+def _validate(config):
+  module = importlib.import_module(f"r1jax.stages.{config.stage}")
+  assert hasattr(module, "validate"), f"r1jax.stages.{config.stage} must expose validate(config)"
+  # The default mesh (data=-1) fits any device count; check against the 8 forced test devices.
+  module.validate(config, num_devices=jax.device_count(), process_count=1)
+
+
+def test_there_are_configs():
+  assert any(p.endswith("pretrain.py") for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_loads_and_validates(path, variant):
+  config = configlib.load_config(f"{path}:variant={variant}")
+  assert isinstance(config.stage, str)
+  for key in ("seed", "init_from"):
+    assert key in config, f"{path} lacks {key}"
+  if "train" in config:  # training stages share these names (scripts rely on them)
+    for key in ("num_steps", "batch_size", "learning_rate"):
+      assert key in config.train
+    assert "every_steps" in config.checkpoint
+    assert set(config.mesh) == {"data", "fsdp", "tensor"}
+  _validate(config)
+
+
+def test_unknown_variant_is_rejected():
+  with pytest.raises(configlib.ConfigError, match="variant='huge' is not one of"):
+    configlib.load_config(os.path.join(ROOT, "configs", "pretrain.py") + ":variant=huge")
+
+
+def _pretrain_tiny():
+  return configlib.load_config(os.path.join(ROOT, "configs", "pretrain.py") + ":variant=tiny")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 30, "train.batch_size: 30 is not divisible by data-parallel size"),
+    ("train.learning_rate", -1.0, "train.learning_rate: -1.0 is outside"),
+    ("train.schedule", "step", "train.schedule: 'step' is not one of"),
+    ("mesh.tensor", 16, "needs 16 devices but 8 are available"),
+    ("mesh.fsdp", 3, "does not divide the 8 devices"),
+    ("train.warmup_steps", 5000, "must be smaller than train.num_steps=2000"),
+    ("model.n_head", 0, "TransformerXLConfig.n_head=0: must be a positive integer"),
+    ("model.attention", "sideways", "attention='sideways'"),
+    ("data.mlm_prob", 1.5, "data.mlm_prob: 1.5 is outside"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps: 0 must be >= 1"),
+    ("init_from", "/nonexistent/run", "is not a directory"),
+])
+def test_bad_value_names_key_and_fix(key, value, message):
+  config = _pretrain_tiny()
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(configlib.ConfigError) as info:
+    _validate(config)
+  assert message in str(info.value)
+  assert "--config." in str(info.value)  # says how to fix
+
+
+def test_all_problems_reported_together():
+  config = _pretrain_tiny()
+  config.train.batch_size = 30
+  config.eval.num_batches = 0
+  with pytest.raises(configlib.ConfigError, match=r"2 problem\(s\)") as info:
+    _validate(config)
+  assert "eval.num_batches" in str(info.value) and "train.batch_size" in str(info.value)
+
+
+def test_wrong_type_in_config_file_is_rejected():
+  config = _pretrain_tiny()
+  config.unlock()
+  del config.train["skip_nonfinite"]
+  config.train.skip_nonfinite = "yes"
+  with pytest.raises(configlib.ConfigError, match="train.skip_nonfinite: 'yes' is a str"):
+    _validate(config)
+
+
+def test_resolve_mesh_shape():
+  m = lambda d, f, t: {"data": d, "fsdp": f, "tensor": t}
+  assert configlib.resolve_mesh_shape(m(-1, 1, 1), 8) == (8, 1, 1)
+  assert configlib.resolve_mesh_shape(m(2, -1, 2), 8) == (2, 2, 2)
+  assert configlib.resolve_mesh_shape(m(1, 1, 1), 1) == (1, 1, 1)
+  with pytest.raises(configlib.ConfigError, match="at most one axis may be -1"):
+    configlib.resolve_mesh_shape(m(-1, -1, 1), 8)
+  with pytest.raises(configlib.ConfigError, match="must be a positive int or -1"):
+    configlib.resolve_mesh_shape(m(0, 1, 1), 8)
+
+
+def test_parse_arg():
+  assert configlib.parse_arg("variant=tiny", variant="base").variant == "tiny"
+  assert configlib.parse_arg(None, variant="base").variant == "base"
+  with pytest.raises(configlib.ConfigError, match="key=value"):
+    configlib.parse_arg("size=tiny", variant="base")

@@ -1,0 +1,246 @@
+"""Pretraining stage end to end: outputs, exact resume after preemption, finished runs, init_from,
+config errors before compiling, the workdir lock, and (slow) the real command with SIGKILL/SIGTERM."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from r1jax import configlib
+from r1jax.data import builtin
+from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.stages import pretrain
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
+TIMING = ("tokens_per_sec", "steps_per_sec", "mfu")
+TRAIN_FIELDS = {"step", "split", "loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy",
+                "learning_rate", "tokens_per_sec", "mfu"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+  tokenizer_lib.Tokenizer.train(builtin.texts("general"), 1000).save(path)
+  return path
+
+
+def tiny_config(tokenizer_path, **train):
+  config = configlib.load_config(f"{CONFIG}:variant=tiny")
+  config.data.tokenizer = tokenizer_path
+  config.train.update(dict(num_steps=12, log_every_steps=3, warmup_steps=2, progress_bar=False))
+  config.train.update(train)
+  config.eval.update(dict(every_steps=6, num_batches=2))
+  config.checkpoint.every_steps = 4
+  # Smaller than tiny: these tests are about the stage's mechanics, and compiling dominates.
+  config.model.update(dict(n_layer=1, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16))
+  return config
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics.read_metrics(workdir)]
+
+
+def _final_params(workdir):
+  with open(os.path.join(workdir, "config.json")) as f:
+    num_steps = json.load(f)["resolved"]["num_steps"]
+  params, step = ckpt_lib.restore_params(workdir)
+  assert step == num_steps
+  return params
+
+
+def _assert_params_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight(tokenizer_path, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  summary = pretrain.run(tiny_config(tokenizer_path), workdir)
+  return workdir, summary
+
+
+def test_tiny_end_to_end_outputs(straight):
+  workdir, summary = straight
+  assert summary["status"] == "complete" and summary["step"] == 12
+  for name in ("config.json", "summary.json", "metrics.jsonl", "tokenizer.model"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "12"))
+  assert not os.path.exists(os.path.join(workdir, ".lock"))
+  train = metrics.read_metrics(workdir, "train")
+  evals = metrics.read_metrics(workdir, "eval")
+  assert [r["step"] for r in train] == [3, 6, 9, 12]
+  assert [r["step"] for r in evals] == [6, 12]
+  assert TRAIN_FIELDS <= set(train[-1]), set(train[-1])
+  assert {"loss", "mlm_accuracy", "nsp_accuracy"} <= set(evals[-1])
+  assert summary["final_eval"]["loss"] == evals[-1]["loss"]
+  assert summary["num_params"] > 0 and 0 < summary["final_train"]["mfu"] < 1
+  with open(os.path.join(workdir, "config.json")) as f:
+    resolved = json.load(f)
+  assert resolved["train"]["num_steps"] == 12 and resolved["resolved"]["vocab_size"] == 1000
+  assert resolved["resolved"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_finished_run_is_not_redone(straight, tokenizer_path):
+  workdir, summary = straight
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  again = pretrain.run(tiny_config(tokenizer_path), workdir)
+  assert again == json.loads(json.dumps(summary))
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+
+
+def test_preempted_run_resumes_exactly(straight, tokenizer_path, tmp_path):
+  """Save-and-exit at step 5 (between checkpoints and inside a log window), then rerun: the
+  metrics.jsonl losses and the final parameters are bitwise those of the uninterrupted run."""
+  workdir, _ = straight
+  resumed = str(tmp_path / "resumed")
+  ckpt_lib.request_preemption(at_step=5)
+  with pytest.raises(SystemExit) as info:
+    pretrain.run(tiny_config(tokenizer_path), resumed)
+  assert info.value.code == ckpt_lib.PREEMPTED_EXIT_CODE
+  assert not os.path.exists(os.path.join(resumed, "summary.json"))
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["4", "5"]
+  summary = pretrain.run(tiny_config(tokenizer_path), resumed)
+  assert summary["resumed_from_step"] == 5 and summary["step"] == 12
+  assert _records(resumed) == _records(workdir)
+  _assert_params_equal(_final_params(resumed), _final_params(workdir))
+
+
+def test_init_from_starts_from_other_runs_params(straight, tokenizer_path, tmp_path):
+  workdir, _ = straight
+  config = tiny_config(tokenizer_path, num_steps=2, learning_rate=1e-12, warmup_steps=0)
+  config.data.tokenizer = ""  # taken from init_from
+  config.init_from = workdir
+  config.eval.every_steps = 0
+  dapt = str(tmp_path / "dapt")
+  pretrain.run(config, dapt)
+  with open(os.path.join(dapt, "tokenizer.model"), "rb") as a, open(tokenizer_path, "rb") as b:
+    assert a.read() == b.read()
+  for x, y in zip(jax.tree.leaves(_final_params(dapt)), jax.tree.leaves(_final_params(workdir))):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_bad_config_fails_before_compiling(tokenizer_path, tmp_path):
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: compiles.append(name) if "compile" in name else None)
+  config = tiny_config(tokenizer_path, batch_size=30)
+  workdir = str(tmp_path / "bad")
+  with pytest.raises(configlib.ConfigError, match=r"train.batch_size: 30 is not divisible by "
+                                                  r"data-parallel size .* = 8; use e.g. 32"):
+    pretrain.run(config, workdir)
+  assert compiles == [] and not os.path.exists(workdir)
+
+
+def test_second_run_on_a_live_workdir_is_refused(tokenizer_path, tmp_path):
+  workdir = str(tmp_path / "busy")
+  with ckpt_lib.WorkdirLock(workdir):
+    with pytest.raises(ckpt_lib.WorkdirLocked, match="in use by a live run"):
+      pretrain.run(tiny_config(tokenizer_path), workdir)
+  assert os.listdir(workdir) == []  # refused before writing anything
+
+
+# --------------------------------------------------------------------------------------------------
+# The real command in subprocesses (slow: each start imports JAX and compiles).
+
+
+def _command(workdir, *overrides):
+  return [sys.executable, "-m", "r1jax.main", f"--config={CONFIG}:variant=tiny",
+          f"--workdir={workdir}", "--config.train.progress_bar=False", *overrides]
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return env
+
+
+SUBPROCESS_OVERRIDES = ("--config.train.num_steps=60", "--config.train.log_every_steps=1",
+                        "--config.checkpoint.every_steps=8", "--config.eval.every_steps=20",
+                        "--config.eval.num_batches=2", "--config.train.warmup_steps=5")
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    if os.path.exists(path):
+      steps = [r["step"] for r in metrics.read_metrics(workdir, "train")]
+      if steps and steps[-1] >= step:
+        return steps[-1]
+    time.sleep(0.005)
+  raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_bitwise(tokenizer_path, tmp_path):
+  """N steps straight vs killed with SIGKILL after step >= 13 (checkpoint at 8), then the same
+  command again: identical losses in metrics.jsonl and identical final parameters."""
+  tok = f"--config.data.tokenizer={tokenizer_path}"
+  straight_dir, killed_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run(_command(straight_dir, tok, *SUBPROCESS_OVERRIDES), env=_env(), check=True,
+                 capture_output=True)
+  proc = subprocess.Popen(_command(killed_dir, tok, *SUBPROCESS_OVERRIDES), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  killed_at = _wait_for_step(killed_dir, 13, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert killed_at < 60 and not os.path.exists(os.path.join(killed_dir, "summary.json"))
+  assert os.path.exists(os.path.join(killed_dir, ".lock"))  # stale: taken over by the rerun
+  subprocess.run(_command(killed_dir, tok, *SUBPROCESS_OVERRIDES), env=_env(), check=True,
+                 capture_output=True)
+  with open(os.path.join(killed_dir, "summary.json")) as f:
+    assert json.load(f)["resumed_from_step"] in (8, 16, 24, 32, 40, 48, 56)
+  assert _records(killed_dir) == _records(straight_dir)
+  _assert_params_equal(_final_params(killed_dir), _final_params(straight_dir))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_within_grace_then_resumes(tokenizer_path, tmp_path):
+  tok = f"--config.data.tokenizer={tokenizer_path}"
+  workdir = str(tmp_path / "term")
+  overrides = (tok, *SUBPROCESS_OVERRIDES, "--config.checkpoint.sigterm_grace_secs=30")
+  proc = subprocess.Popen(_command(workdir, *overrides), env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_step(workdir, 10, proc)
+  start = time.time()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == ckpt_lib.PREEMPTED_EXIT_CODE, err[-2000:]
+  assert time.time() - start < 30
+  saved = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).latest_step()
+  assert saved >= 10 and saved % 8 != 0 or saved >= 10  # the preemption save (not only periodic)
+  assert "SIGTERM: saving a checkpoint" in err
+  done = subprocess.run(_command(workdir, *overrides), env=_env(), capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["resumed_from_step"] == saved and summary["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_tiny_command_learns(tmp_path):
+  """The README command: held-out MLM accuracy far above chance (1/vocab) and above always
+  predicting the most frequent token."""
+  workdir = str(tmp_path / "tiny")
+  start = time.time()
+  subprocess.run(_command(workdir), env=_env(), check=True, capture_output=True)
+  wall = time.time() - start
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  accuracy = summary["final_eval"]["mlm_accuracy"]
+  print(f"tiny pretraining: {wall:.0f} s wall, held-out MLM accuracy {accuracy:.3f}")
+  assert summary["status"] == "complete"
+  assert accuracy > 0.15 and accuracy > 100 * summary["mlm_chance_accuracy"]
+  del copy
