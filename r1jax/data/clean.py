@@ -55,6 +55,9 @@ from typing import Any, Callable, Iterable, Sequence
 import grain
 import numpy as np
 
+from r1jax.data import examples
+from r1jax.data import sources
+
 SOURCE_ERRORS = ("malformed_json", "missing_text", "bad_text_type", "ragged_row", "too_long",
                  "undecodable")
 
@@ -689,9 +692,8 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
   no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   if worker_count:
     # Workers send chunks of records: one message per record would cost more than its cleaning.
-    from r1jax.data import examples  # pylint: disable=g-import-not-at-top
     ds = ds.batch(WORKER_CHUNK, batch_fn=list).to_iter_dataset(no_threads)
-    ds = examples._mp_prefetch(ds, worker_count)  # pylint: disable=protected-access
+    ds = examples.worker_prefetch(ds, worker_count)
     ds = grain.experimental.FlatMapIterDataset(ds, _Unchunk())
   else:
     ds = ds.to_iter_dataset(no_threads)
@@ -737,15 +739,6 @@ class CleaningReport:
       self.documents_out += 1
     return record
 
-  def merge(self, other: "CleaningReport") -> None:
-    self.documents_in += other.documents_in
-    self.documents_out += other.documents_out
-    self.dropped.update(other.dropped)
-    self.repaired.update(other.repaired)
-    for rule, samples in other.samples.items():
-      room = self.max_samples - len(self.samples[rule])
-      self.samples[rule].extend(samples[:max(0, room)])
-
   def to_dict(self) -> dict[str, Any]:
     assert self.documents_in == self.documents_out + sum(self.dropped.values())
     return {"documents_in": self.documents_in, "documents_out": self.documents_out,
@@ -756,7 +749,6 @@ class CleaningReport:
 def clean_records(records: Sequence[dict[str, Any]] | Sequence[str],
                   config: CleanConfig | None = None, **kwargs):
   """In-memory convenience: -> (kept records with public fields only, report dict)."""
-  from r1jax.data import sources  # pylint: disable=g-import-not-at-top
   config = config or CleanConfig()
   records = [{"text": r, "_line": i + 1, "_file": "<memory>"} if isinstance(r, str) else
              dict(r, _line=r.get("_line", i + 1), _file=r.get("_file", "<memory>"))

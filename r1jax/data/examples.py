@@ -68,6 +68,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
+from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = (tokenizer_lib.PAD_ID, tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
@@ -93,7 +94,6 @@ def resolve_texts(docs_or_paths) -> list[str]:
   Empty and whitespace-only texts are dropped; rows the source flags as bad are skipped.
   """
   if isinstance(docs_or_paths, (str, os.PathLike)):
-    from r1jax.data import sources  # pylint: disable=g-import-not-at-top
     records = sources.read_records(os.fspath(docs_or_paths))
     texts = [r["text"] for r in records if not r.get("_error")]
   else:
@@ -463,7 +463,7 @@ class _PretrainRowIterator(grain.DatasetIterator):
     head, relation, tail, label = self._ds.knowledge.sample(rng)
     part = (t - 4) // 3
     tokens = [CLS_ID]
-    for text in (head, relation, tail):
+    for text in (head, relation.replace("_", " "), tail):  # "see_also" reads as "see also"
       tokens += self._encode_kg(text)[:part] + [SEP_ID]
     kg_tokens = np.zeros(t, np.int32)
     kg_tokens[:len(tokens)] = tokens
@@ -509,7 +509,7 @@ def _local_rows(batch_size, process_index, process_count):
   return per, range(process_index * per, (process_index + 1) * per)
 
 
-def _mp_prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+def worker_prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
   """Grain worker processes; outside an absl app (tests, notebooks) Grain's flags need parsing.
 
   Arrays under 1 MiB are pickled with their element instead of getting a shared-memory block each
@@ -578,7 +578,7 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   ds = PretrainRowDataset(texts, tokenizer, options, rows, knowledge)
   if worker_count:
     # Worker w yields rows w, w + k, ... of each step; k consecutive elements are one step.
-    ds = _mp_prefetch(ds, worker_count).batch(worker_count).map(_InterleaveRows())
+    ds = worker_prefetch(ds, worker_count).batch(worker_count).map(_InterleaveRows())
   return ds
 
 
@@ -722,7 +722,6 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
   if worker_count < 0:
     raise ValueError(f"worker_count={worker_count} must be >= 0.")
   if isinstance(records_or_path, (str, os.PathLike)):
-    from r1jax.data import sources  # pylint: disable=g-import-not-at-top
     records = [r for r in sources.read_records(str(records_or_path)) if not r.get("_error")]
   else:
     records = list(records_or_path)
@@ -755,7 +754,7 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
   # No reader threads: encoding is Python under the GIL; parallelism comes from workers.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count:
-    ds = _mp_prefetch(ds, worker_count)
+    ds = worker_prefetch(ds, worker_count)
   return ds.batch(local_batch, drop_remainder=drop_remainder and not pad_final_batch)
 
 

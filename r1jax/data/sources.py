@@ -39,7 +39,6 @@ import bisect
 import csv
 import glob as glob_lib
 import gzip
-import io
 import json
 import math
 import mmap
@@ -506,13 +505,3 @@ def read_records(spec, *, process_index: int = 0, process_count: int = 1,
 def public_fields(record: dict[str, Any]) -> dict[str, Any]:
   """The record without bookkeeping keys (those starting with '_')."""
   return {k: v for k, v in record.items() if not k.startswith("_")}
-
-
-def write_jsonl(records, path: str) -> int:
-  """Writes records' public fields as JSONL; returns the count."""
-  n = 0
-  with io.open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(public_fields(r), ensure_ascii=False) + "\n")
-      n += 1
-  return n
