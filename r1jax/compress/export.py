@@ -1,0 +1,76 @@
+"""Serialized StableHLO of an artifact's inference function (`jax.export`), servable without r1jax.
+
+The exported function is `(tokens int32 [B, Q], token_mask bool [B, Q]) -> logits float32 [B, C]`
+with the weights embedded as constants (int8 ones stay int8) and a symbolic batch size B, so one
+file serves batch 1 and batched requests. Any JAX installation can run it:
+
+    exported = jax.export.deserialize(open("DIR/model.stablehlo", "rb").read())
+    logits = exported.call(tokens, token_mask)
+
+`export.load(path)` does exactly that and checks the input shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EXPORT_FILE = "model.stablehlo"
+SIGNATURE_FILE = "model.signature.json"
+
+
+def export(art, *, platforms: Sequence[str] = ("cpu",),
+           batch_size: int | None = None) -> jax.export.Exported:
+  """`jax.export` of `art.logits` with its params closed over (`art`: an `artifact.Artifact`).
+
+  Args:
+    art: the artifact.
+    platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu"); one file can hold several.
+    batch_size: a fixed batch size, or None for a symbolic one.
+  """
+  q = art.spec.seq_len
+  (b,) = jax.export.symbolic_shape("b") if batch_size is None else (batch_size,)
+  params = art.params
+
+  def serve(tokens, token_mask):
+    return art.logits(params, tokens, token_mask)
+
+  specs = (jax.ShapeDtypeStruct((b, q), jnp.int32), jax.ShapeDtypeStruct((b, q), jnp.bool_))
+  return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*specs)
+
+
+def save(art, directory: str, *, platforms: Sequence[str] = ("cpu",)) -> str:
+  """Writes DIR/model.stablehlo (serialized) and DIR/model.signature.json; returns the path."""
+  exported = export(art, platforms=platforms)
+  path = os.path.join(directory, EXPORT_FILE)
+  with open(path + ".tmp", "wb") as f:
+    f.write(exported.serialize())
+  os.replace(path + ".tmp", path)
+  signature = {"inputs": {"tokens": ["batch", art.spec.seq_len, "int32"],
+                          "token_mask": ["batch", art.spec.seq_len, "bool"]},
+               "outputs": {"logits": ["batch", art.spec.num_classes, "float32"]},
+               "label_names": list(art.spec.label_names), "platforms": list(platforms),
+               "kind": art.kind, "tokenizer": "tokenizer.model ([CLS] text [SEP], pad id 0)"}
+  with open(os.path.join(directory, SIGNATURE_FILE), "w") as f:
+    json.dump(signature, f, indent=2)
+  return path
+
+
+def load(path: str) -> Callable[[np.ndarray, np.ndarray], jax.Array]:
+  """The deserialized function of a model.stablehlo file: (tokens, token_mask) -> logits."""
+  if os.path.isdir(path):
+    path = os.path.join(path, EXPORT_FILE)
+  with open(path, "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  seq_len = exported.in_avals[0].shape[1]
+
+  def call(tokens, token_mask):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[1] != seq_len:
+      raise ValueError(f"tokens must be [batch, {seq_len}] for this export, got {tokens.shape}.")
+    return exported.call(tokens, jnp.asarray(token_mask, bool))
+  return call
