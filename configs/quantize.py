@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       calibration_batches=16,     # batches of the task's training split used for calibration
       calibration_batch_size=32,
   ))
+  # The architecture is the init_from classifier's; the variant only picks these defaults.
+  config.model = ml_collections.ConfigDict(dict(variant=variant))
   config.task = stage_lib.task_section()
   config.report = stage_lib.report_section()
   config.export = stage_lib.export_section()

@@ -10,7 +10,8 @@ What is read from a training workdir:
   fields (attention kind, LayerNorm placement, activation, ...) from DIR/config.json
   (`resolved.model` if the stage recorded the full model config there, else `model` = variant +
   overrides);
-- the task (train/dev/test specs, fields, multi_label, seq_len) from `task` in DIR/config.json;
+- the task (train/dev/test specs, fields, multi_label, ...) from `resolved.task` in DIR/config.json
+  (compression stages record it there) or its `task` section (finetuning);
 - the class names in id order: DIR/labels.txt, else `resolved.labels`, else what the finetuning
   stage derives from its task section (`finetune.load_task`);
 - DIR/tokenizer.model.
@@ -185,7 +186,9 @@ def check_classifier_shapes(shapes: Mapping[str, tuple], workdir: str, prefix: s
 
 
 def _task(config: Mapping[str, Any]) -> dict[str, Any]:
-  section = config.get("task") or {}
+  resolved = config.get("resolved") or {}
+  section = resolved.get("task") if isinstance(resolved.get("task"), Mapping) else (
+      config.get("task") or {})
   return {k: section.get(k, v) if section.get(k) is not None else v
           for k, v in TASK_DEFAULTS.items()}
 

@@ -113,6 +113,15 @@ def prepare_workdir(workdir: str, spec: source_lib.ClassifierSpec) -> source_lib
   return spec.replace(tokenizer=tok)
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: str,
+                 spec: source_lib.ClassifierSpec, **resolved: Any) -> str:
+  """DIR/config.json with the resolved model, task, labels and seq_len a later stage reads."""
+  data = spec.to_json()
+  return configlib.write_config_json(config, workdir, model=data["model"], task=data["task"],
+                                     labels=data["label_names"], seq_len=spec.seq_len,
+                                     num_classes=spec.num_classes, **resolved)
+
+
 def float_reference(workdir: str, spec: source_lib.ClassifierSpec, params: Any,
                     source_path: str) -> artifact_lib.Artifact:
   """DIR/float/: the uncompressed classifier in the artifact format (the table's reference)."""
@@ -204,6 +213,8 @@ def finish(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[Mappi
     with open(path) as f:
       out = json.load(f)
   out.update(dict(summary or {}))
+  if "status" in out and "train_status" not in out:
+    out["train_status"] = out["status"]  # complete / stopped_early / data_exhausted
   out.update({"stage": config.stage, "status": "complete", "reference": rows[0]["name"],
               "artifacts": list(rows), "report": paths["report"], "plot": paths["plot"]})
   metrics_lib.write_json(path, out)

@@ -91,8 +91,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   src = stage_lib.load_source(config)
   spec = stage_lib.prepare_workdir(workdir, src.spec)
   modes = modes_of(config)
-  configlib.write_config_json(config, workdir, source=src.path, source_step=src.step,
-                              spec=spec.to_json())
+  stage_lib.write_config(config, workdir, spec, source=src.path, source_step=src.step)
   data = measure.task_data(spec)
   reference = stage_lib.float_reference(workdir, spec, src.params, src.path)
 
