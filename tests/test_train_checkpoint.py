@@ -180,6 +180,9 @@ def test_restore_params_subtree_from_workdir(tmp_path):
   params, step = ckpt_lib.restore_params(str(tmp_path), target)
   assert step == 5 and set(params) == {"backbone"}
   _assert_same(params["backbone"], state.params["backbone"])
+  shapes, _ = ckpt_lib.saved_param_shapes(str(tmp_path))
+  assert shapes == {"backbone/dense/bias": (8,), "backbone/dense/kernel": (16, 8),
+                    "head/kernel": (8, 4)}
   full, _ = ckpt_lib.restore_params(str(tmp_path))  # everything, as host numpy arrays
   for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(state.params)):
     assert isinstance(x, np.ndarray)

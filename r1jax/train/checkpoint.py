@@ -330,17 +330,9 @@ class Checkpointer:
     return None
 
 
-def restore_params(workdir_or_ckpt_dir: str, target: Any = None, *, step: int | None = None
-                   ) -> tuple[Any, int]:
-  """Restores (a subtree of) the parameters of another run, e.g. for `init_from`.
-
-  Args:
-    workdir_or_ckpt_dir: a stage workdir (its `checkpoints/` is used) or a checkpoints directory.
-    target: ShapeDtypeStructs with shardings; may hold only some top-level keys (e.g.
-      {"backbone": ...}): only those are read. None: every parameter, as host numpy arrays.
-    step: which step (default: the newest).
-  Returns (params, step).
-  """
+def _open_params(workdir_or_ckpt_dir: str, step: int | None
+                 ) -> tuple[ocp.CheckpointManager, str, int, Any]:
+  """(read-only manager, checkpoints dir, step, params metadata tree) of a workdir's checkpoint."""
   directory = workdir_or_ckpt_dir
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
@@ -352,7 +344,34 @@ def restore_params(workdir_or_ckpt_dir: str, target: Any = None, *, step: int | 
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {directory}: finish (or resume) that run first.")
     saved = manager.item_metadata(step)["params"]
-    saved = saved.tree if hasattr(saved, "tree") else saved
+  except BaseException:
+    manager.close()
+    raise
+  return manager, directory, step, saved.tree if hasattr(saved, "tree") else saved
+
+
+def saved_param_shapes(workdir_or_ckpt_dir: str, step: int | None = None
+                       ) -> tuple[dict[str, tuple[int, ...]], int]:
+  """({"backbone/layer_0/ff_in/kernel": shape, ...}, step) without reading any array."""
+  manager, _, step, saved = _open_params(workdir_or_ckpt_dir, step)
+  manager.close()
+  return {optim.path_str(p): tuple(m.shape)
+          for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}, step
+
+
+def restore_params(workdir_or_ckpt_dir: str, target: Any = None, *, step: int | None = None
+                   ) -> tuple[Any, int]:
+  """Restores (a subtree of) the parameters of another run, e.g. for `init_from`.
+
+  Args:
+    workdir_or_ckpt_dir: a stage workdir (its `checkpoints/` is used) or a checkpoints directory.
+    target: ShapeDtypeStructs with shardings; may hold only some top-level keys (e.g.
+      {"backbone": ...}): only those are read. None: every parameter, as host numpy arrays.
+    step: which step (default: the newest).
+  Returns (params, step).
+  """
+  manager, directory, step, saved = _open_params(workdir_or_ckpt_dir, step)
+  try:
     if target is None:
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
       args = ocp.args.PyTreeRestore(restore_args=restore_args)

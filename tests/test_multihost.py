@@ -1,0 +1,86 @@
+"""Multi-host: two local processes (jax.distributed, gloo collectives on CPU, 2 devices each) train
+the tiny model like one process with 4 devices, then save and restore a checkpoint together.
+
+Slow: three JAX processes start and compile (about a minute on 2 cores).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from r1jax.data import builtin
+from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.train import metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("R1JAX_")}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+  return env
+
+
+def _command(workdir: str, tokenizer: str, num_steps: int) -> list[str]:
+  return [sys.executable, "-m", "r1jax.main", f"--config={CONFIG}:variant=tiny",
+          f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer}",
+          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
+          "--config.train.warmup_steps=1", "--config.train.progress_bar=False",
+          "--config.eval.every_steps=3", "--config.eval.num_batches=2",
+          "--config.checkpoint.every_steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
+
+
+def _run_two_processes(workdir: str, tokenizer: str, num_steps: int) -> None:
+  port = _free_port()
+  procs = [subprocess.Popen(_command(workdir, tokenizer, num_steps), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=_env(2, R1JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                     R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_share_checkpoints(tmp_path):
+  tokenizer = str(tmp_path / "tokenizer.model")
+  tokenizer_lib.Tokenizer.train(builtin.texts("general"), 1000).save(tokenizer)
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  done = subprocess.run(_command(single, tokenizer, 6), env=_env(4), capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-4000:]
+  _run_two_processes(multi, tokenizer, 6)
+
+  # Same global batch (rows split by process), same 2x2 mesh: same losses up to reduction order.
+  one = metrics.read_metrics(single)
+  two = metrics.read_metrics(multi)
+  assert [(r["step"], r["split"]) for r in two] == [(r["step"], r["split"]) for r in one]
+  for a, b in zip(one, two):
+    for key in ("loss", "mlm_loss", "nsp_loss"):
+      assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], a["split"], key)
+  with open(os.path.join(multi, "config.json")) as f:
+    assert json.load(f)["resolved"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+  # Both processes wrote their own data-iterator state into the shared checkpoint.
+  data_dir = os.path.join(multi, "checkpoints", "6", "data")
+  assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+  # Continue to step 8: both processes restore step 6 together, then train on.
+  _run_two_processes(multi, tokenizer, 8)
+  with open(os.path.join(multi, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["resumed_from_step"] == 6 and summary["step"] == 8
+  steps = [r["step"] for r in metrics.read_metrics(multi, "train")]
+  assert steps == list(range(1, 9))
