@@ -18,7 +18,7 @@ import itertools
 import math
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -165,8 +165,12 @@ def _batches(config, texts, tok, *, seq_len, seed, knowledge):
       worker_count=d.worker_count)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes, or returns the summary of a finished) pretraining in `workdir`."""
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+  """Runs (or resumes, or returns the summary of a finished) pretraining in `workdir`.
+
+  `on_eval(step, eval_metrics)` is called after each held-out eval; returning True stops the run
+  early (`loop.fit`'s hook, e.g. an optuna pruner)."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
@@ -176,13 +180,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logging.info("Pretraining in %s already finished at step %s; nothing to do.", workdir,
                    done.get("step"))
       return done
-    return _run(config, workdir)
+    return _run(config, workdir, on_eval)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _run(config: ml_collections.ConfigDict, workdir: str,
+         on_eval: Callable[[int, dict[str, float]], bool] | None) -> dict[str, Any]:
   seq_len = seq_len_of(config)
   texts = examples.resolve_texts(config.data.corpus)
   train_texts, eval_texts = split_documents(texts, config.data.eval_every_nth_doc)
@@ -253,7 +258,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                n_params, num_steps, dict(mesh.shape))
   return loop_lib.train_and_evaluate(
       config, workdir, engine=engine, train_iter=train_iter, init_state=init_state,
-      num_steps=num_steps, evaluate=evaluate, flops_per_step=flops,
+      num_steps=num_steps, evaluate=evaluate, on_eval=on_eval, flops_per_step=flops,
       summary_extra={"num_params": n_params, "model": config.model.variant,
                      "vocab_size": tok.vocab_size, "seq_len": seq_len,
                      "train_flops_per_step": flops,
