@@ -1,6 +1,5 @@
 """Pretraining stage end to end: outputs, exact resume after preemption, finished runs, init_from,
 config errors before compiling, the workdir lock, and (slow) the real command with SIGKILL/SIGTERM."""
-import copy
 import json
 import os
 import signal
@@ -243,4 +242,3 @@ def test_tiny_command_learns(tmp_path):
   print(f"tiny pretraining: {wall:.0f} s wall, held-out MLM accuracy {accuracy:.3f}")
   assert summary["status"] == "complete"
   assert accuracy > 0.15 and accuracy > 100 * summary["mlm_chance_accuracy"]
-  del copy

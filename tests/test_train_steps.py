@@ -201,3 +201,24 @@ def test_pluggable_loss_function():
   state, metrics = train(engine, [make_batch(i) for i in range(2)])
   assert set(metrics[0]) >= {"loss", "nsp_accuracy", "grad_norm", "learning_rate", "nonfinite"}
   assert int(state.step) == 2
+
+
+def test_knowledge_loss_is_added_with_its_weight():
+  model = heads.PretrainModel(CFG, num_kg_labels=2)
+  params = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 4), jnp.int32),
+                      token_types=jnp.zeros((1, 4), jnp.int32))["params"]
+  rng = np.random.default_rng(0)
+  batch = dict(make_batch(0, reset=True), kg_tokens=rng.integers(5, V, (B, 8)).astype(np.int32),
+               kg_token_mask=np.ones((B, 8), bool), kg_label=rng.integers(0, 2, (B,)).astype(
+                   np.int32))
+  extras = {"memory": txl.init_memory(CFG, B)}
+  out = {}
+  for weight in (0.0, 0.5):
+    loss_fn = steps.pretrain_loss_fn(model, kg_weight=weight)
+    loss, (m, _) = jax.jit(loss_fn, static_argnums=4)(params, batch, extras, jax.random.PRNGKey(0),
+                                                     True)
+    out[weight] = float(loss), steps.normalize(jax.device_get(m))
+  (loss0, m0), (loss5, m5) = out[0.0], out[0.5]
+  assert {"kg_loss", "kg_accuracy"} <= set(m5)
+  assert loss0 == pytest.approx(m0["mlm_loss"] + m0["nsp_loss"], rel=1e-4)
+  assert loss5 == pytest.approx(loss0 + 0.5 * m5["kg_loss"], rel=1e-5)

@@ -163,7 +163,7 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
                                   eval_loss=eval_loss)
 
   try:
-    while step < options.num_steps:
+    while step < options.num_steps and not loop.stopped_early:  # (a restored run may have stopped)
       try:
         batch = next(train_iter)
       except StopIteration:
@@ -247,7 +247,6 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
     writer.flush()
   return FitResult(state=state, loop=loop, step=step, wall_secs=time.time() - started,
                    last_checkpoint=last_ckpt)
-
 
 
 # ------------------------------------------------------------------------------------------------

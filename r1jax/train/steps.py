@@ -277,10 +277,12 @@ class Engine:
 
 
 def tokens_in(batch: Mapping[str, np.ndarray]) -> int:
-  """Number of real tokens in a local batch (token_mask sum, else tokens size)."""
+  """Real tokens in a local batch: token_mask sum, else tokens size, else the number of rows."""
   if "token_mask" in batch:
     return int(np.asarray(batch["token_mask"]).sum())
-  return int(np.asarray(batch["tokens"]).size)
+  if "tokens" in batch:
+    return int(np.asarray(batch["tokens"]).size)
+  return int(np.shape(next(iter(batch.values())))[0])
 
 
 
