@@ -1,0 +1,168 @@
+"""Tests for r1jax.compress.prune and the prune stage."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from r1jax import configlib
+from r1jax.compress import artifact as artifact_lib
+from r1jax.compress import prune as prune_lib
+from r1jax.compress import source as source_lib
+from r1jax.stages import prune as prune_stage
+from test_compress_source import classifier_dir  # noqa: F401  (fixture)
+from test_compress_source import finetuned_dir  # noqa: F401  (fixture)
+from test_compress_source import pretrain_dir  # noqa: F401  (fixture)
+
+
+def _params():
+  rng = np.random.RandomState(0)
+  return {"backbone": {"layer_0": {"ff_in": {"kernel": jnp.asarray(rng.randn(8, 16), jnp.float32),
+                                             "bias": jnp.asarray(rng.randn(16), jnp.float32)}},
+                       "layer_1": {"ff_in": {"kernel": jnp.asarray(0.01 * rng.randn(16, 8),
+                                                                   jnp.float32)}},
+                       "word_emb": {"embedding": jnp.asarray(rng.randn(10, 8), jnp.float32)}}}
+
+
+def test_select_and_masks_per_layer_and_global():
+  params = _params()
+  selected = prune_lib.select(params)
+  assert prune_lib.masks_from_selected(selected) == {
+      "backbone/layer_0/ff_in/bias": False, "backbone/layer_0/ff_in/kernel": True,
+      "backbone/layer_1/ff_in/kernel": True, "backbone/word_emb/embedding": False}
+  masks = prune_lib.compute_masks(params, selected, 0.5, "layer")
+  assert float(jnp.mean(masks["backbone"]["layer_0"]["ff_in"]["kernel"])) == 0.5
+  assert float(jnp.mean(masks["backbone"]["layer_1"]["ff_in"]["kernel"])) == 0.5
+  assert bool(jnp.all(masks["backbone"]["word_emb"]["embedding"]))
+  kept = jnp.abs(params["backbone"]["layer_0"]["ff_in"]["kernel"])
+  m = masks["backbone"]["layer_0"]["ff_in"]["kernel"]
+  assert float(kept[m].min()) > float(kept[~m].max())  # the smallest magnitudes go
+  # Global: one threshold, so the layer of small weights loses (almost) everything first.
+  masks = prune_lib.compute_masks(params, selected, 0.5, "global")
+  assert float(jnp.mean(masks["backbone"]["layer_1"]["ff_in"]["kernel"])) < 0.05
+  total = sum(int(masks["backbone"][l]["ff_in"]["kernel"].sum()) for l in ("layer_0", "layer_1"))
+  assert total == 128
+  with pytest.raises(ValueError, match="selects no"):
+    prune_lib.select(params, include="head/.*")
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, True])
+def test_sparsity_outside_range_is_refused(bad):
+  with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    prune_lib.Schedule(sparsity=bad)
+
+
+def test_bad_schedule_and_scope():
+  with pytest.raises(ValueError, match="one_shot, gradual"):
+    prune_lib.Schedule(0.5, kind="cubic")
+  with pytest.raises(ValueError, match="layer, global"):
+    prune_lib.Schedule(0.5, scope="row")
+  with pytest.raises(ValueError, match="ramp_steps >= 1"):
+    prune_lib.Schedule(0.5, kind="gradual", ramp_steps=0)
+
+
+@pytest.mark.parametrize("kind", ["one_shot", "gradual"])
+def test_pruned_weights_stay_exactly_zero_under_adam(kind):
+  params = _params()
+  selected = prune_lib.select(params)
+  schedule = prune_lib.Schedule(0.6, kind=kind, ramp_steps=6, update_every=2)
+  tx = optax.chain(optax.adamw(0.05, weight_decay=0.1),
+                   prune_lib.masked_pruning(selected, schedule))
+  state = tx.init(params)
+  if kind == "one_shot":
+    params, prune_state = prune_lib.initial_state(params, selected, schedule)
+    state = prune_lib.replace_state(state, prune_state)
+
+  @jax.jit
+  def step(params, state, i):
+    # Gradients that push every weight, pruned or not, away from zero.
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * (1.0 + i), params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  targets = []
+  for i in range(10):
+    params, state = step(params, state, i)
+    report = prune_lib.sparsity_report(params, selected)
+    targets.append(report["selected_sparsity"])
+  masks = prune_lib.find_state(state).masks
+  for path in ("layer_0", "layer_1"):
+    p = params["backbone"][path]["ff_in"]["kernel"]
+    m = masks["backbone"][path]["ff_in"]["kernel"]
+    assert float(jnp.mean(m)) == pytest.approx(0.4, abs=0.01)
+    assert bool(jnp.all(p[~m] == 0.0)), "a pruned weight moved"
+    assert bool(jnp.all(p[m] != 0.0))
+  assert targets[-1] == pytest.approx(0.6, abs=0.01)
+  if kind == "gradual":
+    assert targets[0] < targets[3] < targets[-1]  # the cubic ramp
+  assert float(jnp.mean(params["backbone"]["word_emb"]["embedding"] == 0.0)) == 0.0
+
+
+def _stage_config(init_from, **prune):
+  config = configlib.load_config("configs/prune.py:variant=tiny")
+  config.init_from = init_from
+  config.train.num_steps = 4
+  config.train.batch_size = 16
+  config.train.learning_rate = 1e-2
+  config.train.progress_bar = False
+  config.eval.every_steps = 100
+  config.eval.num_batches = 1
+  config.checkpoint.async_save = False
+  config.report.latency_repeats = 2
+  config.report.latency_warmup = 1
+  config.report.latency_batch_size = 8
+  config.report.test_limit_batches = 1
+  config.export.enabled = False
+  for k, v in prune.items():
+    config.prune[k] = v
+  return config
+
+
+def test_prune_stage_zeros_survive_recovery_finetuning(classifier_dir, tmp_path):  # noqa: F811
+  workdir = str(tmp_path / "p")
+  summary = prune_stage.run(_stage_config(classifier_dir, sparsity=0.5), workdir)
+  assert [r["name"] for r in summary["artifacts"]] == ["float", "pruned-50%"]
+  per_layer = summary["sparsity"]["per_layer"]
+  assert len(per_layer) == 10 and all(v == pytest.approx(0.5, abs=1e-3) for v in per_layer.values())
+  dense = source_lib.load(classifier_dir).params
+  pruned = artifact_lib.load(os.path.join(workdir, "artifact")).params
+  selected = prune_lib.select(dense)
+  initial = prune_lib.compute_masks(dense, selected, 0.5, "layer")
+  moved = 0
+  for path, flag in prune_lib.masks_from_selected(selected).items():
+    if not flag:
+      continue
+    keys = path.split("/")
+    mask, before, after = _at(initial, keys), _at(dense, keys), _at(pruned, keys)
+    assert bool(jnp.all(after[~mask] == 0.0)), path  # exactly zero after recovery finetuning
+    moved += int(jnp.sum(after[mask] != before[mask]))
+  assert moved > 0, "recovery finetuning did not change the kept weights"
+
+
+def _at(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return jnp.asarray(tree)
+
+
+def test_prune_stage_bad_inputs(pretrain_dir, tmp_path):  # noqa: F811
+  with pytest.raises(configlib.ConfigError, match=r"prune.sparsity.*must be in \[0, 1\)"):
+    prune_stage.validate(_stage_config(pretrain_dir, sparsity=1.0))
+  with pytest.raises(configlib.ConfigError, match="prune.schedule"):
+    prune_stage.validate(_stage_config(pretrain_dir, schedule="cubic"))
+  with pytest.raises(source_lib.WrongCheckpointKind, match="cls_head"):
+    prune_stage.run(_stage_config(pretrain_dir), str(tmp_path / "p"))
+
+
+@pytest.mark.slow
+def test_prune_finetuned_half(finetuned_dir, tmp_path):  # noqa: F811
+  config = _stage_config(finetuned_dir, sparsity=0.5, schedule="gradual")
+  config.train.num_steps = 100
+  config.train.batch_size = 32
+  config.train.learning_rate = 5e-4
+  config.report.test_limit_batches = 0
+  summary = prune_stage.run(config, str(tmp_path / "p"))
+  assert summary["sparsity"]["selected_sparsity"] == pytest.approx(0.5, abs=1e-3)
+  assert summary["artifacts"][1]["retained_accuracy_pct"] > 90.0
