@@ -178,8 +178,10 @@ def test_quantize_stage_bad_inputs(pretrain_dir, tmp_path):  # noqa: F811
     quantize_stage.validate(_stage_config(pretrain_dir, modes="dynamic,int4"))
   with pytest.raises(configlib.ConfigError, match="quant.primary"):
     quantize_stage.validate(_stage_config(pretrain_dir, modes="weights"))
+  with pytest.raises(configlib.ConfigError, match="init_from is empty"):
+    quantize_stage.run(_stage_config(""), str(tmp_path / "e"))
   with pytest.raises(configlib.ConfigError, match="init_from"):
-    quantize_stage.validate(_stage_config(""))
+    quantize_stage.validate(_stage_config(str(tmp_path / "missing")))
   with pytest.raises(source_lib.WrongCheckpointKind, match="cls_head"):
     quantize_stage.run(_stage_config(pretrain_dir), str(tmp_path / "q"))
 

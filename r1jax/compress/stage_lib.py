@@ -66,9 +66,7 @@ def export_section() -> ml_collections.ConfigDict:
 def validate_common(v: configlib.Validator) -> None:
   """Checks of the shared sections (init_from, task, report, export)."""
   init_from = v.string("init_from")
-  if init_from is not None and not init_from:
-    v.add("init_from", "'' : name the finetuning workdir to compress (--config.init_from=DIR).")
-  elif init_from and not os.path.isdir(os.path.expanduser(init_from)):
+  if init_from and not os.path.isdir(os.path.expanduser(init_from)):
     v.add("init_from", f"{init_from!r} is not a directory; name a finished finetuning workdir.")
   for key in ("task.train", "task.dev", "task.test"):
     v.string(key)
@@ -83,6 +81,15 @@ def validate_common(v: configlib.Validator) -> None:
     bad = [p for p in platforms.split(",") if p.strip() not in ("cpu", "cuda", "rocm", "tpu")]
     v.require(not bad and platforms.strip(), "export.platforms",
               f"{platforms!r}: comma-separated among cpu, cuda, rocm, tpu.")
+
+
+def require_init_from(config: ml_collections.ConfigDict) -> None:
+  """A compression stage cannot start without a classifier (checked by run(), not by validate(),
+  so that the default configs validate)."""
+  if not config.get("init_from"):
+    raise configlib.ConfigError(
+        f"Invalid {config.get('stage')} config: init_from is empty; name the finetuning workdir "
+        f"to compress with --config.init_from=DIR (configs/finetune.py makes one).")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,8 +39,13 @@ def modes_of(config: ml_collections.ConfigDict) -> list[str]:
   return [m.strip() for m in config.quant.modes.split(",") if m.strip()]
 
 
-def validate(config: ml_collections.ConfigDict) -> configlib.Validator:
-  """Checks that need no data or compilation; raises ConfigError naming each bad key."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             process_count: int | None = None) -> configlib.Validator:
+  """Checks that need no data or compilation; raises ConfigError naming each bad key.
+
+  (num_devices / process_count are accepted for the common validate() signature; this stage runs
+  on one device.)"""
+  del num_devices, process_count
   v = configlib.Validator(config)
   v.require(config.get("stage") == "quantize", "stage",
             f"{config.get('stage')!r}; this stage runs configs with stage='quantize'.")
@@ -68,6 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> configlib.Validator:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or returns the summary of a finished) quantization in `workdir`."""
   validate(config)
+  stage_lib.require_init_from(config)
   os.makedirs(workdir, exist_ok=True)
   lock = ckpt_lib.WorkdirLock(workdir).acquire()
   try:
