@@ -25,7 +25,8 @@ documents_in = documents_out + sum(dropped) holds. Reasons raised here:
   too_long            a row longer than `max_chars` (default 1,000,000) characters
   undecodable         invalid UTF-8 when `on_undecodable="drop"`
 With `on_undecodable="repair"` (default) invalid bytes become U+FFFD and the record carries
-`"_undecodable": True`; the cleaning step removes them and counts the repair.
+`"_undecodable": True`; the cleaning step removes them and counts the repair. A JSONL string that
+spells a lone UTF-16 surrogate ("\\ud800") is invalid in the same way: no UTF-8 writer accepts it.
 
 Whole-file problems raise at open time, naming the file: a missing path or a glob matching
 nothing (FileNotFoundError), an empty file, a file that is not text (NUL bytes in its first 8 KiB), a
@@ -82,6 +83,28 @@ def _check_text_bytes(path: str, head: bytes, size: int):
   if nul >= 0:
     raise ValueError(f"Input file {path} does not look like text: NUL byte at offset {nul}. "
                      "Pass text, JSONL, CSV, Parquet or a TFDS dataset.")
+
+
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_surrogates(value):
+  """-> (value with lone surrogates in its strings replaced by U+FFFD, whether any were)."""
+  if isinstance(value, str):
+    fixed = _SURROGATE_RE.sub("\ufffd", value)
+    return fixed, fixed != value
+  if isinstance(value, list):
+    pairs = [_replace_surrogates(v) for v in value]
+    return [v for v, _ in pairs], any(bad for _, bad in pairs)
+  if isinstance(value, dict):
+    out, found = {}, False
+    for k, v in value.items():
+      (k, bad_k), (v, bad_v) = _replace_surrogates(k), _replace_surrogates(v)
+      out[k] = v
+      found = found or bad_k or bad_v
+    return out, found
+  return value, False
 
 
 def _is_missing(value) -> bool:
@@ -212,6 +235,9 @@ class _OffsetFileSource(_FileSource):
     if not isinstance(obj, dict):
       return {"_file": self.path, "_line": line, "_error": "malformed_json", "text": text[:200],
               "_detail": f"expected a JSON object, got {type(obj).__name__}"}
+    if _SURROGATE_ESCAPE_RE.search(text):  # JSON escapes of lone surrogates decode to invalid str
+      obj, bad = _replace_surrogates(obj)
+      undecodable = undecodable or bad
     value = obj.pop(self.text_field, None)
     meta = {k: v for k, v in obj.items() if not k.startswith("_")}
     return self._text_record(value, meta, line, undecodable)
