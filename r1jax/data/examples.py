@@ -60,6 +60,7 @@ Classification:
 """
 import collections
 import dataclasses
+import io
 import math
 import os
 import re
@@ -152,19 +153,26 @@ class KnowledgeBase:
       raise FileNotFoundError(f"Knowledge file {path} does not exist.")
     opener = gzip.open if path.endswith(".gz") else open
     entity_types, relations = {}, []
-    with opener(path, "rt", encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        line = line.rstrip("\n").rstrip("\r")
-        if not line.strip() or line.startswith("#"):
-          continue
-        fields = [x.strip() for x in line.split("\t")]
-        if len(fields) == 2 and all(fields):
-          entity_types.setdefault(fields[0], fields[1])
-        elif len(fields) == 3 and all(fields):
-          relations.append(tuple(fields))
-        else:
-          raise ValueError(f"{path}:{line_no}: expected `entity<TAB>type` or "
-                           f"`head<TAB>relation<TAB>tail`, got {len(fields)} field(s): {line[:80]!r}")
+    with opener(path, "rb") as f:
+      data = f.read()
+    try:
+      text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line_no = data[:e.start].count(b"\n") + 1
+      raise ValueError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}); knowledge "
+                       "files are UTF-8 text.") from None
+    for line_no, line in enumerate(io.StringIO(text, newline=None), 1):
+      line = line.rstrip("\n").rstrip("\r")
+      if not line.strip() or line.startswith("#"):
+        continue
+      fields = [x.strip() for x in line.split("\t")]
+      if len(fields) == 2 and all(fields):
+        entity_types.setdefault(fields[0], fields[1])
+      elif len(fields) == 3 and all(fields):
+        relations.append(tuple(fields))
+      else:
+        raise ValueError(f"{path}:{line_no}: expected `entity<TAB>type` or "
+                         f"`head<TAB>relation<TAB>tail`, got {len(fields)} field(s): {line[:80]!r}")
     if not entity_types and not relations:
       raise ValueError(f"Knowledge file {path} has no entries.")
     return cls(entity_types, relations)
