@@ -1,0 +1,119 @@
+r"""The whole recipe in one command: data -> pretraining -> domain adaptation -> (tuning) -> compression.
+
+    # Tiny settings, about 15 minutes on a 2-core CPU, ends by printing DIR/report.md:
+    python -m r1jax.main --config=configs/pipeline.py --workdir=runs/pipeline
+    # Real accelerators: the stage configs' own small / base settings.
+    python -m r1jax.main --config=configs/pipeline.py:variant=base --workdir=gs://BUCKET/run
+    # A subset (later stages need earlier ones finished in DIR or selected too), tuning on:
+    ... --config.stages=finetune_general,finetune_domain,compare --config.run_tune=True
+    # Any key of any stage: --config.pipeline.<stage>.<key>=VALUE, e.g.
+    ... --config.pipeline.pretrain_general.train.num_steps=1000 \
+        --config.pipeline.data_general.data.inputs=corpus/*.jsonl
+    # Quantize the distilled student instead of the finetuned model:
+    ... --config.sources.quantize=distill
+
+`config.pipeline.<stage>` is the stage's own `configs/<file>.py` config (one source of truth for
+every default) with the few overrides below; the pipeline fills in the keys that connect stages
+(`init_from`, pretraining corpus and tokenizer, compare's workdirs) when it runs. Stages and the
+directories they write (DIR/<stage>/):
+
+    data_general      data.py      clean the general corpus, train the tokenizer
+    data_domain       data.py      clean the domain corpus (same tokenizer)
+    pretrain_general  pretrain.py  MLM + NSP pretraining on the cleaned general corpus
+    pretrain_domain   pretrain.py  domain-adaptive pretraining from pretrain_general
+    finetune_general  finetune.py  classifier (frozen backbone, then last layers) from pretrain_general
+    finetune_domain   finetune.py  the same from pretrain_domain
+    compare           compare.py   general vs domain-adapted table
+    tune              tune.py      hyperparameter search (only with run_tune=True or when selected)
+    distill           distill.py   student distilled from sources.distill
+    quantize          quantize.py  INT8 post-training quantization of sources.quantize
+    prune             prune.py     magnitude pruning + recovery of sources.prune
+
+`variant`: tiny (default: the stage configs' tiny settings with a few hundred steps per stage),
+small, base (the stage configs' settings for that variant, unchanged).
+"""
+import os
+
+import ml_collections
+
+from r1jax import configlib
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Stage -> its config file in configs/ (kept in sync with r1jax.stages.pipeline.STAGES by a test).
+STAGE_CONFIGS = {
+    "data_general": "data", "data_domain": "data", "pretrain_general": "pretrain",
+    "pretrain_domain": "pretrain", "finetune_general": "finetune", "finetune_domain": "finetune",
+    "compare": "compare", "tune": "tune", "distill": "distill", "quantize": "quantize",
+    "prune": "prune",
+}
+
+# Pipeline overrides of the stage configs, per variant: {stage: {dotted key: value}}.
+_COMMON = {
+    "data_general": {"data.inputs": "builtin:general"},
+    "data_domain": {"data.inputs": "builtin:domain", "tokenizer.train": False},
+    "compare": {"names": "general,domain-adapted"},
+}
+_TINY = {
+    # About 15 minutes for everything on 2 CPU cores (measured; see the README).
+    "pretrain_general": {"train.num_steps": 400, "train.warmup_steps": 40,
+                         "train.log_every_steps": 20, "eval.every_steps": 100,
+                         "eval.num_batches": 8, "checkpoint.every_steps": 100},
+    "pretrain_domain": {"train.num_steps": 300, "train.warmup_steps": 30,
+                        "train.learning_rate": 1e-3, "train.log_every_steps": 20,
+                        "eval.every_steps": 100, "eval.num_batches": 8,
+                        "checkpoint.every_steps": 100},
+    "finetune_general": {"train.num_steps": 256, "eval.every_steps": 32,
+                         "train.log_every_steps": 16, "checkpoint.every_steps": 64},
+    "finetune_domain": {"train.num_steps": 256, "eval.every_steps": 32,
+                        "train.log_every_steps": 16, "checkpoint.every_steps": 64},
+    "distill": {"train.num_steps": 160, "eval.every_steps": 32, "train.log_every_steps": 16,
+                "checkpoint.every_steps": 64},
+    "tune": {"n_trials": 4},
+    "prune": {"train.num_steps": 96, "eval.every_steps": 32, "train.log_every_steps": 16,
+              "checkpoint.every_steps": 48},
+}
+
+
+def _stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
+  path = os.path.join(_HERE, f"{STAGE_CONFIGS[stage]}.py")
+  config = configlib.load_config(f"{path}:variant={variant}")
+  overrides = dict(_COMMON.get(stage, {}))
+  if variant == "tiny":
+    overrides.update(_TINY.get(stage, {}))
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise configlib.ConfigError(f"configs/pipeline.py overrides {stage}.{key}, which "
+                                  f"configs/{STAGE_CONFIGS[stage]}.py does not define.")
+    node[leaf] = value
+  return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = configlib.parse_arg(arg, variant="tiny").variant
+  configlib.check_variant(variant)
+  config = ml_collections.ConfigDict()
+  config.stage = "pipeline"
+  config.variant = variant
+  config.seed = 0         # added to every stage's own seed (0 keeps them; 1, 2, ... for replicates)
+  config.init_from = ""   # a finished pretraining workdir used instead of the pretrain_general stage
+  config.stages = ""      # comma-separated subset of the stages above; "" = all (tune: run_tune)
+  config.run_tune = False  # include the tune stage in the default selection
+  # Which earlier stage each compression stage starts from (its init_from).
+  config.sources = ml_collections.ConfigDict(dict(
+      tune="pretrain_domain",      # the pretraining run whose finetuning is tuned
+      distill="finetune_domain",   # the teacher
+      quantize="finetune_domain",  # or distill / prune: compress the student / pruned model further
+      prune="finetune_domain",     # or distill
+  ))
+  config.report = ml_collections.ConfigDict(dict(
+      html=True,            # DIR/report.html next to DIR/report.md
+      max_points=2000,      # loss-curve points per series (longer runs are subsampled)
+  ))
+  config.pipeline = ml_collections.ConfigDict(
+      {stage: _stage_config(stage, variant) for stage in STAGE_CONFIGS})
+  return config

@@ -1,0 +1,500 @@
+r"""Pipeline stage: the whole recipe, one stage after another, each in its own DIR/<stage>/.
+
+    python -m r1jax.main --config=configs/pipeline.py --workdir=DIR [--config.stages=a,b,...]
+
+`run(config, workdir)`:
+1. validates the pipeline keys and, before anything is computed, every selected stage's config
+   (`config.pipeline.<stage>`, with the keys the pipeline connects filled by stand-ins);
+2. plans: the selected stages in dependency order, each either skipped (finished before with the
+   same config from the same inputs) or run; a finished stage whose config or inputs changed is
+   refused with the directories to delete, and a selected stage whose inputs are neither selected
+   nor finished in DIR is refused before anything runs;
+3. runs each planned stage through its own `r1jax.stages.<module>.run(config, DIR/<stage>)`, which
+   resumes an interrupted attempt from its checkpoints; DIR/pipeline_state/<stage>.json records the
+   config fingerprint, the inputs it was made from and the wall time;
+4. writes DIR/summary.json, DIR/config.json and the final report (DIR/report.md, DIR/report.html,
+   DIR/loss_curves.png, DIR/compression_tradeoff.png; see `r1jax.pipeline_report`) and prints the
+   report's path.
+
+Stages and their inputs (`config.sources.<stage>` picks the input of tune and the compression
+stages; `config.init_from` replaces pretrain_general by an existing pretraining workdir):
+
+    data_general, data_domain                                  (none)
+    pretrain_general  <- data_general (cleaned corpus, tokenizer)
+    pretrain_domain   <- pretrain_general (init_from), data_domain (corpus)
+    finetune_general  <- pretrain_general;  finetune_domain <- pretrain_domain
+    compare           <- finetune_general, finetune_domain
+    tune              <- sources.tune;  distill / quantize / prune <- sources.<stage>
+
+"Same config" ignores keys that do not change results (progress bars, worker counts, the mesh,
+async checkpointing), so a run can be resumed on another machine or slice.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import fnmatch
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import ml_collections
+
+from r1jax import configlib
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """One pipeline stage: the module that runs it and what it does (for logs and the report)."""
+  name: str
+  module: str           # r1jax.stages.<module>
+  description: str
+  needs: tuple[str, ...] = ()  # fixed inputs; tune and the compression stages add config.sources
+
+
+SPECS = (
+    StageSpec("data_general", "data", "cleaned the general corpus and trained the tokenizer"),
+    StageSpec("data_domain", "data", "cleaned the domain corpus"),
+    StageSpec("pretrain_general", "pretrain", "MLM + NSP pretraining on the general corpus",
+              ("data_general",)),
+    StageSpec("pretrain_domain", "pretrain",
+              "domain-adaptive pretraining, starting from the general model",
+              ("pretrain_general", "data_domain")),
+    StageSpec("finetune_general", "finetune",
+              "classifier finetuning (frozen backbone, then last layers) of the general model",
+              ("pretrain_general",)),
+    StageSpec("finetune_domain", "finetune",
+              "classifier finetuning (frozen backbone, then last layers) of the adapted model",
+              ("pretrain_domain",)),
+    StageSpec("compare", "compare", "general vs domain-adapted classifier table",
+              ("finetune_general", "finetune_domain")),
+    StageSpec("tune", "tune", "hyperparameter search"),
+    StageSpec("distill", "distill", "distilled a smaller student classifier"),
+    StageSpec("quantize", "quantize", "INT8 post-training quantization"),
+    StageSpec("prune", "prune", "magnitude pruning with recovery finetuning"),
+)
+SPEC = {s.name: s for s in SPECS}
+STAGES = tuple(s.name for s in SPECS)
+OPTIONAL = ("tune",)  # not in the default selection unless config.run_tune
+# Which stages config.sources.<stage> may name.
+SOURCE_CHOICES = {
+    "tune": ("pretrain_general", "pretrain_domain"),
+    "distill": ("finetune_general", "finetune_domain"),
+    "quantize": ("finetune_general", "finetune_domain", "distill", "prune"),
+    "prune": ("finetune_general", "finetune_domain", "distill"),
+}
+# Flattened config keys (fnmatch patterns) that do not change a stage's results.
+IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
+                "checkpoint.sigterm_grace_secs")
+STATE_DIR = "pipeline_state"
+FINISHED = ("complete", "stopped_early")
+DIR_TOKEN = "$DIR"
+
+
+class PipelineError(ValueError):
+  """A stage selection or workdir state the pipeline cannot continue from; says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection and dependencies.
+
+
+def needs(config: ml_collections.ConfigDict, name: str) -> tuple[str, ...]:
+  """The stages whose outputs `name` reads (pretrain_general is external with config.init_from)."""
+  deps = SPEC[name].needs
+  if name in SOURCE_CHOICES:
+    deps = deps + (config.sources[name],)
+  if config.init_from:
+    deps = tuple(d for d in deps if d != "pretrain_general")
+  return deps
+
+
+def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
+  """The stages to consider, in an order where every stage comes after the ones it needs."""
+  spec = str(config.stages).strip()
+  if spec in ("", "all"):
+    chosen = [s for s in STAGES if s not in OPTIONAL or config.run_tune]
+    if config.init_from:
+      chosen.remove("pretrain_general")
+  else:
+    chosen = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SPEC]
+    if unknown:
+      raise configlib.ConfigError(f"stages: {unknown} not among the pipeline stages {list(STAGES)} "
+                                  "(comma-separated; '' or 'all' = every stage).")
+    if config.init_from and "pretrain_general" in chosen:
+      raise configlib.ConfigError("stages: pretrain_general is selected but init_from="
+                                  f"{config.init_from!r} replaces it; drop one of the two.")
+  # Stable topological order: the canonical order, but inputs (config.sources) first.
+  order, placed = [], set()
+
+  def place(name, path=()):
+    if name in placed or name not in chosen:
+      return
+    if name in path:
+      raise configlib.ConfigError(f"sources: the stages {list(path)} depend on each other in a "
+                                  "cycle; point config.sources at earlier stages.")
+    for dep in needs(config, name):
+      place(dep, path + (name,))
+    placed.add(name)
+    order.append(name)
+
+  for name in STAGES:
+    place(name)
+  return order
+
+
+def stage_dir(config: ml_collections.ConfigDict, name: str, workdir: str) -> str:
+  if name == "pretrain_general" and config.init_from:
+    return os.path.abspath(os.path.expanduser(config.init_from))
+  return os.path.join(workdir, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs.
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str, *,
+                 stand_in: str | None = None) -> ml_collections.ConfigDict:
+  """`config.pipeline.<name>` with the keys that connect it to earlier stages filled in.
+
+  `stand_in`: an existing directory used for every earlier stage's workdir (validation before
+  those workdirs exist); files inside them are then left unset.
+  """
+  cfg = copy.deepcopy(config.pipeline[name])
+  cfg.seed = int(cfg.seed) + int(config.seed)
+
+  def d(stage):
+    return stand_in if stand_in else stage_dir(config, stage, workdir)
+
+  def file_in(stage, *parts):
+    return "" if stand_in else os.path.join(d(stage), *parts)
+
+  if name == "pretrain_general":
+    cfg.data.corpus = os.path.join(d("data_general"), "data", "clean")
+    train_tok = config.pipeline.data_general.tokenizer.train
+    cfg.data.tokenizer = file_in("data_general", "tokenizer.model") if train_tok else ""
+  elif name == "pretrain_domain":
+    cfg.init_from = d("pretrain_general")
+    cfg.data.corpus = os.path.join(d("data_domain"), "data", "clean")
+    cfg.data.tokenizer = ""  # the general model's, copied from init_from
+  elif name == "finetune_general":
+    cfg.init_from = d("pretrain_general")
+  elif name == "finetune_domain":
+    cfg.init_from = d("pretrain_domain")
+  elif name == "compare":
+    cfg.workdirs = ",".join((d("finetune_general"), d("finetune_domain")))
+  elif name in SOURCE_CHOICES:
+    cfg.init_from = d(config.sources[name])
+  return cfg
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def fingerprint_dict(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The flattened config that decides a stage's results (paths relative to the workdir)."""
+  flat = _flatten(configlib.to_dict(cfg))
+  out = {}
+  for key, value in sorted(flat.items()):
+    if any(fnmatch.fnmatch(key, p) for p in IGNORED_KEYS):
+      continue
+    if isinstance(value, str) and workdir:
+      value = value.replace(workdir, DIR_TOKEN)
+    out[key] = value
+  return out
+
+
+def _sha(data: Any) -> str:
+  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha(path: str) -> str | None:
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _module(name: str):
+  return importlib.import_module(f"r1jax.stages.{SPEC[name].module}")
+
+
+def _problems(message: str) -> list[str]:
+  """The "key: message" lines of a Validator's ConfigError (the whole text if it has none)."""
+  lines = message.splitlines()
+  if lines and lines[0].startswith("Invalid ") and len(lines) > 1:
+    return [line.strip() for line in lines[1:] if line.strip()]
+  return [f"config: {message}"]
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             process_count: int | None = None) -> configlib.Validator:
+  """Pipeline keys, the selection, and every selected stage's config; one ConfigError for all."""
+  v = configlib.Validator(config)
+  v.require(config.get("stage") == "pipeline", "stage",
+            f"{config.get('stage')!r}; this stage runs configs with stage='pipeline'.")
+  v.int_at_least("seed", 0)
+  init_from = v.string("init_from")
+  if init_from:
+    v.require(os.path.isdir(os.path.expanduser(init_from)), "init_from",
+              f"{init_from!r} is not a directory; name a finished pretraining workdir to use "
+              "instead of the pretrain_general stage, or '' to run it.")
+  v.string("stages")
+  v.boolean("run_tune")
+  v.boolean("report.html")
+  v.positive_int("report.max_points")
+  for name, choices in SOURCE_CHOICES.items():
+    v.choice(f"sources.{name}", choices)
+  missing = [s for s in STAGES if s not in config.get("pipeline", {})]
+  v.require(not missing, "pipeline", f"lacks the stage configs {missing}; build the config with "
+            "configs/pipeline.py.")
+  v.raise_if_any("pipeline config")
+  try:
+    chosen = selected_stages(config)
+  except configlib.ConfigError as e:
+    v.add("stages", str(e))
+    v.raise_if_any("pipeline config")
+  kwargs = {k: x for k, x in (("num_devices", num_devices), ("process_count", process_count))
+            if x is not None}
+  stand_in = tempfile.gettempdir()
+  for name in chosen:
+    cfg = stage_config(config, name, "", stand_in=stand_in)
+    validate_stage = _module(name).validate
+    accepted = inspect.signature(validate_stage).parameters
+    try:
+      validate_stage(cfg, **{k: x for k, x in kwargs.items() if k in accepted})
+    except configlib.ConfigError as e:
+      for problem in _problems(str(e)):
+        v.problems.append(f"pipeline.{name}.{problem}")
+  v.raise_if_any("pipeline config")
+  return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan: what to skip, what to run, what is refused.
+
+
+@dataclasses.dataclass
+class Planned:
+  name: str
+  directory: str
+  config: ml_collections.ConfigDict
+  action: str          # "run" | "skip"
+  reason: str
+
+
+def state_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, STATE_DIR, f"{name}.json")
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+def summary_finished(directory: str) -> bool:
+  """A stage workdir whose summary.json says it finished (compare writes no status)."""
+  summary = read_json(os.path.join(directory, "summary.json"))
+  return bool(summary) and summary.get("status", "complete") in FINISHED
+
+
+def _finished_state(workdir: str, name: str, directory: str) -> dict[str, Any] | None:
+  """The pipeline's record of a finished `name` whose summary.json is still the one it made."""
+  state = read_json(state_path(workdir, name))
+  if not state or state.get("status") != "finished":
+    return None
+  if state.get("summary_sha") != _file_sha(os.path.join(directory, "summary.json")):
+    return None
+  return state
+
+
+def _downstream(config, name: str, among: Sequence[str]) -> list[str]:
+  """The stages in `among` that read `name`'s output, directly or through other stages."""
+  reached = {name}
+  grew = True
+  while grew:
+    grew = False
+    for other in among:
+      if other not in reached and any(d in reached for d in needs(config, other)):
+        reached.add(other)
+        grew = True
+  return [s for s in STAGES if s in reached and s != name]
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
+  """Decides skip/run for each selected stage; raises PipelineError with every problem."""
+  chosen = selected_stages(config)
+  problems = []
+  for name in chosen:
+    for dep in needs(config, name):
+      ddir = stage_dir(config, dep, workdir)
+      if dep == "pretrain_general" and config.init_from:
+        continue
+      if dep not in chosen and not summary_finished(ddir):
+        problems.append(f"{name} needs the output of {dep} ({ddir}), which is not finished: add "
+                        f"{dep} to --config.stages or run it first.")
+  if problems:
+    raise PipelineError("Cannot run the selected stages:\n  " + "\n  ".join(problems))
+
+  finished_here = [s for s in STAGES if _finished_state(workdir, s, stage_dir(config, s, workdir))]
+  out: list[Planned] = []
+  actions: dict[str, str] = {}
+  for name in chosen:
+    directory = stage_dir(config, name, workdir)
+    cfg = stage_config(config, name, workdir)
+    state = _finished_state(workdir, name, directory)
+    if state is None:
+      actions[name] = "run"
+      resumed = os.path.isdir(directory) and os.listdir(directory)
+      out.append(Planned(name, directory, cfg, "run",
+                         "resuming an interrupted attempt" if resumed else "not run yet"))
+      continue
+    redo = [directory] + [stage_dir(config, s, workdir)
+                          for s in _downstream(config, name, finished_here)]
+    how = (f"Delete {', '.join(redo)} to redo {'them' if len(redo) > 1 else 'it'} with the new "
+           "settings, or use a new --workdir.")
+    old, new = state.get("config", {}), fingerprint_dict(cfg, workdir)
+    if old != new:
+      keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
+      problems.append(f"{directory} finished with a different config ({changes}). {how}")
+      continue
+    rerun = [d for d in needs(config, name) if actions.get(d) == "run"]
+    changed = [d for d in needs(config, name) if d not in rerun and state.get("inputs", {}).get(d)
+               != _file_sha(os.path.join(stage_dir(config, d, workdir), "summary.json"))]
+    if rerun or changed:
+      problems.append(f"{directory} was made from earlier outputs of {rerun + changed}, which "
+                      f"{'will be redone' if rerun else 'changed since'}. {how}")
+      continue
+    actions[name] = "skip"
+    out.append(Planned(name, directory, cfg, "skip", "finished before with the same config"))
+  if problems:
+    raise PipelineError("The workdir holds finished stages that no longer match:\n  " +
+                        "\n  ".join(problems))
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running.
+
+
+def _process() -> tuple[int, int]:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index(), jax.process_count()
+
+
+def _sync(tag: str) -> None:
+  if _process()[1] > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(tag)
+
+
+def _write_json(path: str, data: Mapping[str, Any]) -> None:
+  if _process()[0] != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str) -> dict[str, Any]:
+  """Runs one planned stage and records it in DIR/pipeline_state/<stage>.json."""
+  path = state_path(workdir, item.name)
+  previous = read_json(path) or {}
+  attempts = int(previous.get("attempts", 0)) + 1
+  _write_json(path, {"stage": item.name, "status": "running", "attempts": attempts,
+                     "started_at": _now()})
+  inputs = {d: _file_sha(os.path.join(stage_dir(config, d, workdir), "summary.json"))
+            for d in needs(config, item.name)}
+  started = time.perf_counter()
+  summary = _module(item.name).run(item.config, item.directory)
+  wall = time.perf_counter() - started
+  _sync(f"r1jax_pipeline_{item.name}")
+  state = {"stage": item.name, "status": "finished", "attempts": attempts,
+           "finished_at": _now(), "wall_secs": wall,
+           "config": fingerprint_dict(item.config, workdir), "inputs": inputs,
+           "summary_sha": _file_sha(os.path.join(item.directory, "summary.json"))}
+  _write_json(path, state)
+  _sync(f"r1jax_pipeline_{item.name}_state")
+  return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes, or re-reports) the pipeline in `workdir`; returns DIR/summary.json's dict."""
+  validate(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  index, _ = _process()
+  from r1jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  lock = ckpt_lib.WorkdirLock(workdir).acquire() if index == 0 else None
+  try:
+    return _run(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  planned = plan(config, workdir)
+  if _process()[0] == 0:
+    configlib.write_config_json(config, workdir, stages=[p.name for p in planned])
+  started = time.perf_counter()
+  logging.info("Pipeline in %s: %s", workdir,
+               ", ".join(f"{p.name} ({p.action})" for p in planned))
+  ran = []
+  for i, item in enumerate(planned, 1):
+    if item.action == "skip":
+      logging.info("[%d/%d] %s: skipped, %s (%s).", i, len(planned), item.name, item.reason,
+                   item.directory)
+      continue
+    logging.info("[%d/%d] %s: %s; %s -> %s", i, len(planned), item.name, SPEC[item.name].description,
+                 item.reason, item.directory)
+    run_stage(config, item, workdir)
+    ran.append(item.name)
+  wall = time.perf_counter() - started
+
+  from r1jax import pipeline_report  # pylint: disable=g-import-not-at-top
+  stages = {}
+  for item in planned:
+    state = read_json(state_path(workdir, item.name)) or {}
+    stages[item.name] = {"directory": item.directory, "action": item.action,
+                         "wall_secs": state.get("wall_secs"), "attempts": state.get("attempts")}
+  summary = {"stage": "pipeline", "status": "complete", "variant": config.variant,
+             "stages": stages, "ran": ran, "wall_secs_this_run": wall}
+  if _process()[0] == 0:
+    paths = pipeline_report.write_report(workdir, config=config)
+    summary.update(report=paths["markdown"], report_html=paths.get("html"),
+                   loss_curves=paths.get("loss_curves"), tradeoff=paths.get("tradeoff"))
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    print(f"Pipeline report: {paths['markdown']}" +
+          (f" (HTML: {paths['html']})" if paths.get("html") else ""), flush=True)
+  _sync("r1jax_pipeline_done")
+  return summary

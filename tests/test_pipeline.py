@@ -1,0 +1,311 @@
+"""Pipeline: config built from the stage configs, stage selection and input checks, skipping of
+finished stages, refusal of changed or stale ones, the final report, and (slow) killing the
+pipeline mid-stage twice and rerunning gives the same final numbers as an uninterrupted run."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from r1jax import configlib
+from r1jax import pipeline_report
+from r1jax.data import builtin
+from r1jax.stages import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINE = os.path.join(ROOT, "configs", "pipeline.py")
+
+
+def _config(**overrides):
+  config = configlib.load_config(f"{PIPELINE}:variant=tiny")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _corpus(tmp_path, name, n):
+  """The first n documents of an embedded corpus as a JSONL file (quick to clean)."""
+  path = tmp_path / f"{name}.jsonl"
+  with gzip.open(builtin.path(name), "rt") as src, open(path, "w") as dst:
+    for _, line in zip(range(n), src):
+      dst.write(line)
+  return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and selection.
+
+
+def test_stage_configs_come_from_the_stage_files():
+  config = _config()
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("pipeline_config", PIPELINE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert tuple(module.STAGE_CONFIGS) == pipeline.STAGES
+  assert tuple(config.pipeline) == tuple(sorted(pipeline.STAGES))
+  pretrain = configlib.load_config(os.path.join(ROOT, "configs", "pretrain.py:variant=tiny"))
+  nested = config.pipeline.pretrain_general
+  # Defaults from configs/pretrain.py, plus the pipeline's few overrides.
+  assert nested.train.batch_size == pretrain.train.batch_size
+  assert nested.data.mlm_prob == pretrain.data.mlm_prob
+  assert nested.train.num_steps == 400 != pretrain.train.num_steps
+  assert config.pipeline.data_general.data.inputs == "builtin:general"
+  assert config.pipeline.data_domain.tokenizer.train is False
+  base = configlib.load_config(f"{PIPELINE}:variant=base")
+  assert base.pipeline.pretrain_general.train.num_steps == configlib.load_config(
+      os.path.join(ROOT, "configs", "pretrain.py:variant=base")).train.num_steps
+
+
+def test_stage_config_connects_stages(tmp_path):
+  config = _config(**{"sources.quantize": "distill", "seed": 3})
+  wd = str(tmp_path)
+  pg = pipeline.stage_config(config, "pretrain_general", wd)
+  assert pg.data.corpus == os.path.join(wd, "data_general", "data", "clean")
+  assert pg.data.tokenizer == os.path.join(wd, "data_general", "tokenizer.model")
+  assert pg.seed == config.pipeline.pretrain_general.seed + 3
+  pd = pipeline.stage_config(config, "pretrain_domain", wd)
+  assert pd.init_from == os.path.join(wd, "pretrain_general")
+  assert pd.data.corpus == os.path.join(wd, "data_domain", "data", "clean")
+  assert pipeline.stage_config(config, "finetune_domain", wd).init_from == os.path.join(
+      wd, "pretrain_domain")
+  assert pipeline.stage_config(config, "compare", wd).workdirs == ",".join(
+      [os.path.join(wd, "finetune_general"), os.path.join(wd, "finetune_domain")])
+  assert pipeline.stage_config(config, "quantize", wd).init_from == os.path.join(wd, "distill")
+  # The nested config itself is left as the user set it.
+  assert config.pipeline.pretrain_domain.init_from == ""
+
+
+def test_default_selection_and_order():
+  assert pipeline.selected_stages(_config()) == [s for s in pipeline.STAGES if s != "tune"]
+  assert "tune" in pipeline.selected_stages(_config(run_tune=True))
+  # Quantizing the pruned model puts prune before quantize.
+  order = pipeline.selected_stages(_config(**{"sources.quantize": "prune"}))
+  assert order.index("prune") < order.index("quantize")
+  # Listed order does not matter; the run order follows the dependencies.
+  assert pipeline.selected_stages(_config(stages="finetune_general,data_general,pretrain_general")
+                                  ) == ["data_general", "pretrain_general", "finetune_general"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"stages": "data,pretrain"}, r"\['data', 'pretrain'\] not among the pipeline stages"),
+    ({"sources.quantize": "data_general"}, r"sources.quantize: 'data_general' is not one of"),
+    ({"pipeline.pretrain_general.train.learning_rate": -1.0},
+     r"fix with --config.<key>=<value>:\n  pipeline.pretrain_general.train.learning_rate: -1.0 "
+     r"is outside"),
+    ({"init_from": "/nonexistent/pretrain"}, r"init_from: '/nonexistent/pretrain' is not a dir"),
+])
+def test_bad_configs_are_refused_up_front(overrides, message):
+  with pytest.raises(configlib.ConfigError, match=message):
+    pipeline.validate(_config(**overrides), num_devices=8, process_count=1)
+
+
+def test_init_from_replaces_general_pretraining(tmp_path):
+  config = _config(init_from=str(tmp_path))
+  assert "pretrain_general" not in pipeline.selected_stages(config)
+  assert pipeline.stage_config(config, "finetune_general", "/w").init_from == str(tmp_path)
+  with pytest.raises(configlib.ConfigError, match="pretrain_general is selected but init_from"):
+    pipeline.selected_stages(_config(init_from=str(tmp_path), stages="pretrain_general"))
+
+
+def test_missing_inputs_are_refused_before_anything_runs(tmp_path):
+  config = _config(stages="finetune_domain,quantize")
+  with pytest.raises(pipeline.PipelineError) as e:
+    pipeline.plan(config, str(tmp_path))
+  assert "finetune_domain needs the output of pretrain_domain" in str(e.value)
+  assert "add pretrain_domain to --config.stages or run it first" in str(e.value)
+  assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running, skipping, refusing, reporting (data + a few pretraining steps on small corpora).
+
+
+def _small_config(tmp_path, **overrides):
+  values = {
+      "stages": "data_general,data_domain,pretrain_general",
+      "pipeline.data_general.data.inputs": _corpus(tmp_path, "general", 300),
+      "pipeline.data_domain.data.inputs": _corpus(tmp_path, "domain", 200),
+      "pipeline.data_general.tokenizer.vocab_size": 500,
+      "pipeline.data_general.data.progress_bar": False,
+      "pipeline.data_domain.data.progress_bar": False,
+      "pipeline.pretrain_general.train.num_steps": 4,
+      "pipeline.pretrain_general.train.warmup_steps": 1,
+      "pipeline.pretrain_general.train.batch_size": 8,
+      "pipeline.pretrain_general.train.log_every_steps": 2,
+      "pipeline.pretrain_general.eval.every_steps": 2,
+      "pipeline.pretrain_general.eval.num_batches": 1,
+      "pipeline.pretrain_general.checkpoint.every_steps": 2,
+      "pipeline.pretrain_general.train.progress_bar": False,
+      "pipeline.pretrain_general.checkpoint.async_save": False,
+  }
+  values.update(overrides)
+  return _config(**values)
+
+
+def test_run_skip_refuse_and_report(tmp_path, capsys):
+  wd = str(tmp_path / "run")
+  config = _small_config(tmp_path)
+  summary = pipeline.run(config, wd)
+  assert summary["ran"] == ["data_general", "data_domain", "pretrain_general"]
+  for name in summary["ran"]:
+    assert os.path.exists(os.path.join(wd, name, "summary.json"))
+    assert os.path.exists(os.path.join(wd, name, "config.json"))
+    state = pipeline.read_json(pipeline.state_path(wd, name))
+    assert state["status"] == "finished" and state["wall_secs"] > 0
+  assert json.load(open(os.path.join(wd, "pretrain_general", "config.json")))[
+      "data"]["corpus"] == os.path.join(wd, "data_general", "data", "clean")
+  assert f"Pipeline report: {os.path.join(wd, 'report.md')}" in capsys.readouterr().out
+
+  report = open(os.path.join(wd, "report.md")).read()
+  for text in ("## Stages", "| 1 | [data_general](data_general)", "## Data", "dropped by rule",
+               "## Loss curves", "![loss curves](loss_curves.png)", "## Pretraining",
+               "wall time"):
+    assert text in report, text
+  assert "| 5 | finetune_general |" in report and "not run" in report
+  assert os.path.getsize(os.path.join(wd, "loss_curves.png")) > 1000
+  html = open(os.path.join(wd, "report.html")).read()
+  assert "<table>" in html and '<img src="loss_curves.png"' in html
+
+  # Rerun: everything is skipped, nothing is rewritten; cosmetic keys do not count as changes.
+  before = {n: os.path.getmtime(os.path.join(wd, n, "summary.json")) for n in summary["ran"]}
+  again = pipeline.run(_small_config(tmp_path, **{
+      "pipeline.pretrain_general.train.progress_bar": True,
+      "pipeline.pretrain_general.mesh.data": 2, "pipeline.pretrain_general.mesh.fsdp": -1}), wd)
+  assert again["ran"] == []
+  assert all(s["action"] == "skip" for s in again["stages"].values())
+  assert before == {n: os.path.getmtime(os.path.join(wd, n, "summary.json")) for n in before}
+
+  # A later stage can be selected alone once its inputs are finished; a finished stage with a
+  # changed config is refused with what to delete (itself and what was made from it).
+  assert [p.name for p in pipeline.plan(_small_config(tmp_path, stages="pretrain_domain"), wd)
+          ] == ["pretrain_domain"]
+  changed = _small_config(tmp_path, **{"pipeline.data_general.clean.min_chars": 20})
+  with pytest.raises(pipeline.PipelineError) as e:
+    pipeline.plan(changed, wd)
+  assert "clean.min_chars: 10 -> 20" in str(e.value)
+  assert f"Delete {os.path.join(wd, 'data_general')}, {os.path.join(wd, 'pretrain_general')}" in (
+      str(e.value))
+
+  # Redoing an input makes what was built from it stale: refused before anything runs.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(wd, "data_general"))
+  with pytest.raises(pipeline.PipelineError, match=r"pretrain_general was made from earlier "
+                     r"outputs of \['data_general'\], which will be redone"):
+    pipeline.plan(config, wd)
+
+
+def test_report_of_an_empty_workdir(tmp_path):
+  paths = pipeline_report.write_report(str(tmp_path), {"variant": "tiny"})
+  text = open(paths["markdown"]).read()
+  assert "stages finished: 0 of 11" in text and paths["loss_curves"] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Slow: kill in the middle of two stages, rerun, compare with an uninterrupted run.
+
+
+def _cli_args(tmp_path, wd):
+  general = _corpus(tmp_path, "general", 600)
+  domain = _corpus(tmp_path, "domain", 600)
+  s = "--config.pipeline."
+  args = [
+      f"{s}data_general.data.inputs={general}", f"{s}data_domain.data.inputs={domain}",
+      f"{s}data_general.tokenizer.vocab_size=500",
+  ]
+  for stage, steps, every in (("pretrain_general", 24, 8), ("pretrain_domain", 24, 8),
+                              ("finetune_general", 24, 6), ("finetune_domain", 24, 6),
+                              ("distill", 12, 6), ("prune", 12, 6)):
+    args += [f"{s}{stage}.train.num_steps={steps}", f"{s}{stage}.eval.every_steps={every}",
+             f"{s}{stage}.checkpoint.every_steps={every}", f"{s}{stage}.train.log_every_steps=2",
+             f"{s}{stage}.train.progress_bar=False"]
+    if stage.startswith("pretrain"):
+      args += [f"{s}{stage}.train.warmup_steps=2", f"{s}{stage}.eval.num_batches=2"]
+  for stage in ("distill", "quantize", "prune"):
+    args += [f"{s}{stage}.report.latency_repeats=2", f"{s}{stage}.report.latency_warmup=1",
+             f"{s}{stage}.export.enabled=False"]
+  args += [f"{s}quantize.quant.calibration_batches=2",
+           f"{s}finetune_general.report.latency_repeats=2",
+           f"{s}finetune_domain.report.latency_repeats=2"]
+  return [sys.executable, "-m", "r1jax.main", f"--config={PIPELINE}", f"--workdir={wd}"] + args
+
+
+def _final_numbers(wd):
+  """Everything the pipeline computes that does not depend on timing."""
+  out = {}
+  for name in ("pretrain_general", "pretrain_domain"):
+    s = json.load(open(os.path.join(wd, name, "summary.json")))
+    out[name] = s["final_eval"]
+  for name in ("finetune_general", "finetune_domain"):
+    s = json.load(open(os.path.join(wd, name, "summary.json")))
+    out[name] = {k: s["test"][k] for k in ("accuracy", "macro_f1")} | {
+        "best_eval_loss": s["best_eval_loss"]}
+  for name in ("distill", "quantize", "prune"):
+    s = json.load(open(os.path.join(wd, name, "summary.json")))
+    out[name] = {a["name"]: (a["accuracy"], a["macro_f1"], a["params"], a["bytes"])
+                 for a in s["artifacts"]}
+  return out
+
+
+def _run_until(cmd, env, ready, timeout=900):
+  """Starts cmd; SIGKILLs it (no chance to save) as soon as ready() is true. Returns True if killed."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.time() + timeout
+  try:
+    while proc.poll() is None and time.time() < deadline:
+      if ready():
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+      time.sleep(0.2)
+    assert proc.poll() is not None, "pipeline did not finish in time"
+    return False
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+
+
+def _has_checkpoint(directory, at_least):
+  ckpt = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return False
+  return any(n.isdigit() and int(n) >= at_least for n in os.listdir(ckpt))
+
+
+@pytest.mark.slow
+def test_kill_mid_stage_and_rerun_gives_the_same_numbers(tmp_path):
+  env = dict(os.environ, R1JAX_DISTRIBUTED="off")
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  subprocess.run(_cli_args(tmp_path, reference), cwd=ROOT, env=env, check=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+
+  cmd = _cli_args(tmp_path, resumed)
+  # Kill once pretrain_domain has saved step 8 of 24, then once finetune_domain saved step 12
+  # (its second phase), rerunning the same command after each kill.
+  assert _run_until(cmd, env, lambda: _has_checkpoint(os.path.join(resumed, "pretrain_domain"), 8))
+  state = pipeline.read_json(pipeline.state_path(resumed, "pretrain_domain"))
+  assert state["status"] == "running"
+  assert _run_until(cmd, env, lambda: _has_checkpoint(
+      os.path.join(resumed, "finetune_domain", "phases", "1_stage_b"), 18))
+  assert not _run_until(cmd, env, lambda: False, timeout=1800)
+
+  assert _final_numbers(resumed) == _final_numbers(reference)
+  state = pipeline.read_json(pipeline.state_path(resumed, "pretrain_domain"))
+  assert state["attempts"] == 2
+  assert pipeline.read_json(pipeline.state_path(resumed, "finetune_domain"))["attempts"] == 2
+  report = open(os.path.join(resumed, "report.md")).read()
+  assert "## General vs domain-adapted model" in report
+  assert "## Compression trade-off" in report
+  for name in pipeline.STAGES:
+    if name != "tune":
+      assert f"[{name}]({name})" in report
