@@ -15,7 +15,6 @@ from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 from r1jax.stages import distill as distill_stage
 from r1jax.train import steps as steps_lib
-from test_compress_source import classifier_dir  # noqa: F401  (fixture)
 from test_compress_source import finetuned_dir  # noqa: F401  (fixture)
 from test_compress_source import make_classifier_workdir
 

@@ -26,6 +26,7 @@ from r1jax.compress import export as export_lib
 from r1jax.compress import measure
 from r1jax.compress import source as source_lib
 from r1jax.data import examples
+from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import metrics as metrics_lib
 
 FLOAT_DIR = "float"
@@ -81,6 +82,23 @@ def validate_common(v: configlib.Validator) -> None:
     bad = [p for p in platforms.split(",") if p.strip() not in ("cpu", "cuda", "rocm", "tpu")]
     v.require(not bad and platforms.strip(), "export.platforms",
               f"{platforms!r}: comma-separated among cpu, cuda, rocm, tpu.")
+
+
+def run_once(config: ml_collections.ConfigDict, workdir: str,
+             body: Callable[[ml_collections.ConfigDict, str], dict[str, Any]]) -> dict[str, Any]:
+  """The workdir lock, the finished-run shortcut, then `body(config, workdir)`."""
+  require_init_from(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    done = finished(workdir, config)
+    if done is not None:
+      logging.info("%s in %s already finished; nothing to do.", config.stage, workdir)
+      return done
+    return body(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 def require_init_from(config: ml_collections.ConfigDict) -> None:

@@ -77,18 +77,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes, or returns the summary of a finished) distillation in `workdir`."""
   validate(config)
-  stage_lib.require_init_from(config)
-  os.makedirs(workdir, exist_ok=True)
-  lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
-  try:
-    done = stage_lib.finished(workdir, config)
-    if done is not None:
-      logging.info("Distillation in %s already finished; nothing to do.", workdir)
-      return done
-    return _run(config, workdir)
-  finally:
-    if lock is not None:
-      lock.release()
+  return stage_lib.run_once(config, workdir, _run)
 
 
 def student_spec(config: ml_collections.ConfigDict, teacher: source_lib.ClassifierSpec

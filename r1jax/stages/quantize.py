@@ -28,7 +28,6 @@ from r1jax.compress import measure
 from r1jax.compress import quantize as quant_lib
 from r1jax.compress import stage_lib
 from r1jax.model import heads
-from r1jax.train import checkpoint as ckpt_lib
 
 # Targets of the issue, reported in the summary (met or not).
 TARGET_SIZE_PCT = 26.0
@@ -73,17 +72,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or returns the summary of a finished) quantization in `workdir`."""
   validate(config)
-  stage_lib.require_init_from(config)
-  os.makedirs(workdir, exist_ok=True)
-  lock = ckpt_lib.WorkdirLock(workdir).acquire()
-  try:
-    done = stage_lib.finished(workdir, config)
-    if done is not None:
-      logging.info("Quantization in %s already finished; nothing to do.", workdir)
-      return done
-    return _run(config, workdir)
-  finally:
-    lock.release()
+  return stage_lib.run_once(config, workdir, _run)
 
 
 def _calibration_batches(config: ml_collections.ConfigDict, spec: Any, data: Any) -> list:
