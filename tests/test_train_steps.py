@@ -1,6 +1,4 @@
 """Train/eval steps on the real PretrainModel: sharding invariance, accumulation, NaN guard, memory."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -188,21 +186,6 @@ def test_split_and_merge_rows_round_trip():
   np.testing.assert_array_equal(steps.merge_rows(split), x)
 
 
-def test_pluggable_loss_function():
-  """Any loss with the documented signature trains through the same engine (finetuning reuses)."""
-  def loss_fn(params, batch, extras, rng, deterministic):
-    del rng, deterministic
-    outputs, _ = MODEL.apply({"params": params}, batch["tokens"], memory=None,
-                             token_types=batch["token_types"])
-    m = steps.weighted_classification(outputs["nsp_logits"], batch["nsp_label"],
-                                      jnp.ones(batch["nsp_label"].shape))
-    return m["loss"][0] / m["loss"][1], ({"nsp_accuracy": m["accuracy"]}, extras)
-  engine = make_engine(loss_fn=functools.partial(loss_fn))
-  state, metrics = train(engine, [make_batch(i) for i in range(2)])
-  assert set(metrics[0]) >= {"loss", "nsp_accuracy", "grad_norm", "learning_rate", "nonfinite"}
-  assert int(state.step) == 2
-
-
 def test_knowledge_loss_is_added_with_its_weight():
   model = heads.PretrainModel(CFG, num_kg_labels=2)
   params = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 4), jnp.int32),
@@ -212,13 +195,10 @@ def test_knowledge_loss_is_added_with_its_weight():
                kg_token_mask=np.ones((B, 8), bool), kg_label=rng.integers(0, 2, (B,)).astype(
                    np.int32))
   extras = {"memory": txl.init_memory(CFG, B)}
-  out = {}
-  for weight in (0.0, 0.5):
-    loss_fn = steps.pretrain_loss_fn(model, kg_weight=weight)
-    loss, (m, _) = jax.jit(loss_fn, static_argnums=4)(params, batch, extras, jax.random.PRNGKey(0),
-                                                     True)
-    out[weight] = float(loss), steps.normalize(jax.device_get(m))
-  (loss0, m0), (loss5, m5) = out[0.0], out[0.5]
-  assert {"kg_loss", "kg_accuracy"} <= set(m5)
-  assert loss0 == pytest.approx(m0["mlm_loss"] + m0["nsp_loss"], rel=1e-4)
-  assert loss5 == pytest.approx(loss0 + 0.5 * m5["kg_loss"], rel=1e-5)
+  loss_fn = steps.pretrain_loss_fn(model, kg_weight=0.5)
+  loss, (m, _) = jax.jit(loss_fn, static_argnums=4)(params, batch, extras, jax.random.PRNGKey(0),
+                                                   True)
+  m = steps.normalize(jax.device_get(m))
+  assert {"kg_loss", "kg_accuracy"} <= set(m)
+  # The reported losses are unweighted means; the optimised loss weights the knowledge term.
+  assert float(loss) == pytest.approx(m["mlm_loss"] + m["nsp_loss"] + 0.5 * m["kg_loss"], rel=1e-4)
