@@ -132,13 +132,20 @@ def test_init_from_starts_from_other_runs_params(straight, tokenizer_path, tmp_p
 
 def test_bad_config_fails_before_compiling(tokenizer_path, tmp_path):
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda name, *a, **k: compiles.append(name) if "compile" in name else None)
+
+  def listener(name, *args, **kwargs):
+    del args, kwargs
+    if "compile" in name:
+      compiles.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
   config = tiny_config(tokenizer_path, batch_size=30)
   workdir = str(tmp_path / "bad")
-  with pytest.raises(configlib.ConfigError, match=r"train.batch_size: 30 is not divisible by "
-                                                  r"data-parallel size .* = 8; use e.g. 32"):
-    pretrain.run(config, workdir)
+  try:
+    with pytest.raises(configlib.ConfigError, match=r"train.batch_size: 30 is not divisible by "
+                                                    r"data-parallel size .* = 8; use e.g. 32"):
+      pretrain.run(config, workdir)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == [] and not os.path.exists(workdir)
 
 
