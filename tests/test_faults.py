@@ -1,0 +1,225 @@
+"""Reliability under faults, on the real command (issue 10); the randomized campaign with many more
+trials is `bench/faults.py` (its harness is reused here).
+
+Subprocesses run `python -m r1jax.main --config=configs/pretrain.py:variant=tiny` with a smaller
+model, 8 CPU devices in a 2x2x2 mesh (sharded checkpoints) and a shared JAX compilation cache, so a
+restart costs an import rather than a compile. Covered:
+  - SIGKILL mid-save and at a training step, rerun until done: bitwise the uninterrupted run
+    (metrics.jsonl, every state leaf's checksum, parameters); the half-written step is never restored;
+    the killed run's lock is taken over;
+  - SIGTERM saves and exits (code 143) within the grace period, the rerun resumes from that save;
+    a second run on a held workdir refuses, naming the holder, without touching the workdir;
+  - a corrupt newest checkpoint: the run falls back to the previous one, naming both steps, and still
+    finishes bitwise identical (end to end), and per damaged file (truncated, bit-flipped, deleted)
+    at the checkpoint level; a checkpoint restored into a different model shape names both shapes;
+  - NaN in the batch (NaN weights, token ids outside the vocabulary) stops the run naming the step and
+    the last good checkpoint, which is the only one kept; skip mode then finishes, counting the skip;
+  - invalid command-line overrides fail before compiling or writing anything, naming the key;
+  - stale locks: a dead pid, a reused pid, an empty lock file.
+"""
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import hypothesis
+from hypothesis import strategies as st
+import pytest
+
+from r1jax.stages import pretrain
+from r1jax.train import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench():
+  spec = importlib.util.spec_from_file_location("r1jax_bench_faults",
+                                                os.path.join(ROOT, "bench", "faults.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+faults = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+  root = tmp_path_factory.mktemp("faults")
+  return faults.Harness(tokenizer=faults.prepare_tokenizer(str(root / "tokenizer.model")),
+                        cache_dir=str(root / "jax_cache"), num_steps=16, every=4, eval_every=8)
+
+
+@pytest.fixture(scope="module")
+def reference(harness, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  code, text = harness.run(workdir, workdir + ".log")
+  assert code == 0, text[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def killed(harness, reference, tmp_path_factory):
+  """SIGKILL mid-save (until a kill leaves a half-written step; at most 3 tries), at step 10 (and
+  the instant the next save is final if 10 came first), then the same command to completion. Keeps
+  a copy of the workdir as it was when two checkpoints were final, for the corruption tests."""
+  root = tmp_path_factory.mktemp("killed")
+  workdir, snapshot = str(root / "run"), str(root / "snapshot")
+  campaign = faults.KillCampaign(harness, workdir, str(root / "logs"), random.Random(0))
+  for _ in range(3):
+    attempt = campaign.interrupt("mid_save")
+    if attempt.tmp_after or attempt.returncode == 0:
+      break
+  attempt = campaign.interrupt("at_step", target=10)
+  if len(attempt.finalized_after) < 2:  # the async save of step 8 may still be running at 10
+    attempt = campaign.interrupt("after_save")
+  if len(attempt.finalized_after) >= 2:
+    shutil.copytree(workdir, snapshot)
+  campaign.finish(reference)
+  return campaign, snapshot
+
+
+def test_sigkill_mid_save_and_mid_step_then_rerun_is_bitwise_identical(killed):
+  campaign, _ = killed
+  assert not campaign.problems, "\n".join(campaign.problems)
+  kills = [a for a in campaign.attempts if a.signal_sent]
+  assert kills and campaign.counts["kills_leaving_half_written_checkpoint"] >= 1
+  # The restart after the mid-save kill resumed from the newest finalized step, not the tmp one.
+  mid_save = next(i for i, a in enumerate(campaign.attempts) if a.tmp_after)
+  after = campaign.attempts[mid_save + 1]
+  assert after.resumed_from == after.expected_resume == max(campaign.attempts[mid_save]
+                                                             .finalized_after, default=None)
+  assert campaign.survived() == len(kills)
+  logs = os.listdir(campaign.log_dir)
+  assert any("Took over the stale workdir lock" in faults.read_text(os.path.join(
+      campaign.log_dir, name)) for name in logs)
+
+
+def test_sigterm_saves_within_grace_and_second_run_is_refused(harness, reference, tmp_path):
+  campaign = faults.KillCampaign(harness, str(tmp_path / "run"), str(tmp_path / "logs"),
+                                 random.Random(1), grace=20.0)
+  campaign.interrupt("second_run")  # held (SIGSTOP): a second run refuses; then SIGKILL
+  sigterm = campaign.interrupt("sigterm")
+  campaign.finish(reference)
+  assert not campaign.problems, "\n".join(campaign.problems)
+  assert campaign.counts["second_run_refused"] == campaign.counts["second_run_tried"] == 1
+  assert campaign.counts["sigterm_ok"] == campaign.counts["sigterm_tried"] == 1
+  assert sigterm.returncode == ckpt_lib.PREEMPTED_EXIT_CODE
+  saved = max(sigterm.finalized_after)
+  assert saved >= sigterm.step_at_signal and campaign.attempts[-1].resumed_from == saved
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_finishes_identically(harness, reference, killed,
+                                                                       tmp_path):
+  _, snapshot = killed
+  if not os.path.exists(snapshot):
+    pytest.skip("the killed run had fewer than two checkpoints when it was interrupted")
+  problems = faults.end_to_end_corruption(harness, snapshot, reference, str(tmp_path / "run"),
+                                          random.Random(2), "truncate")
+  assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def baseline(reference):
+  return faults.corruption_baseline(os.path.join(reference, "checkpoints"))
+
+
+@pytest.mark.parametrize("kind,path", [
+    ("truncate", "params/d"), ("flip_bytes", "train/d"), ("overwrite_span", "params/manifest.ocdbt"),
+    ("empty", "train/_METADATA"), ("flip_bytes", "meta/metadata"), ("delete_file", "data"),
+    ("delete_item", "data/x"), ("digit", "data"), ("digit", "meta/metadata"),
+])
+def test_each_kind_of_damage_is_detected(reference, baseline, tmp_path, kind, path):
+  """Damage to one file of the newest checkpoint: the restore falls back to the previous step and
+  says so naming both, or (for bytes nothing reads) restores exactly the saved values."""
+  step_dir = os.path.join(reference, "checkpoints", str(baseline.latest))
+  target = _pick_file(step_dir, path)
+  rel = os.path.relpath(target, step_dir)
+  outcome, description, text = faults.corruption_trial(
+      os.path.join(reference, "checkpoints"), baseline, random.Random(3), str(tmp_path), kind, rel)
+  assert outcome in ("fallback", "harmless"), f"{outcome}: {description}\n{text[-1000:]}"
+
+
+def _pick_file(step_dir, path):
+  full = os.path.join(step_dir, path)
+  if os.path.isfile(full):
+    return full
+  directory = full if os.path.isdir(full) else os.path.dirname(full)
+  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                if os.path.isfile(os.path.join(directory, f)) and f != "commit_success.txt")[0]
+
+
+def test_restoring_into_a_different_model_shape_names_both_shapes(harness, killed, tmp_path):
+  _, snapshot = killed
+  if not os.path.exists(snapshot):
+    pytest.skip("no interrupted run to resume")
+  workdir = str(tmp_path / "run")
+  shutil.copytree(snapshot, workdir)
+  code, text = harness.run(workdir, workdir + ".log", "--config.model.d_model=48")
+  assert code != 0
+  assert "does not fit the model" in text
+  assert re.search(r"checkpoint has \([^)]*32[^)]*\), model expects \([^)]*48[^)]*\)", text), (
+      text[-2000:])
+
+
+@pytest.mark.parametrize("kind,skip_rerun", [("nan_weights", True), ("bad_tokens", False)])
+def test_nan_in_the_batch_stops_at_that_step_keeping_the_last_good_checkpoint(
+    harness, reference, tmp_path, kind, skip_rerun):
+  """Stops at step 7 naming it and checkpoint 4 (the only one kept); with skip_nonfinite=True the
+  rerun resumes from 4 and finishes with one skip."""
+  problems = faults.nan_trial(harness, reference, str(tmp_path), kind, at=7, skip_rerun=skip_rerun)
+  assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and lock faults (in-process: nothing is compiled).
+
+
+@hypothesis.given(st.sampled_from(faults.CONFIG_KEYS), st.integers(0, 2**32 - 1))
+@hypothesis.settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+def test_random_invalid_override_fails_before_compiling_naming_the_key(tmp_path_factory, entry,
+                                                                        seed):
+  key, kind, args = entry
+  value = faults.invalid_value(kind, args, random.Random(seed))
+  problem = faults.config_trial(key, value, str(tmp_path_factory.mktemp("cfg") / "run"))
+  assert problem is None, problem
+
+
+@pytest.mark.parametrize("key,value", [("train.lerning_rate", "0.1"), ("model.d_modle", "64"),
+                                       ("mesh.data", "16"), ("train.batch_size", "6")])
+def test_typo_and_impossible_combination_fail_naming_the_key(tmp_path, key, value):
+  assert faults.config_trial(key, value, str(tmp_path / "run")) is None
+
+
+def test_stale_locks_are_taken_over(tmp_path, caplog):
+  host = socket.gethostname()
+  lock_file = tmp_path / ".lock"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  cases = {
+      "dead pid": json.dumps({"pid": dead.pid, "host": host, "start_time": None}),
+      # A live process now has the pid the lock names, but it started at another time.
+      "reused pid": json.dumps({"pid": os.getppid(), "host": host, "start_time": "1"}),
+      "empty file (killed between create and write)": "",
+  }
+  for name, content in cases.items():
+    lock_file.write_text(content)
+    with ckpt_lib.WorkdirLock(str(tmp_path)):
+      assert json.loads(lock_file.read_text())["pid"] == os.getpid(), name
+    assert not lock_file.exists(), name
+  # A live process's lock (this one's parent, right start time) is respected.
+  lock_file.write_text(json.dumps({"pid": os.getppid(), "host": host,
+                                   "start_time": ckpt_lib._proc_start_time(os.getppid())}))  # pylint: disable=protected-access
+  with pytest.raises(ckpt_lib.WorkdirLocked, match=f"in use by a live run \\(pid {os.getppid()}"):
+    pretrain.run(pretrain_config(), str(tmp_path))
+
+
+def pretrain_config():
+  return faults.parse_command_line([])
