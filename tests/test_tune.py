@@ -298,6 +298,9 @@ def test_startup_trials_sized_to_budget():
   assert tune.startup_trials(config) == 10
   sampler = tune.make_sampler(config, seed=0)
   assert isinstance(sampler, optuna.samplers.TPESampler)
+  config.sampler.name = "gp"  # torch is installed here (the reference extra)
+  tune.validate(config)
+  assert isinstance(tune.make_sampler(config, seed=0), optuna.samplers.GPSampler)
   config.pruner.name = "hyperband"
   assert isinstance(tune.make_pruner(config), optuna.pruners.HyperbandPruner)
 

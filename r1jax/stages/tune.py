@@ -1114,13 +1114,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   configlib.write_config_json(config, workdir, space={p.field: p.describe() for p in params},
                               metrics=list(eval_metrics(config.tune.stage, config.base)))
   optuna.logging.set_verbosity(optuna.logging.WARNING)
-  storage = make_storage(config, workdir)
   kind, where = storage_spec(config.storage, workdir)
   storage_desc = where if kind == "rdb" else f"journal:{where}"
   pruner = make_pruner(config)
   lock = StudyLock(os.path.join(workdir, "study.lock"))
   search = _Search(config=config, workdir=workdir, params=params, module=module, lock=lock)
-  with lock:
+  with lock:  # workers starting together must not create the tables or the study twice
+    storage = make_storage(config, workdir)
     study = _open_study(config, storage, params, pruner)
     failed = recover_trials(study)
     trials = study.get_trials(deepcopy=False)
