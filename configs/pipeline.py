@@ -56,16 +56,16 @@ _COMMON = {
 }
 _TINY = {
     # About 15 minutes for everything on 2 CPU cores (measured; see the README).
-    "pretrain_general": {"train.num_steps": 400, "train.warmup_steps": 40,
+    "pretrain_general": {"train.num_steps": 600, "train.warmup_steps": 60,
                          "train.log_every_steps": 20, "eval.every_steps": 100,
                          "eval.num_batches": 8, "checkpoint.every_steps": 100},
-    "pretrain_domain": {"train.num_steps": 300, "train.warmup_steps": 30,
+    "pretrain_domain": {"train.num_steps": 400, "train.warmup_steps": 40,
                         "train.learning_rate": 1e-3, "train.log_every_steps": 20,
                         "eval.every_steps": 100, "eval.num_batches": 8,
                         "checkpoint.every_steps": 100},
-    "finetune_general": {"train.num_steps": 256, "eval.every_steps": 32,
+    "finetune_general": {"train.num_steps": 384, "eval.every_steps": 32,
                          "train.log_every_steps": 16, "checkpoint.every_steps": 64},
-    "finetune_domain": {"train.num_steps": 256, "eval.every_steps": 32,
+    "finetune_domain": {"train.num_steps": 384, "eval.every_steps": 32,
                         "train.log_every_steps": 16, "checkpoint.every_steps": 64},
     "distill": {"train.num_steps": 160, "eval.every_steps": 32, "train.log_every_steps": 16,
                 "checkpoint.every_steps": 64},

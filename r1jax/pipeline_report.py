@@ -256,8 +256,11 @@ def headline(info: StageInfo) -> str:
     names = s.get("names") or ["general", "adapted"]
     return f"{names[-1]} - {names[0]}: " + ", ".join(parts) if parts else ""
   if module == "tune":
-    best = s.get("best_value", _get(s, "best", "value"))
-    return f"best objective {cell(best)} over {cell(s.get('n_trials', s.get('trials')))} trials"
+    best = s.get("best")
+    if not best:
+      return f"no trial completed ({cell(s.get('budget_used'))} started)"
+    return (f"best {s.get('metric')} {cell(best.get('value'))} (trial {best.get('number')}) of "
+            f"{cell(s.get('budget_used'))} trials")
   if module in COMPRESSION_STAGES:
     arts = s.get("artifacts") or []
     main = next((a for a in arts if a.get("path") == s.get("artifact")), arts[-1] if arts else None)
@@ -519,15 +522,19 @@ def _tune_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo]) 
     return
   s = info.summary
   doc.heading(2, "Hyperparameter search")
-  best_params = s.get("best_params") or _get(s, "best", "params") or {}
-  items = [f"objective: {cell(_get(s, 'objective', 'metric') or s.get('objective'))}"
-           f" ({cell(_get(s, 'objective', 'direction') or s.get('direction'))})",
-           f"best value: {cell(s.get('best_value', _get(s, 'best', 'value')))}"]
-  items += [f"`{k}` = {cell(v)}" for k, v in sorted(best_params.items())]
-  best_config = os.path.join(info.directory, "best_config.py")
-  if os.path.exists(best_config):
-    items.append(f"best configuration: `{_rel(workdir, best_config)}`")
-  doc.bullets(items)
+  states = ", ".join(f"{k.lower()} {v}" for k, v in (s.get("states") or {}).items() if v)
+  doc.para(f"{s.get('trial_stage', '')} trials, objective {s.get('metric')} ({s.get('direction')}), "
+           f"{s.get('sampler')} sampler, {s.get('pruner')} pruner; {cell(s.get('budget_used'))} of "
+           f"{cell(s.get('n_trials'))} trials ({states}).")
+  best = s.get("best")
+  if best:
+    doc.table(["searched field", "best value"],
+              sorted((f"`{k}`", v) for k, v in (best.get("config_values") or {}).items()))
+    doc.para(f"Best trial {best.get('number')}: {s.get('metric')} = {cell(best.get('value'))}. "
+             f"Run it on its own with `{s.get('best_command')}`.")
+  for key, alt in (("history_png", "search history"), ("importances_png", "parameter importances")):
+    if s.get(key) and os.path.exists(s[key]):
+      doc.image(_rel(workdir, s[key]), alt)
 
 
 def build(workdir: str, config: Mapping[str, Any] | None = None, *,
@@ -575,7 +582,8 @@ def build(workdir: str, config: Mapping[str, Any] | None = None, *,
   doc.table(["#", "stage", "what it did", "result", "status", "steps", "wall time", "attempts"],
             rows)
   doc.para("Wall time is that of the attempt that finished the stage (compilation and "
-           "evaluation included); attempts > 1 means it was interrupted and resumed.")
+           "evaluation included); attempts > 1 means earlier attempts were interrupted (or "
+           "failed) and the stage was resumed.")
 
   _data_section(doc, workdir, stages)
   if loss_png:

@@ -94,7 +94,7 @@ SOURCE_CHOICES = {
 IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
                 "checkpoint.sigterm_grace_secs")
 STATE_DIR = "pipeline_state"
-FINISHED = ("complete", "stopped_early")
+FINISHED = ("complete", "stopped_early", "data_exhausted")  # a usable final checkpoint
 DIR_TOKEN = "$DIR"
 
 
