@@ -175,32 +175,39 @@ def test_best_config_py_round_trip(tmp_path):
 
 
 def test_eval_metric_table_matches_the_loss_functions():
-  """The objective check trusts tune.eval_metrics; it must list what the evals really report."""
+  """The objective check trusts tune.eval_metrics; it must list what the evals really report
+  (the loss functions' metrics plus the engine's "loss"; shapes only, nothing is computed)."""
   from r1jax.model import heads
   from r1jax.model import transformer_xl as txl
   from r1jax.train import steps as steps_lib
-  mcfg = txl.get_variant("tiny", n_layer=1)
   rng = jax.random.PRNGKey(0)
   tokens = jnp.ones((2, 8), jnp.int32)
+
+  def metric_names(model, loss_fn, batch, extras, **init_kw):
+    def go():
+      params = model.init(rng, tokens, **init_kw)["params"]
+      return loss_fn(params, batch, extras, rng, True)[1][0]
+    return set(jax.eval_shape(go)) | {"loss"}
+
+  mcfg = txl.get_variant("tiny", n_layer=1)
   for multi in (False, True):
     model = heads.Classifier(mcfg, 3, multi_label=multi)
-    params = model.init(rng, tokens)["params"]
     label = jnp.array([[1, 0, 1], [0, 1, 0]], jnp.float32) if multi else jnp.array([0, 2])
     batch = {"tokens": tokens, "token_mask": tokens > 0, "label": label}
-    _, (metrics, _) = finetune.classification_loss_fn(model, multi_label=multi)(
-        params, batch, {}, rng, True)
+    names = metric_names(model, finetune.classification_loss_fn(model, multi_label=multi), batch,
+                         {})
     base = ml_collections.ConfigDict({"task": {"multi_label": multi}})
-    assert set(metrics) | {"loss"} == set(tune.eval_metrics("finetune", base))
+    assert names == set(tune.eval_metrics("finetune", base))
   model = heads.PretrainModel(txl.get_variant("tiny", n_layer=1, n_token_types=2))
-  params = model.init(rng, tokens, token_types=jnp.zeros_like(tokens))["params"]
   batch = {"tokens": tokens, "token_mask": tokens > 0, "token_types": jnp.zeros_like(tokens),
            "mlm_positions": jnp.zeros((2, 2), jnp.int32), "mlm_ids": jnp.ones((2, 2), jnp.int32),
            "mlm_weights": jnp.ones((2, 2)), "nsp_label": jnp.array([0, 1]),
            "reset_memory": jnp.array([True, True])}
-  _, (metrics, _) = steps_lib.pretrain_loss_fn(model)(
-      params, batch, {"memory": txl.init_memory(model.config, 2)}, rng, True)
+  names = metric_names(model, steps_lib.pretrain_loss_fn(model), batch,
+                       {"memory": txl.init_memory(model.config, 2)},
+                       token_types=jnp.zeros_like(tokens))
   base = ml_collections.ConfigDict({"data": {"nsp": True, "knowledge_file": ""}})
-  assert set(metrics) | {"loss"} == set(tune.eval_metrics("pretrain", base))
+  assert names == set(tune.eval_metrics("pretrain", base))
 
 
 # --------------------------------------------------------------------------------------------------

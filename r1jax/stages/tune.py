@@ -530,9 +530,12 @@ def make_storage(config: ml_collections.ConfigDict, workdir: str) -> optuna.stor
   else:
     engine_kwargs = {"pool_pre_ping": True}
   beat = config.heartbeat_secs or None
-  return optuna.storages.RDBStorage(
-      where, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
-      grace_period=3 * beat if beat else None, failed_trial_callback=requeue)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    return optuna.storages.RDBStorage(
+        where, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
+        grace_period=3 * beat if beat else None,
+        heartbeat_stale_trial_callback=requeue if beat else None)
 
 
 class StudyLock:
@@ -635,12 +638,14 @@ def startup_trials(config: ml_collections.ConfigDict) -> int:
 
 def make_sampler(config: ml_collections.ConfigDict, seed: int) -> optuna.samplers.BaseSampler:
   n = startup_trials(config)
-  if config.sampler.name == "tpe":
-    return optuna.samplers.TPESampler(n_startup_trials=n, seed=seed,
-                                      multivariate=config.sampler.multivariate)
-  if config.sampler.name == "gp":
-    return optuna.samplers.GPSampler(n_startup_trials=n, seed=seed)
-  return optuna.samplers.RandomSampler(seed=seed)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    if config.sampler.name == "tpe":
+      return optuna.samplers.TPESampler(n_startup_trials=n, seed=seed,
+                                        multivariate=config.sampler.multivariate)
+    if config.sampler.name == "gp":
+      return optuna.samplers.GPSampler(n_startup_trials=n, seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(config: ml_collections.ConfigDict) -> optuna.pruners.BasePruner:
@@ -852,6 +857,7 @@ def _state_counts(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[TrialState
 
 def _trial_rows(search: _Search, trials: Sequence[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
   rows = []
+  retries = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
   for t in trials:
     result = t.user_attrs.get("result") or {}
     last_step = max(t.intermediate_values) if t.intermediate_values else None
@@ -862,6 +868,8 @@ def _trial_rows(search: _Search, trials: Sequence[optuna.trial.FrozenTrial]) -> 
       notes.append(f"enqueued ({t.user_attrs['enqueued']})")
     if t.user_attrs.get("fail_reason"):
       notes.append(t.user_attrs["fail_reason"][:120])
+    if t.number in retries:
+      notes.append(f"re-queued as {retries[t.number]}")
     rows.append({
         "number": t.number, "state": t.state.name, "value": t.value,
         "values": search.values_of(t), "params": dict(t.params),
