@@ -12,6 +12,9 @@ Safety:
   process killed mid-save leaves only a tmp dir that is ignored and cleaned up.
 - `restore()` goes from the newest step backwards: a step that fails to read, or whose restored values
   do not match the saved checksums, is skipped with a warning naming it and the step used instead.
+  The JSON items (meta/, data/) carry a sha256 of their content, so a damaged loop or iterator
+  state is a failed read too. Skipped steps are renamed `<step>.unrestorable` (kept for inspection),
+  so the resumed run can save those steps again.
 - A target whose shapes differ from the saved ones raises ValueError naming the leaf and both shapes.
 - `PreemptionWatcher` turns SIGTERM into "save now, then exit" (`Preempted`, exit code 143) and
   hard-exits if that takes longer than the grace period.
@@ -21,6 +24,7 @@ Safety:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -66,12 +70,20 @@ class CheckpointShapeError(ValueError):
 # Data iterator state: one JSON file per process (Grain iterators are per-process).
 
 
+def json_digest(value: Any) -> str:
+  """sha256 of the canonical JSON of `value` (what a JSON item must still hash to when read)."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class IteratorStateHandler(ocp.CheckpointHandler):
-  """Saves/restores a JSON-able iterator state as `process_<i>-of-<n>.json`."""
+  """Saves/restores a JSON-able iterator state as `process_<i>-of-<n>.json`, with its digest
+  (`{"state": ..., "sha256": ...}`) so that a damaged file is not restored as a wrong position."""
 
   def save(self, directory: epath.Path, args: "IteratorStateSave"):
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    (directory / name).write_text(json.dumps(args.state, sort_keys=True))
+    wrapped = {"state": args.state, "sha256": json_digest(args.state)}
+    (directory / name).write_text(json.dumps(wrapped, sort_keys=True))
 
   def restore(self, directory: epath.Path, args: "IteratorStateRestore | None" = None):
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -79,7 +91,12 @@ class IteratorStateHandler(ocp.CheckpointHandler):
     if not path.exists():
       raise FileNotFoundError(f"{path} is missing: the checkpoint was written by a different number "
                               f"of processes, or is incomplete.")
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and set(data) == {"state", "sha256"}:
+      if json_digest(data["state"]) != data["sha256"]:
+        raise ValueError(f"{path} is corrupt: its content does not match its sha256.")
+      return data["state"]
+    return data  # written before digests were added
 
   def metadata(self, directory: epath.Path):
     return None
@@ -231,6 +248,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 2, keep_best: int = 1,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     quiet_orbax_logging()
     policies = [cm.LatestN(n=max_to_keep)]
     if keep_best:
@@ -255,7 +273,9 @@ class Checkpointer:
     """Saves `state` at its step (async when enabled: returns once arrays are copied off-device)."""
     step = int(jax.device_get(state.step))
     params, train = _split(state)
-    meta = dict(meta or {}, step=step, checksums=checksums(state), saved_at=time.time())
+    meta = dict(meta or {}, step=step, checksums=checksums(state), saved_at=time.time(),
+                has_data=data_state is not None)
+    meta["meta_sha256"] = json_digest(meta)
     items = dict(params=ocp.args.PyTreeSave(params), train=ocp.args.PyTreeSave(train),
                  meta=ocp.args.JsonSave(meta))
     if data_state is not None:
@@ -286,6 +306,12 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = _join(restored.params, restored["train"])
     meta = dict(restored.meta)
+    digest = meta.pop("meta_sha256", None)
+    if digest is not None and json_digest(meta) != digest:
+      raise ValueError(f"checkpoint step {step} is corrupt: meta/ does not match its sha256")
+    if meta.get("has_data") and with_data and not has_data:
+      raise ValueError(f"checkpoint step {step} is incomplete: its data/ item (the data iterator "
+                       f"state) is missing")
     expected = meta.get("checksums")
     if not expected:
       raise ValueError(f"checkpoint step {step} has no checksums in meta/")
@@ -296,6 +322,25 @@ class Checkpointer:
                        f"checksums in {bad[:5] or 'the leaf set'}")
     data_state = restored.get("data") if with_data and has_data else None
     return Restored(step=step, state=state, data_state=data_state, meta=meta, skipped_steps=[])
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Renames unrestorable steps to `<step>.unrestorable[.<n>]` (kept for inspection, no longer a
+    step), so training can save those steps again."""
+    if self.read_only:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        target, n = f"{path}.unrestorable", 0
+        while os.path.exists(target):
+          n += 1
+          target = f"{path}.unrestorable.{n}"
+        os.rename(path, target)
+        logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("r1jax_checkpoint_move_aside")
+    self.manager.reload()
 
   def restore(self, abstract: TrainState, *, with_data: bool = True) -> Restored | None:
     """Restores the newest good step into `abstract` (ShapeDtypeStructs with shardings).
@@ -318,6 +363,7 @@ class Checkpointer:
         if skipped:
           logging.warning("Restored checkpoint step %d instead of the newer step(s) %s, which could "
                           "not be restored (see warnings above).", step, skipped)
+          self._move_aside(skipped)
         restored.skipped_steps = skipped
         return restored
       logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying an older one.",
