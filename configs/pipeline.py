@@ -1,6 +1,6 @@
 r"""The whole recipe in one command: data -> pretraining -> domain adaptation -> (tuning) -> compression.
 
-    # Tiny settings, about 15 minutes on a 2-core CPU, ends by printing DIR/report.md:
+    # Tiny settings, 6 to 12 minutes on a 2-core CPU; ends by printing the path of DIR/report.md:
     python -m r1jax.main --config=configs/pipeline.py --workdir=runs/pipeline
     # Real accelerators: the stage configs' own small / base settings.
     python -m r1jax.main --config=configs/pipeline.py:variant=base --workdir=gs://BUCKET/run
@@ -55,7 +55,8 @@ _COMMON = {
     "compare": {"names": "general,domain-adapted"},
 }
 _TINY = {
-    # About 15 minutes for everything on 2 CPU cores (measured; see the README).
+    # Measured for the whole pipeline on a 2-core CPU shared with other jobs: 6.5 min at a load
+    # average of ~8, about 12 min at ~13 (an idle machine is quicker).
     "pretrain_general": {"train.num_steps": 600, "train.warmup_steps": 60,
                          "train.log_every_steps": 20, "eval.every_steps": 100,
                          "eval.num_batches": 8, "checkpoint.every_steps": 100},

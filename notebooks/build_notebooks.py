@@ -303,7 +303,8 @@ if TINY:
 
 `configs/pipeline.py`: every stage's own config under `config.pipeline.<stage>`, plus which stages
 run and what feeds the compression stages. The tiny settings below shorten every stage further so
-the notebook runs on a CPU in minutes (the default tiny pipeline takes about 15 minutes there).'''),
+the notebook runs on a CPU in minutes (the default tiny pipeline takes 6 to 12 minutes on a
+shared 2-core CPU).'''),
       _code('''\
 from r1jax import configlib
 from r1jax.stages import pipeline
