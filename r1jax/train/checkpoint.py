@@ -555,6 +555,14 @@ class WorkdirLock:
         time.sleep(0.05)
     return {}
 
+  @staticmethod
+  def _read_file(path: str) -> dict[str, Any]:
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
   def acquire(self) -> "WorkdirLock":
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     for _ in range(100):
@@ -578,6 +586,15 @@ class WorkdirLock:
         try:
           os.rename(self.path, stale)  # atomic: only one contender takes a stale lock over
         except FileNotFoundError:
+          continue
+        if self._read_file(stale) != other:
+          # Between our read and the rename another contender took the stale lock over and wrote
+          # its own: that one is live. Put it back (unless a third has created one meanwhile).
+          try:
+            os.link(stale, self.path)
+          except FileExistsError:
+            pass
+          os.unlink(stale)
           continue
         os.unlink(stale)
         logging.warning("Took over the stale workdir lock of pid %s on %s (that process is gone).",
