@@ -221,5 +221,34 @@ def test_stale_locks_are_taken_over(tmp_path, caplog):
     pretrain.run(pretrain_config(), str(tmp_path))
 
 
+def test_stale_lock_takeover_race_keeps_the_winner(tmp_path):
+  """Two contenders find the same stale lock; A takes it over between B's read and B's rename.
+  B must not remove A's fresh lock (it used to, and both runs then held the workdir). The
+  interleaving is forced by running A's takeover inside B's read; bench/faults.py races real
+  processes."""
+  host = socket.gethostname()
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": host, "start_time": "1"}))
+  winner = {"pid": os.getppid(), "host": host,
+            "start_time": ckpt_lib._proc_start_time(os.getppid())}  # pylint: disable=protected-access
+  b = ckpt_lib.WorkdirLock(str(tmp_path))
+  read = b._read  # pylint: disable=protected-access
+
+  def read_then_a_takes_over():
+    seen = read()
+    os.unlink(b.path)
+    fd = os.open(b.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, json.dumps(winner).encode())
+    os.close(fd)
+    b._read = read  # pylint: disable=protected-access
+    return seen
+
+  b._read = read_then_a_takes_over  # pylint: disable=protected-access
+  with pytest.raises(ckpt_lib.WorkdirLocked, match=f"live run \\(pid {os.getppid()}"):
+    b.acquire()
+  assert json.loads((tmp_path / ".lock").read_text()) == winner
+
+
 def pretrain_config():
   return faults.parse_command_line([])
