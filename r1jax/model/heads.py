@@ -73,7 +73,7 @@ class PooledHead(nn.Module):
     cfg = self.config
     pooled = jnp.tanh(txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "pooler")(
         hidden[:, 0]))
-    x = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
+    x = txl.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
     logits = txl.make_dense(cfg, self.num_outputs, (axes.EMBED, axes.CLASSES), "out")(x)
     return logits.astype(jnp.float32), pooled
 

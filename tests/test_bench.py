@@ -1,0 +1,48 @@
+"""Smoke test of bench/train_throughput.py: it runs end to end at toy sizes and its last line is
+the JSON summary with the keys the issue names (the figures themselves are meaningless at toy size).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "bench", "train_throughput.py")
+REQUIRED = ("ratio_vs_hf_bert", "ratio_vs_hf_transfo_xl", "mfu_small",
+            "peak_memory_ratio_vs_hf_bert", "base_compile_seconds")
+
+
+def _run(*flags, timeout=600):
+  proc = subprocess.run([sys.executable, SCRIPT, "--toy", "--threads", "1", *flags],
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  return json.loads(lines[-1]), proc.stdout
+
+
+def test_toy_run_prints_table_and_json():
+  summary, stdout = _run("--skip-hf", "--skip-base")
+  assert "| r1jax MLM+NSP, memory off |" in stdout
+  for key in REQUIRED:
+    assert key in summary
+  assert summary["toy"] is True and summary["threads"] == 1
+  assert 0 < summary["mfu_small"] < 1.5
+  assert summary["r1jax_mlm_tokens_per_s"] > 0 and summary["r1jax_lm_mem_tokens_per_s"] > 0
+  assert summary["ceiling_f32_flops"] > 1e8
+  assert summary["ratio_vs_hf_bert"] is None  # peers skipped: no ratio made up
+
+
+@pytest.mark.slow
+def test_toy_run_all_peers():
+  summary, stdout = _run()
+  assert "HF PyTorch BertForPreTraining" in stdout and "TransfoXLLMHeadModel" in stdout
+  for key in REQUIRED:
+    assert isinstance(summary[key], float) and summary[key] > 0, (key, summary[key])
+
+
+def test_bad_flag_names_the_fix():
+  proc = subprocess.run([sys.executable, SCRIPT, "--threads", "999"], capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode != 0 and "--threads=999" in proc.stderr
