@@ -157,7 +157,7 @@ def evaluate_classifier(predict_fn: Callable[[Mapping[str, Any]], Any],
   for batch in batches:
     logits = np.asarray(predict_fn(batch), np.float32)
     labels = np.asarray(batch["label"])
-    if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or logits.shape[1] != len(label_names):
+    if logits.shape != (labels.shape[0], len(label_names)):
       raise ValueError(f"predict_fn returned logits of shape {logits.shape}; expected "
                        f"[{labels.shape[0]}, {len(label_names)}] for this batch.")
     if "example_mask" in batch:

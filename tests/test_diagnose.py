@@ -104,6 +104,7 @@ def test_verdict_levels():
   assert diagnose.verdict({"perplexity_ratio": 1.0}, 0.5).startswith("large shift")
   assert diagnose.verdict({"perplexity_ratio": 1.2}, 0.99).startswith("moderate shift")
   assert diagnose.verdict({"perplexity_ratio": 1.05}, 0.99).startswith("small shift")
+  assert diagnose.verdict({"perplexity_ratio": 0.3}, 0.5).startswith("no shift for this checkpoint")
 
 
 def test_sample_docs_is_even_and_deterministic():

@@ -1,6 +1,7 @@
-"""Finetuning stage end to end: freezing is exact, stage B moves only its layers, optimizer state only
-for trainable leaves, FOLDOC beats the majority class, multi-label learns, early stopping restores
-the best checkpoint, a killed run resumes in the right phase, and bad input fails clearly."""
+"""Finetuning stage end to end: freezing is exact, stage B moves only its layers, optimizer state
+only for trainable leaves, multi-label learns, early stopping restores the best checkpoint,
+progressive unfreezing, a killed run resumes in the right phase, bad input fails clearly; (slow)
+FOLDOC beats the majority class after general and domain-adapted pretraining."""
 import json
 import os
 
@@ -227,7 +228,8 @@ def test_stage_b_changes_exactly_the_configured_layers(staged):
 
 def test_optimizer_state_covers_only_trainable_leaves(staged):
   _, summary = staged
-  for phase, prefixes in zip(summary["phases"], [("cls_head/",), ("cls_head/", "backbone/layer_1/")]):
+  trains = [("cls_head/",), ("cls_head/", "backbone/layer_1/")]
+  for phase, prefixes in zip(summary["phases"], trains):
     ckpt_dir = os.path.join(phase["dir"], "checkpoints")
     params = read_params(ckpt_dir, phase["end_step"])
     trainable = {p for p in params if p.startswith(prefixes)}
@@ -271,7 +273,7 @@ def test_missing_or_empty_init_from(tmp_path):
 
 def test_multilabel_synthetic_task_learns(tmp_path, tokenizer_path):
   config = synthetic_config(tmp_path, tokenizer_path, multi=True, n_eval=96, init_from="",
-                            schedule="full", **{"train.num_steps": 160, "eval.every_steps": 16,
+                            schedule="full", **{"train.num_steps": 128, "eval.every_steps": 16,
                                                 "unfreeze.learning_rate": 1e-2,
                                                 "train.learning_rate": 1e-2})
   summary = finetune.run(config, str(tmp_path / "run"))
@@ -314,6 +316,44 @@ def test_early_stopping_on_forced_plateau_restores_best(tmp_path, tokenizer_path
   at_stop = read_params(os.path.join(phase["dir"], "checkpoints"), expected_stop)
   assert all(bitwise_equal(final[p], at_best[p]) for p in final)
   assert not all(bitwise_equal(final[p], at_stop[p]) for p in final)
+
+
+def test_progressive_unfreezes_one_more_layer_on_plateau(staged, pretrained, tmp_path):
+  """progressive with a plateau trigger: each phase ends at its first eval without improvement
+  (dev labels contradict training), long before its K epochs, and unfreezes one more layer."""
+  config = staged_config(tmp_path, pretrained)
+  config.schedule = "progressive"
+  config.unfreeze.num_layers, config.unfreeze.every_epochs = 2, 2.0  # 32 steps per phase at most
+  config.unfreeze.plateau_patience = 1
+  config.eval.every_steps, config.eval.early_stopping_patience = 4, 1
+  config.train.num_steps = 120
+  config.task.dev = write_jsonl(tmp_path / "inverted.jsonl", synthetic_rows(48, 1, invert=True))
+  workdir = str(tmp_path / "run")
+  summary = finetune.run(config, workdir)
+  phases = summary["phases"]
+  assert [(p["name"], p["unfrozen_layers"]) for p in phases] == [
+      ("head", []), ("top1", [1]), ("top2", [0, 1])]
+  evals = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+           if r["split"] == "eval"]
+  start = 0
+  for p in phases:
+    # The phase's first eval that does not improve on the phase's best ends it.
+    best, expected_end = np.inf, None
+    for r in (r for r in evals if r["phase"] == p["name"]):
+      if r["loss"] >= best:
+        expected_end = r["step"]
+        break
+      best = r["loss"]
+    assert p["start_step"] == start and p["stopped_early"]
+    assert p["end_step"] == expected_end < p["planned_end_step"], (p, evals)
+    start = p["end_step"]
+    ckpt_dir = os.path.join(p["dir"], "checkpoints")
+    params = read_params(ckpt_dir, p["end_step"])
+    layers = tuple(f"backbone/layer_{i}/" for i in p["unfrozen_layers"])
+    assert opt_state_param_paths(ckpt_dir, p["end_step"]) == {
+        k for k in params if k.startswith(("cls_head/",) + layers)}
+  assert phases[0]["planned_end_step"] == 32 and phases[-1]["planned_end_step"] == 120
+  assert summary["status"] == "stopped_early" and summary["step"] == phases[-1]["end_step"]
 
 
 def test_killed_run_resumes_in_the_right_phase(staged, pretrained, tmp_path):
@@ -382,8 +422,9 @@ def test_unseen_dev_label_errors_or_is_skipped(tmp_path):
   dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "c", "label": "x"},
                                              {"text": "d", "label": "zebra"}])
   config = make_config(**{"task.train": train, "task.dev": dev, "task.test": dev})
-  with pytest.raises(ValueError, match=r"task.dev has label\(s\) never seen in the training data: "
-                                       r"'zebra' \(1 rows, first at .*dev.jsonl:2\).*unknown_label=skip"):
+  with pytest.raises(ValueError, match=r"task.dev has label\(s\) never seen in the training "
+                                       r"data: 'zebra' \(1 rows, first at .*dev.jsonl:2\)"
+                                       r".*unknown_label=skip"):
     finetune.load_task(config.task)
   config.task.unknown_label = "skip"
   task = finetune.load_task(config.task)

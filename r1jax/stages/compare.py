@@ -86,8 +86,8 @@ def compare(summaries: Sequence[dict[str, Any]], names: Sequence[str], split: st
   """{"metrics": [{"metric", "values": [...], "differences": [...], ...}], "per_class": ...}."""
   labels = [tuple(s["task"]["labels"]) for s in summaries]
   if len(set(labels)) > 1:
-    raise ValueError(f"The workdirs were trained on different label sets ({dict(zip(names, labels))});"
-                     " compare runs of the same task.")
+    raise ValueError(f"The workdirs were trained on different label sets "
+                     f"({dict(zip(names, labels))}); compare runs of the same task.")
   rows = []
   for label, where, higher in METRICS:
     values = [_get(s, where, split) for s in summaries]
@@ -134,8 +134,8 @@ def table_text(result: dict[str, Any]) -> str:
            eval_lib.markdown_table(headers, rows)]
   if "majority_baseline" in result:
     mb = result["majority_baseline"]
-    lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy {mb['accuracy']:.4f}, "
-                 f"macro-F1 {mb['macro_f1']:.4f}.\n")
+    lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy "
+                 f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}.\n")
   lines.append("init_from: " + ", ".join(f"{n} = `{i or 'none (from scratch)'}`"
                                          for n, i in zip(names, result["init_from"])) + "\n")
   per_class = [[c, *(_fmt(v) for v in vals)] +

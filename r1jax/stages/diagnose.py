@@ -17,7 +17,8 @@ and between the corpora (on `max_docs` evenly spaced documents of each):
 
 The ratios domain / general (perplexity, unknown rate, pieces per word) summarise the shift; the
 verdict line is a rule of thumb: perplexity ratio >= 1.5 or word-occurrence coverage < 0.9 means a
-large shift (continued domain pretraining, DAPT, is likely to pay), >= 1.15 a moderate one.
+large shift (continued domain pretraining, DAPT, is likely to pay), >= 1.15 a moderate one, and
+below 1 / 1.15 the checkpoint already models the domain better than general text (adapted).
 Writes DIR/summary.json and DIR/report.md, and prints the table.
 """
 from __future__ import annotations
@@ -112,7 +113,8 @@ def tokenizer_stats(tok: tokenizer_lib.Tokenizer, texts: Sequence[str]) -> dict[
   byte = int(is_byte[ids].sum())
   words = sum(len(t.split()) for t in texts)
   return {"docs": len(texts), "pieces": int(ids.size), "words": words,
-          "unk_rate": unk / n, "byte_fallback_rate": byte / n, "unknown_piece_rate": (unk + byte) / n,
+          "unk_rate": unk / n, "byte_fallback_rate": byte / n,
+          "unknown_piece_rate": (unk + byte) / n,
           "pieces_per_word": ids.size / max(words, 1),
           "_piece_counts": np.bincount(ids, minlength=tok.vocab_size)}
 
@@ -206,7 +208,12 @@ class MLMEvaluator:
 
 
 def verdict(shift: dict[str, float], coverage: float) -> str:
+  """One line: how large the shift is for this checkpoint, and what to do about it."""
   ratio = shift["perplexity_ratio"]
+  if ratio < 1.0 / MODERATE_PPL_RATIO:  # the model prefers the domain: adapted already
+    return (f"no shift for this checkpoint: its domain perplexity is {ratio:.2f}x the general one "
+            f"(it models the domain text better, e.g. after DAPT), although only {coverage:.1%} of "
+            "domain word occurrences are general-corpus words; finetune directly.")
   if ratio >= LARGE_PPL_RATIO or coverage < LOW_WORD_COVERAGE:
     level = ("large", "continued domain pretraining (DAPT: configs/pretrain.py with init_from and "
              "the domain corpus) is likely to pay off")
@@ -242,8 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     texts = examples.resolve_texts(config[name])
     _, held = pretrain.split_documents(texts, every_nth)
     if not held:
-      raise ValueError(f"{name}={config[name]!r} has {len(texts)} documents: too few for a held-out "
-                       f"set of every {every_nth}-th document; lower held_out_every_nth.")
+      raise ValueError(f"{name}={config[name]!r} has {len(texts)} documents: too few for a "
+                       f"held-out set of every {every_nth}-th document; lower held_out_every_nth.")
     sample = sample_docs(texts, config.max_docs)
     stats = tokenizer_stats(tok, sample)
     pieces[name] = stats.pop("_piece_counts")
@@ -282,7 +289,8 @@ def report_text(summary: dict[str, Any]) -> str:
                              ("MLM accuracy", "mlm_accuracy"),
                              ("unknown-piece rate ([UNK] + bytes)", "unknown_piece_rate"),
                              ("[UNK] rate", "unk_rate"), ("pieces per word", "pieces_per_word"))]
-  lines = [f"# Domain-shift diagnostic: `{summary['init_from']}` (step {summary['checkpoint_step']})",
+  lines = [f"# Domain-shift diagnostic: `{summary['init_from']}` "
+           f"(step {summary['checkpoint_step']})",
            "", f"general = `{g['corpus']}` ({g['documents']} docs, {g['held_out_documents']} "
            f"held out), domain = `{d['corpus']}` ({d['documents']} docs, {d['held_out_documents']} "
            "held out)", "",

@@ -34,12 +34,13 @@ refuses a rerun whose schedule no longer matches the one the workdir was started
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import re
 import shutil
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 from flax.core import meta
@@ -294,8 +295,8 @@ def saved_param_shapes(workdir: str) -> tuple[dict[str, tuple[int, ...]], int]:
   """({parameter path: shape}, step) of the newest checkpoint of a training workdir."""
   directory = os.path.join(os.path.expanduser(workdir), "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"init_from={workdir!r} has no checkpoints/ directory; name the workdir "
-                            "of a finished pretraining (or DAPT) run.")
+    raise FileNotFoundError(f"init_from={workdir!r} has no checkpoints/ directory; name the "
+                            "workdir of a finished pretraining (or DAPT) run.")
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers={"params": ocp.PyTreeCheckpointHandler()})
@@ -561,7 +562,8 @@ def _build_engine(ctx: _Context, phase: Phase, start: int, end: int):
   """(engine, rules, parameter counts) for one phase."""
   cfg = ctx.config
   rules = phase_rules(phase, ctx.mcfg.n_layer, cfg.unfreeze)
-  labels = optim.assign_groups(ctx.abstract_params, rules)["labels"]  # raises if a rule matches none
+  # Raises if a rule matches no parameter.
+  labels = optim.assign_groups(ctx.abstract_params, rules)["labels"]
   counts = optim.count_params(ctx.abstract_params, labels)
   counts["frozen"] = counts["total"] - counts["trainable"]
   frozen = jax.tree.map(lambda l: l == optim.FROZEN, labels)
@@ -594,9 +596,9 @@ def _initial_params(ctx: _Context, engine: steps_lib.Engine, params: Any) -> Any
   params = dict(params, backbone=restored["backbone"])
   if pooler_fits:
     params[HEAD] = dict(params[HEAD], pooler=restored["nsp_head"]["pooler"])
-  logging.info("Initialised the backbone%s from %s (step %d); the head %s is new.",
+  logging.info("Initialised the backbone%s from %s (step %d); the head%s is new.",
                " and the pooler" if pooler_fits else "", ctx.config.init_from, step,
-               "output layer" if pooler_fits else "")
+               "'s output layer" if pooler_fits else "")
   return params
 
 
@@ -632,7 +634,7 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
   record_path = os.path.join(pdir, "phase.json")
   done = read_json(record_path)
   if done is not None:
-    return done
+    return dict(done, dir=pdir)  # the workdir may have moved since
   end = ctx.total_steps if phase.steps is None else min(ctx.total_steps, start + phase.steps)
   engine, rules, counts = _build_engine(ctx, phase, start, end)
   logging.info("Phase %s (steps %d-%d): %s trainable / %s frozen parameters; rules %s.",
@@ -666,7 +668,7 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
 
     def evaluate(params):
       batches = _batches(ctx, ctx.task.dev.records, train=False)
-      return engine.evaluate(params, _take(batches, cfg.eval.num_batches))
+      return engine.evaluate(params, itertools.islice(batches, cfg.eval.num_batches))
 
     if loop_state is not None and loop_state.stopped_early:
       loop = loop_state  # killed after stopping early but before phase.json: nothing left to train
@@ -694,13 +696,6 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
   if jax.process_index() == 0:
     metrics_lib.write_json(record_path, record)
   return record
-
-
-def _take(iterator: Iterable[Any], n: int):
-  for i, item in enumerate(iterator):
-    if i >= n:
-      return
-    yield item
 
 
 def _check_plan(workdir: str, plan: list[Phase]) -> None:
@@ -827,12 +822,14 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
   lines.append(eval_lib.markdown_table(("metric", "test", "dev"), rows))
   if "majority_baseline" in summary:
     mb = summary["majority_baseline"]
-    lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy {mb['accuracy']:.4f}, "
-                 f"macro-F1 {mb['macro_f1']:.4f}. Latency measured on {summary['latency_device']}, "
+    lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy "
+                 f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}. Latency measured on "
+                 f"{summary['latency_device']}, "
                  "median after warm-up.")
   lines += ["", "## Phases", ""]
   lines.append(eval_lib.markdown_table(
-      ("phase", "unfrozen layers", "trainable", "frozen", "steps", "best dev loss", "stopped early"),
+      ("phase", "unfrozen layers", "trainable", "frozen", "steps", "best dev loss",
+       "stopped early"),
       [(p["name"], "all" if p["unfrozen_layers"] == "all" else
         (",".join(map(str, p["unfrozen_layers"])) or "head only"),
         f"{p['trainable_params']:,}", f"{p['frozen_params']:,}",
@@ -840,8 +837,8 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
        for p in summary["phases"]]))
   lines += ["", "## Per-class precision and recall (test)", "", eval_lib.per_class_table(test)]
   if confusion_png:
-    lines += ["## Confusion matrix (test)", "", f"![confusion matrix]({os.path.basename(confusion_png)})",
-              ""]
+    lines += ["## Confusion matrix (test)", "",
+              f"![confusion matrix]({os.path.basename(confusion_png)})", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
@@ -885,7 +882,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.warning("init_from was pretrained with activation=%s; finetuning with %s changes the "
                     "backbone's function.", arch["activation"], mcfg.activation)
   model = heads.Classifier(mcfg, len(task.labels), multi_label=task.multi_label)
-  seq_len = config.task.seq_len if config.task.seq_len > 0 else txl.SEGMENT_LEN[config.model.variant]
+  seq_len = (config.task.seq_len if config.task.seq_len > 0
+             else txl.SEGMENT_LEN[config.model.variant])
   abstract_params = jax.eval_shape(
       lambda r: model.init({"params": r}, jnp.zeros((1, 8), jnp.int32), None,
                            jnp.zeros((1, 8), jnp.int32) if mcfg.n_token_types else None)["params"],
