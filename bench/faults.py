@@ -61,7 +61,25 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.join(ROOT, "bench
   sys.path.pop(0)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
-CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
+# Where the code under test lives: the checkout, or a snapshot of it (main() copies r1jax/ and
+# configs/ so that edits made to the checkout while the campaign runs do not change what it tests).
+SOURCE = {"root": ROOT}
+
+
+def config_path() -> str:
+  return os.path.join(SOURCE["root"], "configs", "pretrain.py")
+
+
+def snapshot_source(directory: str) -> str:
+  """Copies r1jax/ and configs/ to `directory` and makes it the code under test (here and in the
+  subprocesses); call before anything imports r1jax."""
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+  for name in ("r1jax", "configs"):
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, name), os.path.join(directory, name), ignore=ignore)
+  SOURCE["root"] = directory
+  sys.path.insert(0, directory)
+  return directory
 TIMING_FIELDS = ("tokens_per_sec", "steps_per_sec", "mfu")
 TINY_MODEL = dict(n_layer=1, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16)
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -148,7 +166,8 @@ class Harness:
 
   def command(self, workdir: str, *extra: str, inject: str | None = None) -> list[str]:
     prefix = [sys.executable, "-c", INJECT] if inject else [sys.executable, "-m", "r1jax.main"]
-    return prefix + [f"--config={CONFIG}:variant=tiny", f"--workdir={workdir}", *self.overrides(),
+    return prefix + [f"--config={config_path()}:variant=tiny", f"--workdir={workdir}",
+                     *self.overrides(),
                      *extra]
 
   def env(self, inject: str | None = None) -> dict[str, str]:
@@ -157,7 +176,7 @@ class Harness:
     env.update(
         XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={self.devices}".strip(),
         JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=SOURCE["root"] + os.pathsep + env.get("PYTHONPATH", ""),
         JAX_COMPILATION_CACHE_DIR=self.cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     env.pop("R1JAX_FAULTS_INJECT", None)
@@ -168,7 +187,7 @@ class Harness:
   def start(self, workdir: str, log_path: str, *extra: str,
             inject: str | None = None) -> subprocess.Popen:
     with open(log_path, "wb") as log:
-      return subprocess.Popen(self.command(workdir, *extra, inject=inject), cwd=ROOT,
+      return subprocess.Popen(self.command(workdir, *extra, inject=inject), cwd=SOURCE["root"],
                               env=self.env(inject), stdout=log, stderr=subprocess.STDOUT)
 
   def run(self, workdir: str, log_path: str, *extra: str, inject: str | None = None,
@@ -850,7 +869,7 @@ def parse_command_line(overrides: list[str]):
   """The config the real flag parser builds from configs/pretrain.py:variant=tiny + overrides."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ["r1jax.main", f"--config={CONFIG}:variant=tiny", *overrides]
+  argv = ["r1jax.main", f"--config={config_path()}:variant=tiny", *overrides]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
                                   sys_argv=argv)
@@ -950,7 +969,7 @@ def run_lock_races(contenders: int, trials: int, scratch: str) -> dict[str, Any]
   stale = json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start_time": "1"})
   gap = 3.0
   t0 = time.time() + 25.0  # after every contender has imported jax
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(os.environ, PYTHONPATH=SOURCE["root"] + os.pathsep + os.environ.get("PYTHONPATH", ""))
   procs = [subprocess.Popen([sys.executable, "-c", LOCK_RACE, workdir, str(t0), str(trials),
                              str(gap)], env=env, stdout=subprocess.PIPE, text=True)
            for _ in range(contenders)]
@@ -1063,12 +1082,16 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--fuzz", type=int, default=500, help="examples per fuzz property")
   parser.add_argument("--workdir", default="", help="keep everything here (default: a temp dir)")
   parser.add_argument("--out", default="", help="write the results as JSON here")
+  parser.add_argument("--no-snapshot", action="store_true",
+                      help="test the checkout as it is now (default: a copy taken at the start)")
   args = parser.parse_args(argv)
   set_cpu_devices(8)
 
   rng = random.Random(args.seed)
   root = args.workdir or tempfile.mkdtemp(prefix="r1jax_faults_")
   os.makedirs(root, exist_ok=True)
+  if not args.no_snapshot:
+    snapshot_source(os.path.join(root, "src"))
   results: dict[str, Any] = {"seed": args.seed}
   started = time.time()
 
@@ -1079,12 +1102,12 @@ def main(argv=None) -> dict[str, Any]:
                     cache_dir=os.path.join(root, "jax_cache"), num_steps=args.steps)
   section("reference run (uninterrupted)")
   reference = os.path.join(root, "reference")
-  if not os.path.exists(os.path.join(reference, "summary.json")):
-    t = time.time()
-    code, text = harness.run(reference, os.path.join(root, "reference.log"))
-    if code != 0:
-      raise RuntimeError(f"reference run failed:\n{text[-3000:]}")
-    results["reference_secs"] = round(time.time() - t, 1)
+  shutil.rmtree(reference, ignore_errors=True)
+  t = time.time()
+  code, text = harness.run(reference, os.path.join(root, "reference.log"))
+  if code != 0:
+    raise RuntimeError(f"reference run failed:\n{text[-3000:]}")
+  results["reference_secs"] = round(time.time() - t, 1)
 
   if args.kills:
     section(f"kill campaign: {args.kills} interruptions")

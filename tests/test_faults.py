@@ -66,12 +66,16 @@ def reference(harness, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed(harness, reference, tmp_path_factory):
-  """SIGKILL mid-save (until a kill leaves a half-written step; at most 3 tries), at step 10 (and
-  the instant the next save is final if 10 came first), then the same command to completion. Keeps
-  a copy of the workdir as it was when two checkpoints were final, for the corruption tests."""
+  """One run interrupted every way, then finished by the same command:
+    1. SIGKILL mid-save (until a kill leaves a half-written step; at most 3 tries);
+    2. SIGKILL at step 10 (and the instant the next save is final if 10 came first); a copy of the
+       workdir with two final checkpoints is kept for the corruption and shape tests;
+    3. held with SIGSTOP while a second run starts on the workdir (it must refuse), then SIGKILL;
+    4. SIGTERM: save and exit within the grace period.
+  """
   root = tmp_path_factory.mktemp("killed")
   workdir, snapshot = str(root / "run"), str(root / "snapshot")
-  campaign = faults.KillCampaign(harness, workdir, str(root / "logs"), random.Random(0))
+  campaign = faults.KillCampaign(harness, workdir, str(root / "logs"), random.Random(0), grace=20.0)
   for _ in range(3):
     attempt = campaign.interrupt("mid_save")
     if attempt.tmp_after or attempt.returncode == 0:
@@ -81,6 +85,8 @@ def killed(harness, reference, tmp_path_factory):
     attempt = campaign.interrupt("after_save")
   if len(attempt.finalized_after) >= 2:
     shutil.copytree(workdir, snapshot)
+  campaign.interrupt("second_run", target=12)
+  campaign.interrupt("sigterm", target=13)
   campaign.finish(reference)
   return campaign, snapshot
 
@@ -88,7 +94,7 @@ def killed(harness, reference, tmp_path_factory):
 def test_sigkill_mid_save_and_mid_step_then_rerun_is_bitwise_identical(killed):
   campaign, _ = killed
   assert not campaign.problems, "\n".join(campaign.problems)
-  kills = [a for a in campaign.attempts if a.signal_sent]
+  kills = [a for a in campaign.attempts if a.signal_sent and a.mode != "sigterm"]
   assert kills and campaign.counts["kills_leaving_half_written_checkpoint"] >= 1
   # The restart after the mid-save kill resumed from the newest finalized step, not the tmp one.
   mid_save = next(i for i, a in enumerate(campaign.attempts) if a.tmp_after)
@@ -101,18 +107,20 @@ def test_sigkill_mid_save_and_mid_step_then_rerun_is_bitwise_identical(killed):
       campaign.log_dir, name)) for name in logs)
 
 
-def test_sigterm_saves_within_grace_and_second_run_is_refused(harness, reference, tmp_path):
-  campaign = faults.KillCampaign(harness, str(tmp_path / "run"), str(tmp_path / "logs"),
-                                 random.Random(1), grace=20.0)
-  campaign.interrupt("second_run")  # held (SIGSTOP): a second run refuses; then SIGKILL
-  sigterm = campaign.interrupt("sigterm")
-  campaign.finish(reference)
-  assert not campaign.problems, "\n".join(campaign.problems)
-  assert campaign.counts["second_run_refused"] == campaign.counts["second_run_tried"] == 1
-  assert campaign.counts["sigterm_ok"] == campaign.counts["sigterm_tried"] == 1
+def test_sigterm_saves_within_grace_and_the_rerun_resumes_from_that_save(killed):
+  campaign, _ = killed
+  i, sigterm = next((i, a) for i, a in enumerate(campaign.attempts) if a.mode == "sigterm")
+  assert campaign.counts["sigterm_ok"] == campaign.counts["sigterm_tried"] == 1, sigterm.notes
   assert sigterm.returncode == ckpt_lib.PREEMPTED_EXIT_CODE
   saved = max(sigterm.finalized_after)
-  assert saved >= sigterm.step_at_signal and campaign.attempts[-1].resumed_from == saved
+  assert saved >= sigterm.step_at_signal
+  assert campaign.attempts[i + 1].resumed_from == saved
+
+
+def test_second_run_on_a_held_workdir_refuses_without_touching_it(killed):
+  campaign, _ = killed
+  assert campaign.counts["second_run_refused"] == campaign.counts["second_run_tried"] == 1, (
+      campaign.problems)
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_finishes_identically(harness, reference, killed,
@@ -252,3 +260,16 @@ def test_stale_lock_takeover_race_keeps_the_winner(tmp_path):
 
 def pretrain_config():
   return faults.parse_command_line([])
+
+
+@pytest.mark.slow
+def test_fault_campaign_few_iterations(tmp_path):
+  """bench/faults.py end to end with a small budget: every count must come out clean."""
+  results = faults.main(["--workdir", str(tmp_path), "--no-snapshot", "--kills", "7",
+                         "--steps", "32", "--corruptions", "10", "--e2e-corruptions", "1",
+                         "--nan", "1", "--configs", "10", "--races", "1", "--fuzz", "10"])
+  problems = [p for name in ("kills", "e2e_corruptions", "corruptions", "nan", "configs",
+                             "lock_races", "fuzz") for p in results[name]["problems"]]
+  assert not problems, "\n".join(problems)
+  assert results["kills"]["survived"] == results["kills"]["tried"] > 0
+  assert results["fuzz"]["documents_lost"] == 0
