@@ -189,10 +189,10 @@ def causal_lm_loss_fn(model: Any) -> Callable[..., Any]:
     memory = extras["memory"].reset(batch["reset_memory"])
     outputs, new_memory = model.apply({"params": params}, batch["tokens"], memory=memory,
                                       deterministic=deterministic, rngs={"dropout": rng})
-    weights = np.ones(batch["labels"].shape, np.float32)
-    lm = steps_lib.weighted_classification(outputs["mlm_logits"], batch["labels"], weights)
-    loss = lm["loss"][0] / lm["loss"][1]
-    return loss, ({"lm_loss": lm["nll"], "lm_accuracy": lm["accuracy"]}, {"memory": new_memory})
+    # The loss only (no accuracy argmax over [B, Q, V]): what the HF model computes too.
+    _, nll = steps_lib.cross_entropy(outputs["mlm_logits"], batch["labels"])
+    loss = nll.mean()
+    return loss, ({"lm_loss": steps_lib.metric(nll.sum(), nll.size)}, {"memory": new_memory})
   return loss_fn
 
 
@@ -403,18 +403,18 @@ def _worker_env(threads: int, platform: str) -> dict[str, str]:
   for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     env[name] = str(threads)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  env.pop("CUDA_VISIBLE_DEVICES", None) if platform != "cpu" else None
   return env
 
 
 def run_worker(kind: str, spec: dict[str, Any], *, cpus: Sequence[int], platform: str = "cpu",
                timeout: float = 3600.0, label: str = "") -> dict[str, Any]:
   """Runs one measurement in a fresh process pinned to `cpus`; returns its result dict."""
-  spec = dict(spec, threads=len(cpus))
+  threads = len(cpus) if platform == "cpu" else len(os.sched_getaffinity(0))
+  spec = dict(spec, threads=threads)
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--spec", json.dumps(spec)]
   preexec = (lambda: os.sched_setaffinity(0, cpus)) if platform == "cpu" else None
   start = time.perf_counter()
-  proc = subprocess.run(cmd, env=_worker_env(len(cpus), platform), capture_output=True, text=True,
+  proc = subprocess.run(cmd, env=_worker_env(threads, platform), capture_output=True, text=True,
                         timeout=timeout, preexec_fn=preexec, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
   if proc.returncode != 0 or not lines:
