@@ -49,9 +49,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.require(config.get("stage") == "pretrain", "stage",
               f"{config.get('stage')!r}; this stage runs configs with stage='pretrain'.")
     try:
-      model_config(config)
+      vocab = model_config(config).vocab_size
     except (ValueError, TypeError) as e:
       v.add("model", str(e))
+    else:
+      smallest = tokenizer_lib.NUM_SPECIAL + 256 + 2
+      if not config.data.get("tokenizer") and not config.get("init_from") and vocab < smallest:
+        v.add("model.vocab_size", f"{vocab} is too small to train the tokenizer (5 specials + 256 "
+              f"byte pieces + at least 1 more = {smallest}); raise it or name one with "
+              f"data.tokenizer.")
     v.int_at_least("data.seq_len", 8, allow=(-1,))
     v.number_in("data.mlm_prob", 0.0, 1.0, low_open=True, high_open=True)
     v.int_at_least("data.max_predictions", 1, allow=(-1,))
@@ -70,7 +76,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.int_at_least("data.kg_seq_len", 8)
     v.number_in("data.kg_weight", 0.0, 1e3)
     v.int_at_least("data.eval_every_nth_doc", 2)
-    v.int_at_least("data.worker_count", 0)
+    workers = v.int_at_least("data.worker_count", 0)
+    batch = config.train.get("batch_size")
+    if workers and isinstance(batch, int) and batch > 0 and (batch // process_count) % workers:
+      v.add("data.worker_count", f"{workers} does not divide the per-process batch "
+            f"{batch // process_count} (each worker builds a fixed subset of its rows); use a "
+            f"divisor of it, or 0.")
     seq_len = seq_len_of(config)
     max_pred = config.data.get("max_predictions", -1)
     if isinstance(max_pred, int) and seq_len and max_pred > seq_len:
