@@ -412,11 +412,10 @@ class KillCampaign:
         else:
           self.problems.append(f"attempt {i}: second run exit {code}, refused={refused}, workdir "
                                f"changed={before != after}")
-        os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(self.rng.uniform(0, 0.3))
         attempt.step_at_signal = last_train_step(self.workdir)
-        attempt.signal_sent = proc.poll() is None
-        _kill(proc)
+        attempt.signal_sent = True
+        _kill(proc)  # while held: a stopped process dies of SIGKILL too
+        _kill(proc, signal.SIGCONT)
     if proc.poll() is None and not attempt.signal_sent:
       _kill(proc)
     proc.wait()
@@ -930,7 +929,8 @@ def run_config_campaign(trials: int, rng: random.Random, scratch: str) -> dict[s
       problems.append(problem)
   # Typos of real keys, and impossible combinations.
   extra = [("train.lerning_rate", "0.1"), ("model.d_modle", "64"), ("checkpoint.every", "5"),
-           ("mesh.data", "16"), ("train.batch_size", "6")]
+           ("mesh.data", "16"), ("train.batch_size", "6"), ("data.worker_count", "3"),
+           ("model.vocab_size", "10")]
   for key, value in extra:
     problem = config_trial(key, value, os.path.join(scratch, f"cfg_{key}"))
     if problem:

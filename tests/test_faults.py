@@ -201,7 +201,8 @@ def test_random_invalid_override_fails_before_compiling_naming_the_key(tmp_path_
 
 
 @pytest.mark.parametrize("key,value", [("train.lerning_rate", "0.1"), ("model.d_modle", "64"),
-                                       ("mesh.data", "16"), ("train.batch_size", "6")])
+                                       ("mesh.data", "16"), ("train.batch_size", "6"),
+                                       ("data.worker_count", "3"), ("model.vocab_size", "10")])
 def test_typo_and_impossible_combination_fail_naming_the_key(tmp_path, key, value):
   assert faults.config_trial(key, value, str(tmp_path / "run")) is None
 
