@@ -513,3 +513,47 @@ def test_general_vs_domain_adapted_on_foldoc(tmp_path):
   acc = next(r for r in result["metrics"] if r["metric"] == "accuracy")
   assert acc["values"] == [s["test"]["accuracy"] for s in summaries.values()]
   assert "adapted - general" in open(os.path.join(tmp_path, "cmp", "comparison.md")).read()
+
+
+def test_model_config_inherits_the_pretrained_architecture_and_takes_relu6(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model": {
+      "variant": "tiny", "d_model": 32, "n_layer": 3, "dropout": 0.0, "activation": None}}))
+  arch = finetune.pretrained_architecture(str(tmp_path), {"backbone/type_emb/embedding": (2, 32)})
+  config = make_config(**{"model.n_layer": 1, "model.activation": "relu6"})
+  mcfg = finetune.model_config(config, vocab_size=500, pretrained=arch)
+  assert (mcfg.d_model, mcfg.n_token_types, mcfg.vocab_size) == (32, 2, 500)  # inherited
+  assert mcfg.n_layer == 1 and mcfg.activation == "relu6"  # set here: the config wins
+  assert mcfg.dropout == 0.1  # a training choice, never inherited (tiny finetuning default)
+  assert finetune.model_config(make_config()).dropout == 0.1
+  assert finetune.model_config(make_config(variant="base")).dropout == 0.3
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_loss_ignores_padding_rows(multi):
+  """Rows with example_mask False do not count: changing their content changes nothing."""
+  from r1jax.model import heads, transformer_xl as txl  # pylint: disable=g-import-not-at-top
+  model = heads.Classifier(txl.get_variant("tiny", vocab_size=50, d_model=16, n_layer=1, n_head=2,
+                                           d_head=8, d_inner=32, dropout=0.0), 3, multi_label=multi)
+
+  def batch(seed):
+    r = np.random.default_rng(seed)
+    tokens = r.integers(5, 50, (4, 6)).astype(np.int32)
+    label = (r.integers(0, 2, (4, 3)).astype(np.float32) if multi
+             else r.integers(0, 3, (4,)).astype(np.int32))
+    return {"tokens": tokens, "token_mask": tokens > 0, "label": label,
+            "example_mask": np.array([True, True, False, False])}
+
+  a, b = batch(0), batch(1)
+  for k in ("tokens", "token_mask", "label"):  # same real rows, different padding rows
+    b[k][:2] = a[k][:2]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), a["tokens"][:1])["params"]
+  loss_fn = jax.jit(finetune.classification_loss_fn(model, multi_label=multi, label_smoothing=0.1),
+                    static_argnums=4)
+  key = jax.random.PRNGKey(0)
+  loss_a, (m_a, _) = loss_fn(params, a, {}, key, True)
+  loss_b, (m_b, _) = loss_fn(params, b, {}, key, True)
+  assert float(loss_a) == float(loss_b)
+  assert jax.tree.map(float, m_a) == jax.tree.map(float, m_b)
+  assert float(m_a["loss"][1]) == 2.0  # two real rows
+  all_rows = dict(a, example_mask=np.ones(4, bool))
+  assert float(loss_fn(params, all_rows, {}, key, True)[0]) != float(loss_a)
