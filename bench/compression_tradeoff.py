@@ -1,9 +1,9 @@
 r"""Compression trade-off on the embedded FOLDOC task: float vs INT8 vs distilled vs pruned.
 
-    python bench/compression.py --workdir=/tmp/bench_compress               # tiny, 6-layer teacher
-    python bench/compression.py --workdir=DIR --variant=small --teacher_layers=6
-    python bench/compression.py --workdir=DIR --pretrain_steps=1500         # pretrain first (better)
-    python bench/compression.py --workdir=DIR --quick                       # minutes: smoke run
+    python bench/compression_tradeoff.py --workdir=/tmp/bench_compress               # tiny, 6-layer teacher
+    python bench/compression_tradeoff.py --workdir=DIR --variant=small --teacher_layers=6
+    python bench/compression_tradeoff.py --workdir=DIR --pretrain_steps=1500         # pretrain first (better)
+    python bench/compression_tradeoff.py --workdir=DIR --quick                       # minutes: smoke run
 
 Runs the real stages, each in its own workdir under --workdir (rerunning resumes / skips what is
 done): [pretrain on builtin:domain] -> finetune (the teacher / float reference) -> quantize (int8
