@@ -40,7 +40,7 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 from flax.core import meta
@@ -535,6 +535,7 @@ class _Context:
   abstract_params: Any
   total_steps: int
   saved_shapes: dict[str, tuple[int, ...]]  # init_from's parameter shapes ({} from scratch)
+  on_eval: Callable[[int, dict[str, float]], bool] | None = None  # loop.fit's hook, every phase
 
 
 def _batches(ctx: _Context, records, *, train: bool, seed: int = 0, batch_size: int | None = None,
@@ -674,6 +675,7 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
       loop = loop_state  # killed after stopping early but before phase.json: nothing left to train
     else:
       result = loop_lib.fit(engine, state, train_iter, options=_phase_loop_options(ctx, phase, end),
+                            on_eval=ctx.on_eval,
                             checkpointer=checkpointer, writer=writer, evaluate=evaluate,
                             loop_state=loop_state, start_step=step)
       loop, step = result.loop, result.step
@@ -848,8 +850,13 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
 # Entry point.
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes, or returns the summary of a finished) finetuning in `workdir`."""
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+  """Runs (or resumes, or returns the summary of a finished) finetuning in `workdir`.
+
+  `on_eval(step, dev_metrics)` is called after every dev eval of every phase (`loop.fit`'s hook):
+  returning True ends that phase early like early stopping; raising (e.g. optuna.TrialPruned)
+  stops the whole run."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
@@ -858,13 +865,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if done is not None and "test" in done:
       logging.info("Finetuning in %s already finished; nothing to do.", workdir)
       return done
-    return _run(config, workdir)
+    return _run(config, workdir, on_eval)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _run(config: ml_collections.ConfigDict, workdir: str,
+         on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
   init_from = os.path.expanduser(config.init_from) if config.init_from else ""
   saved_shapes, init_step, arch = {}, None, {}
   if init_from:
@@ -906,7 +914,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = mesh_lib.make_mesh(config.mesh)
   ctx = _Context(config=config, workdir=workdir, model=model, mcfg=mcfg, task=task, tok=tok,
                  seq_len=seq_len, mesh=mesh, abstract_params=abstract_params, total_steps=total,
-                 saved_shapes=saved_shapes)
+                 saved_shapes=saved_shapes, on_eval=on_eval)
   # Check every phase's rules now (a rule matching nothing fails here, not hours later).
   for phase in plan:
     optim.assign_groups(abstract_params, phase_rules(phase, mcfg.n_layer, config.unfreeze))
