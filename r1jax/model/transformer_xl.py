@@ -78,6 +78,9 @@ class TransformerXLConfig:
   dtype: Any = "float32"          # compute dtype (e.g. "bfloat16").
   param_dtype: Any = "float32"    # parameter dtype.
   remat: bool = False             # rematerialise each layer in the backward pass (saves memory).
+  flat_matmuls: bool = True       # projections as 2-D matmuls (fast XLA:CPU weight gradients);
+                                  # False: einsums over the kernels' own shapes (what qwix PTQ
+                                  # intercepts; same parameters, same results).
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -506,6 +509,7 @@ class Dense(nn.Module):
   dtype: Any
   param_dtype: Any
   use_bias: bool = True
+  flat: bool = True  # False: one einsum (see TransformerXLConfig.flat_matmuls)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -513,8 +517,11 @@ class Dense(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                         self.param_dtype)
     x = jnp.asarray(x, self.dtype)
-    y = x.reshape(-1, x.shape[-1]) @ kernel.astype(self.dtype)
-    y = y.reshape(x.shape[:-1] + (self.features,))
+    if self.flat:
+      y = x.reshape(-1, x.shape[-1]) @ kernel.astype(self.dtype)
+      y = y.reshape(x.shape[:-1] + (self.features,))
+    else:
+      y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -527,7 +534,8 @@ def make_dense(config: TransformerXLConfig, features: int, kernel_axes: tuple[st
   return Dense(
       features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype,
       kernel_init=_normal(kernel_axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[1],)), name=name)
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[1],)),
+      flat=config.flat_matmuls, name=name)
 
 
 def _relative_biases(module: nn.Module, config: TransformerXLConfig) -> tuple[jax.Array, jax.Array]:
@@ -548,9 +556,13 @@ class _Kernel(nn.Module):
     return self.param("kernel", _normal(self.logical_axes), self.shape, self.param_dtype)
 
 
-def _project(x: jax.Array, kernel: jax.Array, in_axes: int = 1) -> jax.Array:
+def _project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, flat: bool = True) -> jax.Array:
   """Contracts the last `in_axes` axes of x [B, L, ...] with the first ones of `kernel`, as one
-  2-D [B * L, I] x [I, O] matmul (for the fast XLA:CPU weight gradient, see `Dense`)."""
+  2-D [B * L, I] x [I, O] matmul (for the fast XLA:CPU weight gradient, see `Dense`), or as one
+  einsum over the kernel's own shape when `flat` is False."""
+  if not flat:
+    inner, out = "ijk"[:in_axes], "nopq"[:kernel.ndim - in_axes]
+    return jnp.einsum(f"bl{inner},{inner}{out}->bl{out}", x, kernel)
   lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   out = kernel.shape[in_axes:]
   y = x.reshape(int(np.prod(lead)), int(np.prod(inner))) @ kernel.reshape(int(np.prod(inner)), -1)
@@ -595,12 +607,12 @@ class RelativeAttention(nn.Module):
     head_axes = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
     if mlen == 0:
       # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D].
-      qkv = _project(x, qkv_kernel)
+      qkv = _project(x, qkv_kernel, flat=cfg.flat_matmuls)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       # Queries only for the segment's rows; keys and values for memory and segment.
-      q = _project(x[:, mlen:], qkv_kernel[:, 0])
-      kv = _project(x, qkv_kernel[:, 1:])
+      q = _project(x[:, mlen:], qkv_kernel[:, 0], flat=cfg.flat_matmuls)
+      kv = _project(x, qkv_kernel[:, 1:], flat=cfg.flat_matmuls)
       k, v = kv[:, :, 0], kv[:, :, 1]
     q, k, v = (axes.constrain(t, head_axes) for t in (q, k, v))
     r = jnp.einsum("pd,dhn->phn", pos_emb.astype(dtype), r_kernel)            # [P, H, D]
@@ -617,7 +629,7 @@ class RelativeAttention(nn.Module):
     probs = Dropout(cfg.dropatt)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhn->bqhn", probs, v)                             # [B, Q, H, D]
     out = axes.constrain(out, head_axes)
-    return _project(out, o_kernel, in_axes=2)                                 # [B, Q, d]
+    return _project(out, o_kernel, in_axes=2, flat=cfg.flat_matmuls)   # [B, Q, d]
 
 
 class TransformerXLLayer(nn.Module):
