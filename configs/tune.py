@@ -111,7 +111,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b.schedule = "full"
       b.task.seq_len = 32
       b.train.num_steps = 96
-      b.unfreeze.learning_rate = 3e-3
       b.eval.every_steps = 16
       b.eval.num_batches = 64  # covers the whole dev split at any batch size in the space
       b.eval.early_stopping_patience = 0  # the pruner decides
