@@ -1,33 +1,36 @@
 r"""Training throughput of r1jax next to the PyTorch stacks users would otherwise pick.
 
-    python bench/train_throughput.py                  # full table on this machine (~5-10 min, 2 cores)
-    python bench/train_throughput.py --toy            # seconds: tiny sizes, for the smoke test
+    python bench/train_throughput.py                  # full table on this machine (~10 min, 2 cores)
+    python bench/train_throughput.py --toy            # tiny sizes in about a minute (smoke test)
     python bench/train_throughput.py --gpu            # adds the GPU section when a GPU is visible
 
-Every row is measured in the same run, each in its own subprocess so the peers cannot disturb each
-other's memory figures:
+Every row is measured in the same run:
 
 * the machine's ceiling: the best large float32 and bfloat16 matmul through JAX, in FLOP/s;
 * r1jax MLM+NSP training steps through the engine's real jitted step (`steps.Engine.train_step`:
   loss, gradients, clipping, AdamW, NaN guard), bidirectional Transformer-XL with memory off
   (mem_len 0, the same work as BERT) and on (mem_len 128), at the small size, and the base variant
   for a short run: tokens/s, MFU, peak memory, compile time;
-* HuggingFace PyTorch `BertForPreTraining` (MLM+NSP) at the same size and batch;
+* HuggingFace PyTorch `BertForPreTraining` (MLM+NSP) at the same size and batch, trained the usual
+  way (AdamW, clipping at 1.0);
 * HuggingFace PyTorch `TransfoXLLMHeadModel` against r1jax in causal-LM mode with the same memory
   length (mem_len 128), both predicting every position over the full vocabulary;
 * the ratios r1jax / peer.
 
-Method. Each measurement runs in a fresh process pinned to the same `--threads` cores
-(`os.sched_setaffinity`); PyTorch gets `torch.set_num_threads(threads)` (and one inter-op thread);
-XLA's CPU client sizes its intra-op thread pool from the same affinity mask, so both stacks use
-exactly `threads` compute threads. The first steps (compilation for JAX) are excluded; the
-figures are medians of the timed steps, pooled over `--rounds` rounds in which r1jax and its peers
-alternate (the machine may be shared: alternating spreads any background load over both sides).
-Peak memory is the process's resident-set high-water mark (`ru_maxrss`) minus its resident set
-after imports, i.e. what building the model and training adds, measured the same way for every
-peer. MFU = the model's training FLOPs (`r1jax.train.metrics.pretrain_flops_per_step`: encoder
-attention over memory + segment counted in full) / the float32 matmul ceiling measured in the same
-process, interleaved with the timed steps.
+Method. Each peer runs in its own process, pinned to the same `--threads` cores
+(`os.sched_setaffinity`); PyTorch gets `torch.set_num_threads(threads)` (one inter-op thread) and
+XLA's CPU client sizes its intra-op pool from the same affinity mask, so every peer computes with
+exactly `threads` threads. The processes of one comparison (r1jax memory off / HF BERT / r1jax
+memory on, then r1jax LM / HF TransfoXL) are started one after the other, each doing its warm-up
+steps alone (the first r1jax step includes compilation: compile time = first step - median step),
+and then take their timed steps in lockstep: one step of each in turn, never two at once. On a
+shared machine every peer's steps thus sit next to each other in time and see the same background
+load. Figures are medians of the timed steps. Peak memory is each process's resident-set high-water
+mark (`ru_maxrss`) minus its resident set after imports and runtime start-up, i.e. what building
+the model and training adds (compilation included for JAX), measured the same way for every peer.
+MFU = the model's training FLOPs (`r1jax.train.metrics.pretrain_flops_per_step`: attention over
+memory + segment counted in full, not halved) / the float32 matmul ceiling sampled in the same
+process before, between and after its timed steps.
 
 The last line printed is one JSON object with every figure (see `summary_json`).
 """
@@ -47,13 +50,14 @@ import math  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(_HERE)
-RESULT_PREFIX = "BENCH_RESULT "
+PREFIX = "BENCH "  # worker -> parent protocol lines: "BENCH <KIND> <json>"
 
 # Same-size settings (issue 9): d_model 256, 4 layers, 4 heads, sequence 128, batch 32, vocab 8k.
 SMALL = dict(d_model=256, n_layer=4, n_head=4, d_head=64, d_inner=1024, vocab_size=8000)
@@ -113,36 +117,6 @@ def lm_batches(rng: np.random.RandomState, n: int, *, batch: int, seq_len: int, 
                reset_memory=np.zeros(batch, bool)) for i in range(n)]
 
 
-def time_steps(step: Callable[[int], Any], warmup: int, steps: int,
-               between: Callable[[], None] | None = None) -> tuple[float, list[float]]:
-  """Runs step(i) `warmup` times (the first one timed as `first_s`), then `steps` timed times.
-
-  `step` must block until its result is ready. `between` (e.g. a ceiling measurement) runs after
-  the warm-up, halfway and at the end, outside the timed steps. Returns (first_s, step times).
-  """
-  start = time.perf_counter()
-  step(0)
-  first = time.perf_counter() - start
-  for i in range(1, warmup):
-    step(i)
-  if between:
-    between()
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    step(warmup + i)
-    times.append(time.perf_counter() - start)
-    if between and i == steps // 2:
-      between()
-  if between:
-    between()
-  return first, times
-
-
-# --------------------------------------------------------------------------------------------------
-# JAX side.
-
-
 class Ceiling:
   """Best matmul FLOP/s of this process, sampled several times (median of the samples' bests)."""
 
@@ -196,76 +170,225 @@ def causal_lm_loss_fn(model: Any) -> Callable[..., Any]:
   return loss_fn
 
 
-def run_r1jax(spec: dict[str, Any]) -> dict[str, Any]:
-  """One r1jax training run through `steps.Engine`; returns the measured figures."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from r1jax import configlib  # pylint: disable=g-import-not-at-top
-  from r1jax.model import axes, heads  # pylint: disable=g-import-not-at-top
-  from r1jax.model import transformer_xl as txl  # pylint: disable=g-import-not-at-top
-  from r1jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from r1jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from r1jax.train import optim  # pylint: disable=g-import-not-at-top
-  from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+class R1jaxTrainer:
+  """r1jax MLM+NSP (or causal LM) training through `steps.Engine`, warmed up on construction."""
 
-  mode = spec["mode"]  # "mlm" | "lm"
-  batch, seq_len = spec["batch"], spec["seq_len"]
-  cfg = txl.get_variant(spec["variant"], **spec["model"])
-  model = heads.PretrainModel(cfg)
-  ceiling = Ceiling(spec.get("ceiling_dtype", "float32"), spec.get("ceiling_sizes", (1024, 2048)))
-  ceiling.sample()
-  rss0 = _rss_kib()  # after imports, backend start-up and the ceiling's matrices
+  def __init__(self, spec: dict[str, Any]):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from r1jax import configlib  # pylint: disable=g-import-not-at-top
+    from r1jax.model import axes, heads  # pylint: disable=g-import-not-at-top
+    from r1jax.model import transformer_xl as txl  # pylint: disable=g-import-not-at-top
+    from r1jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    from r1jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    from r1jax.train import optim  # pylint: disable=g-import-not-at-top
+    from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+    self._jax, self._steps = jax, steps_lib
+    self.mode = spec["mode"]  # "mlm" | "lm"
+    batch, seq_len = spec["batch"], spec["seq_len"]
+    self.tokens_per_step = batch * seq_len
+    cfg = self.cfg = txl.get_variant(spec["variant"], **spec["model"])
+    model = heads.PretrainModel(cfg)
+    self.ceiling = Ceiling(spec.get("ceiling_dtype", "float32"),
+                           spec.get("ceiling_sizes", (1024, 2048)))
+    self.rss0 = _rss_kib()  # after imports, runtime start-up and the ceiling's matrices
 
-  def init_params(rng):
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    types = jnp.zeros_like(tokens) if cfg.n_token_types else None
-    return model.init({"params": rng}, tokens, token_types=types)["params"]
+    def init_params(rng):
+      tokens = jnp.zeros((1, 8), jnp.int32)
+      types = jnp.zeros_like(tokens) if cfg.n_token_types else None
+      return model.init({"params": rng}, tokens, token_types=types)["params"]
 
-  train_cfg = configlib.train_section(num_steps=1000, batch_size=batch, learning_rate=3e-4,
-                                      warmup_steps=10, weight_decay=0.01, grad_clip_norm=1.0)
-  tx = optim.build_optimizer(train_cfg, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
-                             num_steps=1000)
-  mesh = mesh_lib.make_mesh(configlib.mesh_section(), devices=jax.devices()[:1])
-  loss_fn = (steps_lib.pretrain_loss_fn(model) if mode == "mlm" else causal_lm_loss_fn(model))
-  engine = steps_lib.Engine(
-      mesh=mesh, rules=axes.DEFAULT_RULES, loss_fn=loss_fn, tx=tx, init_params=init_params,
-      init_extras=lambda: {"memory": txl.init_memory(cfg, batch)}, batch_size=batch,
-      lr_schedule=optim.make_schedule(train_cfg, 1000))
-  rng = np.random.RandomState(0)
-  n_batches = spec["warmup"] + spec["steps"]
-  make = mlm_batches if mode == "mlm" else lm_batches
-  batches = make(rng, min(n_batches, 4) if mode == "mlm" else n_batches, batch=batch,
-                 seq_len=seq_len, vocab=cfg.vocab_size)
-  state = engine.init_state(jax.random.PRNGKey(0))
-  holder = {"state": state}
+    train_cfg = configlib.train_section(num_steps=1000, batch_size=batch, learning_rate=3e-4,
+                                        warmup_steps=10, weight_decay=0.01, grad_clip_norm=1.0)
+    tx = optim.build_optimizer(train_cfg, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
+                               num_steps=1000)
+    mesh = mesh_lib.make_mesh(configlib.mesh_section(), devices=jax.devices()[:1])
+    loss_fn = (steps_lib.pretrain_loss_fn(model) if self.mode == "mlm"
+               else causal_lm_loss_fn(model))
+    self.engine = steps_lib.Engine(
+        mesh=mesh, rules=axes.DEFAULT_RULES, loss_fn=loss_fn, tx=tx, init_params=init_params,
+        init_extras=lambda: {"memory": txl.init_memory(cfg, batch)}, batch_size=batch,
+        lr_schedule=optim.make_schedule(train_cfg, 1000))
+    rng = np.random.RandomState(0)
+    if self.mode == "mlm":
+      self.batches = mlm_batches(rng, 4, batch=batch, seq_len=seq_len, vocab=cfg.vocab_size)
+    else:  # consecutive segments, so the memory carries real context
+      self.batches = lm_batches(rng, spec["warmup"] + spec["steps"], batch=batch,
+                                seq_len=seq_len, vocab=cfg.vocab_size)
+    # The LM head (= the MLM head) runs on all Q positions in LM mode.
+    self.flops_per_step = metrics_lib.pretrain_flops_per_step(
+        cfg, batch_size=batch, seq_len=seq_len,
+        num_predictions=_num_predictions(seq_len) if self.mode == "mlm" else seq_len)
+    self.state = self.engine.init_state(jax.random.PRNGKey(0))
+    self.metrics = None
+    self.i = 0
 
-  def step(i):
-    holder["state"], metrics = engine.train_step(holder["state"], batches[i % len(batches)])
-    jax.block_until_ready(metrics)
-    holder["metrics"] = metrics
+  def step(self) -> None:
+    self.state, self.metrics = self.engine.train_step(self.state,
+                                                      self.batches[self.i % len(self.batches)])
+    self._jax.block_until_ready(self.metrics)
+    self.i += 1
 
-  first, times = time_steps(step, spec["warmup"], spec["steps"], ceiling.sample)
-  final = steps_lib.normalize(jax.device_get(holder["metrics"]))
-  if not math.isfinite(final["loss"]):
-    raise FloatingPointError(f"r1jax {mode} loss is {final['loss']}")
-  median = statistics.median(times)
-  # LM mode runs the same model with the MLM head (= LM head) at all Q positions.
-  flops = metrics_lib.pretrain_flops_per_step(
-      cfg, batch_size=batch, seq_len=seq_len,
-      num_predictions=_num_predictions(seq_len) if mode == "mlm" else seq_len)
-  peak = _peak_rss_kib()
-  return dict(
-      tokens_per_s=batch * seq_len / median, step_s=median, step_times=times,
-      compile_s=max(first - median, 0.0), first_step_s=first, flops_per_step=flops,
-      achieved_flops=flops / median, ceiling_flops=ceiling.value, ceiling_samples=ceiling.samples,
-      mfu=flops / median / ceiling.value, peak_rss_mib=(peak - rss0) / 1024.0,
-      peak_rss_abs_mib=peak / 1024.0,
-      loss=final["loss"], platform=jax.devices()[0].platform,
-      device=jax.devices()[0].device_kind, dtype=str(cfg.dtype))
+  def sample_ceiling(self) -> float:
+    return self.ceiling.sample()
+
+  def summary(self, times: Sequence[float], first_s: float) -> dict[str, Any]:
+    final = self._steps.normalize(self._jax.device_get(self.metrics))
+    if not math.isfinite(final["loss"]):
+      raise FloatingPointError(f"r1jax {self.mode} loss is {final['loss']}")
+    median = statistics.median(times)
+    device = self._jax.devices()[0]
+    return dict(compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
+                achieved_flops=self.flops_per_step / median, ceiling_flops=self.ceiling.value,
+                ceiling_samples=self.ceiling.samples,
+                mfu=self.flops_per_step / median / self.ceiling.value, loss=final["loss"],
+                platform=device.platform, device=device.device_kind, dtype=str(self.cfg.dtype))
 
 
-def run_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
-  """The machine's matmul ceiling through JAX: float32 and bfloat16."""
+class _TorchTrainer:
+  """The usual PyTorch loop around `self.forward(i) -> loss`: backward, clip to 1.0, AdamW."""
+
+  def __init__(self, spec: dict[str, Any]):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(spec["threads"])
+    try:
+      torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set
+      pass
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    self.torch, self.transformers = torch, transformers
+    self.rss0 = _rss_kib()  # after imports
+    self.model = self.build(spec)
+    self.model.train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, weight_decay=0.01)
+    self.tokens_per_step = spec["batch"] * spec["seq_len"]
+    self.losses: list[float] = []
+    self.i = 0
+
+  def build(self, spec: dict[str, Any]) -> Any:
+    raise NotImplementedError
+
+  def forward(self, i: int) -> Any:
+    raise NotImplementedError
+
+  def step(self) -> None:
+    loss = self.forward(self.i)
+    loss.backward()
+    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    self.losses.append(float(loss.detach()))
+    self.i += 1
+
+  sample_ceiling = None
+
+  def summary(self, times: Sequence[float], first_s: float) -> dict[str, Any]:
+    del times, first_s
+    return dict(loss=self.losses[-1], torch_threads=self.torch.get_num_threads(),
+                torch_version=self.torch.__version__,
+                transformers_version=self.transformers.__version__)
+
+
+class HFBertTrainer(_TorchTrainer):
+  """HF PyTorch BertForPreTraining (MLM + NSP; MLM logits at every position, as HF computes)."""
+
+  def build(self, spec):
+    size, batch, seq_len = spec["size"], spec["batch"], spec["seq_len"]
+    torch = self.torch
+    config = self.transformers.BertConfig(
+        vocab_size=size["vocab_size"], hidden_size=size["d_model"],
+        num_hidden_layers=size["n_layer"], num_attention_heads=size["n_head"],
+        intermediate_size=size["d_inner"], max_position_embeddings=max(512, seq_len),
+        type_vocab_size=2, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPATT,
+        hidden_act="gelu")
+    self.batches = []
+    for b in mlm_batches(np.random.RandomState(0), 4, batch=batch, seq_len=seq_len,
+                         vocab=size["vocab_size"]):
+      labels = np.full(b["tokens"].shape, -100, np.int64)
+      np.put_along_axis(labels, b["mlm_positions"], b["mlm_ids"], axis=1)
+      self.batches.append(dict(
+          input_ids=torch.from_numpy(b["tokens"].astype(np.int64)),
+          attention_mask=torch.from_numpy(b["token_mask"].astype(np.int64)),
+          token_type_ids=torch.from_numpy(b["token_types"].astype(np.int64)),
+          labels=torch.from_numpy(labels),
+          next_sentence_label=torch.from_numpy(b["nsp_label"].astype(np.int64))))
+    return self.transformers.BertForPreTraining(config)
+
+  def forward(self, i):
+    return self.model(**self.batches[i % len(self.batches)]).loss
+
+
+class HFTransfoXLTrainer(_TorchTrainer):
+  """HF PyTorch TransfoXLLMHeadModel, memory carried between segments, one full-softmax cluster."""
+
+  def build(self, spec):
+    import warnings  # pylint: disable=g-import-not-at-top
+    warnings.filterwarnings("ignore")  # the model is deprecated in transformers 4.37
+    size, batch, seq_len = spec["size"], spec["batch"], spec["seq_len"]
+    config = self.transformers.TransfoXLConfig(
+        vocab_size=size["vocab_size"], cutoffs=[], d_model=size["d_model"],
+        d_embed=size["d_model"], n_head=size["n_head"], d_head=size["d_head"],
+        d_inner=size["d_inner"], div_val=1, n_layer=size["n_layer"], mem_len=spec["mem_len"],
+        clamp_len=-1, same_length=False, dropout=DROPOUT, dropatt=DROPATT, pre_lnorm=False,
+        untie_r=True, adaptive=True, tie_word_embeddings=True)
+    self.segments = [self.torch.from_numpy(b["tokens"].astype(np.int64)) for b in lm_batches(
+        np.random.RandomState(0), spec["warmup"] + spec["steps"], batch=batch, seq_len=seq_len,
+        vocab=size["vocab_size"])]
+    self.mems = None
+    return self.transformers.TransfoXLLMHeadModel(config)
+
+  def forward(self, i):
+    out = self.model(input_ids=self.segments[i], labels=self.segments[i], mems=self.mems)
+    self.mems = out.mems  # carried to the next segment (HF detaches them)
+    return out.loss
+
+
+TRAINERS = {"r1jax": R1jaxTrainer, "hf_bert": HFBertTrainer, "hf_transfo_xl": HFTransfoXLTrainer}
+
+
+def _emit(kind: str, payload: Any) -> None:
+  print(f"{PREFIX}{kind} {json.dumps(payload)}", flush=True)
+
+
+def serve(kind: str, spec: dict[str, Any]) -> None:
+  """Worker process: build and warm up, then obey the parent's "step" / "ceiling" / "finish"
+  lines on stdin, answering each with one protocol line on stdout."""
+  if kind == "ceiling":
+    _emit("RESULT", measure_ceilings(spec))
+    return
+  trainer = TRAINERS[kind](spec)
+  start = time.perf_counter()
+  trainer.step()
+  first_s = time.perf_counter() - start
+  for _ in range(1, spec["warmup"]):
+    trainer.step()
+  _emit("READY", {"first_s": first_s})
+  times: list[float] = []
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "step":
+      start = time.perf_counter()
+      trainer.step()
+      times.append(time.perf_counter() - start)
+      _emit("STEP", times[-1])
+    elif command == "ceiling":
+      _emit("CEIL", trainer.sample_ceiling() if trainer.sample_ceiling else None)
+    elif command == "finish":
+      median = statistics.median(times)
+      peak = _peak_rss_kib()
+      result = dict(trainer.summary(times, first_s), step_times=times, step_s=median,
+                    tokens_per_s=trainer.tokens_per_step / median, first_step_s=first_s,
+                    peak_rss_mib=(peak - trainer.rss0) / 1024.0, peak_rss_abs_mib=peak / 1024.0)
+      _emit("RESULT", result)
+      return
+    else:
+      raise ValueError(f"unknown command {command!r}")
+
+
+def measure_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
+  """The machine's matmul ceiling through JAX: float32 and bfloat16, best of a few samples."""
   import jax  # pylint: disable=g-import-not-at-top
   out = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind}
   for dtype in ("float32", "bfloat16"):
@@ -275,117 +398,6 @@ def run_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
     out[dtype] = max(c.samples)
     out[dtype + "_samples"] = c.samples
   return out
-
-
-# --------------------------------------------------------------------------------------------------
-# PyTorch side.
-
-
-def _torch_setup(threads: int):
-  rss0 = _rss_kib()
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
-  try:
-    torch.set_num_interop_threads(1)
-  except RuntimeError:  # already set
-    pass
-  torch.manual_seed(0)
-  return torch, max(rss0, _rss_kib())
-
-
-def _torch_train(torch, model, forward: Callable[[int], Any], spec: dict[str, Any], rss0: int,
-                 tokens_per_step: int) -> dict[str, Any]:
-  """Times the usual PyTorch step: forward(i) -> loss, backward, clip to 1.0, AdamW, zero grads."""
-  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
-  losses = []
-
-  def step(i):
-    loss = forward(i)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    losses.append(float(loss.detach()))
-
-  first, times = time_steps(step, spec["warmup"], spec["steps"])
-  median = statistics.median(times)
-  peak = _peak_rss_kib()
-  return dict(tokens_per_s=tokens_per_step / median, step_s=median, step_times=times,
-              first_step_s=first, peak_rss_mib=(peak - rss0) / 1024.0,
-              peak_rss_abs_mib=peak / 1024.0, loss=losses[-1],
-              torch_threads=torch.get_num_threads())
-
-
-def run_hf_bert(spec: dict[str, Any]) -> dict[str, Any]:
-  """HF PyTorch BertForPreTraining (MLM + NSP), the user's usual training loop."""
-  torch, _ = _torch_setup(spec["threads"])
-  import transformers  # pylint: disable=g-import-not-at-top
-  transformers.logging.set_verbosity_error()
-  rss0 = _rss_kib()
-  size, batch, seq_len = spec["size"], spec["batch"], spec["seq_len"]
-  config = transformers.BertConfig(
-      vocab_size=size["vocab_size"], hidden_size=size["d_model"],
-      num_hidden_layers=size["n_layer"], num_attention_heads=size["n_head"],
-      intermediate_size=size["d_inner"], max_position_embeddings=max(512, seq_len),
-      type_vocab_size=2, hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPATT,
-      hidden_act="gelu")
-  model = transformers.BertForPreTraining(config)
-  model.train()
-  rng = np.random.RandomState(0)
-  batches = []
-  for b in mlm_batches(rng, 4, batch=batch, seq_len=seq_len, vocab=size["vocab_size"]):
-    labels = np.full(b["tokens"].shape, -100, np.int64)
-    np.put_along_axis(labels, b["mlm_positions"], b["mlm_ids"], axis=1)
-    batches.append(dict(input_ids=torch.from_numpy(b["tokens"].astype(np.int64)),
-                        attention_mask=torch.from_numpy(b["token_mask"].astype(np.int64)),
-                        token_type_ids=torch.from_numpy(b["token_types"].astype(np.int64)),
-                        labels=torch.from_numpy(labels),
-                        next_sentence_label=torch.from_numpy(b["nsp_label"].astype(np.int64))))
-  result = _torch_train(torch, model, lambda i: model(**batches[i % len(batches)]).loss, spec,
-                        rss0, batch * seq_len)
-  result.update(torch_version=torch.__version__, transformers_version=transformers.__version__)
-  return result
-
-
-def run_hf_transfo_xl(spec: dict[str, Any]) -> dict[str, Any]:
-  """HF PyTorch TransfoXLLMHeadModel with memory carried between segments (full softmax)."""
-  torch, _ = _torch_setup(spec["threads"])
-  import warnings  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  transformers.logging.set_verbosity_error()
-  warnings.filterwarnings("ignore")
-  rss0 = _rss_kib()
-  size, batch, seq_len, mem_len = spec["size"], spec["batch"], spec["seq_len"], spec["mem_len"]
-  config = transformers.TransfoXLConfig(
-      vocab_size=size["vocab_size"], cutoffs=[], d_model=size["d_model"], d_embed=size["d_model"],
-      n_head=size["n_head"], d_head=size["d_head"], d_inner=size["d_inner"], div_val=1,
-      n_layer=size["n_layer"], mem_len=mem_len, clamp_len=-1, same_length=False,
-      dropout=DROPOUT, dropatt=DROPATT, pre_lnorm=False, untie_r=True, adaptive=True,
-      tie_word_embeddings=True)
-  model = transformers.TransfoXLLMHeadModel(config)
-  model.train()
-  rng = np.random.RandomState(0)
-  n = spec["warmup"] + spec["steps"]
-  segments = [torch.from_numpy(b["tokens"].astype(np.int64))
-              for b in lm_batches(rng, n, batch=batch, seq_len=seq_len, vocab=size["vocab_size"])]
-  mems = [None]
-
-  def forward(i):
-    out = model(input_ids=segments[i], labels=segments[i], mems=mems[0])
-    mems[0] = out.mems  # carried to the next segment (HF detaches them)
-    return out.loss
-
-  return _torch_train(torch, model, forward, spec, rss0, batch * seq_len)
-
-
-WORKERS = {"ceiling": run_ceiling, "r1jax": run_r1jax, "hf_bert": run_hf_bert,
-           "hf_transfo_xl": run_hf_transfo_xl}
-
-
-def worker_main(kind: str, spec_json: str) -> None:
-  spec = json.loads(spec_json)
-  result = WORKERS[kind](spec)
-  print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,42 +418,91 @@ def _worker_env(threads: int, platform: str) -> dict[str, str]:
   return env
 
 
-def run_worker(kind: str, spec: dict[str, Any], *, cpus: Sequence[int], platform: str = "cpu",
-               timeout: float = 3600.0, label: str = "") -> dict[str, Any]:
-  """Runs one measurement in a fresh process pinned to `cpus`; returns its result dict."""
-  threads = len(cpus) if platform == "cpu" else len(os.sched_getaffinity(0))
-  spec = dict(spec, threads=threads)
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--spec", json.dumps(spec)]
-  preexec = (lambda: os.sched_setaffinity(0, cpus)) if platform == "cpu" else None
-  start = time.perf_counter()
-  proc = subprocess.run(cmd, env=_worker_env(threads, platform), capture_output=True, text=True,
-                        timeout=timeout, preexec_fn=preexec, check=False)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
-  if proc.returncode != 0 or not lines:
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-    raise RuntimeError(f"benchmark worker {label or kind} failed (exit {proc.returncode}):\n{tail}")
-  result = json.loads(lines[-1][len(RESULT_PREFIX):])
-  result["wall_s"] = time.perf_counter() - start
-  print(f"  {label or kind}: done in {result['wall_s']:.0f}s", file=sys.stderr, flush=True)
+class Worker:
+  """One measurement process (this script with --worker) driven line by line."""
+
+  def __init__(self, kind: str, spec: dict[str, Any], *, cpus: Sequence[int], label: str,
+               platform: str = "cpu", timeout: float = 1800.0):
+    self.label, self.timeout = label, timeout
+    threads = len(cpus) if platform == "cpu" else len(os.sched_getaffinity(0))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--spec",
+           json.dumps(dict(spec, threads=threads))]
+    preexec = (lambda: os.sched_setaffinity(0, cpus)) if platform == "cpu" else None
+    self._stderr = tempfile.TemporaryFile(mode="w+")
+    self.start = time.perf_counter()
+    self.proc = subprocess.Popen(cmd, env=_worker_env(threads, platform), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+                                 preexec_fn=preexec)
+
+  def _read(self, expected: str) -> Any:
+    deadline = time.perf_counter() + self.timeout
+    for line in self.proc.stdout:
+      if line.startswith(PREFIX):
+        kind, payload = line[len(PREFIX):].split(" ", 1)
+        if kind != expected:
+          raise RuntimeError(f"{self.label}: expected {expected}, got {line.strip()}")
+        return json.loads(payload)
+      if time.perf_counter() > deadline:
+        break
+    self.proc.wait(timeout=60)
+    self._stderr.seek(0)
+    tail = "\n".join(self._stderr.read().splitlines()[-25:])
+    raise RuntimeError(f"benchmark worker {self.label} failed (exit {self.proc.returncode}):\n"
+                       f"{tail}")
+
+  def send(self, command: str, answer: str) -> Any:
+    self.proc.stdin.write(command + "\n")
+    self.proc.stdin.flush()
+    return self._read(answer)
+
+  def ready(self) -> dict[str, Any]:
+    info = self._read("READY")
+    print(f"  {self.label}: ready after {time.perf_counter() - self.start:.0f}s", file=sys.stderr,
+          flush=True)
+    return info
+
+  def finish(self) -> dict[str, Any]:
+    result = self.send("finish", "RESULT")
+    self.proc.stdin.close()
+    self.proc.wait(timeout=120)
+    self._stderr.close()
+    return result
+
+
+def run_once(kind: str, spec: dict[str, Any], *, cpus: Sequence[int], label: str,
+             platform: str = "cpu") -> dict[str, Any]:
+  """A worker that measures on its own and exits (the ceiling)."""
+  worker = Worker(kind, spec, cpus=cpus, label=label, platform=platform)
+  result = worker._read("RESULT")  # pylint: disable=protected-access
+  worker.proc.wait(timeout=120)
+  print(f"  {label}: done", file=sys.stderr, flush=True)
   return result
 
 
-def _pool(results: Sequence[dict[str, Any]], *, tokens_per_step: int) -> dict[str, Any]:
-  """Pools rounds of one peer: median over all timed steps; memory: the largest peak."""
-  times = [t for r in results for t in r["step_times"]]
-  median = statistics.median(times)
-  pooled = dict(results[0])
-  pooled.update(step_s=median, tokens_per_s=tokens_per_step / median, rounds=len(results),
-                round_tokens_per_s=[r["tokens_per_s"] for r in results],
-                peak_rss_mib=max(r["peak_rss_mib"] for r in results),
-                step_times=times)
-  if "flops_per_step" in pooled:
-    ceilings = [c for r in results for c in r["ceiling_samples"]]
-    pooled["ceiling_flops"] = statistics.median(ceilings)
-    pooled["achieved_flops"] = pooled["flops_per_step"] / median
-    pooled["mfu"] = pooled["achieved_flops"] / pooled["ceiling_flops"]
-    pooled["compile_s"] = statistics.median(r["compile_s"] for r in results)
-  return pooled
+def measure_lockstep(peers: Sequence[tuple[str, str, dict[str, Any]]], *, steps: int,
+                     cpus: Sequence[int], platform: str = "cpu") -> dict[str, dict[str, Any]]:
+  """Starts the peers (label, kind, spec) one after the other (each warms up alone), then times
+  `steps` steps of each in turn; JAX peers sample their matmul ceiling before, halfway and after.
+  Returns {label: result}."""
+  workers = []
+  try:
+    for label, kind, spec in peers:
+      worker = Worker(kind, spec, cpus=cpus, label=label, platform=platform)
+      workers.append(worker)
+      worker.ready()
+    for i in range(steps):
+      if i in (0, steps // 2):
+        for w in workers:
+          w.send("ceiling", "CEIL")
+      for w in workers:
+        w.send("step", "STEP")
+    for w in workers:
+      w.send("ceiling", "CEIL")
+    return {w.label: w.finish() for w in workers}
+  finally:
+    for w in workers:
+      if w.proc.poll() is None:
+        w.proc.kill()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -449,22 +510,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--threads", type=int, default=0,
                  help="compute threads (= pinned cores) for every peer; 0 = all available cores")
-  p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+  p.add_argument("--steps", type=int, default=10, help="timed steps per peer (medians)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX: compilation)")
-  p.add_argument("--rounds", type=int, default=2,
-                 help="rounds alternating r1jax and its peers; medians pool all rounds")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq-len", type=int, default=128)
-  p.add_argument("--mem-len", type=int, default=128, help="memory length of the 'on' rows")
+  p.add_argument("--mem-len", type=int, default=128, help="memory length of the memory-on rows")
   p.add_argument("--base-batch", type=int, default=2, help="rows per step of the base variant run")
   p.add_argument("--base-seq-len", type=int, default=512)
   p.add_argument("--base-steps", type=int, default=2, help="timed steps of the base variant run")
   p.add_argument("--base-dtype", default="float32",
-                 help="compute dtype of the CPU base run (bf16 matmuls are slower on most CPUs)")
+                 help="compute dtype of the CPU base run (bf16 matmuls are slower on this CPU)")
   p.add_argument("--skip-base", action="store_true", help="leave out the base variant run")
   p.add_argument("--skip-hf", action="store_true", help="leave out the PyTorch peers")
   p.add_argument("--toy", action="store_true",
-                 help="tiny sizes and few steps (seconds; the smoke test); figures are meaningless")
+                 help="tiny sizes and few steps (the smoke test); the figures mean nothing")
   p.add_argument("--gpu", action="store_true",
                  help="also run the GPU section (base variant, seq 512, bf16) when a GPU is visible")
   p.add_argument("--gpu-batch", type=int, default=16)
@@ -476,9 +535,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.batch, args.seq_len, args.mem_len = 4, 16, 16
     args.base_batch, args.base_seq_len = 2, 16
     args.steps, args.warmup, args.base_steps = min(args.steps, 3), 1, 1
-    args.rounds = 1
-  for name in ("steps", "warmup", "rounds", "batch", "seq_len", "base_batch", "base_seq_len",
-               "base_steps"):
+    args.gpu_batch = 4
+  for name in ("steps", "warmup", "batch", "seq_len", "base_batch", "base_seq_len", "base_steps",
+               "gpu_batch"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
   available = sorted(os.sched_getaffinity(0))
@@ -489,69 +548,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def _fmt_mem(mib: float) -> str:
-  return f"{mib:,.0f} MiB"
-
-
-def _row(name: str, r: dict[str, Any] | None, extra: str = "") -> str:
-  if r is None:
-    return f"| {name} | - | - | - | - | {extra} |"
-  mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "-"
-  comp = f"{r['compile_s']:.1f} s" if "compile_s" in r else "-"
-  return (f"| {name} | {r['tokens_per_s']:,.0f} | {mfu} | {_fmt_mem(r['peak_rss_mib'])} | {comp} |"
-          f" {extra} |")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.worker:
-    worker_main(args.worker, args.spec)
+    serve(args.worker, json.loads(args.spec))
     return {}
   size = TOY if args.toy else SMALL
   cpus = args.cpus
-  steps = dict(warmup=args.warmup, steps=args.steps)
   sizes = (128, 256) if args.toy else (1024, 2048)
-  model_common = dict(size, dropout=DROPOUT, dropatt=DROPATT)
   variant = "tiny" if args.toy else "small"
+  common = dict(warmup=args.warmup, steps=args.steps, batch=args.batch, seq_len=args.seq_len)
 
-  def r1jax_spec(mode: str, mem_len: int) -> dict[str, Any]:
+  def r1jax(mode: str, mem_len: int) -> dict[str, Any]:
     extra = dict(n_token_types=2) if mode == "mlm" else dict(attention="causal")
-    return dict(steps, mode=mode, variant=variant, batch=args.batch, seq_len=args.seq_len,
-                model=dict(model_common, mem_len=mem_len, **extra), ceiling_sizes=sizes)
+    return dict(common, mode=mode, variant=variant, ceiling_sizes=sizes,
+                model=dict(size, dropout=DROPOUT, dropatt=DROPATT, mem_len=mem_len, **extra))
 
   print(f"# r1jax training throughput: {len(cpus)} threads pinned to cores {cpus}", file=sys.stderr)
-  ceiling = run_worker("ceiling", dict(sizes=sizes), cpus=cpus, label="matmul ceiling")
-  rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in
-                                             ("mlm_off", "mlm_on", "bert", "lm", "txl")}
-  for i in range(args.rounds):
-    tag = f" (round {i + 1}/{args.rounds})"
-    rounds["mlm_off"].append(run_worker("r1jax", r1jax_spec("mlm", 0), cpus=cpus,
-                                        label="r1jax MLM+NSP, memory off" + tag))
-    if not args.skip_hf:
-      rounds["bert"].append(run_worker("hf_bert", dict(steps, size=size, batch=args.batch,
-                                                       seq_len=args.seq_len),
-                                       cpus=cpus, label="HF BertForPreTraining" + tag))
-    rounds["mlm_on"].append(run_worker("r1jax", r1jax_spec("mlm", args.mem_len), cpus=cpus,
-                                       label="r1jax MLM+NSP, memory on" + tag))
-    rounds["lm"].append(run_worker("r1jax", r1jax_spec("lm", args.mem_len), cpus=cpus,
-                                   label="r1jax causal LM" + tag))
-    if not args.skip_hf:
-      rounds["txl"].append(run_worker(
-          "hf_transfo_xl", dict(steps, size=size, batch=args.batch, seq_len=args.seq_len,
-                                mem_len=args.mem_len),
-          cpus=cpus, label="HF TransfoXLLMHeadModel" + tag))
-  tokens = args.batch * args.seq_len
-  res = {k: _pool(v, tokens_per_step=tokens) if v else None for k, v in rounds.items()}
+  ceiling = run_once("ceiling", dict(sizes=sizes), cpus=cpus, label="matmul ceiling")
+  hf = not args.skip_hf
+  mlm_peers = [("mlm_off", "r1jax", r1jax("mlm", 0))]
+  mlm_peers += [("bert", "hf_bert", dict(common, size=size))] if hf else []
+  mlm_peers += [("mlm_on", "r1jax", r1jax("mlm", args.mem_len))]
+  lm_peers = [("lm", "r1jax", r1jax("lm", args.mem_len))]
+  lm_peers += [("txl", "hf_transfo_xl", dict(common, size=size, mem_len=args.mem_len))] if hf else []
+  res = dict.fromkeys(("mlm_off", "bert", "mlm_on", "lm", "txl"))
+  res.update(measure_lockstep(mlm_peers, steps=args.steps, cpus=cpus))
+  res.update(measure_lockstep(lm_peers, steps=args.steps, cpus=cpus))
 
   base = None
   if not args.skip_base:
     base_model = dict(n_token_types=2, dtype=args.base_dtype)
     if args.toy:
       base_model.update(TOY, n_layer=2)
-    base = run_worker("r1jax", dict(
+    base = measure_lockstep([("base", "r1jax", dict(
         mode="mlm", variant="tiny" if args.toy else "base", batch=args.base_batch,
         seq_len=args.base_seq_len, model=base_model, warmup=1, steps=args.base_steps,
-        ceiling_sizes=sizes), cpus=cpus, label="r1jax base variant")
+        ceiling_sizes=sizes))], steps=args.base_steps, cpus=cpus)["base"]
 
   gpu = run_gpu_section(args) if args.gpu else None
   summary = summary_json(args, ceiling, res, base, gpu)
@@ -565,23 +598,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def run_gpu_section(args: argparse.Namespace) -> dict[str, Any]:
-  """Base variant at sequence 512 in bf16 on the first GPU, MFU vs its measured bf16 matmul."""
-  probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices('gpu')[0].device_kind)"],
-                         env=_worker_env(1, "cuda,cpu"), capture_output=True, text=True,
-                         check=False)
+  """Base variant, sequence 512, bf16 on the first GPU; MFU vs that GPU's measured bf16 matmul."""
+  probe = subprocess.run(
+      [sys.executable, "-c", "import jax; print(jax.devices('gpu')[0].device_kind)"],
+      env=_worker_env(1, "cuda"), capture_output=True, text=True, check=False)
   if probe.returncode != 0:
     print("  GPU section: no GPU visible to JAX; skipped", file=sys.stderr)
     return {"available": False}
   kind = probe.stdout.strip().splitlines()[-1]
-  sizes = (1024, 2048) if args.toy else (8192, 16384)
   model = dict(n_token_types=2, dtype="bfloat16")
   seq = 16 if args.toy else 512
   if args.toy:
     model.update(TOY, n_layer=2)
-  result = run_worker("r1jax", dict(
+  steps = max(args.steps, 5)
+  result = measure_lockstep([("gpu", "r1jax", dict(
       mode="mlm", variant="tiny" if args.toy else "base", batch=args.gpu_batch, seq_len=seq,
-      model=model, warmup=2, steps=max(args.steps, 5), ceiling_sizes=sizes,
-      ceiling_dtype="bfloat16"), cpus=(), platform="cuda", label=f"GPU base bf16 ({kind})")
+      model=model, warmup=2, steps=steps, ceiling_dtype="bfloat16",
+      ceiling_sizes=(1024, 2048) if args.toy else (8192, 16384)))],
+                            steps=steps, cpus=args.cpus, platform="cuda")["gpu"]
   result.update(available=True, device=kind, seq_len=seq, batch=args.gpu_batch)
   return result
 
@@ -594,80 +628,97 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> floa
 
 def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
   """The machine-checkable figures (the script's last line)."""
-  def r3(x):
-    return None if x is None else round(float(x), 4)
+  def r(x, digits=4):
+    return None if x is None else round(float(x), digits)
+
+  def get(key, field):
+    return r(res[key][field]) if res[key] else None
+
   out = {
-      "threads": len(args.cpus), "toy": bool(args.toy), "rounds": args.rounds,
-      "timed_steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-      "mem_len": args.mem_len,
-      "ceiling_f32_flops": r3(ceiling["float32"]), "ceiling_bf16_flops": r3(ceiling["bfloat16"]),
-      "r1jax_mlm_tokens_per_s": r3(res["mlm_off"]["tokens_per_s"]),
-      "r1jax_mlm_mem_tokens_per_s": r3(res["mlm_on"]["tokens_per_s"]),
-      "r1jax_lm_mem_tokens_per_s": r3(res["lm"]["tokens_per_s"]),
-      "hf_bert_tokens_per_s": r3(res["bert"]["tokens_per_s"]) if res["bert"] else None,
-      "hf_transfo_xl_tokens_per_s": r3(res["txl"]["tokens_per_s"]) if res["txl"] else None,
-      "ratio_vs_hf_bert": r3(_ratio(res["mlm_off"], res["bert"], "tokens_per_s")),
-      "ratio_mem_on_vs_hf_bert": r3(_ratio(res["mlm_on"], res["bert"], "tokens_per_s")),
-      "ratio_vs_hf_transfo_xl": r3(_ratio(res["lm"], res["txl"], "tokens_per_s")),
-      "mfu_small": r3(res["mlm_off"]["mfu"]),
-      "mfu_small_mem": r3(res["mlm_on"]["mfu"]),
-      "mfu_lm": r3(res["lm"]["mfu"]),
-      "peak_memory_mib_r1jax": r3(res["mlm_off"]["peak_rss_mib"]),
-      "peak_memory_mib_hf_bert": r3(res["bert"]["peak_rss_mib"]) if res["bert"] else None,
-      "peak_memory_ratio_vs_hf_bert": r3(_ratio(res["mlm_off"], res["bert"], "peak_rss_mib")),
-      "peak_memory_ratio_vs_hf_transfo_xl": r3(_ratio(res["lm"], res["txl"], "peak_rss_mib")),
-      "compile_seconds_small": r3(res["mlm_off"]["compile_s"]),
-      "base_compile_seconds": r3(base["compile_s"]) if base else None,
-      "base_tokens_per_s": r3(base["tokens_per_s"]) if base else None,
-      "base_mfu": r3(base["mfu"]) if base else None,
-      "base_peak_memory_mib": r3(base["peak_rss_mib"]) if base else None,
+      "threads": len(args.cpus), "toy": bool(args.toy), "timed_steps": args.steps,
+      "batch": args.batch, "seq_len": args.seq_len, "mem_len": args.mem_len,
+      "ceiling_f32_flops": r(ceiling["float32"], 0), "ceiling_bf16_flops": r(ceiling["bfloat16"], 0),
+      "r1jax_mlm_tokens_per_s": get("mlm_off", "tokens_per_s"),
+      "r1jax_mlm_mem_tokens_per_s": get("mlm_on", "tokens_per_s"),
+      "r1jax_lm_mem_tokens_per_s": get("lm", "tokens_per_s"),
+      "hf_bert_tokens_per_s": get("bert", "tokens_per_s"),
+      "hf_transfo_xl_tokens_per_s": get("txl", "tokens_per_s"),
+      "ratio_vs_hf_bert": r(_ratio(res["mlm_off"], res["bert"], "tokens_per_s")),
+      "ratio_mem_on_vs_hf_bert": r(_ratio(res["mlm_on"], res["bert"], "tokens_per_s")),
+      "ratio_vs_hf_transfo_xl": r(_ratio(res["lm"], res["txl"], "tokens_per_s")),
+      "mfu_small": get("mlm_off", "mfu"), "mfu_small_mem": get("mlm_on", "mfu"),
+      "mfu_lm": get("lm", "mfu"),
+      "ceiling_f32_flops_in_r1jax_mlm": get("mlm_off", "ceiling_flops"),
+      "peak_memory_mib_r1jax": get("mlm_off", "peak_rss_mib"),
+      "peak_memory_mib_hf_bert": get("bert", "peak_rss_mib"),
+      "peak_memory_mib_r1jax_lm": get("lm", "peak_rss_mib"),
+      "peak_memory_mib_hf_transfo_xl": get("txl", "peak_rss_mib"),
+      "peak_memory_ratio_vs_hf_bert": r(_ratio(res["mlm_off"], res["bert"], "peak_rss_mib")),
+      "peak_memory_ratio_vs_hf_transfo_xl": r(_ratio(res["lm"], res["txl"], "peak_rss_mib")),
+      "compile_seconds_small": get("mlm_off", "compile_s"),
+      "base_compile_seconds": r(base["compile_s"]) if base else None,
+      "base_tokens_per_s": r(base["tokens_per_s"]) if base else None,
+      "base_mfu": r(base["mfu"]) if base else None,
+      "base_peak_memory_mib": r(base["peak_rss_mib"]) if base else None,
   }
   if gpu is not None:
     out["gpu_available"] = bool(gpu.get("available"))
     if gpu.get("available"):
-      out.update(gpu_device=gpu["device"], gpu_bf16_matmul_flops=r3(gpu["ceiling_flops"]),
-                 gpu_base_mfu=r3(gpu["mfu"]), gpu_base_tokens_per_s=r3(gpu["tokens_per_s"]),
-                 gpu_base_compile_seconds=r3(gpu["compile_s"]))
+      out.update(gpu_device=gpu["device"], gpu_bf16_matmul_flops=r(gpu["ceiling_flops"], 0),
+                 gpu_base_mfu=r(gpu["mfu"]), gpu_base_tokens_per_s=r(gpu["tokens_per_s"]),
+                 gpu_base_compile_seconds=r(gpu["compile_s"]))
   return out
+
+
+def _row(name: str, r: dict[str, Any] | None, extra: str = "") -> str:
+  if r is None:
+    return f"| {name} | - | - | - | - | {extra or 'skipped'} |"
+  mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else "-"
+  comp = f"{r['compile_s']:.1f} s" if "compile_s" in r else "-"
+  return (f"| {name} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_rss_mib']:,.0f} MiB | {comp} |"
+          f" {extra} |")
 
 
 def print_table(args, ceiling, res, base, gpu, summary) -> None:
   size = TOY if args.toy else SMALL
   b, q, m = args.batch, args.seq_len, args.mem_len
-  print(f"\nr1jax training throughput ({len(args.cpus)} threads for every peer, float32, batch {b}, "
-        f"sequence {q}, d_model {size['d_model']}, {size['n_layer']} layers, {size['n_head']} "
-        f"heads, vocab {size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed steps "
-        f"x {args.rounds} round(s) after {args.warmup} warm-up)\n")
-  print(f"Matmul ceiling through JAX: float32 {ceiling['float32'] / 1e9:,.1f} GFLOP/s, bfloat16 "
-        f"{ceiling['bfloat16'] / 1e9:,.1f} GFLOP/s (best of sizes {', '.join(map(str, (128, 256) if args.toy else (1024, 2048)))})\n")
-  print("| run | tokens/s | MFU | peak memory | compile | vs peer |")
-  print("|---|---:|---:|---:|---:|---|")
 
-  def vs(key):
+  def vs(key, what):
     v = summary.get(key)
-    return f"{v:.2f}x" if v is not None else "-"
+    return f"{v:.2f}x {what}" if v is not None else ""
+  sizes = "128, 256" if args.toy else "1024, 2048"
+  print(f"\nr1jax training throughput: {len(args.cpus)} threads for every peer, float32, batch {b}, "
+        f"sequence {q}, d_model {size['d_model']}, {size['n_layer']} layers, {size['n_head']} "
+        f"heads, vocab {size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed "
+        f"steps per peer, peers alternating step by step, after {args.warmup} warm-up steps.\n")
+  print(f"Matmul ceiling through JAX (best of n = {sizes}): float32 "
+        f"{ceiling['float32'] / 1e9:,.0f} GFLOP/s, bfloat16 {ceiling['bfloat16'] / 1e9:,.0f} "
+        "GFLOP/s.\n")
+  print("| run | tokens/s | MFU | peak memory | compile | r1jax / peer |")
+  print("|---|---:|---:|---:|---:|---|")
   print(_row("r1jax MLM+NSP, memory off", res["mlm_off"],
-             f"{vs('ratio_vs_hf_bert')} HF BERT tokens/s, "
-             f"{vs('peak_memory_ratio_vs_hf_bert')} its memory"))
-  print(_row("HF PyTorch BertForPreTraining", res["bert"], "(MLM logits at every position)"))
+             f"{vs('ratio_vs_hf_bert', 'tokens/s')}, "
+             f"{vs('peak_memory_ratio_vs_hf_bert', 'memory')}".strip(", ")))
+  print(_row("HF PyTorch BertForPreTraining", res["bert"]))
   print(_row(f"r1jax MLM+NSP, memory on (mem_len {m})", res["mlm_on"],
-             f"{vs('ratio_mem_on_vs_hf_bert')} HF BERT tokens/s"))
+             vs("ratio_mem_on_vs_hf_bert", "HF BERT tokens/s")))
   print(_row(f"r1jax causal LM, mem_len {m}", res["lm"],
-             f"{vs('ratio_vs_hf_transfo_xl')} HF TransfoXL tokens/s, "
-             f"{vs('peak_memory_ratio_vs_hf_transfo_xl')} its memory"))
-  print(_row(f"HF PyTorch TransfoXLLMHeadModel, mem_len {m}", res["txl"], "(full softmax)"))
+             f"{vs('ratio_vs_hf_transfo_xl', 'tokens/s')}, "
+             f"{vs('peak_memory_ratio_vs_hf_transfo_xl', 'memory')}".strip(", ")))
+  print(_row(f"HF PyTorch TransfoXLLMHeadModel, mem_len {m}", res["txl"]))
   if base:
     print(_row(f"r1jax base variant ({base['dtype']}), batch {args.base_batch}, sequence "
-               f"{args.base_seq_len}, mem_len 512", base, "short run"))
+               f"{args.base_seq_len}", base, f"{args.base_steps} timed steps"))
   if gpu and gpu.get("available"):
-    print(_row(f"GPU {gpu['device']}: base, bf16, batch {gpu['batch']}, sequence {gpu['seq_len']}",
-               gpu, f"MFU vs measured bf16 matmul {gpu['ceiling_flops'] / 1e12:,.0f} TFLOP/s"))
+    print(_row(f"GPU {gpu['device']}: base, bfloat16, batch {gpu['batch']}, sequence "
+               f"{gpu['seq_len']}", gpu,
+               f"MFU vs measured bf16 matmul {gpu['ceiling_flops'] / 1e12:,.0f} TFLOP/s"))
   elif gpu is not None:
-    print("| GPU section | - | - | - | - | no GPU visible: skipped |")
-  print(f"\nMFU: model training FLOPs / float32 matmul ceiling measured in the same process "
-        f"(r1jax MLM rows {res['mlm_off']['ceiling_flops'] / 1e9:,.0f} GFLOP/s). Peak memory: "
-        "ru_maxrss high-water mark minus the resident set after imports, per process.\n",
-        flush=True)
+    print(_row("GPU section", None, "no GPU visible: skipped"))
+  mlm = res["mlm_off"]
+  print(f"\nMFU: model training FLOPs / the float32 matmul ceiling sampled in the same process "
+        f"(r1jax MLM memory-off process: {mlm['ceiling_flops'] / 1e9:,.0f} GFLOP/s). Peak memory: "
+        "ru_maxrss minus the resident set after imports, per process.\n", flush=True)
 
 
 if __name__ == "__main__":

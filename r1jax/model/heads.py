@@ -51,7 +51,7 @@ class MLMHead(nn.Module):
     """h [B, P, d], embedding [V, d] -> logits float32 [B, P, V]."""
     cfg = self.config
     x = txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "dense")(h)
-    x = nn.gelu(x, approximate=False)
+    x = txl.gelu(x)
     x = txl.make_layer_norm(cfg, "norm")(x)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (axes.VOCAB,)),
                       (cfg.vocab_size,), jnp.float32)

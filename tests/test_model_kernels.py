@@ -1,0 +1,96 @@
+"""The model's speed/memory building blocks equal the plain versions they replace.
+
+`keep_mask`/`Dropout` (hash-based masks), `layer_norm` and `softmax` (custom VJPs), `Dense` (2-D
+matmul) and `_project` are checked against flax / jax references, values and gradients.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.model import transformer_xl as txl
+
+
+def test_keep_mask_rate_and_independence():
+  seeds = txl.dropout_seeds(jax.random.key(0))
+  mask = np.asarray(txl.keep_mask(seeds, (64, 1024), 0.9), np.float64).ravel()
+  # 65536 draws: the rate is within 5 standard deviations of 0.9.
+  assert abs(mask.mean() - 0.9) < 5 * np.sqrt(0.09 / mask.size)
+  other = np.asarray(txl.keep_mask(txl.dropout_seeds(jax.random.key(1)), (64, 1024), 0.9),
+                     np.float64).ravel()
+  for a, b in ((mask, other), (mask[:-1], mask[1:]), (mask[:-1024], mask[1024:])):
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
+  assert not np.array_equal(mask, other)
+  np.testing.assert_array_equal(mask, np.asarray(txl.keep_mask(seeds, (64, 1024), 0.9)).ravel())
+  assert np.asarray(txl.keep_mask(seeds, (1000,), 1.0)).all()
+
+
+def test_keep_mask_refuses_counter_overflow():
+  with pytest.raises(ValueError, match="2\\^32"):
+    txl.keep_mask(jnp.zeros(2, jnp.uint32), (2 ** 16, 2 ** 16), 0.5)
+
+
+def test_dropout_scales_kept_entries_and_is_off_when_deterministic():
+  x = jnp.ones((8, 256))
+  layer = txl.Dropout(0.25)
+  y = np.asarray(layer.apply({}, x, False, rngs={"dropout": jax.random.key(3)}))
+  assert set(np.unique(y).tolist()) <= {0.0, float(np.float32(1.0) / np.float32(0.75))}
+  assert 0.6 < (y > 0).mean() < 0.9
+  np.testing.assert_array_equal(layer.apply({}, x, True), x)
+  np.testing.assert_array_equal(txl.Dropout(0.0).apply({}, x, False), x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax(dtype):
+  x = jax.random.normal(jax.random.key(0), (3, 5, 16)) * 3 + 1
+  ours = txl.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32)
+  ref = nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape),
+                        nn.unbox(ours.init(jax.random.key(2), x)))
+  assert jax.tree.structure(params) == jax.tree.structure(ref.init(jax.random.key(2), x))
+  w = jax.random.normal(jax.random.key(4), x.shape)
+
+  def loss(p, x, m):
+    return jnp.sum(m.apply(p, x).astype(jnp.float32) * w)
+
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x), np.float32),
+                             np.asarray(ref.apply(params, x), np.float32), rtol=tol, atol=tol)
+  g1 = jax.grad(loss, argnums=(0, 1))(params, x, ours)
+  g2 = jax.grad(loss, argnums=(0, 1))(params, x, ref)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol * 10, atol=tol * 10), g1, g2)
+
+
+def test_softmax_gradient_matches_jax():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 7)) * 4
+  x = x.at[..., 0].set(-1e9)  # a masked entry, as in attention
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_allclose(txl.softmax(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
+  g1 = jax.grad(lambda x: jnp.sum(txl.softmax(x) * w))(x)
+  g2 = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * w))(x)
+  np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_matches_flax_dense():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  kw = dict(kernel_init=nn.initializers.normal(0.5), bias_init=nn.initializers.normal(0.5),
+            dtype=jnp.float32, param_dtype=jnp.float32)
+  ours, ref = txl.Dense(5, **kw), nn.Dense(5, **kw)
+  params = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-6)
+  g1 = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(params)
+  g2 = jax.grad(lambda p: jnp.sum(ref.apply(p, x) ** 2))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), g1, g2)
+  assert "bias" not in txl.Dense(5, use_bias=False, **kw).init(jax.random.key(1), x)["params"]
+
+
+def test_project_is_an_einsum():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+  k = jax.random.normal(jax.random.key(1), (4, 5, 6))
+  np.testing.assert_allclose(txl._project(x, k, in_axes=2),  # pylint: disable=protected-access
+                             jnp.einsum("bqhn,hnd->bqd", x, k), rtol=1e-5, atol=1e-5)
+  k3 = jax.random.normal(jax.random.key(2), (5, 3, 2, 4))
+  np.testing.assert_allclose(txl._project(x[:, :, 0], k3),  # pylint: disable=protected-access
+                             jnp.einsum("bkd,dthn->bkthn", x[:, :, 0], k3), rtol=1e-5, atol=1e-5)
