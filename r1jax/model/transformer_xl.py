@@ -574,7 +574,8 @@ def _project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, flat: bool = Tru
     return jnp.einsum(f"bl{inner},{inner}{out}->bl{out}", x, kernel)
   lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   out = kernel.shape[in_axes:]
-  y = x.reshape(int(np.prod(lead)), int(np.prod(inner))) @ kernel.reshape(int(np.prod(inner)), -1)
+  # -1 rows (not prod(lead)) keeps a symbolic batch size working under jax.export.
+  y = x.reshape(-1, int(np.prod(inner))) @ kernel.reshape(int(np.prod(inner)), -1)
   return y.reshape(lead + out)
 
 
