@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   config.pruner = ml_collections.ConfigDict(dict(
       name="median",         # median | hyperband | none
-      startup_trials=-1,     # median: trials finished before pruning starts; -1 = max(1, n_trials // 5)
+      startup_trials=-1,     # median: trials finished before pruning starts; -1 = max(2, n_trials // 5)
       warmup_steps=0,        # median: no pruning before this training step
       min_resource=-1,       # hyperband: steps of the smallest rung; -1 = base eval.every_steps
       max_resource=-1,       # hyperband: -1 = base train.num_steps (or "auto" when that is -1)

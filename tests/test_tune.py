@@ -272,6 +272,20 @@ def test_interrupted_trial_is_requeued_once():
   assert trials[2].user_attrs["retry_of"] == 1 and tune.budget_used(trials) == 1
 
 
+@pytest.mark.parametrize("keep,kept", [("all", {0, 1, 2, 3, 4}), ("best", {0, 3, 4}),
+                                       ("none", {3, 4})])
+def test_finished_trial_workdirs_are_kept_or_cleaned(tmp_path, keep, kept):
+  # 0 best, 1 worse, 2 pruned, 3 failed with its retry (4) still running: 3 and 4 always stay.
+  study = _study_with(["complete", "complete", "pruned", "fail", "running"])
+  study._storage.set_trial_user_attr(study.get_trials()[4]._trial_id, "retry_of", 3)
+  for n in range(5):
+    os.makedirs(tune.trial_dir(str(tmp_path), n))
+  search = tune._Search(config=tiny_config(keep_trial_workdirs=keep), workdir=str(tmp_path),
+                        params=[], module=None, lock=None)
+  tune._cleanup(search, study)
+  assert {int(d) for d in os.listdir(tmp_path / "trials")} == kept
+
+
 def test_pruning_hook_reports_and_prunes():
   study = optuna.create_study(direction="minimize",
                               pruner=optuna.pruners.MedianPruner(n_startup_trials=1))

@@ -651,7 +651,7 @@ def make_sampler(config: ml_collections.ConfigDict, seed: int) -> optuna.sampler
 def make_pruner(config: ml_collections.ConfigDict) -> optuna.pruners.BasePruner:
   p, base = config.pruner, config.base
   if p.name == "median":
-    startup = max(1, config.n_trials // 5) if p.startup_trials == -1 else p.startup_trials
+    startup = max(2, config.n_trials // 5) if p.startup_trials == -1 else p.startup_trials
     return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=p.warmup_steps)
   if p.name == "hyperband":
     min_resource = base.eval.every_steps if p.min_resource == -1 else p.min_resource
