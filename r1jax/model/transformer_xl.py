@@ -614,32 +614,41 @@ class RelativeAttention(nn.Module):
     o_kernel = _Kernel((h, dh, cfg.d_model), (axes.HEADS, axes.KV, axes.EMBED),
                        cfg.param_dtype, name="out")().astype(dtype)
     x = x.astype(dtype)
-    head_axes = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+    flat = cfg.flat_matmuls
+    # Scores are computed head-major, [H, B, Q, *]: the position term's product with the [H, P, D]
+    # table then comes out of the matmul in the layout the relative shift and the softmax use, and
+    # its gradients are plain batched products (batch-major [B, H, Q, P] scores cost a [B, H, Q, P]
+    # transposing copy each way and a strided matmul for the table's gradient).
+    head_major = (axes.ACT_HEADS, axes.BATCH, axes.LENGTH, axes.ACT_KV)
     if mlen == 0:
-      # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D].
-      qkv = _project(x, qkv_kernel, flat=cfg.flat_matmuls)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D] -> [3, H, B, Q, D].
+      qkv = jnp.transpose(_project(x, qkv_kernel, flat=flat), (2, 3, 0, 1, 4))
+      q, k, v = qkv[0], qkv[1], qkv[2]
     else:
       # Queries only for the segment's rows; keys and values for memory and segment.
-      q = _project(x[:, mlen:], qkv_kernel[:, 0], flat=cfg.flat_matmuls)
-      kv = _project(x, qkv_kernel[:, 1:], flat=cfg.flat_matmuls)
-      k, v = kv[:, :, 0], kv[:, :, 1]
-    q, k, v = (axes.constrain(t, head_axes) for t in (q, k, v))
+      q = jnp.transpose(_project(x[:, mlen:], qkv_kernel[:, 0], flat=flat), (2, 0, 1, 3))
+      kv = jnp.transpose(_project(x, qkv_kernel[:, 1:], flat=flat), (2, 3, 0, 1, 4))
+      k, v = kv[0], kv[1]
+    q, k, v = (axes.constrain(t, head_major) for t in (q, k, v))               # [H, B, *, D]
     r = jnp.einsum("pd,dhn->phn", pos_emb.astype(dtype), r_kernel)            # [P, H, D]
+    r = jnp.transpose(r, (1, 0, 2))                                           # [H, P, D]
 
     # Content and position terms in float32, as in the original (sum, then scale).
-    ac = jnp.einsum("bqhn,bkhn->bhqk", q + r_w_bias.astype(dtype), k,
-                    preferred_element_type=jnp.float32)                       # [B, H, Q, K]
-    bd = jnp.einsum("bqhn,phn->bhqp", q + r_r_bias.astype(dtype), r,
-                    preferred_element_type=jnp.float32)                       # [B, H, Q, P]
-    bd = rel_shift(bd, klen)                                                  # [B, H, Q, K]
+    ac = jnp.einsum("hbqn,hbkn->hbqk", q + r_w_bias.astype(dtype)[:, None, None], k,
+                    preferred_element_type=jnp.float32)                       # [H, B, Q, K]
+    qr = (q + r_r_bias.astype(dtype)[:, None, None]).reshape(h, -1, dh)        # [H, B * Q, D]
+    bd = jax.lax.dot_general(qr, jnp.swapaxes(r, 1, 2), (((2,), (1,)), ((0,), (0,))),
+                             preferred_element_type=jnp.float32)
+    bd = bd.reshape(q.shape[:3] + (r.shape[1],))                              # [H, B, Q, P]
+    bd = rel_shift(bd, klen)                                                  # [H, B, Q, K]
     scores = (ac + bd) * (1.0 / math.sqrt(dh))
-    scores = jnp.where(allowed, scores, MASK_VALUE)
+    scores = jnp.where(jnp.swapaxes(allowed, 0, 1), scores, MASK_VALUE)
     probs = softmax(scores).astype(dtype)
     probs = Dropout(cfg.dropatt)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhn->bqhn", probs, v)                             # [B, Q, H, D]
-    out = axes.constrain(out, head_axes)
-    return _project(out, o_kernel, in_axes=2, flat=cfg.flat_matmuls)   # [B, Q, d]
+    out = jnp.einsum("hbqk,hbkn->hbqn", probs, v)                             # [H, B, Q, D]
+    out = jnp.transpose(out, (1, 2, 0, 3))                                    # [B, Q, H, D]
+    out = axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV))
+    return _project(out, o_kernel, in_axes=2, flat=flat)                      # [B, Q, d]
 
 
 class TransformerXLLayer(nn.Module):
