@@ -26,6 +26,12 @@ original code, memory made in training mode holds the training-mode (dropout) ac
 layer inputs. Memory may be zero-length (the first segment of a stream) or a fixed-length
 all-invalid block (static shapes under jit): both give identical outputs, because attention depends
 only on relative distances and invalid slots are masked. Memory is kept in the compute dtype.
+
+Speed and memory (bench/train_throughput.py, bench/NOTES.md): dropout masks come from a cheap
+counter-based hash (`keep_mask`), not threefry; LayerNorm and softmax have custom VJPs that keep
+only what their backward needs; dense layers and the attention projections run as 2-D matmuls
+(`flat_matmuls`), and attention scores are head-major, because XLA:CPU emits the gradients of
+those forms as fast plain matmuls. Parameters and results are those of the plain formulation.
 """
 from __future__ import annotations
 
