@@ -526,7 +526,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="tiny sizes and few steps (the smoke test); the figures mean nothing")
   p.add_argument("--gpu", action="store_true",
                  help="also run the GPU section (base variant, seq 512, bf16) when a GPU is visible")
+  p.add_argument("--gpu-only", action="store_true",
+                 help="run only the GPU section (implies --gpu; no CPU rows)")
   p.add_argument("--gpu-batch", type=int, default=16)
+  p.add_argument("--gpu-platform", default="cuda", help=argparse.SUPPRESS)  # "cpu" to test the path
   p.add_argument("--json-out", default="", help="also write the final JSON object to this file")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--spec", default="", help=argparse.SUPPRESS)
@@ -545,6 +548,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.error(f"--threads={args.threads}: this process may use {len(available)} cores "
             f"({available}); choose 1..{len(available)} or 0 for all")
   args.cpus = available[:args.threads] if args.threads else available
+  args.gpu = args.gpu or args.gpu_only
   return args
 
 
@@ -564,6 +568,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return dict(common, mode=mode, variant=variant, ceiling_sizes=sizes,
                 model=dict(size, dropout=DROPOUT, dropatt=DROPATT, mem_len=mem_len, **extra))
 
+  res = dict.fromkeys(("mlm_off", "bert", "mlm_on", "lm", "txl"))
+  ceiling = base = None
+  if not args.gpu_only:
+    ceiling, base = _cpu_rows(args, res, r1jax, common, size, sizes)
+  gpu = run_gpu_section(args) if args.gpu else None
+  summary = summary_json(args, ceiling, res, base, gpu)
+  print_table(args, ceiling, res, base, gpu, summary)
+  line = json.dumps(summary, sort_keys=True)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+  return summary
+
+
+def _cpu_rows(args, res, r1jax, common, size, sizes):
+  """Fills `res` with the lockstep comparisons; returns (ceiling, base run)."""
+  cpus = args.cpus
   print(f"# r1jax training throughput: {len(cpus)} threads pinned to cores {cpus}", file=sys.stderr)
   ceiling = run_once("ceiling", dict(sizes=sizes), cpus=cpus, label="matmul ceiling")
   hf = not args.skip_hf
@@ -572,7 +594,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   mlm_peers += [("mlm_on", "r1jax", r1jax("mlm", args.mem_len))]
   lm_peers = [("lm", "r1jax", r1jax("lm", args.mem_len))]
   lm_peers += [("txl", "hf_transfo_xl", dict(common, size=size, mem_len=args.mem_len))] if hf else []
-  res = dict.fromkeys(("mlm_off", "bert", "mlm_on", "lm", "txl"))
   res.update(measure_lockstep(mlm_peers, steps=args.steps, cpus=cpus))
   res.update(measure_lockstep(lm_peers, steps=args.steps, cpus=cpus))
 
@@ -585,23 +606,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mode="mlm", variant="tiny" if args.toy else "base", batch=args.base_batch,
         seq_len=args.base_seq_len, model=base_model, warmup=1, steps=args.base_steps,
         ceiling_sizes=sizes))], steps=args.base_steps, cpus=cpus)["base"]
-
-  gpu = run_gpu_section(args) if args.gpu else None
-  summary = summary_json(args, ceiling, res, base, gpu)
-  print_table(args, ceiling, res, base, gpu, summary)
-  line = json.dumps(summary, sort_keys=True)
-  if args.json_out:
-    with open(args.json_out, "w") as f:
-      f.write(line + "\n")
-  print(line, flush=True)
-  return summary
+  return ceiling, base
 
 
 def run_gpu_section(args: argparse.Namespace) -> dict[str, Any]:
   """Base variant, sequence 512, bf16 on the first GPU; MFU vs that GPU's measured bf16 matmul."""
   probe = subprocess.run(
-      [sys.executable, "-c", "import jax; print(jax.devices('gpu')[0].device_kind)"],
-      env=_worker_env(1, "cuda"), capture_output=True, text=True, check=False)
+      [sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
+      env=_worker_env(1, args.gpu_platform), capture_output=True, text=True, check=False)
   if probe.returncode != 0:
     print("  GPU section: no GPU visible to JAX; skipped", file=sys.stderr)
     return {"available": False}
@@ -614,8 +626,8 @@ def run_gpu_section(args: argparse.Namespace) -> dict[str, Any]:
   result = measure_lockstep([("gpu", "r1jax", dict(
       mode="mlm", variant="tiny" if args.toy else "base", batch=args.gpu_batch, seq_len=seq,
       model=model, warmup=2, steps=steps, ceiling_dtype="bfloat16",
-      ceiling_sizes=(1024, 2048) if args.toy else (8192, 16384)))],
-                            steps=steps, cpus=args.cpus, platform="cuda")["gpu"]
+      ceiling_sizes=(128, 256) if args.toy else (8192, 16384)))],
+                            steps=steps, cpus=args.cpus, platform=args.gpu_platform)["gpu"]
   result.update(available=True, device=kind, seq_len=seq, batch=args.gpu_batch)
   return result
 
@@ -637,7 +649,8 @@ def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
   out = {
       "threads": len(args.cpus), "toy": bool(args.toy), "timed_steps": args.steps,
       "batch": args.batch, "seq_len": args.seq_len, "mem_len": args.mem_len,
-      "ceiling_f32_flops": r(ceiling["float32"], 0), "ceiling_bf16_flops": r(ceiling["bfloat16"], 0),
+      "ceiling_f32_flops": r(ceiling["float32"], 0) if ceiling else None,
+      "ceiling_bf16_flops": r(ceiling["bfloat16"], 0) if ceiling else None,
       "r1jax_mlm_tokens_per_s": get("mlm_off", "tokens_per_s"),
       "r1jax_mlm_mem_tokens_per_s": get("mlm_on", "tokens_per_s"),
       "r1jax_lm_mem_tokens_per_s": get("lm", "tokens_per_s"),
@@ -686,39 +699,40 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
   def vs(key, what):
     v = summary.get(key)
     return f"{v:.2f}x {what}" if v is not None else ""
-  sizes = "128, 256" if args.toy else "1024, 2048"
-  print(f"\nr1jax training throughput: {len(args.cpus)} threads for every peer, float32, batch {b}, "
-        f"sequence {q}, d_model {size['d_model']}, {size['n_layer']} layers, {size['n_head']} "
-        f"heads, vocab {size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed "
-        f"steps per peer, peers alternating step by step, after {args.warmup} warm-up steps.\n")
-  print(f"Matmul ceiling through JAX (best of n = {sizes}): float32 "
-        f"{ceiling['float32'] / 1e9:,.0f} GFLOP/s, bfloat16 {ceiling['bfloat16'] / 1e9:,.0f} "
-        "GFLOP/s.\n")
-  print("| run | tokens/s | MFU | peak memory | compile | r1jax / peer |")
+  print("\n| run | tokens/s | MFU | peak memory | compile | r1jax / peer |")
   print("|---|---:|---:|---:|---:|---|")
-  print(_row("r1jax MLM+NSP, memory off", res["mlm_off"],
-             f"{vs('ratio_vs_hf_bert', 'tokens/s')}, "
-             f"{vs('peak_memory_ratio_vs_hf_bert', 'memory')}".strip(", ")))
-  print(_row("HF PyTorch BertForPreTraining", res["bert"]))
-  print(_row(f"r1jax MLM+NSP, memory on (mem_len {m})", res["mlm_on"],
-             vs("ratio_mem_on_vs_hf_bert", "HF BERT tokens/s")))
-  print(_row(f"r1jax causal LM, mem_len {m}", res["lm"],
-             f"{vs('ratio_vs_hf_transfo_xl', 'tokens/s')}, "
-             f"{vs('peak_memory_ratio_vs_hf_transfo_xl', 'memory')}".strip(", ")))
-  print(_row(f"HF PyTorch TransfoXLLMHeadModel, mem_len {m}", res["txl"]))
-  if base:
-    print(_row(f"r1jax base variant ({base['dtype']}), batch {args.base_batch}, sequence "
-               f"{args.base_seq_len}", base, f"{args.base_steps} timed steps"))
+  if ceiling:
+    print(_row("r1jax MLM+NSP, memory off", res["mlm_off"],
+               f"{vs('ratio_vs_hf_bert', 'tokens/s')}, "
+               f"{vs('peak_memory_ratio_vs_hf_bert', 'memory')}".strip(", ")))
+    print(_row("HF PyTorch BertForPreTraining", res["bert"]))
+    print(_row(f"r1jax MLM+NSP, memory on (mem_len {m})", res["mlm_on"],
+               vs("ratio_mem_on_vs_hf_bert", "HF BERT tokens/s")))
+    print(_row(f"r1jax causal LM, mem_len {m}", res["lm"],
+               f"{vs('ratio_vs_hf_transfo_xl', 'tokens/s')}, "
+               f"{vs('peak_memory_ratio_vs_hf_transfo_xl', 'memory')}".strip(", ")))
+    print(_row(f"HF PyTorch TransfoXLLMHeadModel, mem_len {m}", res["txl"]))
+    if base:
+      print(_row(f"r1jax base variant ({base['dtype']}), batch {args.base_batch}, sequence "
+                 f"{args.base_seq_len}", base, f"{args.base_steps} timed steps"))
   if gpu and gpu.get("available"):
     print(_row(f"GPU {gpu['device']}: base, bfloat16, batch {gpu['batch']}, sequence "
                f"{gpu['seq_len']}", gpu,
                f"MFU vs measured bf16 matmul {gpu['ceiling_flops'] / 1e12:,.0f} TFLOP/s"))
   elif gpu is not None:
     print(_row("GPU section", None, "no GPU visible: skipped"))
-  mlm = res["mlm_off"]
-  print(f"\nMFU: model training FLOPs / the float32 matmul ceiling sampled in the same process "
-        f"(r1jax MLM memory-off process: {mlm['ceiling_flops'] / 1e9:,.0f} GFLOP/s). Peak memory: "
-        "ru_maxrss minus the resident set after imports, per process.\n", flush=True)
+  print()
+  if ceiling:
+    sizes = "128, 256" if args.toy else "1024, 2048"
+    print(f"CPU rows: {len(args.cpus)} threads for every peer, float32, batch {b}, sequence {q}, "
+          f"d_model {size['d_model']}, {size['n_layer']} layers, {size['n_head']} heads, vocab "
+          f"{size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed steps per peer, "
+          f"peers alternating step by step, after {args.warmup} warm-up steps. Matmul ceiling "
+          f"through JAX (best of n = {sizes}): float32 {ceiling['float32'] / 1e9:,.0f} GFLOP/s, "
+          f"bfloat16 {ceiling['bfloat16'] / 1e9:,.0f} GFLOP/s. MFU: model training FLOPs / the "
+          "float32 ceiling sampled in the same process (r1jax MLM memory-off process: "
+          f"{res['mlm_off']['ceiling_flops'] / 1e9:,.0f} GFLOP/s). Peak memory: ru_maxrss minus "
+          "the resident set after imports, per process.\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,14 @@ def test_toy_run_all_peers():
     assert isinstance(summary[key], float) and summary[key] > 0, (key, summary[key])
 
 
+def test_gpu_section_code_path_on_cpu():
+  # No GPU here: the hidden --gpu-platform=cpu runs the GPU section's measurement on the CPU.
+  summary, stdout = _run("--gpu-only", "--gpu-platform", "cpu")
+  assert summary["gpu_available"] is True and summary["gpu_base_mfu"] > 0
+  assert summary["gpu_bf16_matmul_flops"] > 0 and summary["ratio_vs_hf_bert"] is None
+  assert "| GPU " in stdout
+
+
 def test_bad_flag_names_the_fix():
   proc = subprocess.run([sys.executable, SCRIPT, "--threads", "999"], capture_output=True,
                         text=True, timeout=120, check=False)
