@@ -222,12 +222,34 @@ class R1jaxTrainer:
     self.state = self.engine.init_state(jax.random.PRNGKey(0))
     self.metrics = None
     self.i = 0
+    self.steps_per_call = int(spec.get("steps_per_call", 1))
 
-  def step(self) -> None:
-    self.state, self.metrics = self.engine.train_step(self.state,
-                                                      self.batches[self.i % len(self.batches)])
+  def step(self) -> int:
+    """`steps_per_call` training steps, dispatched back to back, then one wait; returns how many.
+
+    One step per call (the CPU rows) keeps peers in lockstep. On a GPU a wait after every step
+    would leave the device idle while the host dispatches the next one, which no training loop
+    does (r1jax's loop only fetches metrics at log steps), so the GPU rows time a few at a time.
+    """
+    n = 1 if self.i == 0 else self.steps_per_call  # the first call (compilation) runs one step
+    for _ in range(n):
+      self.state, self.metrics = self.engine.train_step(
+          self.state, self.batches[self.i % len(self.batches)])
+      self.i += 1
     self._jax.block_until_ready(self.metrics)
-    self.i += 1
+    return n
+
+  def profile(self, out_dir: str, steps: int = 3) -> dict[str, Any]:
+    """Traces `steps` steps with jax.profiler; returns the device-side time by kernel."""
+    jax = self._jax
+    os.makedirs(out_dir, exist_ok=True)
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        self.state, self.metrics = self.engine.train_step(
+            self.state, self.batches[self.i % len(self.batches)])
+        self.i += 1
+      jax.block_until_ready(self.metrics)
+    return summarize_trace(out_dir, steps)
 
   def sample_ceiling(self) -> float:
     return self.ceiling.sample()
@@ -238,11 +260,58 @@ class R1jaxTrainer:
       raise FloatingPointError(f"r1jax {self.mode} loss is {final['loss']}")
     median = statistics.median(times)
     device = self._jax.devices()[0]
-    return dict(compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    extra = {}
+    if stats and "peak_bytes_in_use" in stats:  # accelerator memory (host RSS says little there)
+      extra["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
+    return dict(**extra, attention_impl=self.cfg.attention_impl,
+                steps_per_call=self.steps_per_call,compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
                 achieved_flops=self.flops_per_step / median, ceiling_flops=self.ceiling.value,
                 ceiling_samples=self.ceiling.samples,
                 mfu=self.flops_per_step / median / self.ceiling.value, loss=final["loss"],
                 platform=device.platform, device=device.device_kind, dtype=str(self.cfg.dtype))
+
+
+KERNEL_KINDS = (  # (kind, substrings of a GPU kernel's name), first match wins
+    ("attention (cuDNN)", ("fmha", "cudnn", "flash")),
+    ("matmul", ("gemm", "cutlass", "cublas", "nvjet", "xmma", "wgmma", "triton_gemm", "dot")),
+    ("memcpy", ("memcpy", "memset")),
+)
+
+
+def summarize_trace(out_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
+  """Device time by kernel from the perfetto trace `jax.profiler.trace` wrote under `out_dir`.
+
+  Kernels are the complete ("X") events of the trace's device processes (`/device:...`); on a
+  CPU-only run, where XLA has no device timeline, the events of every process are summed instead.
+  Returns per-step milliseconds: total, by kind (matmul / cuDNN attention / copies / other, i.e.
+  XLA's fusions), and the `top` kernels.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  paths = sorted(glob.glob(os.path.join(out_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+  if not paths:
+    return {"error": f"no perfetto_trace.json.gz under {out_dir}"}
+  with gzip.open(paths[-1], "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events) if isinstance(events, dict) else events
+  names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device_pids = {pid for pid, name in names.items() if "/device:" in name}
+  by_name: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and (not device_pids or e.get("pid") in device_pids):
+      by_name[e.get("name", "?")] = by_name.get(e.get("name", "?"), 0.0) + float(e.get("dur", 0))
+  by_kind: dict[str, float] = {}
+  for name, us in by_name.items():
+    low = name.lower()
+    kind = next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other (fusions)")
+    by_kind[kind] = by_kind.get(kind, 0.0) + us
+  per_step = lambda us: round(us / steps / 1e3, 3)  # noqa: E731
+  ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+  return {"device_events": bool(device_pids), "total_ms": per_step(sum(by_name.values())),
+          "by_kind_ms": {k: per_step(v) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+          "top_ms": [[name[:120], per_step(us)] for name, us in ranked], "trace": paths[-1]}
 
 
 class _TorchTrainer:
@@ -370,9 +439,11 @@ def serve(kind: str, spec: dict[str, Any]) -> None:
     command = line.strip()
     if command == "step":
       start = time.perf_counter()
-      trainer.step()
-      times.append(time.perf_counter() - start)
+      n = trainer.step() or 1
+      times.append((time.perf_counter() - start) / n)
       _emit("STEP", times[-1])
+    elif command.startswith("profile "):
+      _emit("PROF", trainer.profile(command.split(" ", 1)[1]))
     elif command == "ceiling":
       _emit("CEIL", trainer.sample_ceiling() if trainer.sample_ceiling else None)
     elif command == "finish":
@@ -480,9 +551,11 @@ def run_once(kind: str, spec: dict[str, Any], *, cpus: Sequence[int], label: str
 
 
 def measure_lockstep(peers: Sequence[tuple[str, str, dict[str, Any]]], *, steps: int,
-                     cpus: Sequence[int], platform: str = "cpu") -> dict[str, dict[str, Any]]:
+                     cpus: Sequence[int], platform: str = "cpu",
+                     profile_dir: str = "") -> dict[str, dict[str, Any]]:
   """Starts the peers (label, kind, spec) one after the other (each warms up alone), then times
   `steps` steps of each in turn; JAX peers sample their matmul ceiling before, halfway and after.
+  With `profile_dir` (a single JAX peer), a few more steps are then traced there.
   Returns {label: result}."""
   workers = []
   try:
@@ -498,11 +571,30 @@ def measure_lockstep(peers: Sequence[tuple[str, str, dict[str, Any]]], *, steps:
         w.send("step", "STEP")
     for w in workers:
       w.send("ceiling", "CEIL")
-    return {w.label: w.finish() for w in workers}
+    profiles = {w.label: w.send(f"profile {profile_dir}", "PROF") for w in workers} if profile_dir \
+        else {}
+    results = {w.label: w.finish() for w in workers}
+    for label, prof in profiles.items():
+      results[label]["profile"] = prof
+    return results
   finally:
     for w in workers:
       if w.proc.poll() is None:
         w.proc.kill()
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    values = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 16,32")
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1, e.g. 16,32")
+  return values
+
+
+def _str_list(text: str) -> list[str]:
+  return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -528,7 +620,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="also run the GPU section (base variant, seq 512, bf16) when a GPU is visible")
   p.add_argument("--gpu-only", action="store_true",
                  help="run only the GPU section (implies --gpu; no CPU rows)")
-  p.add_argument("--gpu-batch", type=int, default=16)
+  p.add_argument("--gpu-batch", type=_int_list, default=[16, 32],
+                 help="GPU batch sizes to measure, comma-separated")
+  p.add_argument("--gpu-attention", type=_str_list, default=["einsum", "cudnn"],
+                 help="attention implementations (TransformerXLConfig.attention_impl) to measure "
+                      "on the GPU, comma-separated")
+  p.add_argument("--gpu-steps-per-call", type=int, default=5,
+                 help="GPU steps dispatched back to back per timed sample (see R1jaxTrainer.step)")
+  p.add_argument("--gpu-profile", default="",
+                 help="also trace 3 steps of each GPU row under this folder and print the device "
+                      "time by kernel")
   p.add_argument("--gpu-platform", default="cuda", help=argparse.SUPPRESS)  # "cpu" to test the path
   p.add_argument("--json-out", default="", help="also write the final JSON object to this file")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -538,9 +639,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.batch, args.seq_len, args.mem_len = 4, 16, 16
     args.base_batch, args.base_seq_len = 2, 16
     args.steps, args.warmup, args.base_steps = min(args.steps, 3), 1, 1
-    args.gpu_batch = 4
+    args.gpu_batch = [4]
+  if args.gpu_platform == "cpu":  # the CPU check of the GPU code path: no cuDNN there
+    args.gpu_attention = ["sdpa" if a == "cudnn" else a for a in args.gpu_attention]
   for name in ("steps", "warmup", "batch", "seq_len", "base_batch", "base_seq_len", "base_steps",
-               "gpu_batch"):
+               "gpu_steps_per_call"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
   available = sorted(os.sched_getaffinity(0))
@@ -610,7 +713,11 @@ def _cpu_rows(args, res, r1jax, common, size, sizes):
 
 
 def run_gpu_section(args: argparse.Namespace) -> dict[str, Any]:
-  """Base variant, sequence 512, bf16 on the first GPU; MFU vs that GPU's measured bf16 matmul."""
+  """Base variant, sequence 512, bf16 on the first GPU; MFU vs that GPU's measured bf16 matmul.
+
+  One row per (attention implementation, batch) in --gpu-attention x --gpu-batch, each in its own
+  process; the summary quotes the row with the best MFU and names its settings.
+  """
   probe = subprocess.run(
       [sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
       env=_worker_env(1, args.gpu_platform), capture_output=True, text=True, check=False)
@@ -618,18 +725,38 @@ def run_gpu_section(args: argparse.Namespace) -> dict[str, Any]:
     print("  GPU section: no GPU visible to JAX; skipped", file=sys.stderr)
     return {"available": False}
   kind = probe.stdout.strip().splitlines()[-1]
-  model = dict(n_token_types=2, dtype="bfloat16")
   seq = 16 if args.toy else 512
-  if args.toy:
-    model.update(TOY, n_layer=2)
   steps = max(args.steps, 5)
-  result = measure_lockstep([("gpu", "r1jax", dict(
-      mode="mlm", variant="tiny" if args.toy else "base", batch=args.gpu_batch, seq_len=seq,
-      model=model, warmup=2, steps=steps, ceiling_dtype="bfloat16",
-      ceiling_sizes=(128, 256) if args.toy else (8192, 16384)))],
-                            steps=steps, cpus=args.cpus, platform=args.gpu_platform)["gpu"]
-  result.update(available=True, device=kind, seq_len=seq, batch=args.gpu_batch)
-  return result
+  rows = []
+  for impl in args.gpu_attention:
+    for batch in args.gpu_batch:
+      model = dict(n_token_types=2, dtype="bfloat16", attention_impl=impl, dropatt=DROPATT)
+      if args.toy:
+        model.update(TOY, n_layer=2)
+      label = f"gpu_{impl}_b{batch}"
+      spec = dict(mode="mlm", variant="tiny" if args.toy else "base", batch=batch, seq_len=seq,
+                  model=model, warmup=2, steps=steps, ceiling_dtype="bfloat16",
+                  steps_per_call=args.gpu_steps_per_call,
+                  ceiling_sizes=(128, 256) if args.toy else (8192, 16384))
+      try:
+        result = measure_lockstep([(label, "r1jax", spec)], steps=steps, cpus=args.cpus,
+                                  platform=args.gpu_platform,
+                                  profile_dir=(os.path.join(args.gpu_profile, label)
+                                               if args.gpu_profile else ""))[label]
+      except RuntimeError as e:  # e.g. cuDNN refusing a shape: report it, keep the other rows
+        print(f"  {label}: failed: {e}", file=sys.stderr, flush=True)
+        rows.append(dict(available=False, attention_impl=impl, batch=batch, error=str(e)[-2000:]))
+        continue
+      result.update(available=True, device=kind, seq_len=seq, batch=batch)
+      rows.append(result)
+      if "profile" in result:
+        print(f"  {label} profile (ms per step): {json.dumps(result['profile'])}",
+              file=sys.stderr, flush=True)
+  ok = [r for r in rows if r.get("available")]
+  if not ok:
+    return {"available": False, "rows": rows, "device": kind}
+  best = max(ok, key=lambda r: r["mfu"])
+  return dict(best, rows=rows)
 
 
 def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
@@ -679,7 +806,13 @@ def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
     if gpu.get("available"):
       out.update(gpu_device=gpu["device"], gpu_bf16_matmul_flops=r(gpu["ceiling_flops"], 0),
                  gpu_base_mfu=r(gpu["mfu"]), gpu_base_tokens_per_s=r(gpu["tokens_per_s"]),
-                 gpu_base_compile_seconds=r(gpu["compile_s"]))
+                 gpu_base_compile_seconds=r(gpu["compile_s"]), gpu_batch=gpu["batch"],
+                 gpu_attention_impl=gpu["attention_impl"],
+                 gpu_peak_device_mib=r(gpu.get("peak_device_mib")),
+                 gpu_rows=[{k: (r(v) if isinstance(v, float) else v) for k, v in row.items()
+                            if k in ("attention_impl", "batch", "mfu", "tokens_per_s",
+                                     "peak_device_mib", "compile_s", "loss", "error")}
+                           for row in gpu["rows"]])
   return out
 
 
@@ -716,9 +849,20 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
       print(_row(f"r1jax base variant ({base['dtype']}), batch {args.base_batch}, sequence "
                  f"{args.base_seq_len}", base, f"{args.base_steps} timed steps"))
   if gpu and gpu.get("available"):
-    print(_row(f"GPU {gpu['device']}: base, bfloat16, batch {gpu['batch']}, sequence "
-               f"{gpu['seq_len']}", gpu,
-               f"MFU vs measured bf16 matmul {gpu['ceiling_flops'] / 1e12:,.0f} TFLOP/s"))
+    for row in gpu["rows"]:
+      name = (f"GPU {gpu['device']}: base, bfloat16, {row['attention_impl']} attention, batch "
+              f"{row['batch']}, sequence {gpu['seq_len']}")
+      if not row.get("available"):
+        print(_row(name, None, f"failed: {row['error'].splitlines()[-1][:150]}"))
+        continue
+      mem = (f"; device peak {row['peak_device_mib']:,.0f} MiB" if "peak_device_mib" in row
+             else "")
+      print(_row(name, row, f"MFU vs measured bf16 matmul {row['ceiling_flops'] / 1e12:,.0f} "
+                 f"TFLOP/s{mem}"))
+  elif gpu is not None and gpu.get("rows"):
+    for row in gpu["rows"]:
+      print(_row(f"GPU {gpu['device']}: {row['attention_impl']} attention, batch {row['batch']}",
+                 None, f"failed: {row['error'].splitlines()[-1][:150]}"))
   elif gpu is not None:
     print(_row("GPU section", None, "no GPU visible: skipped"))
   print()

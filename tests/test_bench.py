@@ -42,12 +42,16 @@ def test_toy_run_all_peers():
     assert isinstance(summary[key], float) and summary[key] > 0, (key, summary[key])
 
 
-def test_gpu_section_code_path_on_cpu():
-  # No GPU here: the hidden --gpu-platform=cpu runs the GPU section's measurement on the CPU.
-  summary, stdout = _run("--gpu-only", "--gpu-platform", "cpu")
+def test_gpu_section_code_path_on_cpu(tmp_path):
+  # No GPU here: the hidden --gpu-platform=cpu runs the GPU section's measurement on the CPU,
+  # with the portable "sdpa" path standing in for cuDNN, and traces each row.
+  summary, stdout = _run("--gpu-only", "--gpu-platform", "cpu", "--gpu-profile", str(tmp_path))
   assert summary["gpu_available"] is True and summary["gpu_base_mfu"] > 0
   assert summary["gpu_bf16_matmul_flops"] > 0 and summary["ratio_vs_hf_bert"] is None
-  assert "| GPU " in stdout
+  assert [r["attention_impl"] for r in summary["gpu_rows"]] == ["einsum", "sdpa"]
+  assert all(r["mfu"] > 0 for r in summary["gpu_rows"])
+  assert stdout.count("| GPU ") == 2
+  assert sorted(os.listdir(tmp_path)) == ["gpu_einsum_b4", "gpu_sdpa_b4"]
 
 
 def test_bad_flag_names_the_fix():

@@ -115,6 +115,9 @@ def _memory(cfg, b_size, m_len, valid_from, seed):
     dict(),
     dict(clamp_len=3, pre_lnorm=True, untie_r=False, activation="relu"),
     dict(attention="causal", same_length=True, clamp_len=4),
+    # The fused formulation (position term as the bias of jax.nn.dot_product_attention).
+    dict(attention_impl="sdpa"),
+    dict(attention_impl="sdpa", attention="causal", same_length=True, clamp_len=4),
 ])
 def test_matches_naive_loop(overrides):
   cfg = _config(**overrides)
@@ -411,6 +414,43 @@ def test_bad_input_raises():
     pre.apply(pv, tokens, method=heads.PretrainModel.kg_logits)
   with pytest.raises(ValueError, match="num_classes=1"):
     heads.Classifier(cfg, num_classes=1).init(jax.random.key(0), tokens)
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_fused_attention_gradients_match_einsum(attention):
+  """attention_impl='sdpa' (the formulation cuDNN runs) has einsum's outputs and gradients."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (2, 5)).astype(np.int32)
+  token_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+  results = []
+  for impl in ("einsum", "sdpa"):
+    cfg = _config(attention=attention, attention_impl=impl)
+    model = txl.TransformerXL(cfg)
+    memory = _memory(cfg, 2, 4, valid_from=[0, 2], seed=1)
+    params = _random_params(model, tokens)
+
+    def loss(p, model=model, memory=memory):
+      hidden, _ = model.apply({"params": p}, tokens, memory, token_mask)
+      return (hidden * jnp.arange(hidden.shape[-1])).sum()
+    results.append(jax.value_and_grad(loss)(params))
+  (l0, g0), (l1, g1) = results
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, atol=2e-4, rtol=1e-4)
+
+
+def test_attention_impl_choice():
+  assert txl.get_variant("tiny").attention_impl == "einsum"
+  # "auto" takes cuDNN only on an NVIDIA GPU with bf16/fp16 compute: einsum on this CPU.
+  assert txl.get_variant("tiny", attention_impl="auto", dtype="bfloat16").attention_kernel(
+      deterministic=True) == "einsum"
+  assert txl.get_variant("tiny", attention_impl="sdpa").attention_kernel(False) == "sdpa"
+  with pytest.raises(ValueError, match=r"attention_impl='flash'.*einsum, sdpa, cudnn, auto"):
+    txl.get_variant("tiny", attention_impl="flash")
+  with pytest.raises(ValueError, match=r"'cudnn' needs dtype bfloat16 or float16.*float32"):
+    txl.get_variant("tiny", attention_impl="cudnn")
+  with pytest.raises(ValueError, match=r"'sdpa' has no attention-probability dropout"):
+    txl.get_variant("tiny", attention_impl="sdpa", dropatt=0.1)
 
 
 def test_package_exports():

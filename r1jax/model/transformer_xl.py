@@ -62,10 +62,24 @@ ACTIVATIONS = {
     "relu6": nn.relu6,
 }
 ATTENTIONS = ("bidirectional", "causal")
+# How attention is computed (TransformerXLConfig.attention_impl).
+ATTENTION_IMPLS = ("einsum", "sdpa", "cudnn", "auto")
 
 # Masked scores get this finite value (never -inf: bf16/fp16 would turn inf - inf into NaN). Scores
 # are float32 when masked, so -1e9 underflows exp() to exactly 0 next to any unmasked score.
 MASK_VALUE = -1e9
+_FUSED_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def _on_cuda() -> bool:
+  """True when the default backend is an NVIDIA GPU (where cuDNN attention exists)."""
+  try:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+  except (RuntimeError, AttributeError):
+    return False
+
+
 # Initialiser scale of weights and relative biases (transformer_xl.md: N(0, 0.02)).
 INIT_STD = 0.02
 
@@ -96,6 +110,12 @@ class TransformerXLConfig:
   flat_matmuls: bool = True       # projections as 2-D matmuls (fast XLA:CPU weight gradients);
                                   # False: einsums over the kernels' own shapes (what qwix PTQ
                                   # intercepts; same parameters, same results).
+  attention_impl: str = "einsum"  # "einsum": explicit head-major products (any backend, any
+                                  # dtype, attention dropout); "cudnn": fused flash attention via
+                                  # jax.nn.dot_product_attention (NVIDIA GPU, bf16/fp16, dropatt
+                                  # 0), the position term passed as its bias; "sdpa": that same
+                                  # call on XLA (any backend; for checks); "auto": cudnn where it
+                                  # applies, else einsum. Same parameters and results for all.
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -118,6 +138,13 @@ class TransformerXLConfig:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"TransformerXLConfig.activation={self.activation!r}: allowed values are "
                        f"{', '.join(ACTIVATIONS)}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"TransformerXLConfig.attention_impl={self.attention_impl!r}: allowed "
+                       f"values are {', '.join(ATTENTION_IMPLS)}.")
+    if self.attention_impl in ("sdpa", "cudnn") and self.dropatt:
+      raise ValueError(f"TransformerXLConfig.attention_impl={self.attention_impl!r} has no "
+                       f"attention-probability dropout (dropatt={self.dropatt}); set dropatt=0.0 "
+                       "or attention_impl='einsum' (or 'auto', which falls back to einsum).")
     if self.same_length and self.attention != "causal":
       raise ValueError("TransformerXLConfig.same_length=True needs attention='causal' (got "
                        f"{self.attention!r}); bidirectional attention always sees all memory.")
@@ -140,6 +167,17 @@ class TransformerXLConfig:
         raise ValueError(f"TransformerXLConfig.{name}={value!r}: must be a floating dtype such as "
                          "'float32' or 'bfloat16'.")
       object.__setattr__(self, name, dt)
+    if self.attention_impl == "cudnn" and self.dtype not in _FUSED_DTYPES:
+      raise ValueError(f"TransformerXLConfig.attention_impl='cudnn' needs dtype bfloat16 or "
+                       f"float16 (got {self.dtype}); set dtype='bfloat16' or "
+                       "attention_impl='auto'.")
+
+  def attention_kernel(self, deterministic: bool) -> str:
+    """The attention implementation a call runs: `attention_impl` with "auto" resolved."""
+    if self.attention_impl != "auto":
+      return self.attention_impl
+    fused = (_on_cuda() and self.dtype in _FUSED_DTYPES and (deterministic or not self.dropatt))
+    return "cudnn" if fused else "einsum"
 
   @property
   def is_causal(self) -> bool:
@@ -621,6 +659,10 @@ class RelativeAttention(nn.Module):
                        cfg.param_dtype, name="out")().astype(dtype)
     x = x.astype(dtype)
     flat = cfg.flat_matmuls
+    impl = cfg.attention_kernel(deterministic)
+    if impl != "einsum":
+      return self._fused(x, qlen, pos_emb, allowed, r_w_bias, r_r_bias,
+                         (qkv_kernel, r_kernel, o_kernel), impl)
     # Scores are computed head-major, [H, B, Q, *]: the position term's product with the [H, P, D]
     # table then comes out of the matmul in the layout the relative shift and the softmax use, and
     # its gradients are plain batched products (batch-major [B, H, Q, P] scores cost a [B, H, Q, P]
@@ -654,6 +696,46 @@ class RelativeAttention(nn.Module):
     out = jnp.einsum("hbqk,hbkn->hbqn", probs, v)                             # [H, B, Q, D]
     out = jnp.transpose(out, (1, 2, 0, 3))                                    # [B, Q, H, D]
     out = axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV))
+    return _project(out, o_kernel, in_axes=2, flat=flat)                      # [B, Q, d]
+
+  def _fused(self, x, qlen, pos_emb, allowed, r_w_bias, r_r_bias, kernels, impl):
+    """The same attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+
+    The content term (q + r_w_bias) k^T is the fused kernel's own product; the position term
+    rel_shift((q + r_r_bias) r^T), scaled and masked, is its additive bias [B, H, Q, K]. The
+    kernel never materialises the content scores or the probabilities (forward or backward); the
+    bias and its gradient are the only [B, H, Q, K] arrays left, in the compute dtype.
+    """
+    cfg = self.config
+    dtype, dh, flat = cfg.dtype, cfg.d_head, cfg.flat_matmuls
+    qkv_kernel, r_kernel, o_kernel = kernels
+    klen = x.shape[1]
+    mlen = klen - qlen
+    btnh = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+    if mlen == 0:
+      qkv = _project(x, qkv_kernel, flat=flat)                                # [B, Q, 3, H, D]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q = _project(x[:, mlen:], qkv_kernel[:, 0], flat=flat)                  # [B, Q, H, D]
+      kv = _project(x, qkv_kernel[:, 1:], flat=flat)                          # [B, K, 2, H, D]
+      k, v = kv[:, :, 0], kv[:, :, 1]
+    q, k, v = (axes.constrain(t, btnh) for t in (q, k, v))
+    r = jnp.einsum("pd,dhn->hnp", pos_emb.astype(dtype), r_kernel)            # [H, D, P]
+    scale = 1.0 / math.sqrt(dh)
+    # The position term head-major, as in the einsum path: one batched [H, B*Q, D] x [H, D, P]
+    # product whose output is already in the layout the relative shift reads; only the shifted
+    # [H, B, Q, K] result is then moved to the kernel's [B, H, Q, K] (whole Q x K blocks).
+    qr = jnp.transpose(q + r_r_bias.astype(dtype), (2, 0, 1, 3))              # [H, B, Q, D]
+    bd = jax.lax.dot_general(qr.reshape(qr.shape[0], -1, dh), r,
+                             (((2,), (1,)), ((0,), (0,))))                    # [H, B*Q, P]
+    bd = rel_shift(bd.reshape(qr.shape[:3] + (r.shape[2],)), klen)           # [H, B, Q, K]
+    mask_value = max(MASK_VALUE, float(jnp.finfo(dtype).min) / 2)
+    bias = jnp.where(allowed, jnp.swapaxes(bd, 0, 1) * jnp.asarray(scale, dtype),
+                     jnp.asarray(mask_value, dtype))                          # [B, H, Q, K]
+    out = jax.nn.dot_product_attention(
+        q + r_w_bias.astype(dtype), k, v, bias=bias, scale=scale,
+        implementation="cudnn" if impl == "cudnn" else "xla")                # [B, Q, H, D]
+    out = axes.constrain(out, btnh)
     return _project(out, o_kernel, in_axes=2, flat=flat)                      # [B, Q, d]
 
 
@@ -758,7 +840,11 @@ class TransformerXL(nn.Module):
     h = self.word_emb(tokens) * jnp.asarray(math.sqrt(cfg.d_model), cfg.dtype)
     if cfg.n_token_types:
       types = jnp.zeros_like(tokens) if token_types is None else jnp.asarray(token_types)
-      h = h + self.type_emb(types)
+      # A one-hot product, not a gather: the gather's gradient is a scatter-add of all B * Q rows
+      # into n_token_types rows, which serialises on atomics on a GPU (15 ms of a 65 ms base step
+      # on an H200); the product's gradient is a [T, B*Q] x [B*Q, d] matmul. Same values.
+      table = jnp.asarray(self.type_emb.embedding, cfg.dtype)                  # [T, d]
+      h = h + jax.nn.one_hot(types, cfg.n_token_types, dtype=cfg.dtype) @ table
     h = axes.constrain(self.drop(h, deterministic=deterministic), act_axes)
 
     pos = relative_positions(klen, qlen, not cfg.is_causal, cfg.clamp_len)
