@@ -1,4 +1,5 @@
 """Tests for r1jax.data.examples: MLM/NSP/knowledge batches, streaming, resumption, classification."""
+import grain
 import numpy as np
 import pytest
 
@@ -168,6 +169,47 @@ def test_workers_give_the_same_stream_and_restore(docs, tok):
   for x, y in zip(plain[3:], _batches(again, 3)):
     np.testing.assert_array_equal(x["mlm_positions"], y["mlm_positions"])
   again.close()
+
+
+def test_workers_restore_inside_a_later_message_and_back_to_the_start(docs, tok):
+  # 2 rows per worker: a worker message holds 32 steps, so step 35 is inside the second message.
+  kw = dict(seq_len=32, batch_size=4, seed=3)
+  plain = _batches(examples.pretrain_iterator(docs, tok, **kw), 40)
+  it = examples.pretrain_iterator(docs, tok, worker_count=2, **kw)
+  start = it.get_state()  # before the first batch: asks nothing of the (unstarted) workers
+  head = _batches(it, 35)
+  state = it.get_state()
+  tail = _batches(it, 5)
+  for x, y in zip(plain, head + tail):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  it.set_state(state)  # back into the second message
+  np.testing.assert_array_equal(next(it)["mlm_ids"], plain[35]["mlm_ids"])
+  it.set_state(start)  # back to the very start
+  np.testing.assert_array_equal(next(it)["tokens"], plain[0]["tokens"])
+  it.close()
+  again = examples.pretrain_iterator(docs, tok, worker_count=2, **kw)
+  again.set_state(state)
+  for x, y in zip(plain[35:], _batches(again, 5)):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+  again.close()
+
+
+def test_flatten_is_checkpointable_at_every_position():
+  lists = [[1, 2, 3], [4], [5, 6]]
+  ds = examples.FlattenIterDataset(grain.MapDataset.source(lists).to_iter_dataset())
+  it = iter(ds)
+  states, items = [], []
+  for _ in range(6):
+    states.append(it.get_state())
+    items.append(next(it))
+  assert items == [1, 2, 3, 4, 5, 6]
+  for i, state in enumerate(states):
+    fresh = iter(ds)
+    fresh.set_state(state)
+    assert list(fresh) == items[i:]
+    it.set_state(state)  # also on an iterator that has moved on
+    assert list(it) == items[i:]
 
 
 def test_whole_word_masking_keeps_words_together(docs, tok):
