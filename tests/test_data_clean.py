@@ -1,6 +1,7 @@
 """Tests for r1jax.data.clean: each step on English and Chinese text, and exact report counts."""
 import json
 
+import numpy as np
 import pytest
 
 from r1jax.data import clean
@@ -100,6 +101,28 @@ def test_minhash_near_duplicates_english_and_chinese():
   z1 = sig.signature("计算机网络协议规定了主机之间交换数据的格式和顺序")
   z2 = sig.signature("计算机网络协议规定了主机之间交换数据的格式与顺序")
   assert (z1 == z2).mean() > 0.6
+
+
+def test_near_dedup_buckets_shared_by_several_kept_texts():
+  near = clean.NearDedup(threshold=0.8, num_perm=64)
+  rows = 64 // near.bands
+  base = np.arange(64, dtype=np.uint32)
+  other = base + 1000
+  other[:rows] = base[:rows]  # shares only band 0 with base: similarity 1/bands, kept
+  records = [{"text": t, "_minhash": sig.tobytes(), "_line": i}
+             for i, (t, sig) in enumerate([("a", base), ("b", other), ("c", other)])]
+  out = [near.map(r) for r in records]
+  assert [r.get("_drop") for r in out] == [None, None, "near_duplicate"]
+  assert "similar to None:1" in out[2]["_detail"]
+  assert all("_minhash" not in r for r in out)
+
+
+def test_exact_dedup_with_and_without_the_precomputed_key():
+  key_step, dedup = clean.DedupKey(), clean.ExactDedup()
+  first = dedup.map(key_step.map({"text": "Same  Text"}))
+  second = dedup.map({"text": "same text"})  # no _dedup_key: hashed in place
+  assert first.get("_drop") is None and second["_drop"] == "duplicate"
+  assert "_dedup_key" not in first
 
 
 def test_pipeline_counts_are_exact():

@@ -42,6 +42,13 @@ Steps, in pipeline order (the rule name is the report key):
   near_duplicate       MinHash (num_perm permutations, LSH bands) estimated Jaccard similarity of
                        5-unit shingles >= near_dup_threshold with an earlier kept text (main process)
 Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 of one.
+
+Where the work runs: every per-document computation (repairs, scores, the exact-duplicate hash,
+shingling and the MinHash signature) is in `parallel_steps`, which run in Grain worker processes
+when worker_count > 0; the main process keeps only `sequential_steps`, the cross-document lookups
+of deduplication (one dict lookup, and one per LSH band: about 5 us per text). Records move in
+chunks of CHUNK_SIZE, one Grain element per chunk, so Grain's per-element bookkeeping and a
+worker's per-message cost are paid per chunk. bench/data_throughput.py measures the result.
 """
 import collections
 import dataclasses
@@ -246,10 +253,16 @@ class RemoveControlChars(Repair):
   """Removes control (Cc) and format (Cf) characters except newline, tab, ZWNJ and ZWJ."""
   name = "control_chars"
 
+  def __init__(self):
+    # Built here, once per process: Grain workers receive the compiled pattern (a short character
+    # class, recompiled in well under a millisecond) instead of each scanning all of Unicode
+    # (~0.1 s) at their first non-ASCII text.
+    self._non_ascii_re = _control_chars_re()
+
   def fix(self, text, record):
     if text.isascii():
       return _ASCII_CONTROL_RE.sub("", text)
-    return _control_chars_re().sub("", text)
+    return self._non_ascii_re.sub("", text)
 
 
 class NormalizeWhitespace(Repair):
@@ -498,17 +511,35 @@ def _dedup_key(text):
   return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=12).digest()
 
 
+class DedupKey(grain.transforms.Map):
+  """Adds `_dedup_key`: a 12-byte hash of the lowercased, whitespace-collapsed text.
+
+  Pure per-record work, so it runs in the parallel part of the pipeline (in Grain workers when
+  there are any); ExactDedup in the main process then only looks the key up.
+  """
+
+  def map(self, record):
+    if not record.get("_drop"):
+      record["_dedup_key"] = _dedup_key(record["text"])
+    return record
+
+
 class ExactDedup(grain.transforms.Map):
-  """Drops a text identical (after lowercasing and whitespace collapsing) to an earlier one."""
+  """Drops a text identical (after lowercasing and whitespace collapsing) to an earlier one.
+
+  Uses `_dedup_key` from DedupKey when present (and removes it), else hashes the text itself.
+  """
   name = "duplicate"
 
   def __init__(self):
     self._seen = {}
 
   def map(self, record):
+    key = record.pop("_dedup_key", None)
     if record.get("_drop"):
       return record
-    key = _dedup_key(record["text"])
+    if key is None:
+      key = _dedup_key(record["text"])
     first = self._seen.get(key)
     if first is None:
       self._seen[key] = (record.get("_file"), record.get("_line"))
@@ -558,7 +589,10 @@ class NearDedup(grain.transforms.Map):
   """Drops a text whose MinHash estimate of Jaccard similarity with a kept text is >= threshold.
 
   Locality-sensitive hashing with `bands` bands of num_perm / bands rows finds candidates; the
-  signature agreement decides. Needs `_minhash` from MinHashSignature.
+  signature agreement decides. Needs `_minhash` (bytes) from MinHashSignature. This step holds the
+  only cross-document state, so it runs in the main process: it works on the signature's bytes
+  directly (band keys are byte slices, no array per record) and decodes signatures to arrays only
+  for the rare candidates.
   """
   name = "near_duplicate"
 
@@ -570,32 +604,47 @@ class NearDedup(grain.transforms.Map):
                (1 / b) ** (b / num_perm) <= threshold - 0.1]
     self.bands = min(fitting) if fitting else num_perm
     self.rows = num_perm // self.bands
+    self._band_bytes = [(i * self.rows * 4, (i + 1) * self.rows * 4) for i in range(self.bands)]
     self._buckets = [dict() for _ in range(self.bands)]
-    self._kept = []
+    self._kept = []  # (signature bytes, (file, line)) of every kept text, by doc id
 
   def map(self, record):
     sig = record.pop("_minhash", None)
     if record.get("_drop") or sig is None:
       return record
-    sig = np.frombuffer(sig, np.uint32)
-    keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+    keys = [sig[a:b] for a, b in self._band_bytes]
     candidates = set()
     for bucket, key in zip(self._buckets, keys):
-      candidates.update(bucket.get(key, ()))
-    best, best_id = 0.0, None
-    for c in candidates:
-      sim = float(np.mean(self._kept[c][0] == sig))
-      if sim > best:
-        best, best_id = sim, c
-    if best >= self.threshold:
-      record["_drop"] = self.name
-      where = self._kept[best_id][1]
-      record["_detail"] = f"~{best:.2f} similar to {where[0]}:{where[1]}"
-      return record
+      hit = bucket.get(key)
+      if hit is not None:
+        if isinstance(hit, list):
+          candidates.update(hit)
+        else:
+          candidates.add(hit)
+    if candidates:
+      mine = np.frombuffer(sig, np.uint32)
+      best, best_id = 0.0, None
+      for c in sorted(candidates):
+        sim = float(np.mean(np.frombuffer(self._kept[c][0], np.uint32) == mine))
+        if sim > best:
+          best, best_id = sim, c
+      if best >= self.threshold:
+        record["_drop"] = self.name
+        where = self._kept[best_id][1]
+        record["_detail"] = f"~{best:.2f} similar to {where[0]}:{where[1]}"
+        return record
     doc_id = len(self._kept)
     self._kept.append((sig, (record.get("_file"), record.get("_line"))))
+    # A bucket holds the doc id of its only text, or a list once a second text shares the key:
+    # almost every key is unique, and a list per key and band would cost more than the lookups
+    # (allocation and garbage-collector traversal of 16 lists per text).
     for bucket, key in zip(self._buckets, keys):
-      bucket.setdefault(key, []).append(doc_id)
+      hit = bucket.setdefault(key, doc_id)
+      if hit != doc_id:
+        if isinstance(hit, list):
+          hit.append(doc_id)
+        else:
+          bucket[key] = [hit, doc_id]
     return record
 
 
@@ -632,6 +681,9 @@ def parallel_steps(config: CleanConfig, impute: ImputeMissing | None = None,
     steps.append(SpamPhrases(config.spam_phrases, config.max_phrase_hits))
   if config.domain_lexicon or domain_scorer is not None:
     steps.append(DomainFilter(config.domain_lexicon, config.min_domain_score, domain_scorer))
+  # Per-document halves of deduplication: hashing here, the stateful lookups in sequential_steps.
+  if config.dedup_exact:
+    steps.append(DedupKey())
   if config.near_dup_threshold is not None:
     steps.append(MinHashSignature(config.num_perm, config.shingle_size, config.seed))
   return steps
@@ -671,7 +723,7 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
       fitting reads the CSV/Parquet inputs once more.
     domain_scorer: optional callable text -> in-domain score (replaces the lexicon score).
     process_index, process_count: this process reads records process_index::process_count.
-    worker_count: Grain worker processes for the per-record steps.
+    worker_count: Grain worker processes for the per-record steps (0: this process).
   """
   ds = grain.MapDataset.source(source)
   if process_count > 1:
@@ -685,31 +737,40 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
       imputer = ImputeMissing.fit(ds[i] for i in range(len(ds)))
     elif tables:  # only CSV/Parquet tables have columns to impute
       imputer = ImputeMissing.fit(f.record(i) for f in tables for i in range(len(f)))
-  for step in parallel_steps(config, imputer, domain_scorer):
-    ds = ds.map(step)
+  # Records travel in chunks of CHUNK_SIZE, and each Grain element is a chunk: Grain's per-element
+  # bookkeeping (a few microseconds per element and transform) and a worker's per-message cost are
+  # paid once per chunk, not once per record and step. The steps themselves still run record by
+  # record, in order, so the output is the same as mapping each step over each record, with or
+  # without workers.
+  ds = ds.batch(CHUNK_SIZE, batch_fn=list)
+  ds = ds.map(ForEachRecord(parallel_steps(config, imputer, domain_scorer)))
   # No reader threads: the steps are pure Python (threads would only contend for the GIL, and
   # Grain's thread prefetch costs more per element than a step); parallelism comes from workers.
-  no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count:
-    # Workers send chunks of records: one message per record would cost more than its cleaning.
-    ds = ds.batch(WORKER_CHUNK, batch_fn=list).to_iter_dataset(no_threads)
     ds = examples.worker_prefetch(ds, worker_count)
-    ds = grain.experimental.FlatMapIterDataset(ds, _Unchunk())
-  else:
-    ds = ds.to_iter_dataset(no_threads)
-  for step in sequential_steps(config):
-    ds = ds.map(step)
-  return ds
+  sequential = sequential_steps(config)
+  if sequential:
+    ds = ds.map(ForEachRecord(sequential))
+  return examples.FlattenIterDataset(ds)
 
 
-WORKER_CHUNK = 64
+CHUNK_SIZE = 64
 
 
-class _Unchunk(grain.experimental.FlatMapTransform):
-  """A chunk (list) of records from a worker -> the records."""
-  max_fan_out = WORKER_CHUNK
+class ForEachRecord(grain.transforms.Map):
+  """Applies `steps` (per-record Map transforms) to every record of a chunk (a list of records).
 
-  def flat_map(self, element):
+  Step by step over the chunk: each step sees the records in order, so a stateful step (the
+  deduplication) behaves exactly as when it is mapped over the records one by one.
+  """
+
+  def __init__(self, steps: Sequence[grain.transforms.Map]):
+    self.steps = tuple(steps)
+
+  def map(self, element):
+    for step in self.steps:
+      element = [step.map(record) for record in element]
     return element
 
 
