@@ -65,6 +65,7 @@ TOY = dict(d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64, vocab_size=20
 DROPOUT = 0.1     # hidden dropout on both sides
 DROPATT = 0.0     # attention-probability dropout on both sides (Transformer-XL's default)
 MLM_PROB = 0.15
+LM_CHUNK = 32     # causal-LM rows: positions per chunk of [B, chunk, V] logits (steps.causal_lm_loss_fn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,26 +151,6 @@ class Ceiling:
     return statistics.median(self.samples) if self.samples else float("nan")
 
 
-def causal_lm_loss_fn(model: Any) -> Callable[..., Any]:
-  """Next-token LM loss for `heads.PretrainModel` in causal mode, with the engine's signature.
-
-  batch: tokens [B, Q], labels [B, Q] (the next token of each position), reset_memory [B]. Every
-  position is predicted over the full vocabulary (the MLM head is the LM head: its decoder is tied
-  to the word embedding), as the HF Transformer-XL LM does.
-  """
-  from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
-
-  def loss_fn(params, batch, extras, rng, deterministic):
-    memory = extras["memory"].reset(batch["reset_memory"])
-    outputs, new_memory = model.apply({"params": params}, batch["tokens"], memory=memory,
-                                      deterministic=deterministic, rngs={"dropout": rng})
-    # The loss only (no accuracy argmax over [B, Q, V]): what the HF model computes too.
-    _, nll = steps_lib.cross_entropy(outputs["mlm_logits"], batch["labels"])
-    loss = nll.mean()
-    return loss, ({"lm_loss": steps_lib.metric(nll.sum(), nll.size)}, {"memory": new_memory})
-  return loss_fn
-
-
 class R1jaxTrainer:
   """r1jax MLM+NSP (or causal LM) training through `steps.Engine`, warmed up on construction."""
 
@@ -203,8 +184,9 @@ class R1jaxTrainer:
     tx = optim.build_optimizer(train_cfg, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
                                num_steps=1000)
     mesh = mesh_lib.make_mesh(configlib.mesh_section(), devices=jax.devices()[:1])
+    # LM mode: the engine's causal LM loss, logits made LM_CHUNK positions at a time.
     loss_fn = (steps_lib.pretrain_loss_fn(model) if self.mode == "mlm"
-               else causal_lm_loss_fn(model))
+               else steps_lib.causal_lm_loss_fn(model, chunk_size=min(LM_CHUNK, seq_len)))
     self.engine = steps_lib.Engine(
         mesh=mesh, rules=axes.DEFAULT_RULES, loss_fn=loss_fn, tx=tx, init_params=init_params,
         init_extras=lambda: {"memory": txl.init_memory(cfg, batch)}, batch_size=batch,

@@ -178,6 +178,50 @@ def test_cross_entropy_label_smoothing_matches_optax():
                              rtol=1e-5)
 
 
+def test_cross_entropy_gradient_and_accuracy_match_reference():
+  logits = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 11)) * 3.0
+  labels = jax.random.randint(jax.random.PRNGKey(3), (4, 6), 0, 11)
+  ref = lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).sum()  # noqa: E731
+  ours = lambda x: steps.cross_entropy(x, labels)[1].sum()  # noqa: E731
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), atol=1e-6)
+  np.testing.assert_array_equal(steps.correct_predictions(logits, labels),
+                                (logits.argmax(-1) == labels).astype(np.float32))
+  # A wrong label is wrong even when it ties every logit but the top one.
+  tied = jnp.array([[2.0, 1.0, 1.0]])
+  np.testing.assert_array_equal(steps.correct_predictions(tied, jnp.array([1])), [0.0])
+
+
+def test_causal_lm_loss_chunked_equals_unchunked():
+  cfg = txl.get_variant("tiny", vocab_size=V, d_model=32, n_layer=2, n_head=2, d_head=16,
+                        d_inner=64, mem_len=8, attention="causal", dropout=0.0)
+  model = heads.PretrainModel(cfg)
+  rng = np.random.default_rng(0)
+  stream = rng.integers(5, V, (B, Q + 1)).astype(np.int32)
+  mask = np.ones((B, Q), bool)
+  mask[-1, Q // 2:] = False  # a padded row: its tail is neither attended nor scored
+  batch = {"tokens": stream[:, :-1], "labels": stream[:, 1:], "token_mask": mask,
+           "reset_memory": np.zeros(B, bool)}
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  extras = {"memory": txl.init_memory(cfg, B)}
+  out = {}
+  for chunk in (0, 4):
+    fn = steps.causal_lm_loss_fn(model, chunk_size=chunk)
+    (loss, (metrics, new_extras)), grads = jax.value_and_grad(fn, has_aux=True)(
+        params, batch, extras, jax.random.key(1), True)
+    out[chunk] = (loss, grads, metrics["lm_loss"][1])
+  # Reference: the full [B, Q, V] logits from the model's forward pass.
+  logits = model.apply({"params": params}, batch["tokens"], extras["memory"], mask)[0][
+      "mlm_logits"]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  np.testing.assert_allclose(out[0][0], (nll * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(out[4][0], out[0][0], rtol=1e-6)
+  assert float(out[4][2]) == mask.sum()
+  for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[4][1])):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+  with pytest.raises(ValueError, match="chunk_size=5 must divide the number of positions 16"):
+    steps.causal_lm_loss_fn(model, chunk_size=5)(params, batch, extras, jax.random.key(1), True)
+
+
 def test_split_and_merge_rows_round_trip():
   x = jnp.arange(24).reshape(8, 3)
   split = steps.split_rows(x, 2)

@@ -46,18 +46,54 @@ class MLMHead(nn.Module):
   """Masked-LM head with the output projection tied to the word embedding."""
   config: txl.TransformerXLConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.config
+    self.dense = txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "dense")
+    self.norm = txl.make_layer_norm(cfg, "norm")
+    self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                (axes.VOCAB,)),
+                           (cfg.vocab_size,), jnp.float32)
+
+  def features(self, h: jax.Array) -> jax.Array:
+    """h [B, P, d] -> the transformed states [B, P, d] that the tied decoder reads."""
+    return self.norm(txl.gelu(self.dense(h)))
+
   def __call__(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
     """h [B, P, d], embedding [V, d] -> logits float32 [B, P, V]."""
-    cfg = self.config
-    x = txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "dense")(h)
-    x = txl.gelu(x)
-    x = txl.make_layer_norm(cfg, "norm")(x)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (axes.VOCAB,)),
-                      (cfg.vocab_size,), jnp.float32)
-    logits = jnp.einsum("bpd,vd->bpv", x, embedding.astype(cfg.dtype),
-                        preferred_element_type=jnp.float32) + bias
-    return axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    return _decode(self.features(h), embedding.astype(self.config.dtype), self.bias)
+
+  def nll(self, h: jax.Array, embedding: jax.Array, labels: jax.Array, chunk_size: int = 0
+          ) -> jax.Array:
+    """Cross-entropy of `labels` int [B, P] under the head's logits: float32 [B, P].
+
+    With chunk_size > 0, the [B, chunk, V] logits are made, used and (in the backward pass)
+    remade one chunk of positions at a time, so at most one chunk's logits, softmax and logit
+    gradient are alive instead of the whole [B, P, V] (what dominates a full-vocabulary LM step's
+    memory). P must be a multiple of chunk_size. Same values as the unchunked path.
+    """
+    from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+    x = self.features(h)
+    embedding = embedding.astype(self.config.dtype)
+    bias = self.bias
+
+    def chunk_nll(xc, lc):
+      return steps_lib.cross_entropy(_decode(xc, embedding, bias), lc)[1]
+    batch, length = labels.shape
+    if not chunk_size or chunk_size >= length:
+      return chunk_nll(x, labels)
+    if length % chunk_size:
+      raise ValueError(f"chunk_size={chunk_size} must divide the number of positions {length}.")
+    n = length // chunk_size
+    xs = jnp.swapaxes(x.reshape(batch, n, chunk_size, -1), 0, 1)              # [n, B, C, d]
+    ls = jnp.swapaxes(labels.reshape(batch, n, chunk_size), 0, 1)              # [n, B, C]
+    nll = jax.lax.map(lambda a: jax.checkpoint(chunk_nll)(*a), (xs, ls))       # [n, B, C]
+    return jnp.swapaxes(nll, 0, 1).reshape(batch, length)
+
+
+def _decode(x: jax.Array, embedding: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [B, P, d] x embedding [V, d] + bias [V] -> logits float32 [B, P, V]."""
+  logits = jnp.einsum("bpd,vd->bpv", x, embedding, preferred_element_type=jnp.float32) + bias
+  return axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
 
 class PooledHead(nn.Module):
@@ -121,6 +157,22 @@ class PretrainModel(nn.Module):
     outputs = {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits, "hidden": hidden,
                "pooled": pooled}
     return outputs, new_memory
+
+  def lm_nll(self, tokens: jax.Array, labels: jax.Array,
+             memory: Memory | Sequence[jax.Array] | None = None,
+             token_mask: jax.Array | None = None, *, chunk_size: int = 0,
+             deterministic: bool = True) -> tuple[jax.Array, Memory]:
+    """Language-model loss at every position: (nll float32 [B, Q] of `labels` [B, Q], memory).
+
+    For causal pretraining: the MLM head, tied to the word embedding, predicts `labels` (the next
+    tokens) from each position, over the full vocabulary, `chunk_size` positions at a time (see
+    `MLMHead.nll`; 0 = all at once).
+    """
+    hidden, new_memory = self.backbone(tokens, memory, token_mask, deterministic=deterministic)
+    if self.is_initializing():
+      self.nsp_head(hidden, True)
+    nll = self.mlm_head.nll(hidden, self.backbone.embedding_table(), labels, chunk_size)
+    return nll, new_memory
 
   def kg_logits(self, kg_tokens: jax.Array, kg_token_mask: jax.Array | None = None,
                 kg_token_types: jax.Array | None = None, *, deterministic: bool = True
