@@ -13,6 +13,9 @@ Every row is measured in the same run:
   for a short run: tokens/s, MFU, peak memory, compile time;
 * HuggingFace PyTorch `BertForPreTraining` (MLM+NSP) at the same size and batch, trained the usual
   way (AdamW, clipping at 1.0);
+* a plain Flax BERT (nn.Dense, nn.MultiHeadDotProductAttention, MLM logits at every position)
+  at the same size: the "straightforward Flax BERT step" the issue quotes as the MFU reference,
+  its MFU counted from its own FLOPs (`bert_flops_per_step`);
 * HuggingFace PyTorch `TransfoXLLMHeadModel` against r1jax in causal-LM mode with the same memory
   length (mem_len 128), both predicting every position over the full vocabulary;
 * the ratios r1jax / peer.
@@ -45,6 +48,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import resource  # noqa: E402
@@ -296,6 +300,110 @@ def summarize_trace(out_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
           "top_ms": [[name[:120], per_step(us)] for name, us in ranked], "trace": paths[-1]}
 
 
+def bert_flops_per_step(size: dict[str, int], *, batch: int, seq_len: int) -> float:
+  """Training FLOPs (3x forward) of a plain BERT step with the MLM decoder at every position.
+
+  Per token and layer: QKV + output projections 8 d^2, feed-forward 4 d d_inner, scores and
+  values 4 Q d; heads: MLM transform 2 d^2 and decoder 2 d V per token, NSP pooler per row.
+  """
+  d, f, v, n = size["d_model"], size["d_inner"], size["vocab_size"], size["n_layer"]
+  per_token = n * (8 * d * d + 4 * d * f + 4 * seq_len * d) + 2 * d * d + 2 * d * v
+  return 3.0 * batch * (seq_len * per_token + 2 * d * d + 4 * d)
+
+
+class FlaxBertTrainer:
+  """The straightforward Flax BERT the issue names as the MFU reference: nn.Embed, learned
+  positions, nn.MultiHeadDotProductAttention, nn.Dense, exact GELU, MLM logits at every position
+  (as HF computes them), optax AdamW + clipping, one jax.jit step. Not r1jax code: a baseline."""
+
+  def __init__(self, spec: dict[str, Any]):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import optax  # pylint: disable=g-import-not-at-top
+    size, batch, seq_len = spec["size"], spec["batch"], spec["seq_len"]
+    d, heads = size["d_model"], size["n_head"]
+    self._jax = jax
+    self.ceiling = Ceiling("float32", spec.get("ceiling_sizes", (1024, 2048)))
+    self.rss0 = _rss_kib()
+
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, x, mask, train):
+        a = nn.MultiHeadDotProductAttention(heads, dropout_rate=DROPATT, deterministic=not train)(
+            x, x, mask=mask)
+        x = nn.LayerNorm(epsilon=1e-12)(x + nn.Dropout(DROPOUT, deterministic=not train)(a))
+        y = nn.gelu(nn.Dense(size["d_inner"])(x), approximate=False)
+        y = nn.Dropout(DROPOUT, deterministic=not train)(nn.Dense(d)(y))
+        return nn.LayerNorm(epsilon=1e-12)(x + y)
+
+    class Bert(nn.Module):
+      @nn.compact
+      def __call__(self, tokens, types, token_mask, train):
+        word = nn.Embed(size["vocab_size"], d)
+        x = (word(tokens) + nn.Embed(max(512, seq_len), d)(jnp.arange(tokens.shape[1]))[None]
+             + nn.Embed(2, d)(types))
+        x = nn.Dropout(DROPOUT, deterministic=not train)(nn.LayerNorm(epsilon=1e-12)(x))
+        mask = nn.make_attention_mask(token_mask, token_mask)
+        for _ in range(size["n_layer"]):
+          x = Layer()(x, mask, train)
+        h = nn.LayerNorm(epsilon=1e-12)(nn.gelu(nn.Dense(d)(x), approximate=False))
+        mlm = word.attend(h) + self.param("mlm_bias", nn.initializers.zeros, (size["vocab_size"],))
+        nsp = nn.Dense(2)(jnp.tanh(nn.Dense(d)(x[:, 0])))
+        return mlm, nsp
+
+    model = Bert()
+    self.batches = []
+    for b in mlm_batches(np.random.RandomState(0), 4, batch=batch, seq_len=seq_len,
+                         vocab=size["vocab_size"]):
+      labels = np.zeros(b["tokens"].shape, np.int32)
+      weights = np.zeros(b["tokens"].shape, np.float32)
+      np.put_along_axis(labels, b["mlm_positions"], b["mlm_ids"], axis=1)
+      np.put_along_axis(weights, b["mlm_positions"], 1.0, axis=1)
+      self.batches.append(jax.device_put(dict(
+          tokens=b["tokens"], types=b["token_types"], mask=b["token_mask"], labels=labels,
+          weights=weights, nsp=b["nsp_label"])))
+    b0 = self.batches[0]
+    params = model.init(jax.random.key(0), b0["tokens"], b0["types"], b0["mask"], False)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.01))
+
+    def loss_fn(params, batch, rng):
+      mlm, nsp = model.apply(params, batch["tokens"], batch["types"], batch["mask"], True,
+                             rngs={"dropout": rng})
+      ce = optax.softmax_cross_entropy_with_integer_labels(mlm, batch["labels"])
+      mlm_loss = (ce * batch["weights"]).sum() / batch["weights"].sum()
+      return mlm_loss + optax.softmax_cross_entropy_with_integer_labels(nsp, batch["nsp"]).mean()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch, rng):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    self.params, self.opt_state, self._step = params, tx.init(params), step
+    self.tokens_per_step = batch * seq_len
+    self.flops_per_step = bert_flops_per_step(size, batch=batch, seq_len=seq_len)
+    self.loss = None
+    self.i = 0
+
+  def step(self) -> int:
+    rng = self._jax.random.fold_in(self._jax.random.key(1), self.i)
+    self.params, self.opt_state, self.loss = self._step(
+        self.params, self.opt_state, self.batches[self.i % len(self.batches)], rng)
+    self.loss.block_until_ready()
+    self.i += 1
+    return 1
+
+  def sample_ceiling(self) -> float:
+    return self.ceiling.sample()
+
+  def summary(self, times: Sequence[float], first_s: float) -> dict[str, Any]:
+    median = statistics.median(times)
+    return dict(compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
+                ceiling_flops=self.ceiling.value, ceiling_samples=self.ceiling.samples,
+                mfu=self.flops_per_step / median / self.ceiling.value, loss=float(self.loss))
+
+
 class _TorchTrainer:
   """The usual PyTorch loop around `self.forward(i) -> loss`: backward, clip to 1.0, AdamW."""
 
@@ -396,7 +504,8 @@ class HFTransfoXLTrainer(_TorchTrainer):
     return out.loss
 
 
-TRAINERS = {"r1jax": R1jaxTrainer, "hf_bert": HFBertTrainer, "hf_transfo_xl": HFTransfoXLTrainer}
+TRAINERS = {"r1jax": R1jaxTrainer, "hf_bert": HFBertTrainer, "hf_transfo_xl": HFTransfoXLTrainer,
+            "flax_bert": FlaxBertTrainer}
 
 
 def _emit(kind: str, payload: Any) -> None:
@@ -653,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return dict(common, mode=mode, variant=variant, ceiling_sizes=sizes,
                 model=dict(size, dropout=DROPOUT, dropatt=DROPATT, mem_len=mem_len, **extra))
 
-  res = dict.fromkeys(("mlm_off", "bert", "mlm_on", "lm", "txl"))
+  res = dict.fromkeys(("mlm_off", "bert", "flax_bert", "mlm_on", "lm", "txl"))
   ceiling = base = None
   if not args.gpu_only:
     ceiling, base = _cpu_rows(args, res, r1jax, common, size, sizes)
@@ -676,6 +785,7 @@ def _cpu_rows(args, res, r1jax, common, size, sizes):
   hf = not args.skip_hf
   mlm_peers = [("mlm_off", "r1jax", r1jax("mlm", 0))]
   mlm_peers += [("bert", "hf_bert", dict(common, size=size))] if hf else []
+  mlm_peers += [("flax_bert", "flax_bert", dict(common, size=size, ceiling_sizes=sizes))]
   mlm_peers += [("mlm_on", "r1jax", r1jax("mlm", args.mem_len))]
   lm_peers = [("lm", "r1jax", r1jax("lm", args.mem_len))]
   lm_peers += [("txl", "hf_transfo_xl", dict(common, size=size, mem_len=args.mem_len))] if hf else []
@@ -769,6 +879,10 @@ def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
       "ratio_mem_on_vs_hf_bert": r(_ratio(res["mlm_on"], res["bert"], "tokens_per_s")),
       "ratio_vs_hf_transfo_xl": r(_ratio(res["lm"], res["txl"], "tokens_per_s")),
       "mfu_small": get("mlm_off", "mfu"), "mfu_small_mem": get("mlm_on", "mfu"),
+      "flax_bert_tokens_per_s": get("flax_bert", "tokens_per_s"),
+      "mfu_flax_bert": get("flax_bert", "mfu"),
+      "ratio_vs_flax_bert": r(_ratio(res["mlm_off"], res["flax_bert"], "tokens_per_s")),
+      "peak_memory_mib_flax_bert": get("flax_bert", "peak_rss_mib"),
       "mfu_lm": get("lm", "mfu"),
       "ceiling_f32_flops_in_r1jax_mlm": get("mlm_off", "ceiling_flops"),
       "peak_memory_mib_r1jax": get("mlm_off", "peak_rss_mib"),
@@ -821,6 +935,8 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
                f"{vs('ratio_vs_hf_bert', 'tokens/s')}, "
                f"{vs('peak_memory_ratio_vs_hf_bert', 'memory')}".strip(", ")))
     print(_row("HF PyTorch BertForPreTraining", res["bert"]))
+    print(_row("plain Flax BERT (MLM logits at every position; reference)", res["flax_bert"],
+               f"r1jax {vs('ratio_vs_flax_bert', 'tokens/s')}".strip()))
     print(_row(f"r1jax MLM+NSP, memory on (mem_len {m})", res["mlm_on"],
                vs("ratio_mem_on_vs_hf_bert", "HF BERT tokens/s")))
     print(_row(f"r1jax causal LM, mem_len {m}", res["lm"],

@@ -32,6 +32,10 @@ def test_toy_run_prints_table_and_json():
   assert summary["r1jax_mlm_tokens_per_s"] > 0 and summary["r1jax_lm_mem_tokens_per_s"] > 0
   assert summary["ceiling_f32_flops"] > 1e8
   assert summary["ratio_vs_hf_bert"] is None  # peers skipped: no ratio made up
+  # The plain Flax BERT reference runs without the PyTorch extra and gets its own MFU.
+  assert "| plain Flax BERT" in stdout
+  assert summary["flax_bert_tokens_per_s"] > 0 and 0 < summary["mfu_flax_bert"] < 1.5
+  assert summary["ratio_vs_flax_bert"] > 0
 
 
 @pytest.mark.slow
