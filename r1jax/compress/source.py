@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from r1jax.model import transformer_xl as txl
+from r1jax.train import checkpoint as ckpt_lib
 
 TOKENIZER_FILE = "tokenizer.model"
 LABELS_FILE = "labels.txt"
@@ -95,38 +96,6 @@ class Source:
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoint inspection.
-
-
-def _checkpoint_dir(workdir: str) -> str:
-  path = os.path.join(workdir, "checkpoints")
-  return path if os.path.isdir(path) else workdir
-
-
-def checkpoint_param_shapes(workdir: str, step: int | None = None) -> tuple[dict[str, tuple], int]:
-  """({"a/b/kernel": shape}, step) of the parameters saved in a workdir's newest checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = _checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={"params": ocp.PyTreeCheckpointHandler()})
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {directory}: finish (or resume) that run first.")
-    saved = manager.item_metadata(step)["params"]
-    saved = saved.tree if hasattr(saved, "tree") else saved
-  finally:
-    manager.close()
-  shapes = {}
-
-  def walk(prefix, node):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(f"{prefix}/{k}" if prefix else str(k), v)
-    else:
-      shapes[prefix] = tuple(int(d) for d in node.shape)
-  walk("", saved)
-  return shapes, step
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -272,7 +241,7 @@ def load(path: str, *, target_sharding: Any = None) -> Source:
         return Source(art.spec, art.params, candidate, "artifact")
     raise FileNotFoundError(f"init_from={path!r} has no checkpoints/ and no {ARTIFACT_FILE}: "
                             "name a finished finetuning workdir.")
-  shapes, step = checkpoint_param_shapes(path)
+  shapes, step = ckpt_lib.saved_param_shapes(path)
   config = _read_json(os.path.join(path, CONFIG_FILE))
   prefix = "student/" if any(p.startswith("student/") for p in shapes) else ""
   num_classes = check_classifier_shapes(shapes, path, prefix)
@@ -289,7 +258,6 @@ def load(path: str, *, target_sharding: Any = None) -> Source:
                         tokenizer=tokenizer, task=task)
   abstract = abstract_params(spec)
   target = target_sharding(abstract) if target_sharding else _replicated_target(abstract)
-  from r1jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   if prefix:
     params, step = ckpt_lib.restore_params(path, {"student": target})
     params = params["student"]
