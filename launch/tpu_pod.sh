@@ -4,11 +4,14 @@
 #
 #   launch/tpu_pod.sh [options] create|install|run|resume|check|logs|status|delete [-- MAIN_FLAGS...]
 #
-# Checkpoints, metrics and reports go to --workdir, a GCS bucket path (gs://...) that every worker
-# and every future slice can read; the workers' own disks vanish with a preempted slice. Rerunning
-# `run` (or `resume`, which first recreates a preempted slice) with the same --workdir continues from
-# the last checkpoint. Each printed "+ ..." line is a command this script runs; --dry-run only
-# prints them. See launch/README.md.
+# Checkpoints, metrics and reports go to --workdir, which every worker and every future slice must
+# see; the workers' own disks vanish with a preempted slice. r1jax writes its workdir with POSIX
+# file I/O, so for --workdir=gs://BUCKET/PATH each worker first mounts the bucket with gcsfuse at
+# /mnt/gcs/BUCKET (`install` puts gcsfuse on the workers) and r1jax.main gets
+# --workdir=/mnt/gcs/BUCKET/PATH. A path that is not gs:// is passed as it is (and warned about).
+# Rerunning `run` (or `resume`, which first recreates a preempted slice) with the same --workdir
+# continues from the last checkpoint. Each printed "+ ..." line is a command this script runs;
+# --dry-run only prints them. See launch/README.md.
 set -euo pipefail
 
 readonly PROG="${0##*/}"
@@ -21,10 +24,12 @@ Usage: $PROG [options] SUBCOMMAND [-- MAIN_FLAGS...]
 
 Subcommands:
   create   create the TPU VM slice (a queued resource with --queued)
-  install  on every worker: fetch r1jax (git clone, or --copy of this checkout), make a Python
-           $python_version venv with uv, pip install -e "r1jax[tpu]"
+  install  on every worker: install gcsfuse (if missing), fetch r1jax (git clone, or --copy of
+           this checkout), make a Python $python_version venv with uv, pip install -e "r1jax[tpu]"
   run      on every worker: R1JAX_DISTRIBUTED=auto python -m r1jax.main --config=CONFIG
-           --workdir=WORKDIR MAIN_FLAGS...  (the same command everywhere, --worker=all)
+           --workdir=WORKDIR MAIN_FLAGS...  (the same command everywhere, --worker=all); for
+           --workdir=gs://BUCKET/PATH the worker first mounts the bucket with gcsfuse at
+           $GCS_MOUNT_ROOT/BUCKET (unless already mounted) and WORKDIR is $GCS_MOUNT_ROOT/BUCKET/PATH
   resume   if the slice is not READY (preempted, missing): delete, create, install; then run.
            The same --workdir makes r1jax continue from its last checkpoint.
   check    on every worker: python -m r1jax.tools.dist_check (jax.distributed across the slice)
@@ -47,7 +52,9 @@ Options (environment variable in brackets, then the default):
   --copy                   install a copy of this checkout instead of cloning (uncommitted changes too)
   --python VERSION         Python version of the workers' venv [R1JAX_PYTHON] ($python_version)
   --config CONFIG          r1jax config, relative to the repository [R1JAX_CONFIG] ($config)
-  --workdir gs://...       workdir shared by all workers and slices [R1JAX_WORKDIR] (required for run)
+  --workdir WORKDIR        workdir shared by all workers and slices [R1JAX_WORKDIR] (required for
+                           run and resume): gs://BUCKET/PATH (mounted with gcsfuse on the workers,
+                           see run) or a path on a share mounted at the same place on every worker
   --detach                 run in the background on the workers (survives a closed ssh session);
                            output goes to ~/r1jax-run.log on each worker, see 'logs'
   --dry-run                print the commands, run nothing
@@ -66,6 +73,9 @@ die() {
   echo "$PROG: $*" >&2
   exit 2
 }
+
+# Where each worker mounts a gs:// workdir's bucket: $GCS_MOUNT_ROOT/BUCKET.
+readonly GCS_MOUNT_ROOT=/mnt/gcs
 
 name="${TPU_NAME:-r1jax}"
 zone="${TPU_ZONE:-us-central2-b}"
@@ -239,9 +249,20 @@ do_install() {
     fetch="rm -rf \"\$HOME/r1jax\" && git clone --quiet $(quote "$repo") \"\$HOME/r1jax\""
     fetch+=" && git -C \"\$HOME/r1jax\" checkout --quiet $(quote "$ref")"
   fi
+  # gcsfuse mounts a gs:// workdir (see mount_command); Google's apt repository for it, as in
+  # https://cloud.google.com/storage/docs/cloud-storage-fuse/install (skipped when already there).
+  # DPkg::Lock::Timeout waits for the apt run a freshly booted image may have in progress.
+  local gcsfuse apt='sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq -y'
+  gcsfuse='if ! command -v gcsfuse >/dev/null; then echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc]'
+  # shellcheck disable=SC2016  # $(lsb_release ...) is expanded on the worker
+  gcsfuse+=' https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main"'
+  gcsfuse+=' | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null;'
+  gcsfuse+=' curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg'
+  gcsfuse+=' | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null;'
+  gcsfuse+=" $apt update; $apt install gcsfuse; fi"
   # uv provides Python $python_version even where the image's python3 is older (Ubuntu 22.04: 3.10);
   # the second pip call is for images whose system Python refuses --user installs (PEP 668).
-  on_workers "set -euo pipefail; $fetch; { python3 -m pip install --user --quiet --upgrade uv || \
+  on_workers "set -euo pipefail; $gcsfuse; $fetch; { python3 -m pip install --user --quiet --upgrade uv || \
 python3 -m pip install --user --quiet --upgrade --break-system-packages uv; }; \
 \"\$HOME/.local/bin/uv\" venv --quiet --allow-existing --python $(quote "$python_version") \"\$HOME/r1jax-venv\"; \
 \"\$HOME/.local/bin/uv\" pip install --quiet --python \"\$HOME/r1jax-venv/bin/python\" -e \"\$HOME/r1jax[tpu]\""
@@ -256,20 +277,51 @@ python_command() {
   echo "$line"
 }
 
-do_run() {
-  [[ -n "$workdir" ]] || die "run needs --workdir=gs://BUCKET/PATH (or R1JAX_WORKDIR)"
+# Checks --workdir for run and resume (before resume touches the slice) and sets worker_workdir,
+# the path r1jax.main gets on the workers, and mount_command, what a worker runs first ("" if nothing).
+resolve_workdir() {
+  [[ -n "$workdir" ]] || die "$subcommand needs --workdir=gs://BUCKET/PATH (or R1JAX_WORKDIR)"
+  worker_workdir="$workdir"
+  mount_command=""
   if [[ "$workdir" != gs://* ]]; then
-    echo "$PROG: warning: --workdir=$workdir is not a gs:// path: each worker writes its own disk," \
-      "workers do not share checkpoints and a preempted slice loses them" >&2
+    echo "$PROG: warning: --workdir=$workdir is not a gs:// path; unless it is a share mounted at the" \
+      "same path on every worker (Filestore, NFS, gcsfuse), each worker writes its own disk, the" \
+      "workers do not share checkpoints and a preempted slice loses them." \
+      "Pass --workdir=gs://BUCKET/PATH to have the bucket mounted on every worker." >&2
+    return
   fi
+  local rest="${workdir#gs://}" bucket path
+  bucket="${rest%%/*}"
+  path="${rest:${#bucket}}"
+  while [[ "$path" == */ ]]; do path="${path%/}"; done
+  [[ -n "$bucket" ]] ||
+    die "--workdir=$workdir names no bucket; pass --workdir=gs://BUCKET/PATH, e.g. gs://my-bucket/runs/pretrain"
+  [[ "$bucket" =~ ^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$ ]] ||
+    die "--workdir=$workdir: '$bucket' is not a GCS bucket name (3-222 lowercase letters, digits," \
+      "'-', '_', '.'); pass --workdir=gs://BUCKET/PATH"
+  [[ "/$path/" != */../* && "/$path/" != */./* ]] ||
+    die "--workdir=$workdir: '.' and '..' are not allowed in the path; pass --workdir=gs://BUCKET/PATH"
+  local mount_point="$GCS_MOUNT_ROOT/$bucket"
+  worker_workdir="$mount_point$path"
+  echo "# --workdir=$workdir: every worker mounts gs://$bucket at $mount_point (gcsfuse," \
+    "unless already mounted); r1jax.main gets --workdir=$worker_workdir"
+  # The mount point belongs to the login user, who mounts, so r1jax can write the files.
+  local m
+  m="$(quote "$mount_point")"
+  mount_command="set -euo pipefail; if ! mountpoint -q $m; then \
+command -v gcsfuse >/dev/null || { echo \"gcsfuse is missing on \$(hostname); run '$PROG install'\" >&2; exit 1; }; \
+sudo mkdir -p $m; sudo chown \"\$(id -u):\$(id -g)\" $m; gcsfuse --implicit-dirs $(quote "$bucket") $m; fi; "
+}
+
+do_run() {
   local command
-  command="$(python_command r1jax.main --config="$config" --workdir="$workdir" \
+  command="$(python_command r1jax.main --config="$config" --workdir="$worker_workdir" \
     "${main_flags[@]+"${main_flags[@]}"}")"
   if ((detach)); then
     command="setsid nohup bash -c $(quote "$command") >\"\$HOME/r1jax-run.log\" 2>&1 </dev/null & \
 echo \"started on \$(hostname); log: \$HOME/r1jax-run.log\""
   fi
-  on_workers "$command"
+  on_workers "$mount_command$command"
 }
 
 do_resume() {
@@ -296,8 +348,8 @@ do_resume() {
 case "$subcommand" in
   create) do_create ;;
   install) do_install ;;
-  run) do_run ;;
-  resume) do_resume ;;
+  run) resolve_workdir; do_run ;;
+  resume) resolve_workdir; do_resume ;;
   check) on_workers "$(python_command r1jax.tools.dist_check)" ;;
   logs)
     # shellcheck disable=SC2016  # $HOME is expanded on the worker

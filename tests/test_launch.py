@@ -268,8 +268,10 @@ TPU = [str(LAUNCH / "tpu_pod.sh"), "--dry-run", "--name=pod", "--zone=us-central
        "--project=proj", "--repo=https://github.com/example/r1jax.git", "--ref=abc123",
        "--workdir=gs://bucket/r1jax/run", "--config=configs/pretrain.py:variant=base"]
 WHERE = ["--zone=us-central2-b", "--project=proj"]
+# r1jax.main gets the gcsfuse mount of gs://bucket on the workers, not the gs:// URL.
 MAIN = ["-m", "r1jax.main", "--config=configs/pretrain.py:variant=base",
-        "--workdir=gs://bucket/r1jax/run", "--config.train.num_steps=7"]
+        "--workdir=/mnt/gcs/bucket/r1jax/run", "--config.train.num_steps=7"]
+CD_REPO = 'cd "$HOME/r1jax" && '
 
 
 def _run_on_all_workers(words):
@@ -278,6 +280,12 @@ def _run_on_all_workers(words):
   command = _remote_command(words)
   _assert_valid_bash(command)
   return command
+
+
+def _python_words(remote):
+  """The words of the python command a run's remote command ends with (after `cd ~/r1jax &&`)."""
+  assert remote.count(CD_REPO) == 1, remote
+  return shlex.split(remote.split(CD_REPO, 1)[1])
 
 
 def test_tpu_pod_create_install_run_delete_dry_run():
@@ -300,7 +308,7 @@ def test_tpu_pod_create_install_run_delete_dry_run():
   assert rc == 0, out
   (run,) = _commands(out)
   remote = _run_on_all_workers(run)
-  python = shlex.split(remote.split("&&", 1)[1])
+  python = _python_words(remote)
   assert python[0] == "R1JAX_DISTRIBUTED=auto" and python[1].endswith("/r1jax-venv/bin/python")
   assert python[2:] == MAIN, python
 
@@ -325,14 +333,19 @@ def test_tpu_pod_resume_recreates_a_preempted_slice_then_runs_the_same_command()
   for flag in ["--node-id=pod", "--runtime-version=v2-alpha-tpuv5-lite", "--spot"]:
     assert flag in create, create
   remote = _run_on_all_workers(commands[4])
-  assert shlex.split(remote.split("&&", 1)[1])[2:] == MAIN
+  assert "gcsfuse --implicit-dirs bucket /mnt/gcs/bucket" in remote
+  assert _python_words(remote)[2:] == MAIN
 
 
 def test_tpu_pod_detached_run_and_copy_install_are_valid_shell():
   rc, out = _run(["bash", *TPU, "--detach", "run"], timeout=30)
   assert rc == 0, out
   remote = _run_on_all_workers(_commands(out)[0])
-  assert remote.startswith("setsid nohup bash -c ") and "r1jax-run.log" in remote
+  # The bucket is mounted in the foreground (a failed mount is reported), then r1jax is detached.
+  mount, detached = remote.split("; fi; ", 1)
+  assert "gcsfuse --implicit-dirs bucket /mnt/gcs/bucket" in mount, remote
+  assert detached.startswith("setsid nohup bash -c ") and "r1jax-run.log" in detached
+  assert "--workdir=/mnt/gcs/bucket/r1jax/run" in detached
   rc, out = _run(["bash", *TPU, "--copy", "install"], timeout=30)
   assert rc == 0, out
   scp, install = _commands(out)
@@ -340,8 +353,125 @@ def test_tpu_pod_detached_run_and_copy_install_are_valid_shell():
   assert "tar -xzf" in _run_on_all_workers(install)
 
 
+def _stub_commands(tmp_path, scripts):
+  """A PATH holding only stub commands (name -> bash body); each logs its name and arguments."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  bash = shutil.which("bash")
+  for name, body in scripts.items():
+    stub = bin_dir / name
+    stub.write_text(f'#!{bash}\necho "{name} $*" >> "$STUB_LOG"\n{body}\n')
+    stub.chmod(0o755)
+  return bin_dir
+
+
+def _run_remote(tmp_path, command, stubs):
+  """Runs a worker's remote command with bash, stub commands only and $HOME in tmp_path."""
+  home = tmp_path / "home"
+  (home / "r1jax").mkdir(parents=True)
+  python = home / "r1jax-venv" / "bin" / "python"
+  python.parent.mkdir(parents=True)
+  python.write_text(f'#!{shutil.which("bash")}\necho "python $*" >> "$STUB_LOG"\n')
+  python.chmod(0o755)
+  log = tmp_path / "calls.log"
+  log.touch()
+  env = {"PATH": str(_stub_commands(tmp_path, stubs)), "HOME": str(home), "STUB_LOG": str(log)}
+  proc = subprocess.run([shutil.which("bash"), "-c", command], env=env, stdin=subprocess.DEVNULL,
+                        capture_output=True, text=True, check=False, timeout=30)
+  return proc, log.read_text().splitlines()
+
+
+# sudo reads its input, as `sudo tee` does (a stub that did not would give echo a SIGPIPE).
+WORKER_STUBS = {"hostname": "echo worker0", "id": "echo 1000", "gcsfuse": "",
+                "sudo": "while IFS= read -r _; do :; done"}
+
+
+def test_tpu_pod_gs_workdir_mounts_the_bucket_and_runs_on_the_mount(tmp_path):
+  rc, out = _run(["bash", *TPU, "run", "--", "--config.train.num_steps=7"], timeout=30)
+  assert rc == 0, out
+  assert ("# --workdir=gs://bucket/r1jax/run: every worker mounts gs://bucket at /mnt/gcs/bucket"
+          in out), out
+  assert "r1jax.main gets --workdir=/mnt/gcs/bucket/r1jax/run" in out, out
+  assert "warning" not in out, out
+  remote = _run_on_all_workers(_commands(out)[0])
+  assert remote.index("mountpoint -q /mnt/gcs/bucket") < remote.index(CD_REPO), remote
+
+  # Not mounted yet: the login user gets the mount point, mounts, then r1jax runs on the mount.
+  proc, calls = _run_remote(tmp_path / "fresh", remote, {**WORKER_STUBS, "mountpoint": "exit 1"})
+  assert proc.returncode == 0, proc.stderr
+  assert calls == ["mountpoint -q /mnt/gcs/bucket", "sudo mkdir -p /mnt/gcs/bucket", "id -u",
+                   "id -g", "sudo chown 1000:1000 /mnt/gcs/bucket",
+                   "gcsfuse --implicit-dirs bucket /mnt/gcs/bucket", "python " + " ".join(MAIN)]
+  # Already mounted (a second run, or a worker that kept its mount): nothing is mounted again.
+  proc, calls = _run_remote(tmp_path / "mounted", remote, {**WORKER_STUBS, "mountpoint": "exit 0"})
+  assert proc.returncode == 0, proc.stderr
+  assert calls == ["mountpoint -q /mnt/gcs/bucket", "python " + " ".join(MAIN)]
+  # A failed mount stops the worker before r1jax could write to the bare directory.
+  proc, calls = _run_remote(tmp_path / "failed", remote,
+                            {**WORKER_STUBS, "mountpoint": "exit 1", "gcsfuse": "exit 1"})
+  assert proc.returncode != 0 and not any(c.startswith("python") for c in calls), calls
+  # A slice installed before gcsfuse was part of `install`: say so instead of running.
+  stubs = {k: v for k, v in WORKER_STUBS.items() if k != "gcsfuse"}
+  proc, calls = _run_remote(tmp_path / "no_gcsfuse", remote, {**stubs, "mountpoint": "exit 1"})
+  assert proc.returncode == 1 and "gcsfuse is missing on worker0" in proc.stderr, proc.stderr
+  assert "tpu_pod.sh install" in proc.stderr
+  assert calls == ["mountpoint -q /mnt/gcs/bucket", "hostname "], calls
+
+
+@pytest.mark.parametrize("workdir,mounted", [
+    ("gs://my.bucket_1", "/mnt/gcs/my.bucket_1"),
+    ("gs://bucket/runs/pretrain/", "/mnt/gcs/bucket/runs/pretrain"),
+    ("gs://bucket/runs/with space", "/mnt/gcs/bucket/runs/with space"),
+])
+def test_tpu_pod_gs_workdir_maps_to_the_mounted_path(workdir, mounted):
+  rc, out = _run(["bash", *TPU, f"--workdir={workdir}", "--detach", "run"], timeout=30)
+  assert rc == 0, out
+  remote = _run_on_all_workers(_commands(out)[0])
+  bucket = workdir[len("gs://"):].split("/")[0]
+  assert f"gcsfuse --implicit-dirs {bucket} /mnt/gcs/{bucket}" in remote, remote
+  inner = shlex.split(remote.split("setsid nohup bash -c ", 1)[1])[0]
+  assert _python_words(inner)[-1] == f"--workdir={mounted}", inner
+
+
+def test_tpu_pod_local_workdir_is_passed_as_is_with_a_warning():
+  rc, out = _run(["bash", *TPU, "--workdir=/tmp/r1jax/run", "run"], timeout=30)
+  assert rc == 0, out
+  assert "warning: --workdir=/tmp/r1jax/run is not a gs:// path" in out, out
+  assert "each worker writes its own disk" in out, out
+  remote = _run_on_all_workers(_commands(out)[0])
+  assert "gcsfuse" not in remote and remote.startswith(CD_REPO), remote
+  assert _python_words(remote)[-1] == "--workdir=/tmp/r1jax/run"
+
+
+def test_tpu_pod_install_adds_gcsfuse_only_where_missing(tmp_path):
+  rc, out = _run(["bash", *TPU, "install"], timeout=30)
+  assert rc == 0, out
+  remote = _run_on_all_workers(_commands(out)[0])
+  start = remote.index("if ! command -v gcsfuse >/dev/null; then ")
+  block = remote[start:remote.index("; fi;", start) + len("; fi")]
+  assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" in block
+  assert "/usr/share/keyrings/cloud.google.asc" in block and "install gcsfuse" in block, block
+  apt_stubs = {"sudo": WORKER_STUBS["sudo"], "curl": "", "lsb_release": "echo jammy"}
+  proc, calls = _run_remote(tmp_path / "missing", "set -euo pipefail; " + block, apt_stubs)
+  assert proc.returncode == 0, proc.stderr
+  assert calls[0] == "lsb_release -c -s", calls
+  assert "sudo tee /etc/apt/sources.list.d/gcsfuse.list" in calls, calls
+  assert calls[-1].startswith("sudo DEBIAN_FRONTEND=noninteractive apt-get") and \
+      calls[-1].endswith(" install gcsfuse"), calls
+  proc, calls = _run_remote(tmp_path / "present", "set -euo pipefail; " + block,
+                            {**apt_stubs, "gcsfuse": ""})
+  assert proc.returncode == 0 and calls == [], (proc.stderr, calls)
+
+
 @pytest.mark.parametrize("args,message", [
     (["run"], "run needs --workdir"),
+    (["resume"], "resume needs --workdir"),
+    (["--workdir=gs://", "run"],
+     "--workdir=gs:// names no bucket; pass --workdir=gs://BUCKET/PATH"),
+    (["--workdir=gs:///runs/x", "resume"],
+     "--workdir=gs:///runs/x names no bucket; pass --workdir=gs://BUCKET/PATH"),
+    (["--workdir=gs://My_Bucket/x", "run"], "'My_Bucket' is not a GCS bucket name"),
+    (["--workdir=gs://bucket/a/../b", "run"], "'..' are not allowed in the path"),
     (["--accelerator-type=x9-8", "create"], "no default TPU software version"),
     (["launch"], "unknown subcommand"),
     ([], "missing the subcommand"),
@@ -351,6 +481,7 @@ def test_tpu_pod_rejects_bad_usage(args, message):
   env.pop("R1JAX_WORKDIR", None)
   rc, out = _run(["bash", str(LAUNCH / "tpu_pod.sh"), "--dry-run", *args], env=env, timeout=30)
   assert rc == 2 and message in out, out
+  assert not _commands(out), out  # nothing is run first, not even resume's state query
 
 
 def test_slurm_dry_run_submits_itself_and_sruns_one_process_per_gpu():
