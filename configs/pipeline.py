@@ -3,7 +3,7 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
     # Tiny settings, 6 to 12 minutes on a 2-core CPU; ends by printing the path of DIR/report.md:
     python -m r1jax.main --config=configs/pipeline.py --workdir=runs/pipeline
     # Real accelerators: the stage configs' own small / base settings.
-    python -m r1jax.main --config=configs/pipeline.py:variant=base --workdir=gs://BUCKET/run
+    python -m r1jax.main --config=configs/pipeline.py:variant=base --workdir=/mnt/gcs/BUCKET/run
     # A subset (later stages need earlier ones finished in DIR or selected too), tuning on:
     ... --config.stages=finetune_general,finetune_domain,compare --config.run_tune=True
     # Any key of any stage: --config.pipeline.<stage>.<key>=VALUE, e.g.

@@ -121,7 +121,8 @@ MLM + NSP pretraining (`r1jax.stages.pretrain.run`, the same function as
 `python -m r1jax.main --config=configs/pretrain.py`) on the embedded general corpus: install, find the
 TPU, lay the devices out as a `data x fsdp x tensor` mesh, train while the metrics plot updates,
 then look at the run in TensorBoard. Re-running the training cell resumes from the last checkpoint in
-`WORKDIR`; on a Colab TPU, a `gs://` bucket as `WORKDIR` keeps checkpoints across sessions.
+`WORKDIR`; to keep checkpoints across Colab sessions, make `WORKDIR` a folder of a mounted Google
+Drive (`/content/drive/MyDrive/...`) or of a bucket mounted with gcsfuse (not a `gs://` URL).
 
 For several TPU hosts (a pod slice) use `launch/tpu_pod.sh`, which runs the same command on every
 worker.'''),
@@ -130,7 +131,7 @@ worker.'''),
 TINY = False             # True: tiny settings that finish on a CPU in a few minutes
 VARIANT = "small"        # model + config variant for the accelerator run: small | base
 NUM_STEPS = 3000         # optimizer steps
-WORKDIR = "runs/colab_pretrain"  # checkpoints, metrics.jsonl, tensorboard/ (gs://... on a TPU VM)
+WORKDIR = "runs/colab_pretrain"  # checkpoints, metrics.jsonl, tensorboard/ (a local or mounted path)
 R1JAX_SOURCE = ""        # pip source when r1jax is not installed: git URL or path to a checkout
 POLL_SECS = 10           # how often the live plot refreshes''', tags=("parameters",)),
       _code(SETTINGS + '''

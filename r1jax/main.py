@@ -34,8 +34,14 @@ def main(argv):
   distributed.maybe_initialize()
   module = importlib.import_module(f"r1jax.stages.{stage}")
   workdir = _WORKDIR.value
-  if "://" not in workdir:  # Leave bucket URLs (gs://...) as they are.
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+  if "://" in workdir:
+    bucket = workdir.split("://", 1)[1].split("/", 1)[0] or "BUCKET"
+    raise app.UsageError(
+        f"--workdir={workdir}: r1jax writes its metrics, reports and lock with local file I/O, so "
+        f"a bucket URL cannot be the workdir. Mount it (gcsfuse --implicit-dirs {bucket} "
+        f"/mnt/gcs/{bucket}) and pass --workdir=/mnt/gcs/{bucket}/...; launch/tpu_pod.sh does "
+        "this on every worker when given a gs:// workdir.")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   logging.info("Running stage %r in %s", stage, workdir)
   module.run(config, workdir)
 
