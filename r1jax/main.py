@@ -8,6 +8,7 @@ stage validates its own config before anything is compiled.
 """
 import importlib
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -43,7 +44,13 @@ def main(argv):
         "this on every worker when given a gs:// workdir.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   logging.info("Running stage %r in %s", stage, workdir)
-  module.run(config, workdir)
+  from r1jax import configlib  # pylint: disable=g-import-not-at-top
+  try:
+    module.run(config, workdir)
+  except configlib.ConfigError as e:
+    # Every problem with its key and fix, already worded for the user: no traceback needed.
+    print(f"r1jax: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cli():

@@ -260,3 +260,11 @@ def test_bucket_url_workdir_is_refused_with_the_fix(tmp_path):
   assert "--workdir=gs://my-bucket/runs/a" in proc.stderr
   assert "gcsfuse --implicit-dirs my-bucket /mnt/gcs/my-bucket" in proc.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_bad_config_exits_2_with_the_problem_not_a_traceback(tmp_path):
+  proc = subprocess.run(_command(tmp_path / "w", "--config.train.num_steps=30"), env=_env(),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "train.warmup_steps: 100 must be smaller than train.num_steps=30" in proc.stderr
+  assert "Traceback" not in proc.stderr
