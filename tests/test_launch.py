@@ -454,8 +454,10 @@ def test_tpu_pod_install_adds_gcsfuse_only_where_missing(tmp_path):
   apt_stubs = {"sudo": WORKER_STUBS["sudo"], "curl": "", "lsb_release": "echo jammy"}
   proc, calls = _run_remote(tmp_path / "missing", "set -euo pipefail; " + block, apt_stubs)
   assert proc.returncode == 0, proc.stderr
-  assert calls[0] == "lsb_release -c -s", calls
-  assert "sudo tee /etc/apt/sources.list.d/gcsfuse.list" in calls, calls
+  # The repository line's producer and `sudo tee` run as one pipeline, in either order.
+  update = calls.index(next(c for c in calls if c.endswith(" update")))
+  for call in ("lsb_release -c -s", "sudo tee /etc/apt/sources.list.d/gcsfuse.list"):
+    assert call in calls[:update], calls
   assert calls[-1].startswith("sudo DEBIAN_FRONTEND=noninteractive apt-get") and \
       calls[-1].endswith(" install gcsfuse"), calls
   proc, calls = _run_remote(tmp_path / "present", "set -euo pipefail; " + block,
