@@ -424,14 +424,16 @@ def test_search_prunes_and_best_config_reproduces(tmp_path):
 @pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_completed_trials(tmp_path):
   workdir = str(tmp_path / "search")
-  cmd = _cli(workdir, n_trials=3, **{"pruner.name": "none"})
+  # 24 steps (checkpoints every 4): trial 1 must still be running when it is killed, which
+  # 12 steps did not guarantee on a quiet machine (it finished between two polls).
+  cmd = _cli(workdir, n_trials=3, **{"pruner.name": "none", "base.train.num_steps": 24})
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
   # Kill it once trial 0 is complete and trial 1 has saved a checkpoint.
   deadline = time.time() + 900
   ckpts = os.path.join(workdir, "trials", "1", "phases", "0_full", "checkpoints")
   while time.time() < deadline:
-    time.sleep(2)
+    time.sleep(0.05)
     if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
       break
     assert proc.poll() is None, "the search ended before it could be killed"
@@ -455,7 +457,7 @@ def test_killed_search_resumes_without_rerunning_completed_trials(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "trials", "1"))
   with open(os.path.join(workdir, "trials", "2", "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if '"eval"' in line]
-  assert steps == sorted(set(steps)) and steps[-1] == 12
+  assert steps == sorted(set(steps)) and steps[-1] == 24
 
 
 @pytest.mark.slow
