@@ -1,37 +1,59 @@
-r"""Data pipeline throughput: Grain (0 and N workers) beside plain pandas, on the embedded corpus.
+r"""Data pipeline throughput: Grain (0, 1 and 2 workers) beside plain pandas, on the embedded corpus.
 
-    python bench/data_throughput.py [--workers 2] [--docs 0] [--steps 100] [--out result.json]
+    python bench/data_throughput.py [--workers 1,2] [--repeats 3] [--docs 0] [--steps 500]
+                                    [--out result.json]
 
-Prints, in one run on the same documents:
+Prints, in one run on the same documents, every configuration `--repeats` times in rotating order
+(each run on its own line, with the load average at its start), then the medians:
   cleaning   documents/s of r1jax.data.clean (every rule of CleanConfig()) with 0 and N Grain
              workers, and of a pandas implementation of the same rules in the seed's style
              (drop_duplicates / fillna / .str methods, MinHash through .apply); kept counts are
-             printed so the two can be checked to agree.
-  examples   MLM + NSP rows/s of r1jax.data.examples with 0 and N workers, and of a pandas
-             implementation (tokenize with .apply, per-row segment + masking with .apply) that
-             builds the same kind of rows (not the streaming layout).
+             printed so the two can be checked to agree (and the Grain reports must be equal).
+             The rate is the steady one, over documents 129-18,127 for every configuration:
+             worker start-up (spawn, imports, first chunks: until document 128 is out) and
+             shutdown (after the last document, until Grain has stopped its workers) are shown
+             separately; end-to-end includes both.
+  examples   MLM + NSP rows/s of r1jax.data.examples with 0 and N workers over `--steps` batches
+             after the first (the first batch, with the workers' start-up, is timed apart), and of
+             a pandas implementation (tokenize with .apply, per-row segment + masking with .apply)
+             that builds the same kind of rows (not the streaming layout). Batches must be equal
+             for every worker count (checked).
+  cpu        per document / row: CPU of the main process and of the workers (from /proc) over
+             the steady part, and the workers' start-up CPU: figures that other jobs' load
+             barely moves.
   training   rows/s the training step consumes, for scale: 3,580 tokens/s measured for a
              d_model 256, 4-layer, batch 32 x 128 MLM+NSP step on this kind of 2-core machine
              (shared/reference/libraries.md), i.e. about 28 rows/s of 128 tokens.
 
-Measured 2026-11-28 on the 2-core development machine while other jobs ran (load average 10-14,
-so absolute numbers are low and noisy; run it on a quiet machine for real figures):
-  cleaning  18,127 docs: Grain 0 workers 784 docs/s, 2 workers 584, pandas 761 (all kept 18,068);
-            an earlier run at load ~2: Grain 3,088, 2 workers 1,875, pandas 1,625.
-  examples  Grain 0 workers 2,615 rows/s, 2 workers 2,016, pandas 1,618: about 90x what the
-            training step consumes.
-Workers did not pay off on 2 shared cores: they add pickling and compete with the main process
-(deduplication, report) for the same cores; the design targets hosts with spare cores.
+Measured 2026-11-28 17:06-17:09 on the 2-core development machine, no other process above 20% of
+a core during the run (sampled every 3 s), load average 1.6 at the start (earlier jobs decaying)
+and 0.6 at the end; medians of 3:
+  cleaning  18,127 docs: Grain 0 workers 4,123 docs/s, 1 worker 4,236 (x1.03), 2 workers 8,114
+            (x1.97); pandas 2,646; all kept 18,068. Start-up 0.85-1.0 s and shutdown 0.7-0.8 s
+            with workers, so end-to-end on this small corpus: 3,961 / 3,132 / 4,643 docs/s.
+            CPU per document: 236-247 us in one process; with 2 workers 14-19 us in the main
+            process and 222-238 us in the workers (1.4-1.5 s of worker start-up CPU).
+  examples  Grain 0 workers 7,468 rows/s, 1 worker 7,801 (x1.04), 2 workers 14,051 (x1.88);
+            pandas 6,285; about 500x what the training step consumes. Start-up 0.65-0.9 s with
+            workers. CPU per row: 124-143 us in one process; with 2 workers 5-6 us in the main
+            process and 131-133 us in the workers.
+Two more quiet runs the same afternoon: cleaning x1.86 and x1.79, examples x1.74 and x1.78 with 2
+workers. With other jobs on the machine (load 1.0-2.8, another process using 1-1.5 cores) the
+workers lose (cleaning x0.75-0.84, examples x0.78-0.94): there is no idle core for them, and they
+cost as much CPU per document as one process does, plus their start-up. One worker gains at most
+the main process's share of the work (~5%: x0.98-1.04 steady, slower end-to-end): it does what one
+process would, at the same cost. See bench/NOTES_data.md.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import re
+import resource
 import sys
 import time
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -48,8 +70,8 @@ TRAIN_STEP_TOKENS_PER_SEC = 3580  # shared/reference/libraries.md, same-size ste
 # pandas reference: the same rules as clean.CleanConfig() defaults, written as the seed writes them.
 
 
-def pandas_clean(df: pd.DataFrame, config: clean.CleanConfig) -> pd.DataFrame:
-  """Seed-style cleaning of a DataFrame with a 'text' column; returns the kept rows."""
+def pandas_clean(df, config: clean.CleanConfig):
+  """Seed-style cleaning of a pandas DataFrame with a 'text' column; returns the kept rows."""
   df = df.dropna(subset=["text"])
   for col in df.select_dtypes(include=["float64", "int64"]).columns:
     df[col] = df[col].fillna(df[col].median())
@@ -105,6 +127,7 @@ def pandas_clean(df: pd.DataFrame, config: clean.CleanConfig) -> pd.DataFrame:
 
 def pandas_examples(texts, tok, *, seq_len, mlm_prob, seed, n_rows):
   """MLM + NSP rows built with pandas .apply: one [CLS] A [SEP] B [SEP] row per document."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   df = pd.DataFrame({"text": texts[:n_rows]})
   df["ids"] = df["text"].apply(tok.encode)
@@ -138,6 +161,9 @@ def pandas_examples(texts, tok, *, seq_len, mlm_prob, seed, n_rows):
 
 
 # ------------------------------------------------------------------------------------------------
+# Measurements. Every configuration runs `repeats` times, in rotating order, so that the load of
+# other jobs on a shared machine falls on all of them alike; each run is printed with the load
+# average at its start.
 
 
 def _timed(fn):
@@ -146,7 +172,69 @@ def _timed(fn):
   return result, time.perf_counter() - start
 
 
-def bench_cleaning(workers, limit):
+def _load():
+  return os.getloadavg()[0]
+
+
+def _main_cpu():
+  """CPU seconds of this process (all its threads)."""
+  me = resource.getrusage(resource.RUSAGE_SELF)
+  return me.ru_utime + me.ru_stime
+
+
+def _worker_cpu():
+  """CPU seconds used so far by the live Grain worker processes (this process's only
+  multiprocessing children), from /proc; 0.0 where /proc is missing."""
+  total = 0.0
+  for child in multiprocessing.active_children():
+    try:
+      with open(f"/proc/{child.pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
+
+
+def _rotations(items, repeats):
+  """[(repeat, item)]: each repeat starts one item later, so no item always runs first or last."""
+  return [(r, items[(i + r) % len(items)]) for r in range(repeats) for i in range(len(items))]
+
+
+def clean_run(records, config, workers, warmup):
+  """One Grain cleaning pass over `records`.
+
+  Three phases, timed separately: start-up (until the first `warmup` records are out: spawning
+  the workers, their imports, their first chunks), steady (until the last record is out; the rate
+  is taken here) and shutdown (until the iterator ends: Grain stops each worker process in turn,
+  and a finished worker sleeps up to 0.5 s before it looks for the stop signal). End-to-end
+  covers all three.
+  """
+  load = _load()
+  report = clean.CleaningReport(clean.rule_names(config))
+  n = len(records)
+  start = time.perf_counter()
+  it = iter(clean.cleaning_dataset(records, config, worker_count=workers))
+  kept = 0
+  for i, record in enumerate(it):
+    if i == warmup:
+      warm, main_warm, workers_warm = time.perf_counter(), _main_cpu(), _worker_cpu()
+    kept += not report.add(record).get("_drop")
+    if i == n - 1:
+      last, main_last, workers_last = time.perf_counter(), _main_cpu(), _worker_cpu()
+  end = time.perf_counter()
+  it.close()
+  steady = n - 1 - warmup
+  return {"workers": workers, "docs_per_sec": steady / (last - warm),
+          "startup_s": warm - start, "shutdown_s": end - last,
+          "end_to_end_docs_per_sec": n / (end - start),
+          "main_cpu_us_per_doc": 1e6 * (main_last - main_warm) / steady,
+          "worker_cpu_us_per_doc": 1e6 * (workers_last - workers_warm) / steady,
+          "worker_startup_cpu_s": workers_warm, "kept": kept,
+          "report": report.to_dict()["dropped"], "load": load}
+
+
+def bench_cleaning(worker_counts, limit, repeats):
   src = sources.open_source("builtin:general,builtin:domain")
   n = len(src) if not limit else min(limit, len(src))
   # Text and id only: the two implementations then see the same table (the corpora's other
@@ -154,69 +242,155 @@ def bench_cleaning(workers, limit):
   records = [{"text": r["text"], "id": r["id"], "_file": r["_file"], "_line": r["_line"]}
              for r in (src[i] for i in range(n))]
   config = clean.CleanConfig()
-  results = {}
-  for w in sorted({0, workers}):
-    def run():
-      report = clean.CleaningReport(clean.rule_names(config))
-      kept = sum(1 for r in map(report.add, clean.cleaning_dataset(records, config, worker_count=w))
-                 if not r.get("_drop"))
-      return kept
-    kept, seconds = _timed(run)
-    results[f"grain_workers_{w}"] = {"docs_per_sec": n / seconds, "kept": kept, "seconds": seconds}
+  # Start-up: until every worker has delivered its first chunk; the same records are left out of
+  # every configuration's steady rate, so all rates cover the same documents.
+  warmup = clean.CHUNK_SIZE * max(1, *worker_counts)
+  if n <= warmup:
+    raise ValueError(f"--docs {n} leaves nothing to time after the {warmup} start-up documents.")
+  import pandas as pd  # pylint: disable=g-import-not-at-top
   df = pd.DataFrame([sources.public_fields(r) for r in records])
-  kept, seconds = _timed(lambda: len(pandas_clean(df, config)))
-  results["pandas"] = {"docs_per_sec": n / seconds, "kept": kept, "seconds": seconds}
-  return n, results
+  runs = []
+  for _, w in _rotations(list(worker_counts) + ["pandas"], repeats):
+    if w == "pandas":
+      load = _load()
+      kept, seconds = _timed(lambda: len(pandas_clean(df.copy(), config)))
+      runs.append({"workers": "pandas", "docs_per_sec": n / seconds, "startup_s": 0.0,
+                   "shutdown_s": 0.0, "end_to_end_docs_per_sec": n / seconds, "kept": kept,
+                   "load": load})
+    else:
+      runs.append(clean_run(records, config, w, warmup))
+    _print_clean_run(runs[-1])
+  reports = {json.dumps(r["report"], sort_keys=True) for r in runs if "report" in r}
+  assert len(reports) == 1, "the report differs between worker counts"
+  return n, warmup, runs
 
 
-def bench_examples(workers, steps, seq_len, batch_size):
+def examples_run(texts, tok, workers, steps, seq_len, batch_size):
+  """One Grain example stream: start-up (first batch) and steady rows/s over `steps` batches."""
+  load = _load()
+  start = time.perf_counter()
+  it = examples.pretrain_iterator(texts, tok, seq_len=seq_len, batch_size=batch_size, seed=0,
+                                  worker_count=workers)
+  first = next(it)
+  warm, main_warm, workers_warm = time.perf_counter(), _main_cpu(), _worker_cpu()
+  for _ in range(steps):
+    last = next(it)
+  end, main_end, workers_end = time.perf_counter(), _main_cpu(), _worker_cpu()
+  it.close()
+  rows = steps * batch_size
+  return {"workers": workers, "rows_per_sec": rows / (end - warm), "startup_s": warm - start,
+          "main_cpu_us_per_row": 1e6 * (main_end - main_warm) / rows,
+          # Workers build ahead (a few messages each), so this is close to, not exactly, per row.
+          "worker_cpu_us_per_row": 1e6 * (workers_end - workers_warm) / rows,
+          "worker_startup_cpu_s": workers_warm, "load": load,
+          "checksum": int(first["tokens"].sum()) + int(last["mlm_ids"].sum())}
+
+
+def bench_examples(worker_counts, steps, seq_len, batch_size, repeats):
   texts = builtin.texts("general") + builtin.texts("domain")
   tok = tokenizer_lib.Tokenizer.train(texts, 8000)
-  results = {}
-  for w in sorted({0, workers}):
-    it = examples.pretrain_iterator(texts, tok, seq_len=seq_len, batch_size=batch_size, seed=0,
-                                    worker_count=w)
-    next(it)  # start-up (worker processes) not counted
-    _, seconds = _timed(lambda: [next(it) for _ in range(steps)])
-    if hasattr(it, "close"):
-      it.close()
-    results[f"grain_workers_{w}"] = {"rows_per_sec": steps * batch_size / seconds,
-                                     "seconds": seconds}
+  runs = []
   n_rows = steps * batch_size
-  (_, built), seconds = _timed(lambda: pandas_examples(texts, tok, seq_len=seq_len,
-                                                       mlm_prob=0.15, seed=0, n_rows=n_rows))
-  results["pandas"] = {"rows_per_sec": built / seconds, "seconds": seconds}
-  return results
+  for _, w in _rotations(list(worker_counts) + ["pandas"], repeats):
+    if w == "pandas":
+      load = _load()
+      (_, built), seconds = _timed(lambda: pandas_examples(texts, tok, seq_len=seq_len,
+                                                           mlm_prob=0.15, seed=0, n_rows=n_rows))
+      runs.append({"workers": "pandas", "rows_per_sec": built / seconds, "startup_s": 0.0,
+                   "load": load})
+    else:
+      runs.append(examples_run(texts, tok, w, steps, seq_len, batch_size))
+    _print_examples_run(runs[-1])
+  checksums = {r["checksum"] for r in runs if "checksum" in r}
+  assert len(checksums) == 1, "the batches differ between worker counts"
+  return runs
+
+
+def _name(w):
+  return "pandas" if w == "pandas" else f"grain_workers_{w}"
+
+
+def _cpu_text(r, unit):
+  if f"main_cpu_us_per_{unit}" not in r:
+    return ""
+  return (f"   cpu us/{unit}: main {r[f'main_cpu_us_per_{unit}']:3.0f} workers "
+          f"{r[f'worker_cpu_us_per_{unit}']:3.0f} (start-up {r['worker_startup_cpu_s']:.1f} s)")
+
+
+def _print_clean_run(r):
+  print(f"    run  {_name(r['workers']):16s} {r['docs_per_sec']:7.0f} docs/s   start-up "
+        f"{r['startup_s']:4.2f} s   shutdown {r['shutdown_s']:4.2f} s   end-to-end "
+        f"{r['end_to_end_docs_per_sec']:6.0f} docs/s   "
+        f"kept {r['kept']}   load {r['load']:.2f}{_cpu_text(r, 'doc')}", flush=True)
+
+
+def _print_examples_run(r):
+  print(f"    run  {_name(r['workers']):16s} {r['rows_per_sec']:7.0f} rows/s   start-up "
+        f"{r['startup_s']:4.2f} s   load {r['load']:.2f}{_cpu_text(r, 'row')}", flush=True)
+
+
+def summarize(runs, key):
+  """{config: median of `key` over its runs}, in first-seen order."""
+  by = {}
+  for r in runs:
+    by.setdefault(r["workers"], []).append(r[key])
+  return {w: float(np.median(v)) for w, v in by.items()}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workers", type=int, default=2, help="Grain worker processes to compare")
+  parser.add_argument("--workers", default="1,2",
+                      help="Grain worker counts to compare with 0 workers (comma-separated)")
+  parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration")
   parser.add_argument("--docs", type=int, default=0, help="limit documents for cleaning (0 = all)")
-  parser.add_argument("--steps", type=int, default=100, help="example batches to time")
+  parser.add_argument("--steps", type=int, default=500, help="example batches to time")
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--out", default="", help="also write the numbers as JSON here")
   args = parser.parse_args()
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
+  worker_counts = [0] + sorted({int(w) for w in args.workers.split(",") if int(w) > 0})
 
-  n, cleaning = bench_cleaning(args.workers, args.docs)
-  print(f"cleaning ({n} documents, {os.cpu_count()} CPUs)")
-  for name, r in cleaning.items():
-    print(f"  {name:18s} {r['docs_per_sec']:9.0f} docs/s   kept {r['kept']}")
-  ex = bench_examples(args.workers, args.steps, args.seq_len, args.batch_size)
+  print(f"{os.cpu_count()} CPUs; load average at start {_load():.2f}; rates exclude worker "
+        "start-up (spawn + imports + first chunk or batch) and shutdown, shown separately; "
+        "end-to-end includes them")
+  n, warmup, clean_runs = bench_cleaning(worker_counts, args.docs, args.repeats)
+  rates = summarize(clean_runs, "docs_per_sec")
+  e2e = summarize(clean_runs, "end_to_end_docs_per_sec")
+  startup = summarize(clean_runs, "startup_s")
+  shutdown = summarize(clean_runs, "shutdown_s")
+  print(f"cleaning ({n} documents; steady rate over documents {warmup + 1}-{n}; median of "
+        f"{args.repeats} runs)")
+  for w, rate in rates.items():
+    extra = f"   x{rate / rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
+    print(f"  {_name(w):18s} {rate:9.0f} docs/s   start-up {startup[w]:4.2f} s   shutdown "
+          f"{shutdown[w]:4.2f} s   end-to-end {e2e[w]:6.0f} docs/s{extra}")
+  ex_runs = bench_examples(worker_counts, args.steps, args.seq_len, args.batch_size, args.repeats)
+  ex_rates = summarize(ex_runs, "rows_per_sec")
+  ex_startup = summarize(ex_runs, "startup_s")
   train_rows = TRAIN_STEP_TOKENS_PER_SEC / args.seq_len
-  print(f"MLM+NSP examples (seq_len {args.seq_len}, batch {args.batch_size})")
-  for name, r in ex.items():
-    print(f"  {name:18s} {r['rows_per_sec']:9.0f} rows/s   ({r['rows_per_sec'] / train_rows:.0f}x "
-          f"the training step)")
+  print(f"MLM+NSP examples (seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} batches "
+        f"after the first; median of {args.repeats} runs)")
+  for w, rate in ex_rates.items():
+    extra = f"   x{rate / ex_rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
+    print(f"  {_name(w):18s} {rate:9.0f} rows/s   start-up {ex_startup[w]:4.2f} s   "
+          f"({rate / train_rows:.0f}x the training step){extra}")
   print(f"  training step      {train_rows:9.0f} rows/s   (libraries.md: "
         f"{TRAIN_STEP_TOKENS_PER_SEC} tokens/s)")
+  best = max((w for w in rates if w not in (0, "pandas")), key=rates.get, default=None)
+  best_ex = max((w for w in ex_rates if w not in (0, "pandas")), key=ex_rates.get, default=None)
+  if best is not None:
+    print(f"best measured worker count: cleaning {best} (x{rates[best] / rates[0]:.2f}), "
+          f"examples {best_ex} (x{ex_rates[best_ex] / ex_rates[0]:.2f}); load average at end "
+          f"{_load():.2f}")
   if args.out:
+    for r in clean_runs:
+      r.pop("report", None)
     with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"cleaning": cleaning, "examples": ex, "train_rows_per_sec": train_rows,
-                 "documents": n, "cpus": os.cpu_count()}, f, indent=2)
+      json.dump({"cleaning_runs": clean_runs, "cleaning": rates, "examples_runs": ex_runs,
+                 "examples": ex_rates, "train_rows_per_sec": train_rows, "documents": n,
+                 "warmup_documents": warmup, "cpus": os.cpu_count()}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":
