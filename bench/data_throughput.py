@@ -21,9 +21,9 @@ Prints, in one run on the same documents, every configuration `--repeats` times 
   cpu        per document / row: CPU of the main process and of the workers (from /proc) over
              the steady part, and the workers' start-up CPU: figures that other jobs' load
              barely moves.
-  training   rows/s the training step consumes, for scale: 3,580 tokens/s measured for a
-             d_model 256, 4-layer, batch 32 x 128 MLM+NSP step on this kind of 2-core machine
-             (shared/reference/libraries.md), i.e. about 28 rows/s of 128 tokens.
+  training   rows/s the training step consumes, for scale: 8,254 tokens/s, r1jax's d_model 256,
+             4-layer, batch 32 x 128 MLM+NSP step on this 2-core machine (bench/train_throughput.py,
+             2 threads, 2026-11-28), i.e. about 64 rows/s of 128 tokens.
 
 Measured 2026-11-28 17:06-17:09 on the 2-core development machine, no other process above 20% of
 a core during the run (sampled every 3 s), load average 1.6 at the start (earlier jobs decaying)
@@ -34,7 +34,7 @@ and 0.6 at the end; medians of 3:
             CPU per document: 236-247 us in one process; with 2 workers 14-19 us in the main
             process and 222-238 us in the workers (1.4-1.5 s of worker start-up CPU).
   examples  Grain 0 workers 7,468 rows/s, 1 worker 7,801 (x1.04), 2 workers 14,051 (x1.88);
-            pandas 6,285; about 500x what the training step consumes. Start-up 0.65-0.9 s with
+            pandas 6,285; about 220x what the training step consumes. Start-up 0.65-0.9 s with
             workers. CPU per row: 124-143 us in one process; with 2 workers 5-6 us in the main
             process and 131-133 us in the workers.
 Two more quiet runs the same afternoon: cleaning x1.86 and x1.79, examples x1.74 and x1.78 with 2
@@ -63,7 +63,7 @@ from r1jax.data import examples  # pylint: disable=wrong-import-position
 from r1jax.data import sources  # pylint: disable=wrong-import-position
 from r1jax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
-TRAIN_STEP_TOKENS_PER_SEC = 3580  # shared/reference/libraries.md, same-size step on this machine
+TRAIN_STEP_TOKENS_PER_SEC = 8254  # bench/train_throughput.py, r1jax MLM+NSP small step, 2 threads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def main():
     extra = f"   x{rate / ex_rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
     print(f"  {_name(w):18s} {rate:9.0f} rows/s   start-up {ex_startup[w]:4.2f} s   "
           f"({rate / train_rows:.0f}x the training step){extra}")
-  print(f"  training step      {train_rows:9.0f} rows/s   (libraries.md: "
+  print(f"  training step      {train_rows:9.0f} rows/s   (bench/train_throughput.py: "
         f"{TRAIN_STEP_TOKENS_PER_SEC} tokens/s)")
   best = max((w for w in rates if w not in (0, "pandas")), key=rates.get, default=None)
   best_ex = max((w for w in ex_rates if w not in (0, "pandas")), key=ex_rates.get, default=None)
