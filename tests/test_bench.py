@@ -62,3 +62,21 @@ def test_bad_flag_names_the_fix():
   proc = subprocess.run([sys.executable, SCRIPT, "--threads", "999"], capture_output=True,
                         text=True, timeout=120, check=False)
   assert proc.returncode != 0 and "--threads=999" in proc.stderr
+
+
+def test_data_bench_runs_with_workers_and_agrees_with_pandas(tmp_path):
+  """bench/data_throughput.py at a tiny size: every configuration keeps the same documents and
+  builds the same example batches (the bench checks this itself), and writes its JSON."""
+  out = tmp_path / "data.json"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "data_throughput.py"),
+                         "--docs", "300", "--steps", "2", "--repeats", "1", "--workers", "1",
+                         "--out", str(out)], capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert set(result["cleaning"]) == set(result["examples"]) == {"0", "1", "pandas"}
+  kept = {r["workers"]: r["kept"] for r in result["cleaning_runs"]}
+  assert len(set(kept.values())) == 1 and kept[0] > 0, kept
+  sums = {r["workers"]: r["checksum"] for r in result["examples_runs"] if "checksum" in r}
+  assert sums[0] == sums[1], sums
+  assert "x the training step" in proc.stdout
