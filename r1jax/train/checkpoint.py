@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 import os
 import signal
 import socket
@@ -43,6 +44,22 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from r1jax.train import optim
 from r1jax.train.state import TrainState
+
+
+class _BenignOrbaxNotices(std_logging.Filter):
+  """Drops Orbax's warnings about what r1jax does on purpose: reading only the `params` item of a
+  checkpoint that also holds train/data/meta items, through a read-only manager. A pipeline run
+  printed 136 of them; every other Orbax message still gets through."""
+  BENIGN = ("was found in the checkpoint, but could not be restored",
+            "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0",
+            "Given directory is read only=")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in self.BENIGN)
+
+
+std_logging.getLogger("absl").addFilter(_BenignOrbaxNotices())
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
