@@ -250,8 +250,9 @@ class R1jaxTrainer:
     extra = {}
     if stats and "peak_bytes_in_use" in stats:  # accelerator memory (host RSS says little there)
       extra["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
-    return dict(**extra, attention_impl=self.cfg.attention_impl,
-                steps_per_call=self.steps_per_call,compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
+    from r1jax import host_memory  # pylint: disable=g-import-not-at-top
+    return dict(**extra, attention_impl=self.cfg.attention_impl, host_malloc=host_memory.status,
+                steps_per_call=self.steps_per_call, compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
                 achieved_flops=self.flops_per_step / median, ceiling_flops=self.ceiling.value,
                 ceiling_samples=self.ceiling.samples,
                 mfu=self.flops_per_step / median / self.ceiling.value, loss=final["loss"],
@@ -870,6 +871,7 @@ def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
       "batch": args.batch, "seq_len": args.seq_len, "mem_len": args.mem_len,
       "ceiling_f32_flops": r(ceiling["float32"], 0) if ceiling else None,
       "ceiling_bf16_flops": r(ceiling["bfloat16"], 0) if ceiling else None,
+      "r1jax_host_malloc": res["mlm_off"].get("host_malloc") if res["mlm_off"] else None,
       "r1jax_mlm_tokens_per_s": get("mlm_off", "tokens_per_s"),
       "r1jax_mlm_mem_tokens_per_s": get("mlm_on", "tokens_per_s"),
       "r1jax_lm_mem_tokens_per_s": get("lm", "tokens_per_s"),
@@ -974,7 +976,8 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
           f"bfloat16 {ceiling['bfloat16'] / 1e9:,.0f} GFLOP/s. MFU: model training FLOPs / the "
           "float32 ceiling sampled in the same process (r1jax MLM memory-off process: "
           f"{res['mlm_off']['ceiling_flops'] / 1e9:,.0f} GFLOP/s). Peak memory: ru_maxrss minus "
-          "the resident set after imports, per process.\n", flush=True)
+          "the resident set after imports, per process. r1jax's host allocator settings "
+          f"(r1jax/host_memory.py): {res['mlm_off'].get('host_malloc', '?')}.\n", flush=True)
 
 
 if __name__ == "__main__":
