@@ -94,3 +94,20 @@ def test_project_is_an_einsum():
   k3 = jax.random.normal(jax.random.key(2), (5, 3, 2, 4))
   np.testing.assert_allclose(txl._project(x[:, :, 0], k3),  # pylint: disable=protected-access
                              jnp.einsum("bkd,dthn->bkthn", x[:, :, 0], k3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(12, 5), (5, 12), (6, 6)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_gradients_match_the_plain_product(n_in, n_out, dtype):
+  # I > O takes the transposed weight-gradient route; both routes must give the plain gradients.
+  x = jax.random.normal(jax.random.key(0), (7, n_in)).astype(dtype)
+  w = jax.random.normal(jax.random.key(1), (n_in, n_out)).astype(dtype)
+  t = jax.random.normal(jax.random.key(2), (7, n_out))
+  ours = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(txl.matmul(x, w) * t), argnums=(0, 1)))
+  ref = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum((x @ w) * t), argnums=(0, 1)))
+  (v1, (dx1, dw1)), (v2, (dx2, dw2)) = ours(x, w), ref(x, w)
+  assert dw1.shape == w.shape and dw1.dtype == w.dtype and dx1.dtype == x.dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  for a, b in ((v1, v2), (dx1, dx2), (dw1, dw2)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol)

@@ -548,6 +548,37 @@ def _softmax_bwd(p, g):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [N, I] @ w [I, O] -> [N, O], whose weight gradient is made in the faster orientation.
+
+  The weight gradient contracts over the N rows of both x and dy. XLA:CPU runs that product
+  (outside YNNPACK) at about half speed when I > O: [4096, 1024]^T [4096, 256] takes 18 ms on one
+  core, while dy^T x, [256, 1024], takes 10.6 ms and its transpose a fraction of a millisecond.
+  XLA folds a plain transpose back into the product, so the [O, I] result passes through an
+  optimization barrier first. Values are those of the plain product (same sums, same order).
+  """
+  return x @ w
+
+
+def _matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g):
+  x, w = res
+  dx = g @ w.T
+  contract_rows = (((0,), (0,)), ((), ()))
+  if x.shape[1] > w.shape[1]:
+    dw = jax.lax.optimization_barrier(jax.lax.dot_general(g, x, contract_rows)).T
+  else:
+    dw = jax.lax.dot_general(x, g, contract_rows)
+  return dx, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nn.Module):
   """nn.Dense (same `kernel` [I, O] and `bias` [O] parameters and initialisers) computed as one
   2-D matmul over the flattened leading axes.
@@ -555,7 +586,7 @@ class Dense(nn.Module):
   Why not nn.Dense: its [B, Q, I] x [I, O] product differentiates into a weight gradient with two
   contracting axes, which XLA:CPU lowers with a transposed copy of the output gradient and a
   strided matmul about 3x slower than the forward one; with [B * Q, I] operands the weight
-  gradient is a plain x^T @ dy.
+  gradient is a plain 2-D product (see `matmul` for its orientation).
   """
   features: int
   kernel_init: Any
@@ -572,7 +603,7 @@ class Dense(nn.Module):
                         self.param_dtype)
     x = jnp.asarray(x, self.dtype)
     if self.flat:
-      y = x.reshape(-1, x.shape[-1]) @ kernel.astype(self.dtype)
+      y = matmul(x.reshape(-1, x.shape[-1]), kernel.astype(self.dtype))
       y = y.reshape(x.shape[:-1] + (self.features,))
     else:
       y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
@@ -620,7 +651,7 @@ def _project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, flat: bool = Tru
   lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   out = kernel.shape[in_axes:]
   # -1 rows (not prod(lead)) keeps a symbolic batch size working under jax.export.
-  y = x.reshape(-1, int(np.prod(inner))) @ kernel.reshape(int(np.prod(inner)), -1)
+  y = matmul(x.reshape(-1, int(np.prod(inner))), kernel.reshape(int(np.prod(inner)), -1))
   return y.reshape(lead + out)
 
 
