@@ -4,5 +4,5 @@ from r1jax import host_memory as _host_memory
 
 __version__ = "0.1.0"
 
-# Before JAX starts its threads: keep XLA:CPU's per-step scratch memory mapped between steps.
+# Opt-in (R1JAX_HOST_MALLOC=keep): must run before JAX starts its threads.
 _host_memory.configure()

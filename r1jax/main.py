@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from r1jax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config file, e.g. configs/pretrain.py:variant=tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
@@ -43,7 +45,7 @@ def main(argv):
         f"/mnt/gcs/{bucket}) and pass --workdir=/mnt/gcs/{bucket}/...; launch/tpu_pod.sh does "
         "this on every worker when given a gs:// workdir.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  logging.info("Running stage %r in %s", stage, workdir)
+  logging.info("Running stage %r in %s; host allocator: %s", stage, workdir, host_memory.status())
   from r1jax import configlib  # pylint: disable=g-import-not-at-top
   try:
     module.run(config, workdir)
