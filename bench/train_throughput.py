@@ -252,7 +252,8 @@ class R1jaxTrainer:
       extra["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
     from r1jax import host_memory  # pylint: disable=g-import-not-at-top
     return dict(**extra, attention_impl=self.cfg.attention_impl, host_malloc=host_memory.status(),
-                steps_per_call=self.steps_per_call, compile_s=max(first_s - median, 0.0), flops_per_step=self.flops_per_step,
+                steps_per_call=self.steps_per_call, compile_s=max(first_s - median, 0.0),
+                flops_per_step=self.flops_per_step,
                 achieved_flops=self.flops_per_step / median, ceiling_flops=self.ceiling.value,
                 ceiling_samples=self.ceiling.samples,
                 mfu=self.flops_per_step / median / self.ceiling.value, loss=final["loss"],
