@@ -50,15 +50,43 @@ class Batches:
     self.step = state["step"]
 
 
-@pytest.fixture(scope="module")
-def engine():
+def make_engine(steps_per_call=1):
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1)))
   train = configlib.train_section(learning_rate=0.3, warmup_steps=0, schedule="constant")
   tx = optim.build_optimizer(train, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
                              num_steps=100)
   return steps.Engine(mesh=mesh, rules=axes.DEFAULT_RULES, loss_fn=loss_fn, tx=tx,
                       init_params=init_params, init_extras=lambda: {}, batch_size=B,
-                      lr_schedule=optim.make_schedule(train, 100))
+                      lr_schedule=optim.make_schedule(train, 100), steps_per_call=steps_per_call)
+
+
+@pytest.fixture(scope="module")
+def engine():
+  return make_engine()
+
+
+class CountingEngine:
+  """An engine with steps_per_call=3 that records how many steps each dispatched call ran."""
+
+  def __init__(self):
+    self._engine = make_engine(steps_per_call=3)
+    self.calls = []
+
+  def __getattr__(self, name):
+    return getattr(self._engine, name)
+
+  def train_step(self, state, batch):
+    self.calls.append(1)
+    return self._engine.train_step(state, batch)
+
+  def train_steps(self, state, batches):
+    self.calls.append(len(batches))
+    return self._engine.train_steps(state, batches)
+
+
+@pytest.fixture(scope="module")
+def engine3():
+  return CountingEngine()
 
 
 def _fit(engine, tmp_path, batches, evaluate=None, **options):
@@ -134,3 +162,70 @@ def test_on_eval_hook_can_stop(engine, tmp_path):
   writer.close()
   ckpt.close()
   assert [s for s, _ in seen] == [3, 6] and result.step == 6 and result.loop.stopped_early
+
+
+def test_several_steps_per_call_log_and_checkpoint_like_one(engine, engine3, tmp_path):
+  """steps_per_call=3: calls stop at every log/checkpoint point; same records, same checkpoints."""
+  _, ckpt1 = _fit(engine, tmp_path / "one", Batches())
+  engine3.calls.clear()
+  result, ckpt3 = _fit(engine3, tmp_path / "three", Batches())
+  # 0-3 in one call, 4 (log), 5 (checkpoint), 6-8 in one call (log), 9, 10 (checkpoint), 11, 12.
+  assert engine3.calls == [3, 1, 1, 3, 1, 1, 1, 1] and result.step == 12
+  one = metrics_lib.read_metrics(str(tmp_path / "one"), "train")
+  three = metrics_lib.read_metrics(str(tmp_path / "three"), "train")
+  assert [r["step"] for r in three] == [r["step"] for r in one] == [4, 8, 12]
+  for a, b in zip(three, one):
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["learning_rate"] == b["learning_rate"]
+  assert ckpt3.all_steps() == ckpt1.all_steps() == [12]
+  ckpt1.close()
+  ckpt3.close()
+
+
+def test_nonfinite_inside_a_multi_step_call_names_its_step(engine3, tmp_path):
+  with pytest.raises(loop.NonFiniteError) as info:
+    _fit(engine3, tmp_path, Batches(nan_at={7}))  # steps 6-8 run in one call
+  msg = str(info.value)
+  assert "Non-finite loss or gradient at step 7" in msg and "last good checkpoint is step 5" in msg
+  result, ckpt = _fit(engine3, tmp_path / "skip", Batches(nan_at={2, 7}), skip_nonfinite=True)
+  assert result.loop.nonfinite_skips == 2 and int(result.state.nonfinite_skips) == 2
+  assert np.isfinite(np.asarray(result.state.params["w"])).all()
+  ckpt.close()
+
+
+def test_data_running_out_inside_a_call_trains_what_there_is(engine3, tmp_path):
+  class Seven(Batches):
+    def __next__(self):
+      if self.step == 7:
+        raise StopIteration
+      return super().__next__()
+  engine3.calls.clear()
+  result, ckpt = _fit(engine3, tmp_path, Seven())
+  assert result.step == 7 and engine3.calls == [3, 1, 1, 1, 1]  # 6 and 7 one at a time
+  ckpt.close()
+
+
+def _loop_config(log, ckpt, eval_every, requested=0):
+  return ml_collections.ConfigDict(dict(
+      train=dict(steps_per_call=requested, log_every_steps=log),
+      checkpoint=dict(every_steps=ckpt), eval=dict(every_steps=eval_every)))
+
+
+@pytest.mark.parametrize("log, ckpt, eval_every, platform, expected", [
+    (10, 500, 100, "cpu", 5),    # the default periods
+    (16, 64, 32, "cpu", 8),
+    (7, 700, 0, "cpu", 7),       # eval disabled: not a period
+    (9, 500, 100, "cpu", 1),     # no common divisor above 1
+    (10, 500, 100, "gpu", 1),
+    (10, 500, 100, "tpu", 1),
+])
+def test_steps_per_call_automatic_choice(log, ckpt, eval_every, platform, expected):
+  assert loop.steps_per_call(_loop_config(log, ckpt, eval_every), platform) == expected
+
+
+def test_steps_per_call_explicit_and_invalid():
+  assert loop.steps_per_call(_loop_config(10, 500, 100, requested=3), "gpu") == 3
+  with pytest.raises(ValueError, match="train.steps_per_call=-1"):
+    loop.steps_per_call(_loop_config(10, 500, 100, requested=-1), "cpu")
+  with pytest.raises(ValueError, match="steps_per_call=0"):
+    make_engine(steps_per_call=0)

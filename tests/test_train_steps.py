@@ -118,6 +118,25 @@ def test_compiles_once_and_donates_state(engine8, batches):
   assert int(state.step) == 3
 
 
+def test_several_steps_in_one_call_match_one_call_each(single, batches):
+  """`train_steps` (lax.scan over stacked batches) on a 2x2x2 mesh == four `train_step` calls."""
+  state1, m1 = single
+  engine = make_engine((2, 2, 2))
+  state = engine.init_state(jax.random.PRNGKey(0))
+  metrics = []
+  for pair in (batches[:2], batches[2:]):
+    state, m = engine.train_steps(state, pair)
+    m = jax.device_get(m)
+    assert m["loss"][0].shape == (2,)  # each step's metrics, stacked
+    metrics += [steps.normalize(jax.tree.map(lambda x, i=i: x[i], m)) for i in range(2)]
+  assert int(state.step) == 4 and engine._train_many._cache_size() == 1  # pylint: disable=protected-access
+  np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in m1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.extras), jax.tree.leaves(state1.extras)):  # memory
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-4)
+
+
 def test_nonfinite_step_is_skipped_not_applied(engine1, batches):
   engine = engine1
   state = engine.init_state(jax.random.PRNGKey(0))

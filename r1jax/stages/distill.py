@@ -114,6 +114,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       mesh=mesh, rules=axes.DEFAULT_RULES, tx=tx, init_params=init_params,
       loss_fn=distill_lib.distill_loss_fn(student, teacher, options, mapping),
       init_extras=dict, batch_size=batch_size, accum_steps=config.train.grad_accum_steps,
+      steps_per_call=loop_lib.steps_per_call(config),
       lr_schedule=optim.make_schedule(config.train, num_steps))
   counts = {"teacher_params": artifact_lib.count_params(src.params),
             "student_params": sum(x.size for x in jax.tree.leaves(abstract["student"]))}

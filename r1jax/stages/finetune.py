@@ -575,6 +575,7 @@ def _build_engine(ctx: _Context, phase: Phase, start: int, end: int):
   engine = steps_lib.Engine(
       mesh=ctx.mesh, rules=axes.DEFAULT_RULES, tx=tx, init_params=_init_params_fn(ctx),
       init_extras=dict, batch_size=cfg.train.batch_size, accum_steps=cfg.train.grad_accum_steps,
+      steps_per_call=loop_lib.steps_per_call(cfg),
       loss_fn=classification_loss_fn(model, multi_label=multi,
                                      label_smoothing=cfg.train.label_smoothing, frozen=frozen),
       eval_loss_fn=classification_loss_fn(model, multi_label=multi),

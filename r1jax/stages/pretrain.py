@@ -235,7 +235,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       loss_fn=steps_lib.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
                                          kg_weight=config.data.kg_weight),
       init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)},
-      accum_steps=config.train.grad_accum_steps,
+      accum_steps=config.train.grad_accum_steps, steps_per_call=loop_lib.steps_per_call(config),
       lr_schedule=optim.make_schedule(config.train, num_steps))
 
   def init_state():

@@ -102,7 +102,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       loss_fn=finetune.classification_loss_fn(model, multi_label=spec.multi_label,
                                               label_smoothing=config.train.label_smoothing),
       init_extras=dict, batch_size=config.train.batch_size,
-      accum_steps=config.train.grad_accum_steps,
+      accum_steps=config.train.grad_accum_steps, steps_per_call=loop_lib.steps_per_call(config),
       lr_schedule=optim.make_schedule(config.train, num_steps))
 
   def init_state():

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
 import jax
+import numpy as np
 
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import metrics as metrics_lib
@@ -122,7 +123,7 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
   loop = loop_state or LoopState()
   step = int(jax.device_get(state.step)) if start_step is None else start_step
   last_ckpt = checkpointer.latest_step()
-  pending: list[tuple[int, Any]] = []
+  pending: list[tuple[int, int, Any]] = []  # (last step, steps in the call, metrics)
   watcher = ckpt_lib.PreemptionWatcher(options.sigterm_grace_secs)
   bar = metrics_lib.ProgressBar(options.num_steps, initial=step, enabled=options.progress_bar)
   get_data_state = getattr(train_iter, "get_state", None)
@@ -130,29 +131,34 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
   clock = None          # throughput clock: starts once the first step (compilation) is done
   clock_steps = clock_tokens = 0
   process_count = jax.process_count()
+  per_call = max(1, getattr(engine, "steps_per_call", 1))
 
   def flush() -> None:
     """Fetches pending step metrics; NaN/inf check; sums into the log window."""
     if not pending:
       return
-    fetched = jax.device_get([m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      if float(m["nonfinite"][0]) > 0:
-        if not options.skip_nonfinite:
-          checkpointer.wait()
-          good = checkpointer.latest_step()
-          where = (f"the last good checkpoint is step {good} in {checkpointer.directory} (rerunning "
-                   f"resumes from it)" if good is not None else "no checkpoint was saved yet")
-          raise NonFiniteError(
-              f"Non-finite loss or gradient at step {s} (loss={float(m['loss'][0])}, "
-              f"grad_norm={float(m['grad_norm'][0])}); the update was not applied and {where}. "
-              f"Lower train.learning_rate, check the data, or set train.skip_nonfinite=True.")
-        loop.nonfinite_skips += 1
-        logging.warning("Skipped step %d: non-finite loss/gradient (%d skipped so far).", s,
-                        loop.nonfinite_skips)
-        continue
-      _add_to_window(loop.window, {k: v for k, v in m.items() if k != "nonfinite"})
-      loop.window_steps += 1
+    fetched = jax.device_get([m for _, _, m in pending])
+    for (last, n, _), m_call in zip(pending, fetched):
+      for i in range(n):
+        s = last - n + 1 + i
+        m = m_call if n == 1 else jax.tree.map(lambda x, i=i: x[i], m_call)
+        if float(m["nonfinite"][0]) > 0:
+          if not options.skip_nonfinite:
+            checkpointer.wait()
+            good = checkpointer.latest_step()
+            where = (f"the last good checkpoint is step {good} in {checkpointer.directory} "
+                     f"(rerunning resumes from it)" if good is not None else
+                     "no checkpoint was saved yet")
+            raise NonFiniteError(
+                f"Non-finite loss or gradient at step {s} (loss={float(m['loss'][0])}, "
+                f"grad_norm={float(m['grad_norm'][0])}); the update was not applied and {where}. "
+                f"Lower train.learning_rate, check the data, or set train.skip_nonfinite=True.")
+          loop.nonfinite_skips += 1
+          logging.warning("Skipped step %d: non-finite loss/gradient (%d skipped so far).", s,
+                          loop.nonfinite_skips)
+          continue
+        _add_to_window(loop.window, {k: v for k, v in m.items() if k != "nonfinite"})
+        loop.window_steps += 1
     pending.clear()
 
   def save(eval_loss: float | None = None) -> None:
@@ -164,33 +170,47 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
 
   try:
     while step < options.num_steps and not loop.stopped_early:  # (a restored run may have stopped)
-      try:
-        batch = next(train_iter)
-      except StopIteration:
+      # Several steps per call only where no log/eval/checkpoint point falls inside the call.
+      want = per_call if _steps_to_next_event(step, options, evaluate is not None) >= per_call else 1
+      batches = []
+      for _ in range(want):
+        try:
+          batches.append(next(train_iter))
+        except StopIteration:
+          break
+      if not batches:
         logging.warning("Training data ran out at step %d of %d; stopping.", step, options.num_steps)
         break
-      state, metrics = engine.train_step(state, batch)
-      step += 1
-      pending.append((step, metrics))
+      if len(batches) > 1 and len(batches) == per_call:
+        state, metrics = engine.train_steps(state, batches)
+        step += len(batches)
+        pending.append((step, len(batches), metrics))
+      else:  # one step, or the data ran out part-way through a call: the rest one at a time
+        for batch in batches:
+          state, metrics = engine.train_step(state, batch)
+          step += 1
+          pending.append((step, 1, metrics))
       if clock is None:
         jax.block_until_ready(metrics)
         clock = time.time()
       else:
-        clock_steps += 1
-        clock_tokens += options.tokens_per_step or steps_lib.tokens_in(batch) * process_count
+        clock_steps += len(batches)
+        clock_tokens += sum(options.tokens_per_step or steps_lib.tokens_in(b) * process_count
+                            for b in batches)
       is_last = step == options.num_steps
       is_log = step % options.log_every == 0 or is_last
       is_eval = evaluate is not None and (is_last or (options.eval_every and
                                                       step % options.eval_every == 0))
       is_ckpt = step % options.checkpoint_every == 0 or is_last
       preempt = watcher.should_stop(step)
-      if is_log or is_eval or is_ckpt or preempt or len(pending) >= options.max_pending:
+      if (is_log or is_eval or is_ckpt or preempt or
+          sum(n for _, n, _ in pending) >= options.max_pending):
         flush()
 
       if is_log and loop.window_steps:
         record = steps_lib.normalize(loop.window)
         if "learning_rate" in loop.window:  # report the current rate, not the window mean
-          record["learning_rate"] = float(jax.device_get(metrics["learning_rate"][0]))
+          record["learning_rate"] = float(np.ravel(jax.device_get(metrics["learning_rate"][0]))[-1])
         elapsed = time.time() - clock if clock else 0.0
         if elapsed > 0 and clock_steps:
           record["tokens_per_sec"] = clock_tokens / elapsed
@@ -247,6 +267,42 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
     writer.flush()
   return FitResult(state=state, loop=loop, step=step, wall_secs=time.time() - started,
                    last_checkpoint=last_ckpt)
+
+
+def _steps_to_next_event(step: int, options: LoopOptions, evaluates: bool) -> int:
+  """Steps from `step` to the next log, eval, checkpoint point or the end (>= 1)."""
+  periods = [options.log_every, options.checkpoint_every]
+  if evaluates and options.eval_every:
+    periods.append(options.eval_every)
+  return min([options.num_steps - step] + [p - step % p for p in periods if p > 0])
+
+
+MAX_AUTO_STEPS_PER_CALL = 8
+
+
+def steps_per_call(config: Any, platform: str | None = None) -> int:
+  """Optimizer steps per jitted call for a stage: `train.steps_per_call`, or the automatic choice.
+
+  Automatic (0): on CPU the largest n <= 8 that divides the log, eval and checkpoint periods, so a
+  call never straddles one of them (XLA:CPU maps and page-faults its scratch buffer afresh at every
+  call; n steps per call pay that once: +20-35% tokens/s for the small model, bench/NOTES.md change
+  20); elsewhere 1 (a GPU or TPU step does not pay it, and a GPU while loop may sync per trip).
+  """
+  requested = int(config.train.get("steps_per_call", 0))
+  if requested < 0:
+    raise ValueError(f"train.steps_per_call={requested}: use a positive number of optimizer steps "
+                     f"per jitted call, or 0 to choose automatically.")
+  if requested:
+    return requested
+  if (platform or jax.default_backend()) != "cpu":
+    return 1
+  periods = [config.train.log_every_steps, config.checkpoint.every_steps]
+  if "eval" in config and config.eval.every_steps > 0:
+    periods.append(config.eval.every_steps)
+  common = math.gcd(*[int(p) for p in periods if p > 0])
+  if common == 0:
+    return MAX_AUTO_STEPS_PER_CALL
+  return max(n for n in range(1, MAX_AUTO_STEPS_PER_CALL + 1) if common % n == 0)
 
 
 # ------------------------------------------------------------------------------------------------

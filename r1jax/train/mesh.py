@@ -39,9 +39,12 @@ def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over data x fsdp; other axes replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, *, stacked: bool = False) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp; other axes replicated.
+
+  `stacked`: `[n_steps, B, ...]` arrays (several steps' batches): the rows axis is split instead.
+  """
+  return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,17 +76,21 @@ def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]]):
   return axes.activation_sharding(mesh, rules)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, *,
+                 stacked: bool = False) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays split over the batch axes.
 
   Every process passes its own `[B / process_count, ...]` rows, in process order, so the global
   batch is the concatenation over processes. On one process this is a plain sharded device_put.
+  `stacked`: leaves are `[n_steps, B / process_count, ...]` (several steps' batches, see
+  `steps.Engine.train_steps`); the step axis stays whole and the rows are split as above.
   """
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, stacked=stacked)
   n = jax.process_count()
+  rows = 1 if stacked else 0
 
   def one(x):
     x = np.asarray(x)
-    global_shape = (x.shape[0] * n,) + x.shape[1:]
+    global_shape = x.shape[:rows] + (x.shape[rows] * n,) + x.shape[rows + 1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree.map(one, local_batch)
