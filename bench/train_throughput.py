@@ -7,10 +7,12 @@ r"""Training throughput of r1jax next to the PyTorch stacks users would otherwis
 Every row is measured in the same run:
 
 * the machine's ceiling: the best large float32 and bfloat16 matmul through JAX, in FLOP/s;
-* r1jax MLM+NSP training steps through the engine's real jitted step (`steps.Engine.train_step`:
-  loss, gradients, clipping, AdamW, NaN guard), bidirectional Transformer-XL with memory off
+* r1jax MLM+NSP training steps through the engine's real jitted steps (`steps.Engine`: loss,
+  gradients, clipping, AdamW, NaN guard), bidirectional Transformer-XL with memory off
   (mem_len 0, the same work as BERT) and on (mem_len 128), at the small size, and the base variant
-  for a short run: tokens/s, MFU, peak memory, compile time;
+  for a short run: tokens/s, MFU, peak memory, compile time. Like `r1jax.main`, they run
+  `train.steps_per_call` optimizer steps per jitted call (`Engine.train_steps`, its automatic
+  choice for configs/pretrain.py: 5 on CPU); one more row runs one step per call;
 * HuggingFace PyTorch `BertForPreTraining` (MLM+NSP) at the same size and batch, trained the usual
   way (AdamW, clipping at 1.0);
 * a plain Flax BERT (nn.Dense, nn.MultiHeadDotProductAttention, MLM logits at every position)
@@ -25,12 +27,14 @@ Method. Each peer runs in its own process, pinned to the same `--threads` cores
 XLA's CPU client sizes its intra-op pool from the same affinity mask, so every peer computes with
 exactly `threads` threads. The processes of one comparison (r1jax memory off / HF BERT / r1jax
 memory on, then r1jax LM / HF TransfoXL) are started one after the other, each doing its warm-up
-steps alone (the first r1jax step includes compilation: compile time = first step - median step),
-and then take their timed steps in lockstep: one step of each in turn, never two at once. On a
-shared machine every peer's steps thus sit next to each other in time and see the same background
-load. Figures are medians of the timed steps. Peak memory is each process's resident-set high-water
-mark (`ru_maxrss`) minus its resident set after imports and runtime start-up, i.e. what building
-the model and training adds (compilation included for JAX), measured the same way for every peer.
+steps alone (the first r1jax call includes compilation: compile time = first call - its steps x
+median step), and then take their timed steps in lockstep: one timed call of each in turn (one
+step, or one jitted call of several steps, its time divided by their number), never two at once.
+On a shared machine every peer's steps thus sit next to each other in time and see the same
+background load. Figures are medians of the timed steps. Peak memory is each process's
+resident-set high-water mark (`ru_maxrss`) minus its resident set after imports and runtime
+start-up, i.e. what building the model and training adds (compilation included for JAX), measured
+the same way for every peer.
 MFU = the model's training FLOPs (`r1jax.train.metrics.pretrain_flops_per_step`: attention over
 memory + segment counted in full, not halved) / the float32 matmul ceiling sampled in the same
 process before, between and after its timed steps.
@@ -122,6 +126,16 @@ def lm_batches(rng: np.random.RandomState, n: int, *, batch: int, seq_len: int, 
                reset_memory=np.zeros(batch, bool)) for i in range(n)]
 
 
+def _pretrain_config() -> Any:
+  """configs/pretrain.py's default config (its log/eval/checkpoint periods set steps_per_call)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_pretrain_config",
+                                                os.path.join(REPO, "configs", "pretrain.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 class Ceiling:
   """Best matmul FLOP/s of this process, sampled several times (median of the samples' bests)."""
 
@@ -166,6 +180,7 @@ class R1jaxTrainer:
     from r1jax.model import transformer_xl as txl  # pylint: disable=g-import-not-at-top
     from r1jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     from r1jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    from r1jax.train import loop as loop_lib  # pylint: disable=g-import-not-at-top
     from r1jax.train import optim  # pylint: disable=g-import-not-at-top
     from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
     self._jax, self._steps = jax, steps_lib
@@ -191,15 +206,19 @@ class R1jaxTrainer:
     # LM mode: the engine's causal LM loss, logits made LM_CHUNK positions at a time.
     loss_fn = (steps_lib.pretrain_loss_fn(model) if self.mode == "mlm"
                else steps_lib.causal_lm_loss_fn(model, chunk_size=min(LM_CHUNK, seq_len)))
+    # Optimizer steps per jitted call: what `r1jax.main --config=configs/pretrain.py` picks on
+    # this platform (loop.steps_per_call), unless the row fixes it.
+    per_call = spec.get("engine_steps_per_call") or loop_lib.steps_per_call(
+        _pretrain_config(), jax.default_backend())
     self.engine = steps_lib.Engine(
         mesh=mesh, rules=axes.DEFAULT_RULES, loss_fn=loss_fn, tx=tx, init_params=init_params,
         init_extras=lambda: {"memory": txl.init_memory(cfg, batch)}, batch_size=batch,
-        lr_schedule=optim.make_schedule(train_cfg, 1000))
+        lr_schedule=optim.make_schedule(train_cfg, 1000), steps_per_call=per_call)
     rng = np.random.RandomState(0)
     if self.mode == "mlm":
       self.batches = mlm_batches(rng, 4, batch=batch, seq_len=seq_len, vocab=cfg.vocab_size)
     else:  # consecutive segments, so the memory carries real context
-      self.batches = lm_batches(rng, spec["warmup"] + spec["steps"], batch=batch,
+      self.batches = lm_batches(rng, (spec["warmup"] + spec["steps"]) * per_call, batch=batch,
                                 seq_len=seq_len, vocab=cfg.vocab_size)
     # The LM head (= the MLM head) runs on all Q positions in LM mode.
     self.flops_per_step = metrics_lib.pretrain_flops_per_step(
@@ -209,20 +228,31 @@ class R1jaxTrainer:
     self.metrics = None
     self.i = 0
     self.steps_per_call = int(spec.get("steps_per_call", 1))
+    self.first_steps = 0
 
   def step(self) -> int:
-    """`steps_per_call` training steps, dispatched back to back, then one wait; returns how many.
+    """One timed sample, then one wait; returns how many training steps it ran.
 
-    One step per call (the CPU rows) keeps peers in lockstep. On a GPU a wait after every step
+    With the engine's steps_per_call = n > 1 (the CPU rows by default), a sample is one jitted
+    call of n steps (`Engine.train_steps`), as `r1jax.main`'s loop runs them. Otherwise it is
+    `steps_per_call` single-step calls dispatched back to back: on a GPU a wait after every step
     would leave the device idle while the host dispatches the next one, which no training loop
     does (r1jax's loop only fetches metrics at log steps), so the GPU rows time a few at a time.
     """
-    n = 1 if self.i == 0 else self.steps_per_call  # the first call (compilation) runs one step
-    for _ in range(n):
-      self.state, self.metrics = self.engine.train_step(
-          self.state, self.batches[self.i % len(self.batches)])
-      self.i += 1
+    k = self.engine.steps_per_call
+    if k > 1:
+      n = k
+      self.state, self.metrics = self.engine.train_steps(
+          self.state, [self.batches[(self.i + j) % len(self.batches)] for j in range(k)])
+      self.i += k
+    else:
+      n = 1 if self.i == 0 else self.steps_per_call  # the first call (compilation) runs one step
+      for _ in range(n):
+        self.state, self.metrics = self.engine.train_step(
+            self.state, self.batches[self.i % len(self.batches)])
+        self.i += 1
     self._jax.block_until_ready(self.metrics)
+    self.first_steps = self.first_steps or n
     return n
 
   def profile(self, out_dir: str, steps: int = 3) -> dict[str, Any]:
@@ -241,7 +271,10 @@ class R1jaxTrainer:
     return self.ceiling.sample()
 
   def summary(self, times: Sequence[float], first_s: float) -> dict[str, Any]:
-    final = self._steps.normalize(self._jax.device_get(self.metrics))
+    metrics = self._jax.device_get(self.metrics)
+    if self.engine.steps_per_call > 1:  # each step's metrics stacked: the last step's
+      metrics = self._jax.tree.map(lambda x: x[-1], metrics)
+    final = self._steps.normalize(metrics)
     if not math.isfinite(final["loss"]):
       raise FloatingPointError(f"r1jax {self.mode} loss is {final['loss']}")
     median = statistics.median(times)
@@ -252,7 +285,9 @@ class R1jaxTrainer:
       extra["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
     from r1jax import host_memory  # pylint: disable=g-import-not-at-top
     return dict(**extra, attention_impl=self.cfg.attention_impl, host_malloc=host_memory.status(),
-                steps_per_call=self.steps_per_call, compile_s=max(first_s - median, 0.0),
+                steps_per_call=self.steps_per_call,
+                engine_steps_per_call=self.engine.steps_per_call,
+                compile_s=max(first_s - self.first_steps * median, 0.0),
                 flops_per_step=self.flops_per_step,
                 achieved_flops=self.flops_per_step / median, ceiling_flops=self.ceiling.value,
                 ceiling_samples=self.ceiling.samples,
@@ -697,8 +732,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--threads", type=int, default=0,
                  help="compute threads (= pinned cores) for every peer; 0 = all available cores")
-  p.add_argument("--steps", type=int, default=10, help="timed steps per peer (medians)")
-  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX: compilation)")
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed calls per peer (medians; an r1jax call may run several steps)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls first (JAX: compilation)")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--mem-len", type=int, default=128, help="memory length of the memory-on rows")
@@ -766,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return dict(common, mode=mode, variant=variant, ceiling_sizes=sizes,
                 model=dict(size, dropout=DROPOUT, dropatt=DROPATT, mem_len=mem_len, **extra))
 
-  res = dict.fromkeys(("mlm_off", "bert", "flax_bert", "mlm_on", "mlm_keep", "lm", "txl"))
+  res = dict.fromkeys(("mlm_off", "bert", "flax_bert", "mlm_on", "mlm_one", "lm", "txl"))
   ceiling = base = None
   if not args.gpu_only:
     ceiling, base = _cpu_rows(args, res, r1jax, common, size, sizes)
@@ -791,8 +827,8 @@ def _cpu_rows(args, res, r1jax, common, size, sizes):
   mlm_peers += [("bert", "hf_bert", dict(common, size=size))] if hf else []
   mlm_peers += [("flax_bert", "flax_bert", dict(common, size=size, ceiling_sizes=sizes))]
   mlm_peers += [("mlm_on", "r1jax", r1jax("mlm", args.mem_len))]
-  # The opt-in allocator setting (r1jax/host_memory.py): faster, more resident memory.
-  mlm_peers += [("mlm_keep", "r1jax", dict(r1jax("mlm", 0), env={"R1JAX_HOST_MALLOC": "keep"}))]
+  # One optimizer step per jitted call (train.steps_per_call=1): what the CPU rows gain from n.
+  mlm_peers += [("mlm_one", "r1jax", dict(r1jax("mlm", 0), engine_steps_per_call=1))]
   lm_peers = [("lm", "r1jax", r1jax("lm", args.mem_len))]
   lm_peers += [("txl", "hf_transfo_xl", dict(common, size=size, mem_len=args.mem_len))] if hf else []
   res.update(measure_lockstep(mlm_peers, steps=args.steps, cpus=cpus))
@@ -834,7 +870,7 @@ def run_gpu_section(args: argparse.Namespace) -> dict[str, Any]:
       label = f"gpu_{impl}_b{batch}"
       spec = dict(mode="mlm", variant="tiny" if args.toy else "base", batch=batch, seq_len=seq,
                   model=model, warmup=2, steps=steps, ceiling_dtype="bfloat16",
-                  steps_per_call=args.gpu_steps_per_call,
+                  steps_per_call=args.gpu_steps_per_call, engine_steps_per_call=1,
                   ceiling_sizes=(128, 256) if args.toy else (8192, 16384))
       try:
         result = measure_lockstep([(label, "r1jax", spec)], steps=steps, cpus=args.cpus,
@@ -885,12 +921,11 @@ def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
       "ratio_mem_on_vs_hf_bert": r(_ratio(res["mlm_on"], res["bert"], "tokens_per_s")),
       "ratio_vs_hf_transfo_xl": r(_ratio(res["lm"], res["txl"], "tokens_per_s")),
       "mfu_small": get("mlm_off", "mfu"), "mfu_small_mem": get("mlm_on", "mfu"),
-      "r1jax_mlm_host_malloc_keep_tokens_per_s": get("mlm_keep", "tokens_per_s"),
-      "mfu_small_host_malloc_keep": get("mlm_keep", "mfu"),
-      "ratio_host_malloc_keep_vs_hf_bert": r(_ratio(res["mlm_keep"], res["bert"], "tokens_per_s")),
-      "peak_memory_mib_r1jax_host_malloc_keep": get("mlm_keep", "peak_rss_mib"),
-      "peak_memory_ratio_host_malloc_keep_vs_hf_bert": r(
-          _ratio(res["mlm_keep"], res["bert"], "peak_rss_mib")),
+      "steps_per_call": (res["mlm_off"] or {}).get("engine_steps_per_call"),
+      "r1jax_mlm_one_step_per_call_tokens_per_s": get("mlm_one", "tokens_per_s"),
+      "mfu_small_one_step_per_call": get("mlm_one", "mfu"),
+      "ratio_one_step_per_call_vs_hf_bert": r(_ratio(res["mlm_one"], res["bert"], "tokens_per_s")),
+      "peak_memory_mib_r1jax_one_step_per_call": get("mlm_one", "peak_rss_mib"),
       "flax_bert_tokens_per_s": get("flax_bert", "tokens_per_s"),
       "mfu_flax_bert": get("flax_bert", "mfu"),
       "ratio_vs_flax_bert": r(_ratio(res["mlm_off"], res["flax_bert"], "tokens_per_s")),
@@ -951,9 +986,8 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
                f"r1jax {vs('ratio_vs_flax_bert', 'tokens/s')}".strip()))
     print(_row(f"r1jax MLM+NSP, memory on (mem_len {m})", res["mlm_on"],
                vs("ratio_mem_on_vs_hf_bert", "HF BERT tokens/s")))
-    print(_row("r1jax MLM+NSP, memory off, R1JAX_HOST_MALLOC=keep", res["mlm_keep"],
-               f"{vs('ratio_host_malloc_keep_vs_hf_bert', 'tokens/s')}, "
-               f"{vs('peak_memory_ratio_host_malloc_keep_vs_hf_bert', 'memory')}".strip(", ")))
+    print(_row("r1jax MLM+NSP, memory off, one step per call", res["mlm_one"],
+               vs("ratio_one_step_per_call_vs_hf_bert", "HF BERT tokens/s")))
     print(_row(f"r1jax causal LM, mem_len {m}", res["lm"],
                f"{vs('ratio_vs_hf_transfo_xl', 'tokens/s')}, "
                f"{vs('peak_memory_ratio_vs_hf_transfo_xl', 'memory')}".strip(", ")))
@@ -983,14 +1017,16 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
     sizes = "128, 256" if args.toy else "1024, 2048"
     print(f"CPU rows: {len(args.cpus)} threads for every peer, float32, batch {b}, sequence {q}, "
           f"d_model {size['d_model']}, {size['n_layer']} layers, {size['n_head']} heads, vocab "
-          f"{size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed steps per peer, "
-          f"peers alternating step by step, after {args.warmup} warm-up steps. Matmul ceiling "
+          f"{size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed calls per peer, "
+          f"peers alternating call by call, after {args.warmup} warm-up calls. Matmul ceiling "
           f"through JAX (best of n = {sizes}): float32 {ceiling['float32'] / 1e9:,.0f} GFLOP/s, "
           f"bfloat16 {ceiling['bfloat16'] / 1e9:,.0f} GFLOP/s. MFU: model training FLOPs / the "
           "float32 ceiling sampled in the same process (r1jax MLM memory-off process: "
           f"{res['mlm_off']['ceiling_flops'] / 1e9:,.0f} GFLOP/s). Peak memory: ru_maxrss minus "
-          "the resident set after imports, per process. Host allocator (r1jax/host_memory.py): "
-          "glibc defaults except in the R1JAX_HOST_MALLOC=keep row.\n", flush=True)
+          "the resident set after imports, per process. r1jax rows run "
+          f"{summary['steps_per_call']} optimizer steps per jitted call (train.steps_per_call's "
+          "automatic choice for configs/pretrain.py on CPU) except the one-step-per-call row; "
+          "host allocator: glibc defaults.\n", flush=True)
 
 
 if __name__ == "__main__":

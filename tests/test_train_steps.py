@@ -129,7 +129,8 @@ def test_several_steps_in_one_call_match_one_call_each(single, batches):
     m = jax.device_get(m)
     assert m["loss"][0].shape == (2,)  # each step's metrics, stacked
     metrics += [steps.normalize(jax.tree.map(lambda x, i=i: x[i], m)) for i in range(2)]
-  assert int(state.step) == 4 and engine._train_many._cache_size() == 1  # pylint: disable=protected-access
+  assert int(state.step) == 4
+  assert engine._train_many._cache_size() == 1  # pylint: disable=protected-access
   np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in m1], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state1.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

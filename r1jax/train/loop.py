@@ -171,7 +171,8 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
   try:
     while step < options.num_steps and not loop.stopped_early:  # (a restored run may have stopped)
       # Several steps per call only where no log/eval/checkpoint point falls inside the call.
-      want = per_call if _steps_to_next_event(step, options, evaluate is not None) >= per_call else 1
+      room = _steps_to_next_event(step, options, evaluate is not None)
+      want = per_call if room >= per_call else 1
       batches = []
       for _ in range(want):
         try:
