@@ -35,7 +35,7 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
 def _command(workdir: str, tokenizer: str, num_steps: int) -> list[str]:
   return [sys.executable, "-m", "r1jax.main", f"--config={CONFIG}:variant=tiny",
           f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer}",
-          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=1",
+          f"--config.train.num_steps={num_steps}", "--config.train.log_every_steps=3",
           "--config.train.warmup_steps=1", "--config.train.progress_bar=False",
           "--config.eval.every_steps=3", "--config.eval.num_batches=2",
           "--config.checkpoint.every_steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
@@ -55,6 +55,9 @@ def _run_two_processes(workdir: str, tokenizer: str, num_steps: int) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_share_checkpoints(tmp_path):
+  """Log, eval and checkpoint every 3 steps: the loop runs steps 1-3 and 4-6 as one jitted call
+  each (train.steps_per_call's automatic choice), so the stacked batches are assembled across
+  processes too; the continued run's steps 7 and 8 are single calls."""
   tokenizer = str(tmp_path / "tokenizer.model")
   tokenizer_lib.Tokenizer.train(builtin.texts("general"), 1000).save(tokenizer)
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
@@ -82,5 +85,6 @@ def test_two_processes_match_one_and_share_checkpoints(tmp_path):
   with open(os.path.join(multi, "summary.json")) as f:
     summary = json.load(f)
   assert summary["resumed_from_step"] == 6 and summary["step"] == 8
+  assert summary["steps_per_call"] == 3
   steps = [r["step"] for r in metrics.read_metrics(multi, "train")]
-  assert steps == list(range(1, 9))
+  assert steps == [3, 6, 8]

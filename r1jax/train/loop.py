@@ -132,6 +132,9 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
   clock_steps = clock_tokens = 0
   process_count = jax.process_count()
   per_call = max(1, getattr(engine, "steps_per_call", 1))
+  if per_call > 1:
+    logging.info("Running up to %d optimizer steps per jitted call (train.steps_per_call; calls "
+                 "stop at every log, eval and checkpoint step).", per_call)
 
   def flush() -> None:
     """Fetches pending step metrics; NaN/inf check; sums into the log window."""
@@ -378,6 +381,7 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       "best_eval": ({"loss": loop.best_eval_loss, "step": loop.best_step}
                     if loop.best_step is not None else None),
       "nonfinite_skips": loop.nonfinite_skips,
+      "steps_per_call": getattr(engine, "steps_per_call", 1),
       "peak_flops": peak,
       "peak_flops_source": peak_source,
       "checkpoint": os.path.join(workdir, "checkpoints", str(result.last_checkpoint)),
