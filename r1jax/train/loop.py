@@ -125,16 +125,16 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
   last_ckpt = checkpointer.latest_step()
   pending: list[tuple[int, int, Any]] = []  # (last step, steps in the call, metrics)
   watcher = ckpt_lib.PreemptionWatcher(options.sigterm_grace_secs)
+  per_call = max(1, getattr(engine, "steps_per_call", 1))
+  if per_call > 1:
+    logging.info("Running up to %d optimizer steps per jitted call (train.steps_per_call; calls "
+                 "stop at every log, eval and checkpoint step).", per_call)
   bar = metrics_lib.ProgressBar(options.num_steps, initial=step, enabled=options.progress_bar)
   get_data_state = getattr(train_iter, "get_state", None)
   started = time.time()
   clock = None          # throughput clock: starts once the first step (compilation) is done
   clock_steps = clock_tokens = 0
   process_count = jax.process_count()
-  per_call = max(1, getattr(engine, "steps_per_call", 1))
-  if per_call > 1:
-    logging.info("Running up to %d optimizer steps per jitted call (train.steps_per_call; calls "
-                 "stop at every log, eval and checkpoint step).", per_call)
 
   def flush() -> None:
     """Fetches pending step metrics; NaN/inf check; sums into the log window."""
