@@ -994,7 +994,8 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
     print(_row(f"HF PyTorch TransfoXLLMHeadModel, mem_len {m}", res["txl"]))
     if base:
       print(_row(f"r1jax base variant ({base['dtype']}), batch {args.base_batch}, sequence "
-                 f"{args.base_seq_len}", base, f"{args.base_steps} timed steps"))
+                 f"{args.base_seq_len}", base,
+                 f"{args.base_steps} timed calls of {base['engine_steps_per_call']} steps"))
   if gpu and gpu.get("available"):
     for row in gpu["rows"]:
       name = (f"GPU {gpu['device']}: base, bfloat16, {row['attention_impl']} attention, batch "
