@@ -128,12 +128,8 @@ def lm_batches(rng: np.random.RandomState, n: int, *, batch: int, seq_len: int, 
 
 def _pretrain_config() -> Any:
   """configs/pretrain.py's default config (its log/eval/checkpoint periods set steps_per_call)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("_pretrain_config",
-                                                os.path.join(REPO, "configs", "pretrain.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from r1jax import configlib  # pylint: disable=g-import-not-at-top
+  return configlib.load_config(os.path.join(REPO, "configs", "pretrain.py"))
 
 
 class Ceiling:
