@@ -143,6 +143,28 @@ def test_rel_shift_matches_gather(causal):
       dist = (k_len - q_len) + i - j
       if dist >= 0 or not causal:
         assert shifted[0, i, j] == x[0, i, k_len - 1 - dist]   # column of that distance
+      else:
+        assert shifted[0, i, j] == 0                            # no column: a future key
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("q_len,k_len", [(3, 7), (5, 5), (16, 48)])
+def test_rel_shift_gradient_is_the_transpose(causal, q_len, k_len):
+  # rel_shift's custom VJP (the opposite skew) against autodiff of a gather formulation.
+  p_len = k_len if causal else k_len + q_len - 1
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 3, q_len, p_len)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 3, q_len, k_len)), jnp.float32)
+
+  def reference(x):
+    col = np.arange(k_len)[None, :] + q_len - 1 - np.arange(q_len)[:, None]   # [Q, K]
+    index = np.broadcast_to(np.minimum(col, p_len - 1), x.shape[:-1] + (k_len,))
+    return jnp.where(col < p_len, jnp.take_along_axis(x, jnp.asarray(index), axis=-1), 0.0)
+
+  out, vjp = jax.vjp(lambda x: txl.rel_shift(x, k_len), x)
+  ref_out, ref_vjp = jax.vjp(reference, x)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+  np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]))
 
 
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
@@ -455,3 +477,17 @@ def test_attention_impl_choice():
 def test_package_exports():
   assert r1model.TransformerXL is txl.TransformerXL
   assert r1model.get_variant("tiny") == txl.get_variant("tiny")
+
+
+@pytest.mark.parametrize("n_types", [1, 2, 3, 6])
+def test_token_type_embedding_equals_lookup(n_types):
+  # The select chain (T <= 4) and the one-hot product (T > 4): values and table gradient of a
+  # plain lookup.
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.standard_normal((n_types, 8)), jnp.float32)
+  types = jnp.asarray(rng.integers(0, n_types, (3, 5)), jnp.int32)
+  g = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)
+  out, vjp = jax.vjp(lambda t: txl._token_type_embedding(types, t), table)
+  ref_out, ref_vjp = jax.vjp(lambda t: t[types], table)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+  np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]), rtol=1e-6, atol=1e-6)
