@@ -12,7 +12,7 @@ Every row is measured in the same run:
   (mem_len 0, the same work as BERT) and on (mem_len 128), at the small size, and the base variant
   for a short run: tokens/s, MFU, peak memory, compile time. Like `r1jax.main`, they run
   `train.steps_per_call` optimizer steps per jitted call (`Engine.train_steps`, its automatic
-  choice for configs/pretrain.py: 5 on CPU); one more row runs one step per call;
+  choice for configs/pretrain.py: 10 on CPU); one more row runs one step per call;
 * HuggingFace PyTorch `BertForPreTraining` (MLM+NSP) at the same size and batch, trained the usual
   way (AdamW, clipping at 1.0);
 * a plain Flax BERT (nn.Dense, nn.MultiHeadDotProductAttention, MLM logits at every position)

@@ -126,7 +126,7 @@ def train_section(**values: Any) -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,      # global-norm clipping; 0 disables
       label_smoothing=0.0,
       grad_accum_steps=1,      # micro-batches per optimizer step (batch_size must divide evenly)
-      steps_per_call=0,        # optimizer steps per jitted call (lax.scan); 0 = auto (CPU: <= 8)
+      steps_per_call=0,        # optimizer steps per jitted call (lax.scan); 0 = auto (CPU: <= 16)
       skip_nonfinite=False,    # False: stop at a NaN/inf step; True: skip it and count skips
       log_every_steps=10,
       peak_flops=0.0,          # accelerator peak FLOP/s for MFU (all devices); 0 = table/measure

@@ -32,9 +32,9 @@ def test_toy_run_prints_table_and_json():
   assert summary["r1jax_mlm_tokens_per_s"] > 0 and summary["r1jax_lm_mem_tokens_per_s"] > 0
   assert summary["ceiling_f32_flops"] > 1e8
   assert summary["ratio_vs_hf_bert"] is None  # peers skipped: no ratio made up
-  # r1jax rows run the loop's automatic steps per call (CPU: 5 for configs/pretrain.py), and one
+  # r1jax rows run the loop's automatic steps per call (CPU: 10 for configs/pretrain.py), and one
   # more row runs one step per call.
-  assert summary["steps_per_call"] == 5
+  assert summary["steps_per_call"] == 10
   assert "| r1jax MLM+NSP, memory off, one step per call |" in stdout
   assert summary["r1jax_mlm_one_step_per_call_tokens_per_s"] > 0
   # The plain Flax BERT reference runs without the PyTorch extra and gets its own MFU.

@@ -212,8 +212,10 @@ def _loop_config(log, ckpt, eval_every, requested=0):
 
 
 @pytest.mark.parametrize("log, ckpt, eval_every, platform, expected", [
-    (10, 500, 100, "cpu", 5),    # the default periods
-    (16, 64, 32, "cpu", 8),
+    (10, 500, 100, "cpu", 10),   # the default periods
+    (20, 200, 500, "cpu", 10),   # configs/pretrain.py
+    (16, 64, 32, "cpu", 16),
+    (48, 96, 0, "cpu", 16),      # at most MAX_AUTO_STEPS_PER_CALL
     (7, 700, 0, "cpu", 7),       # eval disabled: not a period
     (9, 500, 100, "cpu", 1),     # no common divisor above 1
     (10, 500, 100, "gpu", 1),

@@ -281,16 +281,18 @@ def _steps_to_next_event(step: int, options: LoopOptions, evaluates: bool) -> in
   return min([options.num_steps - step] + [p - step % p for p in periods if p > 0])
 
 
-MAX_AUTO_STEPS_PER_CALL = 8
+MAX_AUTO_STEPS_PER_CALL = 16
 
 
 def steps_per_call(config: Any, platform: str | None = None) -> int:
   """Optimizer steps per jitted call for a stage: `train.steps_per_call`, or the automatic choice.
 
-  Automatic (0): on CPU the largest n <= 8 that divides the log, eval and checkpoint periods, so a
+  Automatic (0): on CPU the largest n <= 16 that divides the log, eval and checkpoint periods, so a
   call never straddles one of them (XLA:CPU maps and page-faults its scratch buffer afresh at every
-  call; n steps per call pay that once: +20-35% tokens/s for the small model, bench/NOTES.md change
-  20); elsewhere 1 (a GPU or TPU step does not pay it, and a GPU while loop may sync per trip).
+  call; n steps per call pay that once: +27% tokens/s for the small model at n = 5, about 5% more
+  at n = 10, bench/NOTES.md changes 20 and 23); elsewhere 1 (a GPU or TPU step does not pay it,
+  and a GPU while loop may sync per trip). A call of n steps holds n batches and reports progress
+  once, so n stays small next to the log period.
   """
   requested = int(config.train.get("steps_per_call", 0))
   if requested < 0:
