@@ -388,7 +388,6 @@ def _skew(x: jax.Array, width: int, offset: int, slope: int) -> jax.Array:
   return flat.reshape(*lead, q, stride)[..., :width]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def rel_shift(x: jax.Array, klen: int) -> jax.Array:
   """Skews query x position scores into query x key scores.
 
@@ -402,22 +401,28 @@ def rel_shift(x: jax.Array, klen: int) -> jax.Array:
     the entries with j > (K - Q) + i have no column (distance < 0) and are 0 (the causal mask
     hides them).
   """
+  return _rel_shift(x, klen, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _rel_shift(x: jax.Array, klen: int, plen: int) -> jax.Array:
+  del plen  # x.shape[-1], static for the backward (its output width)
   return _skew(x, klen, x.shape[-2] - 1, 1)
 
 
-def _rel_shift_fwd(x, klen):
-  return rel_shift(x, klen), x.shape[-1]
+def _rel_shift_fwd(x, klen, plen):
+  return _rel_shift(x, klen, plen), None
 
 
-def _rel_shift_bwd(klen, p, g):
+def _rel_shift_bwd(klen, plen, _, g):
   # The transpose is the opposite skew (row i moves right by Q - 1 - i, zeros where no key
   # maps), written directly so that its row length is a power of two (see `_skew`); autodiff's
   # transpose of the forward ops pads with a row length of P.
   del klen
-  return (_skew(g, p, 1 - g.shape[-2], -1),)
+  return (_skew(g, plen, 1 - g.shape[-2], -1),)
 
 
-rel_shift.defvjp(_rel_shift_fwd, _rel_shift_bwd)
+_rel_shift.defvjp(_rel_shift_fwd, _rel_shift_bwd)
 
 
 def attention_pattern(qlen: int, mlen: int, config: TransformerXLConfig) -> np.ndarray:
