@@ -26,6 +26,41 @@ def test_keep_mask_rate_and_independence():
   assert np.asarray(txl.keep_mask(seeds, (1000,), 1.0)).all()
 
 
+def test_keep_mask_counts_the_flat_element_index():
+  # The per-axis sum is the row-major flat index: any shape gives the flat mask, reshaped.
+  seeds = txl.dropout_seeds(jax.random.key(5))
+  flat = np.asarray(txl.keep_mask(seeds, (4 * 8 * 32,), 0.7))
+  for shape in ((4, 8, 32), (32, 32), (4, 256), (1, 4, 1, 8, 32)):
+    np.testing.assert_array_equal(np.asarray(txl.keep_mask(seeds, shape, 0.7)).ravel(), flat)
+  assert np.asarray(txl.keep_mask(seeds, (), 1.0)).shape == ()
+  assert np.asarray(txl.keep_mask(seeds, (3, 0, 2), 0.5)).shape == (3, 0, 2)
+
+
+@pytest.mark.parametrize("activation", sorted(txl.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_activation_dropout_equals_autodiff_of_the_two(activation, dtype):
+  x = (jax.random.normal(jax.random.key(0), (4, 16, 64)) * 3).astype(dtype)
+  w = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+  seeds = txl.dropout_seeds(jax.random.key(2))
+  act = txl.ACTIVATIONS[activation]
+
+  def plain(x):
+    return jnp.sum((txl.apply_dropout(act(x), seeds, 0.8) * w).astype(jnp.float32))
+
+  def fused(x):
+    return jnp.sum((txl.activation_dropout(x, seeds, 0.8, activation) * w).astype(jnp.float32))
+
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  f32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_allclose(f32(txl.activation_dropout(x, seeds, 0.8, activation)),
+                             f32(txl.apply_dropout(act(x), seeds, 0.8)), rtol=tol, atol=tol)
+  g_plain, g_fused = f32(jax.grad(plain)(x)), f32(jax.grad(fused)(x))
+  np.testing.assert_allclose(g_fused, g_plain, rtol=tol, atol=10 * tol)
+  assert (g_fused != 0).mean() > 0.3   # the gradient is not trivially zero
+  layer = txl.Dropout(0.2)
+  np.testing.assert_array_equal(f32(layer.apply({}, x, True, activation=activation)), f32(act(x)))
+
+
 def test_keep_mask_refuses_counter_overflow():
   with pytest.raises(ValueError, match="2\\^32"):
     txl.keep_mask(jnp.zeros(2, jnp.uint32), (2 ** 16, 2 ** 16), 0.5)
