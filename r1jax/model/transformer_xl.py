@@ -579,10 +579,10 @@ def _layer_norm_fwd(x, scale, bias, eps):
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   centred = x32 - mean
-  rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-  xhat = centred * rstd
+  var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+  xhat = centred / jnp.sqrt(var + eps)
   y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(x.dtype), (xhat.astype(x.dtype), rstd, scale, bias)
+  return y.astype(x.dtype), (xhat.astype(x.dtype), jax.lax.rsqrt(var + eps), scale, bias)
 
 
 def _layer_norm_bwd(eps, res, g):
@@ -593,9 +593,11 @@ def _layer_norm_bwd(eps, res, g):
   lead = tuple(range(g.ndim - 1))
   dscale = jnp.sum(g32 * xhat, axis=lead).astype(scale.dtype)
   dbias = jnp.sum(g32, axis=lead).astype(bias.dtype)
-  gs = g32 * scale.astype(jnp.float32)
-  dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True)
-               - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+  # With -scale and -rstd, not the forward's scale and 1 / std: XLA:CPU would otherwise share the
+  # forward's [..., d] broadcasts of them with the backward and keep both as arrays until then.
+  gs = g32 * (-scale.astype(jnp.float32))
+  dx = (gs - jnp.mean(gs, axis=-1, keepdims=True)
+        - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)) * (-rstd)
   return dx.astype(g.dtype), dscale, dbias
 
 
