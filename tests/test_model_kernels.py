@@ -146,3 +146,22 @@ def test_matmul_gradients_match_the_plain_product(n_in, n_out, dtype):
   for a, b in ((v1, v2), (dx1, dx2), (dw1, dw2)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_split_head_major_equals_transpose_and_index(n):
+  x = jax.random.normal(jax.random.key(0), (2, 5, n, 3, 4))     # [B, K, n, H, D]
+  ws = [jax.random.normal(jax.random.key(i + 1), (3, 2, 5, 4)) for i in range(n)]
+
+  def plain(x):
+    t = jnp.transpose(x, (2, 3, 0, 1, 4))
+    return sum(jnp.sum(t[i] * w) for i, w in enumerate(ws))
+
+  def ours(x):
+    return sum(jnp.sum(p * w) for p, w in zip(txl._split_head_major(x), ws))
+
+  parts = txl._split_head_major(x)
+  assert len(parts) == n and all(p.shape == (3, 2, 5, 4) for p in parts)
+  for i, p in enumerate(parts):
+    np.testing.assert_array_equal(p, jnp.transpose(x[:, :, i], (2, 0, 1, 3)))
+  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)

@@ -752,6 +752,29 @@ def _project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, flat: bool = Tru
   return y.reshape(lead + out)
 
 
+@jax.custom_vjp
+def _split_head_major(x: jax.Array) -> tuple[jax.Array, ...]:
+  """[B, K, n, H, D] projections -> n head-major [H, B, K, D] arrays (q, k, v or k, v).
+
+  The same values as transposing and indexing. The custom VJP stacks the n transposed gradients
+  along axis 2; autodiff's transpose pads each gradient to [n, H, B, K, D] and adds the pads,
+  which XLA:CPU runs 2.6x slower (2.9 vs 1.1 ms for the small model's q, k, v).
+  """
+  t = jnp.transpose(x, (2, 3, 0, 1, 4))
+  return tuple(t[i] for i in range(x.shape[2]))
+
+
+def _split_head_major_fwd(x):
+  return _split_head_major(x), None
+
+
+def _split_head_major_bwd(_, grads):
+  return (jnp.stack([jnp.transpose(g, (1, 2, 0, 3)) for g in grads], axis=2),)
+
+
+_split_head_major.defvjp(_split_head_major_fwd, _split_head_major_bwd)
+
+
 class RelativeAttention(nn.Module):
   """Multi-head attention with Transformer-XL relative positions (output projection included)."""
   config: TransformerXLConfig
@@ -799,13 +822,11 @@ class RelativeAttention(nn.Module):
     head_major = (axes.ACT_HEADS, axes.BATCH, axes.LENGTH, axes.ACT_KV)
     if mlen == 0:
       # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D] -> [3, H, B, Q, D].
-      qkv = jnp.transpose(_project(x, qkv_kernel, flat=flat), (2, 3, 0, 1, 4))
-      q, k, v = qkv[0], qkv[1], qkv[2]
+      q, k, v = _split_head_major(_project(x, qkv_kernel, flat=flat))
     else:
       # Queries only for the segment's rows; keys and values for memory and segment.
       q = jnp.transpose(_project(x[:, mlen:], qkv_kernel[:, 0], flat=flat), (2, 0, 1, 3))
-      kv = jnp.transpose(_project(x, qkv_kernel[:, 1:], flat=flat), (2, 3, 0, 1, 4))
-      k, v = kv[0], kv[1]
+      k, v = _split_head_major(_project(x, qkv_kernel[:, 1:], flat=flat))
     q, k, v = (axes.constrain(t, head_major) for t in (q, k, v))               # [H, B, *, D]
     r = jnp.einsum("pd,dhn->phn", pos_emb.astype(dtype), r_kernel)            # [P, H, D]
     r = jnp.transpose(r, (1, 0, 2))                                           # [H, P, D]
