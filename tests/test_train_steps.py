@@ -1,4 +1,5 @@
 """Train/eval steps on the real PretrainModel: sharding invariance, accumulation, NaN guard, memory."""
+import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +14,7 @@ from r1jax.model import transformer_xl as txl
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
 from r1jax.train import steps
+from r1jax.train.state import TrainState
 
 B, Q, P, V = 8, 16, 3, 64
 CFG = txl.get_variant("tiny", vocab_size=V, d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64,
@@ -266,3 +268,33 @@ def test_knowledge_loss_is_added_with_its_weight():
   assert {"kg_loss", "kg_accuracy"} <= set(m)
   # The reported losses are unweighted means; the optimised loss weights the knowledge term.
   assert float(loss) == pytest.approx(m["mlm_loss"] + m["nsp_loss"] + 0.5 * m["kg_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_nonfinite_skip_keeps_params_and_moments_on_either_guard(monkeypatch, backend):
+  # The guard is a conditional except on GPU, where it is a select (no host read of the
+  # predicate); both must skip a NaN step whole and apply a finite one the same way.
+  monkeypatch.setattr(steps.jax, "default_backend", lambda: backend)
+  tx = optax.adamw(0.1)
+  params = {"w": jnp.arange(3.0), "b": jnp.ones(())}
+
+  def loss_fn(p, batch, extras, rng, deterministic):
+    del rng, deterministic
+    loss = jnp.sum((p["w"] * batch["x"] + p["b"]) ** 2)
+    return loss, ({"loss": steps.metric(loss)}, extras + 1)
+
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(0)), extras=jnp.zeros(()),
+                     nonfinite_skips=jnp.zeros((), jnp.int32))
+  step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx))
+  good, _ = step(state, {"x": jnp.ones(3)})
+  skipped, m = step(good, {"x": jnp.array([1.0, np.nan, 1.0])})
+  assert float(m["nonfinite"][0]) == 1.0 and int(skipped.nonfinite_skips) == 1
+  for a, b in zip(jax.tree.leaves((skipped.params, skipped.opt_state, skipped.extras)),
+                  jax.tree.leaves((good.params, good.opt_state, good.extras))):
+    np.testing.assert_array_equal(a, b)
+  again, _ = step(skipped, {"x": jnp.ones(3)})
+  expect, _ = step(good, {"x": jnp.ones(3)})
+  np.testing.assert_allclose(again.params["w"], expect.params["w"], rtol=1e-6)
+  assert not np.allclose(again.params["w"], good.params["w"])
+  assert float(again.extras) == 2.0
