@@ -165,3 +165,28 @@ def test_split_head_major_equals_transpose_and_index(n):
   for i, p in enumerate(parts):
     np.testing.assert_array_equal(p, jnp.transpose(x[:, :, i], (2, 0, 1, 3)))
   np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_decoder_equals_einsum(monkeypatch, backend, dtype):
+  from r1jax.model import heads  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(heads.jax, "default_backend", lambda: backend)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(dtype)
+  emb = jax.random.normal(jax.random.key(1), (40, 16)).astype(dtype)
+  bias = jax.random.normal(jax.random.key(2), (40,))
+  w = jax.random.normal(jax.random.key(3), (2, 5, 40))
+
+  def ours(x, emb, bias):
+    return jnp.sum(heads._decode(x, emb, bias) * w)
+
+  def plain(x, emb, bias):
+    logits = jnp.einsum("bpd,vd->bpv", x, emb, preferred_element_type=jnp.float32) + bias
+    return jnp.sum(logits * w)
+
+  assert heads._decode(x, emb, bias).dtype == jnp.float32
+  np.testing.assert_allclose(ours(x, emb, bias), plain(x, emb, bias), rtol=1e-5)
+  for a, b in zip(jax.grad(ours, (0, 1, 2))(x, emb, bias), jax.grad(plain, (0, 1, 2))(x, emb, bias)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+                               atol=1e-5)
