@@ -839,10 +839,8 @@ class RelativeAttention(nn.Module):
                              preferred_element_type=jnp.float32)
     bd = bd.reshape(q.shape[:3] + (r.shape[1],))                              # [H, B, Q, P]
     bd = rel_shift(bd, klen)                                                  # [H, B, Q, K]
-    # The mask as an added bias (0 or MASK_VALUE), not a select: XLA:CPU then fuses the content
-    # product, the mask and the softmax into one YNNPACK fusion.
-    mask_bias = jnp.where(jnp.swapaxes(allowed, 0, 1), 0.0, MASK_VALUE)         # [1, B, Q, K]
-    scores = (ac + bd) * (1.0 / math.sqrt(dh)) + mask_bias
+    scores = (ac + bd) * (1.0 / math.sqrt(dh))
+    scores = jnp.where(jnp.swapaxes(allowed, 0, 1), scores, MASK_VALUE)
     probs = softmax(scores).astype(dtype)
     probs = Dropout(cfg.dropatt)(probs, deterministic=deterministic)
     out = jnp.einsum("hbqk,hbkn->hbqn", probs, v)                             # [H, B, Q, D]
