@@ -599,6 +599,15 @@ def measure_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
 # Orchestration (parent side).
 
 
+def choose_cpus(parser: argparse.ArgumentParser, threads: int) -> list[int]:
+  """The first `threads` cores this process may use (all of them for 0); else a parser error."""
+  available = sorted(os.sched_getaffinity(0))
+  if threads < 0 or threads > len(available):
+    parser.error(f"--threads={threads}: this process may use {len(available)} cores "
+                 f"({available}); choose 1..{len(available)} or 0 for all")
+  return available[:threads] if threads else available
+
+
 def _worker_env(threads: int, platform: str) -> dict[str, str]:
   env = dict(os.environ)
   # Our own XLA settings: drop any forced host device count (one CPU device, all its threads).
@@ -773,11 +782,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                "gpu_steps_per_call"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-  available = sorted(os.sched_getaffinity(0))
-  if args.threads < 0 or args.threads > len(available):
-    p.error(f"--threads={args.threads}: this process may use {len(available)} cores "
-            f"({available}); choose 1..{len(available)} or 0 for all")
-  args.cpus = available[:args.threads] if args.threads else available
+  args.cpus = choose_cpus(p, args.threads)
   args.gpu = args.gpu or args.gpu_only
   return args
 

@@ -85,3 +85,35 @@ def test_data_bench_runs_with_workers_and_agrees_with_pandas(tmp_path):
   sums = {r["workers"]: r["checksum"] for r in result["examples_runs"] if "checksum" in r}
   assert sums[0] == sums[1], sums
   assert "x the training step" in proc.stdout
+
+
+AB_SCRIPT = os.path.join(REPO, "bench", "ab_step.py")
+
+
+def _run_ab(*flags):
+  return subprocess.run([sys.executable, AB_SCRIPT, "--toy", "--threads", "1", "--rounds", "2",
+                         *flags], capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_ab_step_alternates_variants_in_one_process():
+  proc = _run_ab("--model", "dropout=0.1,0.0")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["field"] == "dropout" and summary["threads"] == 1
+  assert list(summary["variants"]) == ["0.1", "0.0"]
+  first, second = summary["variants"]["0.1"], summary["variants"]["0.0"]
+  assert first["ratio_to_first"] == 1.0 and second["median_s"] > 0
+  assert first["loss"] != second["loss"]  # the variants really differ (dropout on / off)
+  assert "| dropout | s/step (median) |" in proc.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--model", "dropout=0.1"), "exactly one option must take several"),
+    (("--model", "dropout=0.1,0.0", "--steps-per-call", "5,10"), "got dropout, steps_per_call"),
+    (("--model", "not_a_field=1,2"), "unknown model field(s) ['not_a_field']"),
+    (("--steps-per-call", "0,5"), "each value must be >= 1"),
+])
+def test_ab_step_bad_flags_name_the_fix(flags, message):
+  proc = _run_ab(*flags)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
