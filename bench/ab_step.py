@@ -2,14 +2,14 @@ r"""A/B of r1jax training-step variants inside one process, calls alternated.
 
     python bench/ab_step.py --model dropout=0.1,0.0                 # a model field, two values
     python bench/ab_step.py --steps-per-call 10,20                  # optimizer steps per jitted call
-    python bench/ab_step.py --model attention=causal --model mem_len=0,128 --mode lm
+    python bench/ab_step.py --mode lm --model mem_len=0,128           # causal LM, memory off / on
 
 Why. Two processes running the same code on this 2-core VM differ by 3-5% in step time (memory
 placement, clock and neighbour load at start-up), more than most single changes move it; a
 one-core trace taken an hour later can drift as much. Here every variant is built and compiled in
 the same process, then their timed calls alternate (A B B A ...), so they share the process, the
 allocator's state and the machine's moment, and the difference between medians is the variant's
-(bench/NOTES.md, session 7: the same code A/B'd against itself differs by < 1%).
+(bench/NOTES.md, session 7: the same model A/B'd against itself differs by 0.2%).
 
 Each variant trains the small model (`train_throughput.SMALL`; `--toy` for tiny sizes) through
 `steps.Engine` exactly as the throughput bench's r1jax rows do, with the default hidden dropout
