@@ -7,7 +7,9 @@
 # R1JAX_PROCESS_ID=<rank>, which r1jax.distributed.maybe_initialize() turns into
 # jax.distributed.initialize(). Output lines are prefixed with "[rank R] ". The launcher waits for
 # every rank; when one fails it stops the others and exits with that rank's exit code. Ctrl-C (or
-# SIGTERM/SIGHUP to the launcher) stops every rank, including processes the ranks started.
+# SIGTERM/SIGHUP to the launcher) stops every rank, including processes the ranks started. A
+# launcher started with `&` from a non-interactive script ignores SIGINT (POSIX: background jobs
+# there start with it ignored, and bash cannot trap it); send SIGTERM instead.
 set -euo pipefail
 
 readonly PROG="${0##*/}"

@@ -152,11 +152,18 @@ def test_local_launcher_signal_stops_every_rank(tmp_path, sig, code):
   pid_dir = tmp_path / "pids"
   pid_dir.mkdir()
   script = _rank_script(tmp_path, "wait\n")
-  # A long grace period: stopping must come from SIGTERM reaching every process, not SIGKILL.
-  proc = subprocess.Popen(["bash", str(LAUNCH / "local.sh"), "--grace=30", "2", "--", "bash",
-                           str(script)], cwd=ROOT, env=_env(PID_DIR=str(pid_dir)),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+  # The launcher starts with SIGINT at its default, as from a terminal. When pytest itself runs as
+  # a background job of a non-interactive shell (`cmd &` in a script), SIGINT is ignored in it, the
+  # launcher would inherit that, and bash cannot trap a signal ignored on entry (POSIX).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    # A long grace period: stopping must come from SIGTERM reaching every process, not SIGKILL.
+    proc = subprocess.Popen(["bash", str(LAUNCH / "local.sh"), "--grace=30", "2", "--", "bash",
+                             str(script)], cwd=ROOT, env=_env(PID_DIR=str(pid_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   try:
     pids = _recorded_pids(pid_dir, 4)
     start = time.time()
