@@ -298,3 +298,12 @@ def test_nonfinite_skip_keeps_params_and_moments_on_either_guard(monkeypatch, ba
   np.testing.assert_allclose(again.params["w"], expect.params["w"], rtol=1e-6)
   assert not np.allclose(again.params["w"], good.params["w"])
   assert float(again.extras) == 2.0
+
+
+def test_compiler_options_only_for_avx512_cpus(monkeypatch):
+  monkeypatch.setattr(steps, "_cpu_has_avx512", lambda: True)
+  assert steps.compiler_options("cpu") == {
+      "xla_cpu_prefer_vector_width": 512, "xla_cpu_enable_concurrency_optimized_scheduler": True}
+  assert steps.compiler_options("gpu") == {} and steps.compiler_options("tpu") == {}
+  monkeypatch.setattr(steps, "_cpu_has_avx512", lambda: False)
+  assert steps.compiler_options("cpu") == {}
