@@ -118,6 +118,9 @@ def _memory(cfg, b_size, m_len, valid_from, seed):
     # The fused formulation (position term as the bias of jax.nn.dot_product_attention).
     dict(attention_impl="sdpa"),
     dict(attention_impl="sdpa", attention="causal", same_length=True, clamp_len=4),
+    # Heads in one group, or one group per head (the CPU default is 2).
+    dict(head_groups=1),
+    dict(n_head=4, head_groups=4, attention="causal", same_length=True, clamp_len=4),
 ])
 def test_matches_naive_loop(overrides):
   cfg = _config(**overrides)
@@ -461,6 +464,30 @@ def test_fused_attention_gradients_match_einsum(attention):
     np.testing.assert_allclose(b, a, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("memory_len", [0, 4])
+def test_head_groups_gradients_match(memory_len):
+  """Attention in 1, 2 or 4 head groups: the same loss and gradients (memory off and on)."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (2, 5)).astype(np.int32)
+  token_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+  results = []
+  for groups in (1, 2, 4):
+    cfg = _config(n_head=4, head_groups=groups)
+    model = txl.TransformerXL(cfg)
+    memory = _memory(cfg, 2, memory_len, valid_from=[0, 2], seed=1) if memory_len else None
+    params = _random_params(model, tokens)
+
+    def loss(p, model=model, memory=memory):
+      hidden, _ = model.apply({"params": p}, tokens, memory, token_mask)
+      return (hidden * jnp.arange(hidden.shape[-1])).sum()
+    results.append(jax.value_and_grad(loss)(params))
+  (l0, g0), *rest = results
+  for l1, g1 in rest:
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+      np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_impl_choice():
   assert txl.get_variant("tiny").attention_impl == "auto"
   # "auto" takes cuDNN only on an NVIDIA GPU with bf16/fp16 compute: einsum on this CPU.
@@ -472,6 +499,14 @@ def test_attention_impl_choice():
     txl.get_variant("tiny", attention_impl="cudnn")
   with pytest.raises(ValueError, match=r"'sdpa' has no attention-probability dropout"):
     txl.get_variant("tiny", attention_impl="sdpa", dropatt=0.1)
+  # Head groups: auto is 2 on CPU when n_head is even; an explicit value must divide n_head.
+  assert txl.get_variant("tiny").attention_groups() == 2
+  assert txl.get_variant("tiny", n_head=3).attention_groups() == 1
+  assert txl.get_variant("tiny", head_groups=4).attention_groups() == 4
+  for bad in (3, -1, 2.0):
+    with pytest.raises(ValueError, match=rf"head_groups={bad!r}: must be 0 \(auto\) or a "
+                                         r"divisor of n_head=4"):
+      txl.get_variant("tiny", head_groups=bad)
 
 
 def test_package_exports():

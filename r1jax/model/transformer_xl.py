@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -118,6 +118,12 @@ class TransformerXLConfig:
                                   # 0), the position term passed as its bias (H200, base, seq 512:
                                   # 1.28x tokens/s, 0.65x memory). "sdpa": that call on XLA (any
                                   # backend; for checks). Same parameters and results for all.
+  head_groups: int = 0            # einsum attention in this many independent groups of heads
+                                  # (separate ops). XLA:CPU runs each batched attention product
+                                  # on one thread, so two groups let two threads share the
+                                  # attention. 0 = auto: 2 on CPU when n_head is even, else 1.
+                                  # Same parameters and results (attention dropout masks are
+                                  # drawn per group).
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -147,6 +153,10 @@ class TransformerXLConfig:
       raise ValueError(f"TransformerXLConfig.attention_impl={self.attention_impl!r} has no "
                        f"attention-probability dropout (dropatt={self.dropatt}); set dropatt=0.0 "
                        "or attention_impl='einsum' (or 'auto', which falls back to einsum).")
+    if (not isinstance(self.head_groups, (int, np.integer)) or isinstance(self.head_groups, bool)
+        or self.head_groups < 0 or (self.head_groups and self.n_head % self.head_groups)):
+      raise ValueError(f"TransformerXLConfig.head_groups={self.head_groups!r}: must be 0 (auto) "
+                       f"or a divisor of n_head={self.n_head}.")
     if self.same_length and self.attention != "causal":
       raise ValueError("TransformerXLConfig.same_length=True needs attention='causal' (got "
                        f"{self.attention!r}); bidirectional attention always sees all memory.")
@@ -180,6 +190,12 @@ class TransformerXLConfig:
       return self.attention_impl
     fused = (_on_cuda() and self.dtype in _FUSED_DTYPES and (deterministic or not self.dropatt))
     return "cudnn" if fused else "einsum"
+
+  def attention_groups(self) -> int:
+    """The number of head groups the einsum attention runs: `head_groups` with 0 resolved."""
+    if self.head_groups:
+      return self.head_groups
+    return 2 if jax.default_backend() == "cpu" and self.n_head % 2 == 0 else 1
 
   @property
   def is_causal(self) -> bool:
@@ -752,27 +768,60 @@ def _project(x: jax.Array, kernel: jax.Array, in_axes: int = 1, flat: bool = Tru
   return y.reshape(lead + out)
 
 
-@jax.custom_vjp
-def _split_head_major(x: jax.Array) -> tuple[jax.Array, ...]:
-  """[B, K, n, H, D] projections -> n head-major [H, B, K, D] arrays (q, k, v or k, v).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _split_head_major(x: jax.Array, groups: int = 1) -> tuple[jax.Array, ...]:
+  """[B, K, n, H, D] projections -> n * groups head-major [H / groups, B, K, D] arrays.
 
-  The same values as transposing and indexing. The custom VJP stacks the n transposed gradients
-  along axis 2; autodiff's transpose pads each gradient to [n, H, B, K, D] and adds the pads,
-  which XLA:CPU runs 2.6x slower (2.9 vs 1.1 ms for the small model's q, k, v).
+  Ordered projection-major: (q heads 0.., q heads H/groups.., ..., v heads ..) for n = 3. The
+  same values as transposing and slicing. The custom VJP concatenates and stacks the transposed
+  gradients in one pass; autodiff's transpose pads each gradient to [n, H, B, K, D] and adds the
+  pads, which XLA:CPU runs 2.6x slower (2.9 vs 1.1 ms for the small model's q, k, v).
   """
   t = jnp.transpose(x, (2, 3, 0, 1, 4))
-  return tuple(t[i] for i in range(x.shape[2]))
+  size = x.shape[3] // groups
+  return tuple(t[i, j * size:(j + 1) * size] for i in range(x.shape[2]) for j in range(groups))
 
 
-def _split_head_major_fwd(x):
-  return _split_head_major(x), None
+def _split_head_major_fwd(x, groups):
+  return _split_head_major(x, groups), None
 
 
-def _split_head_major_bwd(_, grads):
-  return (jnp.stack([jnp.transpose(g, (1, 2, 0, 3)) for g in grads], axis=2),)
+def _split_head_major_bwd(groups, _, grads):
+  per_projection = [[jnp.transpose(g, (1, 2, 0, 3)) for g in grads[i:i + groups]]
+                    for i in range(0, len(grads), groups)]
+  return (jnp.stack([jnp.concatenate(gs, axis=2) for gs in per_projection], axis=2),)
 
 
 _split_head_major.defvjp(_split_head_major_fwd, _split_head_major_bwd)
+
+
+def _relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
+                        r_w_bias: jax.Array, r_r_bias: jax.Array, allowed: jax.Array, klen: int,
+                        dropout: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """Relative attention of head-major queries over keys (einsum path, some or all heads).
+
+  Args:
+    q: [H, B, Q, D]; k, v: [H, B, K, D]; r: [H, P, D] projected position table.
+    r_w_bias, r_r_bias: [H, D].
+    allowed: bool [B, 1, Q, K].
+    dropout: applied to the probabilities.
+
+  Returns:
+    [H, B, Q, D].
+  """
+  h, _, _, dh = q.shape
+  # Content and position terms in float32, as in the original (sum, then scale).
+  ac = jnp.einsum("hbqn,hbkn->hbqk", q + r_w_bias.astype(q.dtype)[:, None, None], k,
+                  preferred_element_type=jnp.float32)                         # [H, B, Q, K]
+  qr = (q + r_r_bias.astype(q.dtype)[:, None, None]).reshape(h, -1, dh)        # [H, B * Q, D]
+  bd = jax.lax.dot_general(qr, jnp.swapaxes(r, 1, 2), (((2,), (1,)), ((0,), (0,))),
+                           preferred_element_type=jnp.float32)
+  bd = bd.reshape(q.shape[:3] + (r.shape[1],))                                # [H, B, Q, P]
+  bd = rel_shift(bd, klen)                                                    # [H, B, Q, K]
+  scores = (ac + bd) * (1.0 / math.sqrt(dh))
+  scores = jnp.where(jnp.swapaxes(allowed, 0, 1), scores, MASK_VALUE)
+  probs = dropout(softmax(scores).astype(q.dtype))
+  return jnp.einsum("hbqk,hbkn->hbqn", probs, v)                              # [H, B, Q, D]
 
 
 class RelativeAttention(nn.Module):
@@ -819,31 +868,32 @@ class RelativeAttention(nn.Module):
     # table then comes out of the matmul in the layout the relative shift and the softmax use, and
     # its gradients are plain batched products (batch-major [B, H, Q, P] scores cost a [B, H, Q, P]
     # transposing copy each way and a strided matmul for the table's gradient).
+    #
+    # The heads run in `groups` independent groups (separate products and softmaxes): XLA:CPU runs
+    # a batched product on one thread, so with one group the attention leaves the second core to
+    # whatever else is ready; two groups give the two threads a product each.
+    groups = cfg.attention_groups()
     head_major = (axes.ACT_HEADS, axes.BATCH, axes.LENGTH, axes.ACT_KV)
     if mlen == 0:
-      # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D] -> [3, H, B, Q, D].
-      q, k, v = _split_head_major(_project(x, qkv_kernel, flat=flat))
+      # One fused projection: [B, Q, d] x [d, 3, H, D] -> [B, Q, 3, H, D] -> 3 x groups arrays.
+      parts = _split_head_major(_project(x, qkv_kernel, flat=flat), groups)
+      qs, ks, vs = parts[:groups], parts[groups:2 * groups], parts[2 * groups:]
     else:
       # Queries only for the segment's rows; keys and values for memory and segment.
-      q = jnp.transpose(_project(x[:, mlen:], qkv_kernel[:, 0], flat=flat), (2, 0, 1, 3))
-      k, v = _split_head_major(_project(x, qkv_kernel[:, 1:], flat=flat))
-    q, k, v = (axes.constrain(t, head_major) for t in (q, k, v))               # [H, B, *, D]
+      qs = _split_head_major(_project(x[:, mlen:], qkv_kernel[:, :1], flat=flat), groups)
+      kv = _split_head_major(_project(x, qkv_kernel[:, 1:], flat=flat), groups)
+      ks, vs = kv[:groups], kv[groups:]
     r = jnp.einsum("pd,dhn->phn", pos_emb.astype(dtype), r_kernel)            # [P, H, D]
     r = jnp.transpose(r, (1, 0, 2))                                           # [H, P, D]
-
-    # Content and position terms in float32, as in the original (sum, then scale).
-    ac = jnp.einsum("hbqn,hbkn->hbqk", q + r_w_bias.astype(dtype)[:, None, None], k,
-                    preferred_element_type=jnp.float32)                       # [H, B, Q, K]
-    qr = (q + r_r_bias.astype(dtype)[:, None, None]).reshape(h, -1, dh)        # [H, B * Q, D]
-    bd = jax.lax.dot_general(qr, jnp.swapaxes(r, 1, 2), (((2,), (1,)), ((0,), (0,))),
-                             preferred_element_type=jnp.float32)
-    bd = bd.reshape(q.shape[:3] + (r.shape[1],))                              # [H, B, Q, P]
-    bd = rel_shift(bd, klen)                                                  # [H, B, Q, K]
-    scores = (ac + bd) * (1.0 / math.sqrt(dh))
-    scores = jnp.where(jnp.swapaxes(allowed, 0, 1), scores, MASK_VALUE)
-    probs = softmax(scores).astype(dtype)
-    probs = Dropout(cfg.dropatt)(probs, deterministic=deterministic)
-    out = jnp.einsum("hbqk,hbkn->hbqn", probs, v)                             # [H, B, Q, D]
+    dropout = functools.partial(Dropout(cfg.dropatt), deterministic=deterministic)
+    size = h // groups
+    outs = []
+    for i, (q, k, v) in enumerate(zip(qs, ks, vs)):
+      q, k, v = (axes.constrain(t, head_major) for t in (q, k, v))             # [H/g, B, *, D]
+      heads = slice(i * size, (i + 1) * size)
+      outs.append(_relative_attention(q, k, v, r[heads], r_w_bias[heads], r_r_bias[heads],
+                                      allowed, klen, dropout))
+    out = outs[0] if groups == 1 else jnp.concatenate(outs)                   # [H, B, Q, D]
     out = jnp.transpose(out, (1, 2, 0, 3))                                    # [B, Q, H, D]
     out = axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV))
     return _project(out, o_kernel, in_axes=2, flat=flat)                      # [B, Q, d]
