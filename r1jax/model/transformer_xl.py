@@ -801,7 +801,7 @@ def _relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
   """Relative attention of head-major queries over keys (einsum path, some or all heads).
 
   Args:
-    q: [H, B, Q, D]; k, v: [H, B, K, D]; r: [H, P, D] projected position table.
+    q: [H, B, Q, D]; k, v: [H, B, K, D]; r: [H, D, P] projected position table.
     r_w_bias, r_r_bias: [H, D].
     allowed: bool [B, 1, Q, K].
     dropout: applied to the probabilities.
@@ -814,9 +814,9 @@ def _relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, r: jax.Array,
   ac = jnp.einsum("hbqn,hbkn->hbqk", q + r_w_bias.astype(q.dtype)[:, None, None], k,
                   preferred_element_type=jnp.float32)                         # [H, B, Q, K]
   qr = (q + r_r_bias.astype(q.dtype)[:, None, None]).reshape(h, -1, dh)        # [H, B * Q, D]
-  bd = jax.lax.dot_general(qr, jnp.swapaxes(r, 1, 2), (((2,), (1,)), ((0,), (0,))),
+  bd = jax.lax.dot_general(qr, r, (((2,), (1,)), ((0,), (0,))),
                            preferred_element_type=jnp.float32)
-  bd = bd.reshape(q.shape[:3] + (r.shape[1],))                                # [H, B, Q, P]
+  bd = bd.reshape(q.shape[:3] + (r.shape[2],))                                # [H, B, Q, P]
   bd = rel_shift(bd, klen)                                                    # [H, B, Q, K]
   scores = (ac + bd) * (1.0 / math.sqrt(dh))
   scores = jnp.where(jnp.swapaxes(allowed, 0, 1), scores, MASK_VALUE)
@@ -864,7 +864,7 @@ class RelativeAttention(nn.Module):
     if impl != "einsum":
       return self._fused(x, qlen, pos_emb, allowed, r_w_bias, r_r_bias,
                          (qkv_kernel, r_kernel, o_kernel), impl)
-    # Scores are computed head-major, [H, B, Q, *]: the position term's product with the [H, P, D]
+    # Scores are computed head-major, [H, B, Q, *]: the position term's product with the [H, D, P]
     # table then comes out of the matmul in the layout the relative shift and the softmax use, and
     # its gradients are plain batched products (batch-major [B, H, Q, P] scores cost a [B, H, Q, P]
     # transposing copy each way and a strided matmul for the table's gradient).
@@ -883,8 +883,10 @@ class RelativeAttention(nn.Module):
       qs = _split_head_major(_project(x[:, mlen:], qkv_kernel[:, :1], flat=flat), groups)
       kv = _split_head_major(_project(x, qkv_kernel[:, 1:], flat=flat), groups)
       ks, vs = kv[:groups], kv[groups:]
-    r = jnp.einsum("pd,dhn->phn", pos_emb.astype(dtype), r_kernel)            # [P, H, D]
-    r = jnp.transpose(r, (1, 0, 2))                                           # [H, P, D]
+    # The table as [H, D, P] (as in `_fused`): its gradient, a product over all B * Q query rows,
+    # then comes out as [D, P] per head, which XLA:CPU runs 1.6x faster than [P, D] (167 vs 105
+    # GFLOP/s for the small model on one core).
+    r = jnp.einsum("pd,dhn->hnp", pos_emb.astype(dtype), r_kernel)            # [H, D, P]
     dropout = functools.partial(Dropout(cfg.dropatt), deterministic=deterministic)
     size = h // groups
     outs = []
