@@ -29,6 +29,9 @@ def test_toy_run_prints_table_and_json():
     assert key in summary
   assert summary["toy"] is True and summary["threads"] == 1
   assert 0 < summary["mfu_small"] < 1.5
+  # The strict MFU divides by the run's highest ceiling sample, never below the in-process median.
+  assert summary["ceiling_f32_flops_best_in_run"] >= summary["ceiling_f32_flops_in_r1jax_mlm"]
+  assert 0 < summary["mfu_small_vs_best_ceiling"] <= summary["mfu_small"]
   assert summary["r1jax_mlm_tokens_per_s"] > 0 and summary["r1jax_lm_mem_tokens_per_s"] > 0
   assert summary["ceiling_f32_flops"] > 1e8
   assert summary["ratio_vs_hf_bert"] is None  # peers skipped: no ratio made up
