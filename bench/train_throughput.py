@@ -37,7 +37,9 @@ start-up, i.e. what building the model and training adds (compilation included f
 the same way for every peer.
 MFU = the model's training FLOPs (`r1jax.train.metrics.pretrain_flops_per_step`: attention over
 memory + segment counted in full, not halved) / the float32 matmul ceiling sampled in the same
-process before, between and after its timed steps.
+process before, between and after its timed steps (the median of the samples).
+`mfu_small_vs_best_ceiling` divides the same FLOP rate by the run's highest float32 ceiling sample
+instead, a stricter figure that a single low in-process median cannot raise.
 
 The last line printed is one JSON object with every figure (see `summary_json`).
 """
