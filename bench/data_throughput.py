@@ -13,7 +13,7 @@ Prints, in one run on the same documents, every configuration `--repeats` times 
              worker start-up (spawn, imports, first chunks: until document 128 is out) and
              shutdown (after the last document, until Grain has stopped its workers) are shown
              separately; end-to-end includes both.
-  examples   MLM + NSP rows/s of r1jax.data.examples with 0 and N workers over `--steps` batches
+  examples   MLM + NSP rows/s of r1jax.data.pretraining with 0 and N workers over `--steps` batches
              after the first (the first batch, with the workers' start-up, is timed apart), and of
              a pandas implementation (tokenize with .apply, per-row segment + masking with .apply)
              that builds the same kind of rows (not the streaming layout). Batches must be equal
@@ -59,7 +59,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from r1jax.data import builtin  # pylint: disable=g-import-not-at-top,wrong-import-position
 from r1jax.data import clean  # pylint: disable=wrong-import-position
-from r1jax.data import examples  # pylint: disable=wrong-import-position
+from r1jax.data import clean_steps  # pylint: disable=wrong-import-position
+from r1jax.data import pretraining  # pylint: disable=wrong-import-position
 from r1jax.data import sources  # pylint: disable=wrong-import-position
 from r1jax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
@@ -79,33 +80,33 @@ def pandas_clean(df, config: clean.CleanConfig):
     if col != "text" and df[col].isna().any():
       df[col] = df[col].fillna(df[col].mode()[0])
   text = df["text"].str.normalize("NFKC")
-  text = text.str.replace(clean._control_chars_re(), "", regex=True)  # pylint: disable=protected-access
+  text = text.str.replace(clean_steps._control_chars_re(), "", regex=True)  # pylint: disable=protected-access
   text = text.str.replace("\r\n", "\n", regex=False).str.replace(r"[^\S\n]+", " ", regex=True)
-  text = text.str.replace(clean._CJK_SPACE_RE, "", regex=True)  # pylint: disable=protected-access
+  text = text.str.replace(clean_steps._CJK_SPACE_RE, "", regex=True)  # pylint: disable=protected-access
   text = text.str.split("\n").apply(lambda lines: "\n".join(l.strip() for l in lines))
   text = text.str.replace(r"\n{3,}", "\n\n", regex=True).str.strip()
   df = df.assign(text=text)
   # Filters, in the same order as the Grain pipeline.
-  fillers = {clean._reply_key(r) for r in config.meaningless_replies}  # pylint: disable=protected-access
+  fillers = {clean_steps._reply_key(r) for r in config.meaningless_replies}  # pylint: disable=protected-access
   short = df["text"].str.len() <= 200
-  keys = df["text"].where(short, "").apply(clean._reply_key)  # pylint: disable=protected-access
+  keys = df["text"].where(short, "").apply(clean_steps._reply_key)  # pylint: disable=protected-access
   meaningless = short & (keys.isin(fillers) | ((df["text"].str.len() >= 4) & df["text"].str.replace(
       " ", "").apply(lambda t: len(set(t)) <= 2)))
   df = df[~meaningless]
   content = df["text"].str.len() - df["text"].str.count(r"[\W_]")
   df = df[content >= config.min_chars]
-  url_chars = df["text"].str.findall(clean._URL_RE).apply(lambda m: sum(map(len, m)))  # pylint: disable=protected-access
+  url_chars = df["text"].str.findall(clean_steps._URL_RE).apply(lambda m: sum(map(len, m)))  # pylint: disable=protected-access
   df = df[url_chars / df["text"].str.replace(" ", "").str.len().clip(lower=1) <=
           config.max_url_fraction]
-  words = df["text"].apply(clean.word_count).clip(lower=1.0)
-  contacts = sum(df["text"].str.count(r) for r in clean._CONTACT_RES)  # pylint: disable=protected-access
+  words = df["text"].apply(clean_steps.word_count).clip(lower=1.0)
+  contacts = sum(df["text"].str.count(r) for r in clean_steps._CONTACT_RES)  # pylint: disable=protected-access
   df = df[~((contacts >= 3) & (100.0 * contacts / words > config.max_contact_density))]
   chars = (df["text"].str.len() - df["text"].str.count(r"\s")).clip(lower=1)
-  symbols = df["text"].str.count(clean._SYMBOL_RE)  # pylint: disable=protected-access
+  symbols = df["text"].str.count(clean_steps._SYMBOL_RE)  # pylint: disable=protected-access
   df = df[symbols / chars <= config.max_symbol_fraction]
 
   def repetition(t):
-    units = clean._UNIT_RE.findall(t.lower())  # pylint: disable=protected-access
+    units = clean_steps._UNIT_RE.findall(t.lower())  # pylint: disable=protected-access
     total = len(units) - 2
     return 0.0 if total < 10 else 1.0 - len({tuple(units[i:i + 3]) for i in range(total)}) / total
 
@@ -113,13 +114,13 @@ def pandas_clean(df, config: clean.CleanConfig):
   lowered = df["text"].str.lower()
   hits = sum(lowered.str.count(re.escape(p.lower())) for p in config.spam_phrases)
   df = df[~((hits >= config.max_phrase_hits) |
-            ((hits > 0) & (df["text"].apply(clean.word_count) < 20)))]
+            ((hits > 0) & (df["text"].apply(clean_steps.word_count) < 20)))]
   df = df.assign(_key=df["text"].str.lower().str.split().str.join(" "))
   df = df.drop_duplicates(subset="_key").drop(columns="_key")
   # Near duplicates: MinHash per row with .apply, then LSH in a plain loop.
-  signer = clean.MinHashSignature(config.num_perm, config.shingle_size, config.seed)
+  signer = clean_steps.MinHashSignature(config.num_perm, config.shingle_size, config.seed)
   signatures = df["text"].apply(signer.signature)
-  lsh = clean.NearDedup(config.near_dup_threshold, config.num_perm)
+  lsh = clean_steps.NearDedup(config.near_dup_threshold, config.num_perm)
   keep = [not lsh.map({"text": t, "_minhash": s.tobytes()}).get("_drop")
           for t, s in zip(df["text"], signatures)]
   return df[keep]
@@ -269,8 +270,8 @@ def examples_run(texts, tok, workers, steps, seq_len, batch_size):
   """One Grain example stream: start-up (first batch) and steady rows/s over `steps` batches."""
   load = _load()
   start = time.perf_counter()
-  it = examples.pretrain_iterator(texts, tok, seq_len=seq_len, batch_size=batch_size, seed=0,
-                                  worker_count=workers)
+  it = pretraining.pretrain_iterator(texts, tok, seq_len=seq_len, batch_size=batch_size, seed=0,
+                                     worker_count=workers)
   first = next(it)
   warm, main_warm, workers_warm = time.perf_counter(), _main_cpu(), _worker_cpu()
   for _ in range(steps):

@@ -75,7 +75,7 @@ TOY = dict(d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64, vocab_size=20
 DROPOUT = 0.1     # hidden dropout on both sides
 DROPATT = 0.0     # attention-probability dropout on both sides (Transformer-XL's default)
 MLM_PROB = 0.15
-LM_CHUNK = 32     # causal-LM rows: positions per chunk of [B, chunk, V] logits (steps.causal_lm_loss_fn)
+LM_CHUNK = 32     # causal-LM rows: positions per chunk of [B, chunk, V] logits (losses.causal_lm_loss_fn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class R1jaxTrainer:
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from r1jax import configlib  # pylint: disable=g-import-not-at-top
-    from r1jax.model import axes, heads  # pylint: disable=g-import-not-at-top
+    from r1jax.model import axes, heads, losses  # pylint: disable=g-import-not-at-top
     from r1jax.model import transformer_xl as txl  # pylint: disable=g-import-not-at-top
     from r1jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     from r1jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
@@ -202,8 +202,8 @@ class R1jaxTrainer:
                                num_steps=1000)
     mesh = mesh_lib.make_mesh(configlib.mesh_section(), devices=jax.devices()[:1])
     # LM mode: the engine's causal LM loss, logits made LM_CHUNK positions at a time.
-    loss_fn = (steps_lib.pretrain_loss_fn(model) if self.mode == "mlm"
-               else steps_lib.causal_lm_loss_fn(model, chunk_size=min(LM_CHUNK, seq_len)))
+    loss_fn = (losses.pretrain_loss_fn(model) if self.mode == "mlm"
+               else losses.causal_lm_loss_fn(model, chunk_size=min(LM_CHUNK, seq_len)))
     # Optimizer steps per jitted call: what `r1jax.main --config=configs/pretrain.py` picks on
     # this platform (loop.steps_per_call), unless the row fixes it.
     per_call = spec.get("engine_steps_per_call") or loop_lib.steps_per_call(

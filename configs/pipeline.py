@@ -40,7 +40,7 @@ from r1jax import configlib
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Stage -> its config file in configs/ (kept in sync with r1jax.stages.pipeline.STAGES by a test).
+# Stage -> its config file in configs/ (kept in sync with pipeline_stages.STAGES by a test).
 STAGE_CONFIGS = {
     "data_general": "data", "data_domain": "data", "pretrain_general": "pretrain",
     "pretrain_domain": "pretrain", "finetune_general": "finetune", "finetune_domain": "finetune",

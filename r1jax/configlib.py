@@ -11,30 +11,43 @@ before anything is compiled, and reports every problem at once with the key and 
 
 Sections built here (`mesh_section`, `train_section`, ...) keep the key names that scripts rely on
 (`train.num_steps`, `train.batch_size`, `checkpoint.every_steps`, `init_from`) identical across stages.
+
+The config tree by dotted path (`get_path`, `set_path`, `field_type`, `leaf_paths`) and
+`render_config_py` (a config back to a `configs/`-style file) serve the stages that build configs of
+other stages (the hyperparameter search).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
-MESH_AXES = ("data", "fsdp", "tensor")  # == r1jax.model.axes.MESH_AXES (kept import-free here)
+from r1jax import run_dir
+from r1jax.model import axes
+from r1jax.model import transformer_xl
+
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Fields of `r1jax.model.transformer_xl.TransformerXLConfig` a config may override, with their type.
-# `None` (the placeholder default) means "the variant's value".
-MODEL_OVERRIDES = {
-    "vocab_size": int, "d_model": int, "n_layer": int, "n_head": int, "d_head": int, "d_inner": int,
-    "mem_len": int, "clamp_len": int, "same_length": bool, "attention": str, "pre_lnorm": bool,
-    "activation": str, "dropout": float, "dropatt": float, "layer_norm_eps": float, "untie_r": bool,
-    "n_token_types": int, "dtype": str, "param_dtype": str, "remat": bool,
-}
+
+def _config_type(annotation: Any) -> type:
+  """The config type of a TransformerXLConfig field: int / float / bool, else str (dtypes are
+  given by name in configs). Annotations are strings under `from __future__ import annotations`."""
+  name = getattr(annotation, "__name__", str(annotation))
+  return {"int": int, "float": float, "bool": bool}.get(name, str)
+
+
+# Every field of `r1jax.model.transformer_xl.TransformerXLConfig`, which a config may override, with
+# its config type. `None` (the placeholder default) means "the variant's value".
+MODEL_OVERRIDES = {f.name: _config_type(f.type)
+                   for f in dataclasses.fields(transformer_xl.TransformerXLConfig)}
 
 
 class ConfigError(ValueError):
@@ -65,7 +78,6 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads "configs/pretrain.py[:arg]" like `--config=` does (for tests and notebooks)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location(
       f"r1jax_config_{os.path.basename(path)[:-3]}", path)
@@ -84,7 +96,6 @@ def mesh_section(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collectio
 
 
 def check_variant(variant: str) -> None:
-  from r1jax.model import transformer_xl  # pylint: disable=g-import-not-at-top
   if variant not in transformer_xl.VARIANTS:
     raise ConfigError(f"variant={variant!r} is not one of {tuple(transformer_xl.VARIANTS)}; e.g. "
                       f"configs/pretrain.py:variant=tiny.")
@@ -168,16 +179,83 @@ def write_config_json(config: ml_collections.ConfigDict, workdir: str, **resolve
   data = to_dict(config)
   if resolved:
     data["resolved"] = resolved
-  path = os.path.join(workdir, "config.json")
-  _atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-  return path
+  return run_dir.write_text(os.path.join(workdir, run_dir.CONFIG_FILE),
+                            json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+# --------------------------------------------------------------------------------------------------
+# The config tree by dotted path, and a config back to a configs/-style file.
+
+
+def get_path(config: ml_collections.ConfigDict, path: str) -> Any:
+  """`config.a.b.c` for path "a.b.c"; KeyError (or AttributeError below a leaf) if absent."""
+  node = config
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
+def set_path(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
+  """`config.a.b.c = value` for path "a.b.c" (type-checked by ml_collections)."""
+  parent, _, leaf = path.rpartition(".")
+  (get_path(config, parent) if parent else config)[leaf] = value
+
+
+def field_type(base: ml_collections.ConfigDict, path: str) -> type:
+  """The declared type of a leaf of `base` (placeholders keep theirs); KeyError if not a leaf."""
+  parent, _, leaf = path.rpartition(".")
+  node = get_path(base, parent) if parent else base
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise KeyError(path)
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise KeyError(path)
+  return node.get_type(leaf)
+
+
+def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """The dotted paths of every leaf (non-section) field of `config`, in key order."""
+  out = []
+  for key in config.keys():
+    value = config[key]
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out += leaf_paths(value, path + ".")
+    else:
+      out.append(path)
+  return out
+
+
+def _literal(value: Any) -> str:
+  """Python source for a config value (non-finite floats and 1-tuples included)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return f"float({str(value)!r})"
+  if isinstance(value, (list, tuple)):
+    inner = ", ".join(_literal(x) for x in value)
+    return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+  return repr(value)
+
+
+def render_config_py(cfg: ml_collections.ConfigDict, docstring: str) -> str:
+  """A self-contained `configs/`-style Python file whose get_config() returns `cfg` (types and
+  placeholders included, so --config.key=value overrides work on it as on the stage's config)."""
+  lines = []
+
+  def walk(node: ml_collections.ConfigDict, prefix: str) -> None:
+    for key in node.keys():
+      value = node[key]
+      path = f"{prefix}.{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        lines.append(f"  {path} = ml_collections.ConfigDict()")
+        walk(value, path)
+      elif value is None and node.get_type(key) is not type(None):
+        lines.append(f"  {path} = config_dict.placeholder({node.get_type(key).__name__})")
+      else:
+        lines.append(f"  {path} = {_literal(value)}")
+  walk(cfg, "config")
+  body = "\n".join(lines)
+  return (f'r"""{docstring}\n"""\nimport ml_collections\nfrom ml_collections import config_dict\n'
+          f"\n\ndef get_config(arg=None):  # pylint: disable=unused-argument\n"
+          f"  config = ml_collections.ConfigDict()\n{body}\n  return config\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,12 +264,12 @@ def _atomic_write(path: str, text: str) -> None:
 
 def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
   """(data, fsdp, tensor) sizes with -1 resolved; raises ConfigError naming the fix."""
-  sizes = [mesh_cfg[a] for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
+  sizes = [mesh_cfg[a] for a in axes.MESH_AXES]
+  for axis, size in zip(axes.MESH_AXES, sizes):
     if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
       raise ConfigError(f"mesh.{axis}={size!r} must be a positive int or -1 (= the remaining "
                         f"devices).")
-  free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  free = [a for a, s in zip(axes.MESH_AXES, sizes) if s == -1]
   if len(free) > 1:
     raise ConfigError(f"mesh axes {free} are all -1; at most one axis may be -1 (set the others to "
                       f"explicit sizes).")
@@ -216,15 +294,18 @@ def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass
 class Validator:
-  """Collects config problems (key, message) and raises them together as one ConfigError."""
+  """Collects config problems (key, message) and raises them together as one ConfigError.
+
+  `num_devices` / `process_count`: the job the config is checked for (`validate_training` sets
+  them), for checks that depend on it (e.g. the per-process batch).
+  """
   config: ml_collections.ConfigDict
   problems: list[str] = dataclasses.field(default_factory=list)
+  num_devices: int = 1
+  process_count: int = 1
 
   def get(self, key: str) -> Any:
-    node = self.config
-    for part in key.split("."):
-      node = node[part]
-    return node
+    return get_path(self.config, key)
 
   def has(self, key: str) -> bool:
     try:
@@ -300,13 +381,17 @@ class Validator:
                         f"--config.<key>=<value>:\n  {lines}")
 
 
-def validate_training(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
+def validate_training(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                      process_count: int | None = None,
                       extra: Callable[[Validator], None] | None = None) -> Validator:
   """Checks the sections every training stage shares; `extra` adds stage-specific checks.
 
-  Raises ConfigError listing every problem; returns the Validator on success.
+  `num_devices` / `process_count` default to this job's (`jax.device_count()`,
+  `jax.process_count()`). Raises ConfigError listing every problem; returns the Validator.
   """
-  v = Validator(config)
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  v = Validator(config, num_devices=num_devices, process_count=process_count)
   v.string("stage")
   v.int_at_least("seed", 0)
   init_from = v.string("init_from")

@@ -30,6 +30,7 @@ import urllib.request
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 KINDS = ("single", "local", "slurm", "tpu", "auto")
 _DISTRIBUTED_CHOICES = ("auto", "off")
@@ -239,3 +240,9 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> LaunchPlan:
                  jax.device_count())
   _initialized_plan = plan
   return plan
+
+
+def sync(tag: str) -> None:
+  """Waits until every process of the job reaches `tag` (returns at once with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(tag)

@@ -30,6 +30,7 @@ import statistics
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 
@@ -194,6 +195,15 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray,
 # Plots and tables.
 
 
+def pyplot() -> Any:
+  """`matplotlib.pyplot` with the file-only Agg backend, imported on first use: the one place the
+  reports get their plotting module from."""
+  import matplotlib  # lazy: a heavy import that only the end-of-run plots need
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # lazy: as above
+  return plt
+
+
 def save_confusion_matrix(metrics: Mapping[str, Any], path: str, *, title: str = "",
                           normalize: bool = True) -> str:
   """Writes the confusion matrix of `multiclass_metrics` (or per-label counts of
@@ -202,9 +212,7 @@ def save_confusion_matrix(metrics: Mapping[str, Any], path: str, *, title: str =
   Multi-class: rows = true class, columns = predicted, colour = row-normalised share (with
   `normalize`), text = counts. Multi-label: one row per label with its TP, FN, FP counts.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   names = list(metrics["label_names"])
   confusion = np.asarray(metrics["confusion"])
   if confusion.ndim == 3:  # multi-label [C, 2, 2] -> [C, (TP, FN, FP)]
@@ -273,7 +281,6 @@ def measure_latency(fn: Callable[[Any], Any], example_batch: Any, *, warmup: int
   Returns:
     {"batch_size", "ms_per_batch" (median), "ms_per_example", "ms_min", "ms_max", "repeats"}.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   if repeats < 1 or warmup < 0:
     raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
   if batch_size is None:

@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from r1jax import configlib
+from r1jax import distributed
 from r1jax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +35,6 @@ def main(argv):
   stage = config.get("stage")
   if stage not in STAGES:
     raise app.UsageError(f"config.stage={stage!r} is not a known stage; choose one of {STAGES}.")
-  from r1jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize()
   module = importlib.import_module(f"r1jax.stages.{stage}")
   workdir = _WORKDIR.value
@@ -46,7 +47,6 @@ def main(argv):
         "this on every worker when given a gs:// workdir.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   logging.info("Running stage %r in %s; host allocator: %s", stage, workdir, host_memory.status())
-  from r1jax import configlib  # pylint: disable=g-import-not-at-top
   try:
     module.run(config, workdir)
   except configlib.ConfigError as e:

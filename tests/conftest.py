@@ -9,4 +9,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
+import pytest  # noqa: E402
+
+from r1jax.data import builtin  # noqa: E402
+from r1jax.data import tokenizer as tokenizer_lib  # noqa: E402
+
 jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="module")
+def docs():
+  """400 documents of the embedded domain corpus (FOLDOC)."""
+  return builtin.texts("domain")[:400]
+
+
+@pytest.fixture(scope="module")
+def tok(docs):
+  """A 2,000-piece tokenizer trained on `docs` plus a little Chinese text."""
+  return tokenizer_lib.Tokenizer.train(docs + ["计算机网络协议在主机之间传输数据包。"] * 5, 2000)

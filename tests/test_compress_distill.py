@@ -12,6 +12,7 @@ from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import distill as distill_lib
 from r1jax.compress import source as source_lib
 from r1jax.model import heads
+from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
 from r1jax.stages import distill as distill_stage
 from r1jax.train import steps as steps_lib
@@ -64,18 +65,18 @@ def test_student_larger_than_teacher_is_refused():
 def test_loss_is_zero_when_student_equals_teacher():
   teacher, params = _teacher()
   batch = _batch()
-  options = distill_lib.DistillOptions(alpha=1.0, temperature=2.0, hidden_weight=1.0)
-  loss_fn = distill_lib.distill_loss_fn(teacher, teacher, options, [0, 1, 2])
+  options = losses.DistillOptions(alpha=1.0, temperature=2.0, hidden_weight=1.0)
+  loss_fn = losses.distill_loss_fn(teacher, teacher, options, [0, 1, 2])
   tree = {"student": params, "teacher": params}
   loss, (metrics, _) = jax.jit(lambda p: loss_fn(p, batch, {}, jax.random.PRNGKey(0), True))(tree)
   assert abs(float(loss)) < 1e-6
   assert abs(float(steps_lib.normalize(metrics)["hidden_mse"])) < 1e-10
   # With alpha < 1 only the hard-label part is left: (1 - alpha) * CE over the real rows.
-  options = distill_lib.DistillOptions(alpha=0.25, temperature=3.0)
-  loss_fn = distill_lib.distill_loss_fn(teacher, teacher, options, [0, 1, 2])
+  options = losses.DistillOptions(alpha=0.25, temperature=3.0)
+  loss_fn = losses.distill_loss_fn(teacher, teacher, options, [0, 1, 2])
   loss, _ = loss_fn(tree, batch, {}, jax.random.PRNGKey(0), True)
   logits = teacher.apply({"params": params}, batch["tokens"], batch["token_mask"])[0]
-  ce = steps_lib.cross_entropy(logits, batch["label"])[0][:-1].mean()
+  ce = losses.cross_entropy(logits, batch["label"])[0][:-1].mean()
   np.testing.assert_allclose(float(loss), 0.75 * float(ce), rtol=1e-5)
 
 
@@ -83,8 +84,8 @@ def test_loss_positive_and_gradients_only_reach_student():
   teacher, t_params = _teacher()
   student = heads.Classifier(distill_lib.student_config(teacher.config), 4)
   s_params = nn.unbox(student.init(jax.random.PRNGKey(5), jnp.zeros((1, Q), jnp.int32))["params"])
-  options = distill_lib.DistillOptions(alpha=0.5, hidden_weight=0.5)
-  loss_fn = distill_lib.distill_loss_fn(student, teacher, options, [2])
+  options = losses.DistillOptions(alpha=0.5, hidden_weight=0.5)
+  loss_fn = losses.distill_loss_fn(student, teacher, options, [2])
   tree = {"student": s_params, "teacher": t_params}
   batch = _batch()
   grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, {}, jax.random.PRNGKey(0), False)[0]))(
@@ -93,8 +94,8 @@ def test_loss_positive_and_gradients_only_reach_student():
   assert float(optax_norm(grads["student"])) > 0.0
   # Soft term of the multi-label form is also exactly 0 for equal logits.
   z = jnp.asarray([[0.3, -2.0, 5.0]])
-  assert float(distill_lib.soft_loss(z, z, 2.0, multi_label=True)[0]) == 0.0
-  assert float(distill_lib.soft_loss(z, z + 1.0, 2.0, multi_label=True)[0]) > 0.0
+  assert float(losses.soft_loss(z, z, 2.0, multi_label=True)[0]) == 0.0
+  assert float(losses.soft_loss(z, z + 1.0, 2.0, multi_label=True)[0]) > 0.0
 
 
 def optax_norm(tree):

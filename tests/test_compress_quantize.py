@@ -12,6 +12,7 @@ from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import export as export_lib
 from r1jax.compress import quantize as quant_lib
 from r1jax.compress import source as source_lib
+from r1jax.compress import spec as spec_lib
 from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 from r1jax.stages import quantize as quantize_stage
@@ -91,7 +92,7 @@ def test_int8_artifact_roundtrip_matches_in_memory(tiny, tmp_path):
   model, params, tokens, mask = tiny
   plans = quant_lib.plan(model, tokens[:1], mask[:1])
   qparams = quant_lib.quantize_params(params, plans)
-  spec = source_lib.ClassifierSpec(model=model.config, num_classes=5,
+  spec = spec_lib.ClassifierSpec(model=model.config, num_classes=5,
                                    label_names=tuple("abcde"), seq_len=Q)
   for mode in ("weights", "dynamic"):
     art = artifact_lib.save(str(tmp_path / mode), spec, qparams, kind="int8",
@@ -112,7 +113,7 @@ def test_int8_artifact_roundtrip_matches_in_memory(tiny, tmp_path):
 def test_export_matches_live_model(tiny, tmp_path):
   model, params, tokens, mask = tiny
   plans = quant_lib.plan(model, tokens[:1], mask[:1])
-  spec = source_lib.ClassifierSpec(model=model.config, num_classes=5,
+  spec = spec_lib.ClassifierSpec(model=model.config, num_classes=5,
                                    label_names=tuple("abcde"), seq_len=Q)
   qparams = quant_lib.quantize_params(params, plans)
   for mode in ("float", "weights", "dynamic"):

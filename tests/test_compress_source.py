@@ -17,6 +17,7 @@ from r1jax import configlib
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import measure
 from r1jax.compress import source as source_lib
+from r1jax.compress import spec as spec_lib
 from r1jax.data import builtin
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import heads
@@ -109,7 +110,7 @@ def test_load_classifier_workdir(classifier_dir):
   assert spec.num_classes == 10 and spec.label_names == tuple(builtin.labels())
   assert spec.seq_len == SEQ_LEN and not spec.multi_label
   assert spec.task["test"] == "builtin:task:test"
-  expected = source_lib.abstract_params(spec)
+  expected = spec_lib.abstract_params(spec)
   assert jax.tree.map(lambda x: x.shape, src.params) == jax.tree.map(lambda x: x.shape, expected)
 
 
@@ -155,7 +156,7 @@ def test_float_artifact_roundtrip_and_measure(classifier_dir, tmp_path):
 def test_artifact_refuses_wrong_shapes(classifier_dir, tmp_path):
   src = source_lib.load(classifier_dir)
   art = artifact_lib.save(str(tmp_path / "a"), src.spec, src.params)
-  meta_path = os.path.join(art.path, source_lib.ARTIFACT_FILE)
+  meta_path = os.path.join(art.path, spec_lib.ARTIFACT_FILE)
   meta = json.load(open(meta_path))
   meta["spec"]["model"]["d_inner"] = 128
   json.dump(meta, open(meta_path, "w"))

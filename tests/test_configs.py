@@ -1,5 +1,6 @@
 """Every config in configs/ loads and validates; bad values fail up front with a message naming the
 key and the fix."""
+import dataclasses
 import glob
 import importlib
 import inspect
@@ -9,6 +10,7 @@ import jax
 import pytest
 
 from r1jax import configlib
+from r1jax.model import transformer_xl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -118,3 +120,30 @@ def test_parse_arg():
   assert configlib.parse_arg(None, variant="base").variant == "base"
   with pytest.raises(configlib.ConfigError, match="key=value"):
     configlib.parse_arg("size=tiny", variant="base")
+
+
+def test_model_overrides_cover_every_transformer_xl_field():
+  fields = dataclasses.fields(transformer_xl.TransformerXLConfig)
+  assert set(configlib.MODEL_OVERRIDES) == {f.name for f in fields}
+  for f in fields:  # the config type fits the field's default (dtypes are given by name)
+    assert isinstance(f.default, configlib.MODEL_OVERRIDES[f.name]), f.name
+  section = configlib.model_section("tiny")
+  assert set(section) == {"variant", *configlib.MODEL_OVERRIDES}
+  assert configlib.model_overrides(section) == {}  # placeholders: the variant's values
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_training_config_takes_every_model_override(stage):
+  config = configlib.load_config(os.path.join(ROOT, "configs", f"{stage}.py") + ":variant=tiny")
+  # What --config.model.attention_impl=einsum etc. do on the locked config.
+  config.model.attention_impl = "einsum"
+  config.model.head_groups = 2
+  config.model.flat_matmuls = False
+  with pytest.raises(TypeError):
+    config.model.head_groups = "two"
+  _validate(config)
+  overrides = configlib.model_overrides(config.model)
+  assert {k: overrides[k] for k in ("attention_impl", "head_groups", "flat_matmuls")} == {
+      "attention_impl": "einsum", "head_groups": 2, "flat_matmuls": False}
+  model = transformer_xl.get_variant(config.model.variant, **overrides)
+  assert (model.attention_impl, model.head_groups, model.flat_matmuls) == ("einsum", 2, False)

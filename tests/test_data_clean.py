@@ -1,10 +1,12 @@
-"""Tests for r1jax.data.clean: each step on English and Chinese text, and exact report counts."""
+"""Tests for r1jax.data.clean and clean_steps: each step on English and Chinese text, and exact
+report counts."""
 import json
 
 import numpy as np
 import pytest
 
 from r1jax.data import clean
+from r1jax.data import clean_steps
 from r1jax.data import sources
 
 EN_GOOD = ("Transformer-XL keeps a memory of hidden states from earlier segments, so attention can "
@@ -21,20 +23,20 @@ def _drop(step, text, **record):
 
 
 def test_repairs_english_and_chinese():
-  assert _fix(clean.NormalizeUnicode(), "ＡＢＣ１２３ ﬁle") == "ABC123 file"
-  assert _fix(clean.NormalizeUnicode(), "中文，全角！") == "中文,全角!"
-  assert _fix(clean.RemoveControlChars(), "a\x00b\x07c\u200bd\ufeff\te\nf") == "abcd\te\nf"
-  assert _fix(clean.RemoveControlChars(), "中\u200b文\x1b测试") == "中文测试"
-  ws = clean.NormalizeWhitespace()
+  assert _fix(clean_steps.NormalizeUnicode(), "ＡＢＣ１２３ ﬁle") == "ABC123 file"
+  assert _fix(clean_steps.NormalizeUnicode(), "中文，全角！") == "中文,全角!"
+  assert _fix(clean_steps.RemoveControlChars(), "a\x00b\x07c\u200bd\ufeff\te\nf") == "abcd\te\nf"
+  assert _fix(clean_steps.RemoveControlChars(), "中\u200b文\x1b测试") == "中文测试"
+  ws = clean_steps.NormalizeWhitespace()
   assert _fix(ws, "  two   spaces\t\there \r\n\n\n\nnext  ") == "two spaces here\n\nnext"
   assert _fix(ws, "中 文 的  空 格 and English words") == "中文的空格 and English words"
-  assert _fix(clean.RepairUndecodable(), "bro\ufffdken", _undecodable=True) == "broken"
-  record = clean.NormalizeUnicode().map({"text": "ＡＢＣ"})
+  assert _fix(clean_steps.RepairUndecodable(), "bro\ufffdken", _undecodable=True) == "broken"
+  record = clean_steps.NormalizeUnicode().map({"text": "ＡＢＣ"})
   assert record["_repaired"] == ["nfkc"]
 
 
 def test_too_short_is_cjk_aware():
-  step = clean.TooShort(10)
+  step = clean_steps.TooShort(10)
   assert _drop(step, "short one") == "too_short"       # 8 letters
   assert _drop(step, "!!!!!!!!!!!!!!!!!!!") == "too_short"  # punctuation does not count
   assert _drop(step, "今天天气很好我们去") == "too_short"  # 9 characters
@@ -43,49 +45,49 @@ def test_too_short_is_cjk_aware():
 
 
 def test_low_quality_rules_english_and_chinese():
-  urls = clean.UrlDensity(0.5)
+  urls = clean_steps.UrlDensity(0.5)
   assert _drop(urls, "see http://a.example.com/x/y/z http://b.example.com/q?=1 now") is not None
   assert _drop(urls, "访问 www.example.cn/abc/def/ghi 和 https://x.cn/12345678") is not None
   assert _drop(urls, EN_GOOD + " More at https://example.org.") is None
-  contact = clean.ContactSpam(5.0)
+  contact = clean_steps.ContactSpam(5.0)
   assert _drop(contact, "Call 555-123-4567 or 555-987-6543, mail deals@spam.com") is not None
   assert _drop(contact, "加微信：abc12345 或者 电话13812345678 13912345678 优惠") is not None
   assert _drop(contact, EN_GOOD + " Written by Ann <ann@uni.edu>.") is None
-  symbols = clean.SymbolDensity(0.25)
+  symbols = clean_steps.SymbolDensity(0.25)
   assert _drop(symbols, "$$$ ### @@@ *** ~~~ ^^^ win $$$") is not None
   assert _drop(symbols, "★★★★★ 好评 ★★★★★ ☆☆☆") is not None
   assert _drop(symbols, ZH_GOOD) is None and _drop(symbols, EN_GOOD) is None
-  rep = clean.Repetition(0.5)
+  rep = clean_steps.Repetition(0.5)
   assert _drop(rep, "buy cheap watches now " * 10) is not None
   assert _drop(rep, "好便宜快来买" * 10) is not None
   assert _drop(rep, EN_GOOD) is None and _drop(rep, ZH_GOOD) is None
-  phrases = clean.SpamPhrases(clean.DEFAULT_SPAM_PHRASES, 2)
+  phrases = clean_steps.SpamPhrases(clean.DEFAULT_SPAM_PHRASES, 2)
   assert _drop(phrases, "Click here to get it, buy now while stocks last!") is not None
   assert _drop(phrases, "限时优惠！点击链接立即购买") is not None
   assert _drop(phrases, EN_GOOD) is None and _drop(phrases, ZH_GOOD) is None
-  filler = clean.MeaninglessReply(clean.DEFAULT_MEANINGLESS_REPLIES)
+  filler = clean_steps.MeaninglessReply(clean.DEFAULT_MEANINGLESS_REPLIES)
   for text in ("Thanks!!", "+1", "顶！", "沙发", "哈哈哈哈哈哈哈哈", "lol"):
     assert _drop(filler, text) == "low_quality:meaningless", text
   assert _drop(filler, EN_GOOD) is None and _drop(filler, "谢谢你的详细解释，帮助很大") is None
 
 
 def test_domain_filter_lexicon_and_scorer():
-  lex = clean.DomainFilter(["compiler", "network", "协议", "memory"], min_score=2.0)
+  lex = clean_steps.DomainFilter(["compiler", "network", "协议", "memory"], min_score=2.0)
   assert _drop(lex, EN_GOOD) is None  # "memory" once in 21 words: 4.8 per 100
   assert _drop(lex, ZH_GOOD) is None
   assert _drop(lex, "The cat sat on the mat and looked at the birds outside.") == "off_domain"
   assert _drop(lex, "今天天气很好，我们去公园散步。") == "off_domain"
-  by_model = clean.DomainFilter(scorer=lambda t: 0.9 if "memory" in t else 0.1, min_score=0.5)
+  by_model = clean_steps.DomainFilter(scorer=lambda t: 0.9 if "memory" in t else 0.1, min_score=0.5)
   assert _drop(by_model, EN_GOOD) is None and _drop(by_model, ZH_GOOD) == "off_domain"
   with pytest.raises(ValueError, match="lexicon or a scorer"):
-    clean.DomainFilter()
+    clean_steps.DomainFilter()
 
 
 def test_missing_values_median_and_mode():
   records = [{"text": f"row {i} with enough text", "n": n, "cat": c, "label": lab, "_file": "t"}
              for i, (n, c, lab) in enumerate([(1.0, "a", "x"), (None, "b", None), (3.0, None, "y"),
                                               (10.0, "a", "y")])]
-  step = clean.ImputeMissing.fit(records)
+  step = clean_steps.ImputeMissing.fit(records)
   out = [step.map(dict(r)) for r in records]
   assert out[1]["n"] == 3.0 and out[2]["cat"] == "a"
   assert out[1]["label"] is None  # labels are never invented
@@ -93,7 +95,7 @@ def test_missing_values_median_and_mode():
 
 
 def test_minhash_near_duplicates_english_and_chinese():
-  sig = clean.MinHashSignature(num_perm=128, shingle_size=3)
+  sig = clean_steps.MinHashSignature(num_perm=128, shingle_size=3)
   a = sig.signature("the quick brown fox jumps over the lazy dog near the river bank today")
   b = sig.signature("the quick brown fox jumps over the lazy dog near the river bank tonight")
   c = sig.signature("completely different words about compilers and memory and networks")
@@ -104,7 +106,7 @@ def test_minhash_near_duplicates_english_and_chinese():
 
 
 def test_near_dedup_buckets_shared_by_several_kept_texts():
-  near = clean.NearDedup(threshold=0.8, num_perm=64)
+  near = clean_steps.NearDedup(threshold=0.8, num_perm=64)
   rows = 64 // near.bands
   base = np.arange(64, dtype=np.uint32)
   other = base + 1000
@@ -118,7 +120,7 @@ def test_near_dedup_buckets_shared_by_several_kept_texts():
 
 
 def test_exact_dedup_with_and_without_the_precomputed_key():
-  key_step, dedup = clean.DedupKey(), clean.ExactDedup()
+  key_step, dedup = clean_steps.DedupKey(), clean_steps.ExactDedup()
   first = dedup.map(key_step.map({"text": "Same  Text"}))
   second = dedup.map({"text": "same text"})  # no _dedup_key: hashed in place
   assert first.get("_drop") is None and second["_drop"] == "duplicate"

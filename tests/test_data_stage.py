@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from r1jax import configlib
-from r1jax.data import examples
+from r1jax.data import pretraining
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import data as data_stage
@@ -116,8 +116,8 @@ def test_stage_end_to_end(inputs, tmp_path):
   # Tokenizer next to the data, loadable, used by the pretraining pipeline.
   tok = tokenizer_lib.Tokenizer.load(workdir)
   assert tok.vocab_size == 300 == summary["vocab_size"]
-  batch = next(examples.pretrain_iterator(os.path.join(workdir, "data", "clean"), tok, seq_len=32,
-                                          batch_size=2))
+  batch = next(pretraining.pretrain_iterator(os.path.join(workdir, "data", "clean"), tok,
+                                             seq_len=32, batch_size=2))
   assert batch["tokens"].shape == (2, 32)
   assert not os.path.exists(os.path.join(workdir, "data", "augmented"))
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:

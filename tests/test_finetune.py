@@ -5,18 +5,22 @@ FOLDOC beats the majority class after general and domain-adapted pretraining."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from r1jax import configlib
+from r1jax import run_dir
 from r1jax.data import builtin
+from r1jax.data import task as task_lib
 from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.model import heads
+from r1jax.model import transformer_xl as txl
 from r1jax.stages import finetune
 from r1jax.stages import pretrain
 from r1jax.train import checkpoint as ckpt_lib
-from r1jax.train import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = {"model.d_model": 32, "model.n_layer": 2, "model.n_head": 2, "model.d_head": 16,
@@ -41,7 +45,7 @@ def make_config(path="finetune.py", variant="tiny", **overrides):
 def read_params(ckpt_dir, step):
   """Saved parameters of `ckpt_dir/<step>` as {path: numpy array} (no model needed)."""
   tree = ocp.PyTreeCheckpointer().restore(os.path.join(ckpt_dir, str(step), "params"))
-  return {optim.path_str(p): np.asarray(x)
+  return {run_dir.path_str(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -53,7 +57,7 @@ def opt_state_param_paths(ckpt_dir, step):
   manager.close()
   paths = set()
   for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    path = optim.path_str(p)
+    path = run_dir.path_str(p)
     for moment in ("/mu/", "/nu/"):
       if moment in path:
         paths.add(path.split(moment, 1)[1])
@@ -403,7 +407,7 @@ def test_rows_without_label_or_text_are_skipped_and_counted(tmp_path):
           {"text": "g", "label": "NA"}]
   jsonl = write_jsonl(tmp_path / "t.jsonl", rows)
   config = make_config(**{"task.train": jsonl, "task.dev": jsonl, "task.test": ""})
-  task = finetune.load_task(config.task)
+  task = task_lib.load_task(config.task)
   assert task.train.counts == {"rows": 7, "used": 2, "skipped_missing_label": 4,
                                "skipped_bad_text": 1, "skipped_multiple_labels": 0}
   assert [r["label"] for r in task.train.records] == ["x", "y"]
@@ -411,7 +415,7 @@ def test_rows_without_label_or_text_are_skipped_and_counted(tmp_path):
   csv.write_text("body,tag\nhello world,x\nno label,\nbye,y\n")
   config.task.train = config.task.dev = str(csv)
   config.task.text_field, config.task.label_field = "body", "tag"
-  task = finetune.load_task(config.task)
+  task = task_lib.load_task(config.task)
   assert task.dev.counts["skipped_missing_label"] == 1 and task.dev.counts["used"] == 2
   assert task.test.records == task.dev.records  # test "" reports on dev
 
@@ -425,25 +429,25 @@ def test_unseen_dev_label_errors_or_is_skipped(tmp_path):
   with pytest.raises(ValueError, match=r"task.dev has label\(s\) never seen in the training "
                                        r"data: 'zebra' \(1 rows, first at .*dev.jsonl:2\)"
                                        r".*unknown_label=skip"):
-    finetune.load_task(config.task)
+    task_lib.load_task(config.task)
   config.task.unknown_label = "skip"
-  task = finetune.load_task(config.task)
+  task = task_lib.load_task(config.task)
   assert task.dev.counts["skipped_unknown_label"] == 1 and len(task.dev.records) == 1
   # Multi-label: the unknown code is dropped, the row kept.
   config.task.multi_label = True
   config.task.train = write_jsonl(tmp_path / "mtrain.jsonl", [{"text": "a", "label": "x,y"}])
   config.task.dev = config.task.test = write_jsonl(tmp_path / "mdev.jsonl",
                                                    [{"text": "c", "label": ["x", "zebra"]}])
-  task = finetune.load_task(config.task)
+  task = task_lib.load_task(config.task)
   assert task.dev.records[0]["label"] == ["x"] and task.dev.counts["dropped_unknown_codes"] == 1
 
 
 def test_label_names_of():
-  assert finetune.label_names_of("a; b;a", True, ";") == ["a", "b"]
-  assert finetune.label_names_of(["x", None, " y "], True, ",") == ["x", "y"]
-  assert finetune.label_names_of(3, False, ",") == ["3"]
-  assert finetune.label_names_of("a,b", False, ",") == ["a,b"]  # single-label: kept whole
-  assert finetune.label_names_of(float("nan"), False, ",") == []
+  assert task_lib.label_names_of("a; b;a", True, ";") == ["a", "b"]
+  assert task_lib.label_names_of(["x", None, " y "], True, ",") == ["x", "y"]
+  assert task_lib.label_names_of(3, False, ",") == ["3"]
+  assert task_lib.label_names_of("a,b", False, ",") == ["a,b"]  # single-label: kept whole
+  assert task_lib.label_names_of(float("nan"), False, ",") == []
 
 
 def test_plan_phases():
@@ -518,7 +522,13 @@ def test_general_vs_domain_adapted_on_foldoc(tmp_path):
 def test_model_config_inherits_the_pretrained_architecture_and_takes_relu6(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model": {
       "variant": "tiny", "d_model": 32, "n_layer": 3, "dropout": 0.0, "activation": None}}))
-  arch = finetune.pretrained_architecture(str(tmp_path), {"backbone/type_emb/embedding": (2, 32)})
+  pretrained = heads.PretrainModel(txl.get_variant("tiny", d_model=32, n_layer=3, n_token_types=2,
+                                                   vocab_size=100))
+  tokens = jax.ShapeDtypeStruct((1, 4), np.int32)
+  abstract = jax.eval_shape(pretrained.init, jax.random.PRNGKey(0), tokens, token_types=tokens)
+  shapes = {run_dir.path_str(p): tuple(x.shape) for p, x in
+            jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]}
+  arch = run_dir.architecture_of(str(tmp_path), shapes=shapes)  # sizes: the checkpoint's
   config = make_config(**{"model.n_layer": 1, "model.activation": "relu6"})
   mcfg = finetune.model_config(config, vocab_size=500, pretrained=arch)
   assert (mcfg.d_model, mcfg.n_token_types, mcfg.vocab_size) == (32, 2, 500)  # inherited
@@ -531,7 +541,7 @@ def test_model_config_inherits_the_pretrained_architecture_and_takes_relu6(tmp_p
 @pytest.mark.parametrize("multi", [False, True])
 def test_loss_ignores_padding_rows(multi):
   """Rows with example_mask False do not count: changing their content changes nothing."""
-  from r1jax.model import heads, transformer_xl as txl  # pylint: disable=g-import-not-at-top
+  from r1jax.model import heads, losses, transformer_xl as txl  # pylint: disable=g-import-not-at-top
   model = heads.Classifier(txl.get_variant("tiny", vocab_size=50, d_model=16, n_layer=1, n_head=2,
                                            d_head=8, d_inner=32, dropout=0.0), 3, multi_label=multi)
 
@@ -547,7 +557,7 @@ def test_loss_ignores_padding_rows(multi):
   for k in ("tokens", "token_mask", "label"):  # same real rows, different padding rows
     b[k][:2] = a[k][:2]
   params = jax.jit(model.init)(jax.random.PRNGKey(0), a["tokens"][:1])["params"]
-  loss_fn = jax.jit(finetune.classification_loss_fn(model, multi_label=multi, label_smoothing=0.1),
+  loss_fn = jax.jit(losses.classification_loss_fn(model, multi_label=multi, label_smoothing=0.1),
                     static_argnums=4)
   key = jax.random.PRNGKey(0)
   loss_a, (m_a, _) = loss_fn(params, a, {}, key, True)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from r1jax import model as r1model
+from r1jax.model import config as model_config
 from r1jax.model import heads
+from r1jax.model import kernels
 from r1jax.model import transformer_xl as txl
 
 SMALL = dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=8, d_inner=32, mem_len=6,
@@ -140,7 +142,7 @@ def test_rel_shift_matches_gather(causal):
   q_len, k_len = 3, 7
   p_len = k_len if causal else k_len + q_len - 1
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, q_len, p_len)))
-  shifted = np.asarray(txl.rel_shift(x, k_len))
+  shifted = np.asarray(kernels.rel_shift(x, k_len))
   for i in range(q_len):
     for j in range(k_len):
       dist = (k_len - q_len) + i - j
@@ -164,7 +166,7 @@ def test_rel_shift_gradient_is_the_transpose(causal, q_len, k_len):
     index = np.broadcast_to(np.minimum(col, p_len - 1), x.shape[:-1] + (k_len,))
     return jnp.where(col < p_len, jnp.take_along_axis(x, jnp.asarray(index), axis=-1), 0.0)
 
-  out, vjp = jax.vjp(lambda x: txl.rel_shift(x, k_len), x)
+  out, vjp = jax.vjp(lambda x: kernels.rel_shift(x, k_len), x)
   ref_out, ref_vjp = jax.vjp(reference, x)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
   np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(ref_vjp(g)[0]))
@@ -343,7 +345,7 @@ def test_variants_and_layer_names():
                             jax.random.key(0), jax.ShapeDtypeStruct((1, 4), jnp.int32))
   names = sorted(abstract["params"]["backbone"])
   assert [n for n in names if n.startswith("layer_")] == [f"layer_{i}" for i in range(4)]
-  count = txl.count_params(base)
+  count = heads.count_params(base)
   assert 125e6 < count < 135e6, count     # 38.4M embedding + 12 x ~7.7M
 
 
@@ -413,7 +415,7 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match=r"tokens contains 50, outside the vocabulary \[0, 49\]"):
     model.apply(variables, np.full((2, 4), 50, np.int32))
   with pytest.raises(ValueError, match=r"tokens contains -1"):
-    txl.check_inputs(cfg, np.full((2, 4), -1, np.int32))
+    model_config.check_inputs(cfg, np.full((2, 4), -1, np.int32))
   with pytest.raises(ValueError, match="integer ids"):
     model.apply(variables, np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError, match=r"mems has 1 arrays; the model has n_layer=2"):

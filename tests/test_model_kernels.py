@@ -9,51 +9,52 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from r1jax.model import kernels
 from r1jax.model import transformer_xl as txl
 
 
 def test_keep_mask_rate_and_independence():
-  seeds = txl.dropout_seeds(jax.random.key(0))
-  mask = np.asarray(txl.keep_mask(seeds, (64, 1024), 0.9), np.float64).ravel()
+  seeds = kernels.dropout_seeds(jax.random.key(0))
+  mask = np.asarray(kernels.keep_mask(seeds, (64, 1024), 0.9), np.float64).ravel()
   # 65536 draws: the rate is within 5 standard deviations of 0.9.
   assert abs(mask.mean() - 0.9) < 5 * np.sqrt(0.09 / mask.size)
-  other = np.asarray(txl.keep_mask(txl.dropout_seeds(jax.random.key(1)), (64, 1024), 0.9),
+  other = np.asarray(kernels.keep_mask(kernels.dropout_seeds(jax.random.key(1)), (64, 1024), 0.9),
                      np.float64).ravel()
   for a, b in ((mask, other), (mask[:-1], mask[1:]), (mask[:-1024], mask[1024:])):
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
   assert not np.array_equal(mask, other)
-  np.testing.assert_array_equal(mask, np.asarray(txl.keep_mask(seeds, (64, 1024), 0.9)).ravel())
-  assert np.asarray(txl.keep_mask(seeds, (1000,), 1.0)).all()
+  np.testing.assert_array_equal(mask, np.asarray(kernels.keep_mask(seeds, (64, 1024), 0.9)).ravel())
+  assert np.asarray(kernels.keep_mask(seeds, (1000,), 1.0)).all()
 
 
 def test_keep_mask_counts_the_flat_element_index():
   # The per-axis sum is the row-major flat index: any shape gives the flat mask, reshaped.
-  seeds = txl.dropout_seeds(jax.random.key(5))
-  flat = np.asarray(txl.keep_mask(seeds, (4 * 8 * 32,), 0.7))
+  seeds = kernels.dropout_seeds(jax.random.key(5))
+  flat = np.asarray(kernels.keep_mask(seeds, (4 * 8 * 32,), 0.7))
   for shape in ((4, 8, 32), (32, 32), (4, 256), (1, 4, 1, 8, 32)):
-    np.testing.assert_array_equal(np.asarray(txl.keep_mask(seeds, shape, 0.7)).ravel(), flat)
-  assert np.asarray(txl.keep_mask(seeds, (), 1.0)).shape == ()
-  assert np.asarray(txl.keep_mask(seeds, (3, 0, 2), 0.5)).shape == (3, 0, 2)
+    np.testing.assert_array_equal(np.asarray(kernels.keep_mask(seeds, shape, 0.7)).ravel(), flat)
+  assert np.asarray(kernels.keep_mask(seeds, (), 1.0)).shape == ()
+  assert np.asarray(kernels.keep_mask(seeds, (3, 0, 2), 0.5)).shape == (3, 0, 2)
 
 
-@pytest.mark.parametrize("activation", sorted(txl.ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(kernels.ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_activation_dropout_equals_autodiff_of_the_two(activation, dtype):
   x = (jax.random.normal(jax.random.key(0), (4, 16, 64)) * 3).astype(dtype)
   w = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
-  seeds = txl.dropout_seeds(jax.random.key(2))
-  act = txl.ACTIVATIONS[activation]
+  seeds = kernels.dropout_seeds(jax.random.key(2))
+  act = kernels.ACTIVATIONS[activation]
 
   def plain(x):
-    return jnp.sum((txl.apply_dropout(act(x), seeds, 0.8) * w).astype(jnp.float32))
+    return jnp.sum((kernels.apply_dropout(act(x), seeds, 0.8) * w).astype(jnp.float32))
 
   def fused(x):
-    return jnp.sum((txl.activation_dropout(x, seeds, 0.8, activation) * w).astype(jnp.float32))
+    return jnp.sum((kernels.activation_dropout(x, seeds, 0.8, activation) * w).astype(jnp.float32))
 
   tol = 1e-6 if dtype == jnp.float32 else 2e-2
   f32 = lambda a: np.asarray(a, np.float32)
-  np.testing.assert_allclose(f32(txl.activation_dropout(x, seeds, 0.8, activation)),
-                             f32(txl.apply_dropout(act(x), seeds, 0.8)), rtol=tol, atol=tol)
+  np.testing.assert_allclose(f32(kernels.activation_dropout(x, seeds, 0.8, activation)),
+                             f32(kernels.apply_dropout(act(x), seeds, 0.8)), rtol=tol, atol=tol)
   g_plain, g_fused = f32(jax.grad(plain)(x)), f32(jax.grad(fused)(x))
   np.testing.assert_allclose(g_fused, g_plain, rtol=tol, atol=10 * tol)
   assert (g_fused != 0).mean() > 0.3   # the gradient is not trivially zero
@@ -63,7 +64,7 @@ def test_activation_dropout_equals_autodiff_of_the_two(activation, dtype):
 
 def test_keep_mask_refuses_counter_overflow():
   with pytest.raises(ValueError, match="2\\^32"):
-    txl.keep_mask(jnp.zeros(2, jnp.uint32), (2 ** 16, 2 ** 16), 0.5)
+    kernels.keep_mask(jnp.zeros(2, jnp.uint32), (2 ** 16, 2 ** 16), 0.5)
 
 
 def test_dropout_scales_kept_entries_and_is_off_when_deterministic():
@@ -101,8 +102,8 @@ def test_softmax_gradient_matches_jax():
   x = jax.random.normal(jax.random.key(0), (2, 3, 7)) * 4
   x = x.at[..., 0].set(-1e9)  # a masked entry, as in attention
   w = jax.random.normal(jax.random.key(1), x.shape)
-  np.testing.assert_allclose(txl.softmax(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
-  g1 = jax.grad(lambda x: jnp.sum(txl.softmax(x) * w))(x)
+  np.testing.assert_allclose(kernels.softmax(x), jax.nn.softmax(x, axis=-1), rtol=1e-6, atol=1e-7)
+  g1 = jax.grad(lambda x: jnp.sum(kernels.softmax(x) * w))(x)
   g2 = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x, axis=-1) * w))(x)
   np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
 
@@ -138,7 +139,7 @@ def test_matmul_gradients_match_the_plain_product(n_in, n_out, dtype):
   x = jax.random.normal(jax.random.key(0), (7, n_in)).astype(dtype)
   w = jax.random.normal(jax.random.key(1), (n_in, n_out)).astype(dtype)
   t = jax.random.normal(jax.random.key(2), (7, n_out))
-  ours = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(txl.matmul(x, w) * t), argnums=(0, 1)))
+  ours = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(kernels.matmul(x, w) * t), argnums=(0, 1)))
   ref = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum((x @ w) * t), argnums=(0, 1)))
   (v1, (dx1, dw1)), (v2, (dx2, dw2)) = ours(x, w), ref(x, w)
   assert dw1.shape == w.shape and dw1.dtype == w.dtype and dx1.dtype == x.dtype
@@ -158,9 +159,9 @@ def test_split_head_major_equals_transpose_and_index(n):
     return sum(jnp.sum(t[i] * w) for i, w in enumerate(ws))
 
   def ours(x):
-    return sum(jnp.sum(p * w) for p, w in zip(txl._split_head_major(x), ws))
+    return sum(jnp.sum(p * w) for p, w in zip(kernels.split_head_major(x), ws))
 
-  parts = txl._split_head_major(x)
+  parts = kernels.split_head_major(x)
   assert len(parts) == n and all(p.shape == (3, 2, 5, 4) for p in parts)
   for i, p in enumerate(parts):
     np.testing.assert_array_equal(p, jnp.transpose(x[:, :, i], (2, 0, 1, 3)))

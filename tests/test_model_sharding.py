@@ -89,4 +89,4 @@ def test_base_param_shardings_without_materialising():
   assert all(isinstance(s, NamedSharding) and s.mesh == mesh for s in jax.tree.leaves(shardings))
   # Same structure as the real params, so it can be passed as jit out_shardings.
   assert jax.tree.structure(shardings) == jax.tree.structure(nn.unbox(abstract["params"]))
-  assert 125e6 < txl.count_params(cfg) < 135e6
+  assert 125e6 < heads.count_params(cfg) < 135e6

@@ -12,9 +12,11 @@ import time
 import pytest
 
 from r1jax import configlib
-from r1jax import pipeline_report
+from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.stages import pipeline
+from r1jax.stages import pipeline_report
+from r1jax.stages import pipeline_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "configs", "pipeline.py")
@@ -50,8 +52,8 @@ def test_stage_configs_come_from_the_stage_files():
   spec = importlib.util.spec_from_file_location("pipeline_config", PIPELINE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  assert tuple(module.STAGE_CONFIGS) == pipeline.STAGES
-  assert tuple(config.pipeline) == tuple(sorted(pipeline.STAGES))
+  assert tuple(module.STAGE_CONFIGS) == pipeline_stages.STAGES
+  assert tuple(config.pipeline) == tuple(sorted(pipeline_stages.STAGES))
   pretrain = configlib.load_config(os.path.join(ROOT, "configs", "pretrain.py:variant=tiny"))
   nested = config.pipeline.pretrain_general
   # Defaults from configs/pretrain.py, plus the pipeline's few overrides.
@@ -85,7 +87,7 @@ def test_stage_config_connects_stages(tmp_path):
 
 
 def test_default_selection_and_order():
-  assert pipeline.selected_stages(_config()) == [s for s in pipeline.STAGES if s != "tune"]
+  assert pipeline.selected_stages(_config()) == [s for s in pipeline_stages.STAGES if s != "tune"]
   assert "tune" in pipeline.selected_stages(_config(run_tune=True))
   # Quantizing the pruned model puts prune before quantize.
   order = pipeline.selected_stages(_config(**{"sources.quantize": "prune"}))
@@ -159,7 +161,7 @@ def test_run_skip_refuse_and_report(tmp_path, capsys):
   for name in summary["ran"]:
     assert os.path.exists(os.path.join(wd, name, "summary.json"))
     assert os.path.exists(os.path.join(wd, name, "config.json"))
-    state = pipeline.read_json(pipeline.state_path(wd, name))
+    state = run_dir.read_json(pipeline_stages.state_path(wd, name))
     assert state["status"] == "finished" and state["wall_secs"] > 0
   assert json.load(open(os.path.join(wd, "pretrain_general", "config.json")))[
       "data"]["corpus"] == os.path.join(wd, "data_general", "data", "clean")
@@ -294,16 +296,16 @@ def test_kill_mid_stage_and_rerun_gives_the_same_numbers(tmp_path):
   # Kill once pretrain_domain has saved step 8 of 24, then once finetune_domain has saved step 18
   # (in its second phase, 12-24), rerunning the same command after each kill.
   assert _run_until(cmd, env, lambda: _has_checkpoint(os.path.join(resumed, "pretrain_domain"), 8))
-  state = pipeline.read_json(pipeline.state_path(resumed, "pretrain_domain"))
+  state = run_dir.read_json(pipeline_stages.state_path(resumed, "pretrain_domain"))
   assert state["status"] == "running"
   assert _run_until(cmd, env, lambda: _has_checkpoint(
       os.path.join(resumed, "finetune_domain", "phases", "1_stage_b"), 18))
   assert not _run_until(cmd, env, lambda: False, timeout=1800)
 
   assert _final_numbers(resumed) == _final_numbers(reference)
-  state = pipeline.read_json(pipeline.state_path(resumed, "pretrain_domain"))
+  state = run_dir.read_json(pipeline_stages.state_path(resumed, "pretrain_domain"))
   assert state["attempts"] == 2
-  assert pipeline.read_json(pipeline.state_path(resumed, "finetune_domain"))["attempts"] == 2
+  assert run_dir.read_json(pipeline_stages.state_path(resumed, "finetune_domain"))["attempts"] == 2
   report = open(os.path.join(resumed, "report.md")).read()
   assert "## Compression trade-off" in report
   assert "| 4 | [pretrain_domain](pretrain_domain) |" in report

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from r1jax import configlib
+from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import pretrain
@@ -151,8 +152,8 @@ def test_bad_config_fails_before_compiling(tokenizer_path, tmp_path):
 
 def test_second_run_on_a_live_workdir_is_refused(tokenizer_path, tmp_path):
   workdir = str(tmp_path / "busy")
-  with ckpt_lib.WorkdirLock(workdir):
-    with pytest.raises(ckpt_lib.WorkdirLocked, match="in use by a live run"):
+  with run_dir.WorkdirLock(workdir):
+    with pytest.raises(run_dir.WorkdirLocked, match="in use by a live run"):
       pretrain.run(tiny_config(tokenizer_path), workdir)
   assert os.listdir(workdir) == []  # refused before writing anything
 
@@ -219,14 +220,17 @@ def test_sigterm_saves_and_exits_within_grace_then_resumes(tokenizer_path, tmp_p
   overrides = (tok, *SUBPROCESS_OVERRIDES, "--config.checkpoint.sigterm_grace_secs=30")
   proc = subprocess.Popen(_command(workdir, *overrides), env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for_step(workdir, 10, proc)
+  at_signal = _wait_for_step(workdir, 10, proc)
   start = time.time()
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == ckpt_lib.PREEMPTED_EXIT_CODE, err[-2000:]
   assert time.time() - start < 30
   saved = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).latest_step()
-  assert saved >= 10 and saved % 8 != 0 or saved >= 10  # the preemption save (not only periodic)
+  # The preemption save (not only the periodic ones, every 8 steps): at the step the run stopped
+  # on (its last metrics record), at or after the step it had reached when signalled.
+  stopped = metrics.read_metrics(workdir, "train")[-1]["step"]
+  assert saved == stopped >= at_signal >= 10, (saved, stopped, at_signal)
   assert "SIGTERM: saving a checkpoint" in err
   done = subprocess.run(_command(workdir, *overrides), env=_env(), capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from r1jax import configlib
+from r1jax import run_dir
 from r1jax.model import axes
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import mesh as mesh_lib
@@ -181,7 +182,7 @@ def test_restore_params_subtree_from_workdir(tmp_path, caplog):
   params, step = ckpt_lib.restore_params(str(tmp_path), target)
   assert step == 5 and set(params) == {"backbone"}
   _assert_same(params["backbone"], state.params["backbone"])
-  shapes, _ = ckpt_lib.saved_param_shapes(str(tmp_path))
+  shapes, _ = run_dir.saved_param_shapes(str(tmp_path))
   assert shapes == {"backbone/dense/bias": (8,), "backbone/dense/kernel": (16, 8),
                     "head/kernel": (8, 4)}
   full, _ = ckpt_lib.restore_params(str(tmp_path))  # everything, as host numpy arrays
@@ -227,11 +228,11 @@ def test_preemption_watcher_sigterm_and_requests():
 
 
 def test_workdir_lock(tmp_path):
-  lock = ckpt_lib.WorkdirLock(str(tmp_path)).acquire()
+  lock = run_dir.WorkdirLock(str(tmp_path)).acquire()
   info = json.loads((tmp_path / ".lock").read_text())
   assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
-  with pytest.raises(ckpt_lib.WorkdirLocked, match=f"in use by a live run \\(pid {os.getpid()}"):
-    ckpt_lib.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(run_dir.WorkdirLocked, match=f"in use by a live run \\(pid {os.getpid()}"):
+    run_dir.WorkdirLock(str(tmp_path)).acquire()
   lock.release()
   assert not (tmp_path / ".lock").exists()
 
@@ -240,11 +241,11 @@ def test_workdir_lock(tmp_path):
   dead.wait()
   (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                               "start_time": "1"}))
-  with ckpt_lib.WorkdirLock(str(tmp_path)):
+  with run_dir.WorkdirLock(str(tmp_path)):
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
   assert not (tmp_path / ".lock").exists()
 
   # Another host's lock cannot be checked: refuse, saying how to proceed.
   (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
-  with pytest.raises(ckpt_lib.WorkdirLocked, match="on host elsewhere .* delete the lock"):
-    ckpt_lib.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(run_dir.WorkdirLocked, match="on host elsewhere .* delete the lock"):
+    run_dir.WorkdirLock(str(tmp_path)).acquire()

@@ -9,6 +9,7 @@ import pytest
 
 from r1jax import configlib
 from r1jax.model import axes
+from r1jax.model import losses as losses_lib
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop
 from r1jax.train import mesh as mesh_lib
@@ -27,7 +28,7 @@ def loss_fn(params, batch, extras, rng, deterministic):
   del rng, deterministic
   pred = batch["x"] @ params["w"]
   err = ((pred[:, 0] - batch["y"]) ** 2) * batch["scale"]
-  return err.mean(), ({"mse": steps.metric(err.sum(), err.size)}, extras)
+  return err.mean(), ({"mse": losses_lib.metric(err.sum(), err.size)}, extras)
 
 
 class Batches:

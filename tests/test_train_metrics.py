@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from r1jax import run_dir
 from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 from r1jax.train import metrics
@@ -70,7 +71,7 @@ def test_writer_truncates_on_resume_and_writes_tensorboard(tmp_path):
 
 def test_write_json_is_valid_json_with_nan(tmp_path):
   path = str(tmp_path / "summary.json")
-  metrics.write_json(path, {"a": float("inf"), "b": {"c": float("nan"), "d": [1.0]}})
+  run_dir.write_json(path, {"a": float("inf"), "b": {"c": float("nan"), "d": [1.0]}})
   with open(path) as f:
     data = json.load(f)
   assert data == {"a": "inf", "b": {"c": "nan", "d": [1.0]}}

@@ -10,6 +10,7 @@ import pytest
 from r1jax import configlib
 from r1jax.model import axes
 from r1jax.model import heads
+from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
@@ -48,7 +49,7 @@ def make_engine(shape=(1, 1, 1), accum=1, loss_fn=None):
   return steps.Engine(
       mesh=mesh, rules=axes.DEFAULT_RULES, tx=optim.build_optimizer(TRAIN, abstract, num_steps=10),
       init_params=init_params, init_extras=lambda: {"memory": txl.init_memory(CFG, B)},
-      loss_fn=loss_fn or steps.pretrain_loss_fn(MODEL), batch_size=B, accum_steps=accum,
+      loss_fn=loss_fn or losses.pretrain_loss_fn(MODEL), batch_size=B, accum_steps=accum,
       lr_schedule=optim.make_schedule(TRAIN, 10))
 
 
@@ -193,7 +194,7 @@ def test_evaluate_sums_over_batches(single, engine1, batches):
 def test_cross_entropy_label_smoothing_matches_optax():
   logits = jax.random.normal(jax.random.PRNGKey(1), (5, 7))
   labels = jnp.array([0, 3, 6, 2, 1])
-  loss, nll = steps.cross_entropy(logits, labels, 0.1)
+  loss, nll = losses.cross_entropy(logits, labels, 0.1)
   ref = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(labels, 7), 0.1))
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
   np.testing.assert_allclose(nll, optax.softmax_cross_entropy_with_integer_labels(logits, labels),
@@ -204,13 +205,13 @@ def test_cross_entropy_gradient_and_accuracy_match_reference():
   logits = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 11)) * 3.0
   labels = jax.random.randint(jax.random.PRNGKey(3), (4, 6), 0, 11)
   ref = lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).sum()  # noqa: E731
-  ours = lambda x: steps.cross_entropy(x, labels)[1].sum()  # noqa: E731
+  ours = lambda x: losses.cross_entropy(x, labels)[1].sum()  # noqa: E731
   np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), atol=1e-6)
-  np.testing.assert_array_equal(steps.correct_predictions(logits, labels),
+  np.testing.assert_array_equal(losses.correct_predictions(logits, labels),
                                 (logits.argmax(-1) == labels).astype(np.float32))
   # A wrong label is wrong even when it ties every logit but the top one.
   tied = jnp.array([[2.0, 1.0, 1.0]])
-  np.testing.assert_array_equal(steps.correct_predictions(tied, jnp.array([1])), [0.0])
+  np.testing.assert_array_equal(losses.correct_predictions(tied, jnp.array([1])), [0.0])
 
 
 def test_causal_lm_loss_chunked_equals_unchunked():
@@ -227,7 +228,7 @@ def test_causal_lm_loss_chunked_equals_unchunked():
   extras = {"memory": txl.init_memory(cfg, B)}
   out = {}
   for chunk in (0, 4):
-    fn = steps.causal_lm_loss_fn(model, chunk_size=chunk)
+    fn = losses.causal_lm_loss_fn(model, chunk_size=chunk)
     (loss, (metrics, new_extras)), grads = jax.value_and_grad(fn, has_aux=True)(
         params, batch, extras, jax.random.key(1), True)
     out[chunk] = (loss, grads, metrics["lm_loss"][1])
@@ -241,7 +242,7 @@ def test_causal_lm_loss_chunked_equals_unchunked():
   for a, b in zip(jax.tree.leaves(out[0][1]), jax.tree.leaves(out[4][1])):
     np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
   with pytest.raises(ValueError, match="chunk_size=5 must divide the number of positions 16"):
-    steps.causal_lm_loss_fn(model, chunk_size=5)(params, batch, extras, jax.random.key(1), True)
+    losses.causal_lm_loss_fn(model, chunk_size=5)(params, batch, extras, jax.random.key(1), True)
 
 
 def test_split_and_merge_rows_round_trip():
@@ -261,7 +262,7 @@ def test_knowledge_loss_is_added_with_its_weight():
                kg_token_mask=np.ones((B, 8), bool), kg_label=rng.integers(0, 2, (B,)).astype(
                    np.int32))
   extras = {"memory": txl.init_memory(CFG, B)}
-  loss_fn = steps.pretrain_loss_fn(model, kg_weight=0.5)
+  loss_fn = losses.pretrain_loss_fn(model, kg_weight=0.5)
   loss, (m, _) = jax.jit(loss_fn, static_argnums=4)(params, batch, extras, jax.random.PRNGKey(0),
                                                    True)
   m = steps.normalize(jax.device_get(m))
@@ -281,7 +282,7 @@ def test_nonfinite_skip_keeps_params_and_moments_on_either_guard(monkeypatch, ba
   def loss_fn(p, batch, extras, rng, deterministic):
     del rng, deterministic
     loss = jnp.sum((p["w"] * batch["x"] + p["b"]) ** 2)
-    return loss, ({"loss": steps.metric(loss)}, extras + 1)
+    return loss, ({"loss": losses.metric(loss)}, extras + 1)
 
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.key_data(jax.random.key(0)), extras=jnp.zeros(()),

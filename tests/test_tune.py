@@ -15,8 +15,11 @@ from optuna.trial import TrialState
 import pytest
 
 from r1jax import configlib
+from r1jax import run_dir
 from r1jax.stages import finetune
 from r1jax.stages import tune
+from r1jax.stages import tune_space
+from r1jax.stages import tune_storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNE = os.path.join(ROOT, "configs", "tune.py")
@@ -34,7 +37,7 @@ FAST = {
 def tiny_config(**overrides):
   config = configlib.load_config(f"{TUNE}:variant=tiny")
   for key, value in {**FAST, **overrides}.items():
-    tune.set_path(config, key, value)
+    configlib.set_path(config, key, value)
   return config
 
 
@@ -132,7 +135,7 @@ def test_unknown_config_arg_is_rejected():
 
 def test_space_parsing_and_sampling():
   config = tiny_config(**{"space.dropout.type": "categorical", "space.dropout.choices": "0.1, 0.2"})
-  params = {p.name: p for p in tune.parse_space(config, configlib.Validator(config))}
+  params = {p.name: p for p in tune_space.parse_space(config, configlib.Validator(config))}
   assert params["batch_size"].optuna_name == "log2_batch_size"
   assert params["dropout"].choices == (0.1, 0.2)
   study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -163,7 +166,7 @@ def test_best_config_py_round_trip(tmp_path):
   cfg = tune.trial_config(config, {"train.learning_rate": 1.5e-3, "train.batch_size": 64,
                                    "model.dropout": 0.25})
   path = tmp_path / "best_config.py"
-  path.write_text(tune.render_config_py(cfg, "test"))
+  path.write_text(configlib.render_config_py(cfg, "test"))
   loaded = configlib.load_config(str(path))
   assert configlib.to_dict(loaded) == configlib.to_dict(cfg)
   # Placeholders keep their types, so command-line overrides work as on configs/finetune.py.
@@ -178,8 +181,8 @@ def test_eval_metric_table_matches_the_loss_functions():
   """The objective check trusts tune.eval_metrics; it must list what the evals really report
   (the loss functions' metrics plus the engine's "loss"; shapes only, nothing is computed)."""
   from r1jax.model import heads
+  from r1jax.model import losses
   from r1jax.model import transformer_xl as txl
-  from r1jax.train import steps as steps_lib
   rng = jax.random.PRNGKey(0)
   tokens = jnp.ones((2, 8), jnp.int32)
 
@@ -194,7 +197,7 @@ def test_eval_metric_table_matches_the_loss_functions():
     model = heads.Classifier(mcfg, 3, multi_label=multi)
     label = jnp.array([[1, 0, 1], [0, 1, 0]], jnp.float32) if multi else jnp.array([0, 2])
     batch = {"tokens": tokens, "token_mask": tokens > 0, "label": label}
-    names = metric_names(model, finetune.classification_loss_fn(model, multi_label=multi), batch,
+    names = metric_names(model, losses.classification_loss_fn(model, multi_label=multi), batch,
                          {})
     base = ml_collections.ConfigDict({"task": {"multi_label": multi}})
     assert names == set(tune.eval_metrics("finetune", base))
@@ -203,7 +206,7 @@ def test_eval_metric_table_matches_the_loss_functions():
            "mlm_positions": jnp.zeros((2, 2), jnp.int32), "mlm_ids": jnp.ones((2, 2), jnp.int32),
            "mlm_weights": jnp.ones((2, 2)), "nsp_label": jnp.array([0, 1]),
            "reset_memory": jnp.array([True, True])}
-  names = metric_names(model, steps_lib.pretrain_loss_fn(model), batch,
+  names = metric_names(model, losses.pretrain_loss_fn(model), batch,
                        {"memory": txl.init_memory(model.config, 2)},
                        token_types=jnp.zeros_like(tokens))
   base = ml_collections.ConfigDict({"data": {"nsp": True, "knowledge_file": ""}})
@@ -232,32 +235,32 @@ def _study_with(states):
 def test_budget_counts_finished_and_running_but_not_requeued_failures():
   study = _study_with(["complete", "pruned", "fail", "fail", "running"])
   trials = study.get_trials()
-  assert tune.budget_used(trials) == 5
-  tune.requeue(study, trials[3])  # trial 3 died with its worker: its retry counts instead
+  assert tune_storage.budget_used(trials) == 5
+  tune_storage.requeue(study, trials[3])  # trial 3 died with its worker: its retry counts instead
   trials = study.get_trials()
   assert trials[-1].state == TrialState.WAITING and trials[-1].user_attrs["retry_of"] == 3
   assert trials[-1].params == trials[3].params
-  assert tune.budget_used(trials) == 4
+  assert tune_storage.budget_used(trials) == 4
 
 
 def test_running_trial_of_a_dead_worker_is_failed_and_requeued():
   study = optuna.create_study(direction="minimize")
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
-  alive = tune._worker_info()
+  alive = run_dir.process_info()
   for pid_info in (dict(alive, pid=dead.pid), alive):
     trial = study.ask()
     trial.suggest_float("x", 0.0, 1.0)
     trial.report(0.5, 4)
     trial.set_user_attr("worker", pid_info)
-  assert tune.recover_trials(study) == [0]
+  assert tune_storage.recover_trials(study) == [0]
   trials = study.get_trials()
   assert trials[0].state == TrialState.FAIL and "died" in trials[0].user_attrs["fail_reason"]
   assert trials[1].state == TrialState.RUNNING  # this process: alive
   retry = trials[2]
   assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == 0
   assert retry.intermediate_values == {4: 0.5}
-  assert tune.recover_trials(study) == []  # nothing left to recover
+  assert tune_storage.recover_trials(study) == []  # nothing left to recover
 
 
 def test_interrupted_trial_is_requeued_once():
@@ -266,10 +269,10 @@ def test_interrupted_trial_is_requeued_once():
   trial.suggest_float("x", 0.0, 1.0)
   trial.set_user_attr("interrupted", True)
   study.tell(trial, state=TrialState.FAIL)
-  assert tune.recover_trials(study) == [1]
-  assert tune.recover_trials(study) == []
+  assert tune_storage.recover_trials(study) == [1]
+  assert tune_storage.recover_trials(study) == []
   trials = study.get_trials()
-  assert trials[2].user_attrs["retry_of"] == 1 and tune.budget_used(trials) == 1
+  assert trials[2].user_attrs["retry_of"] == 1 and tune_storage.budget_used(trials) == 1
 
 
 @pytest.mark.parametrize("keep,kept", [("all", {0, 1, 2, 3, 4}), ("best", {0, 3, 4}),
@@ -304,12 +307,13 @@ def test_pruning_hook_reports_and_prunes():
 
 
 def test_storage_spec():
-  assert tune.storage_spec("", "/w") == ("rdb", "sqlite:////w/study.db")
-  assert tune.storage_spec("journal", "/w") == ("journal", "/w/study.journal")
-  assert tune.storage_spec("journal:/s/j.log", "/w") == ("journal", "/s/j.log")
-  assert tune.storage_spec("postgresql://u:p@h/db", "/w") == ("rdb", "postgresql://u:p@h/db")
+  assert tune_storage.storage_spec("", "/w") == ("rdb", "sqlite:////w/study.db")
+  assert tune_storage.storage_spec("journal", "/w") == ("journal", "/w/study.journal")
+  assert tune_storage.storage_spec("journal:/s/j.log", "/w") == ("journal", "/s/j.log")
+  assert tune_storage.storage_spec("postgresql://u:p@h/db", "/w") == (
+      "rdb", "postgresql://u:p@h/db")
   with pytest.raises(ValueError, match="is not ''"):
-    tune.storage_spec("mysql", "/w")
+    tune_storage.storage_spec("mysql", "/w")
 
 
 def test_startup_trials_sized_to_budget():
@@ -340,7 +344,7 @@ def test_tiny_search_end_to_end(tmp_path):
   assert summary["budget_used"] == 2 and summary["states"]["COMPLETE"] == 2
   trials = summary["trials"]
   assert trials[0]["notes"] == "enqueued (base)"
-  assert trials[0]["values"] == {f: tune.get_path(config.base, f) for f in (
+  assert trials[0]["values"] == {f: configlib.get_path(config.base, f) for f in (
       "train.learning_rate", "train.batch_size", "model.dropout")}  # the base config's values
   for t in trials:
     assert sorted(t["intermediate"]) == [2, 4]  # reported at each eval through on_eval
@@ -376,7 +380,7 @@ def _cli(workdir, **overrides):
 
 
 def _trials(workdir, storage=""):
-  kind, where = tune.storage_spec(storage, workdir)
+  kind, where = tune_storage.storage_spec(storage, workdir)
   store = (optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(where))
            if kind == "journal" else where)
   return optuna.load_study(study_name="tune", storage=store).get_trials()
@@ -452,7 +456,7 @@ def test_killed_search_resumes_without_rerunning_completed_trials(tmp_path):
   assert retry.user_attrs["retry_of"] == 1 and retry.params == after[1].params
   assert retry.state == TrialState.COMPLETE
   assert [t.state for t in after[3:]] == [TrialState.COMPLETE]
-  assert tune.budget_used(after) == 3
+  assert tune_storage.budget_used(after) == 3
   # The retry took over the killed trial's workdir and resumed from its checkpoint.
   assert not os.path.exists(os.path.join(workdir, "trials", "1"))
   with open(os.path.join(workdir, "trials", "2", "metrics.jsonl")) as f:
@@ -473,7 +477,7 @@ def test_two_workers_share_one_budget(tmp_path, storage):
     assert p.returncode == 0, out[-3000:]
     assert "database is locked" not in out and "Traceback" not in out
   trials = _trials(workdir, storage)
-  assert len(trials) == 4 and tune.budget_used(trials) == 4
+  assert len(trials) == 4 and tune_storage.budget_used(trials) == 4
   assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
   workers = [t.user_attrs["worker"]["pid"] for t in trials]
   assert set(workers) == {p.pid for p in procs}  # both worked, each trial by exactly one

@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
+from r1jax import run_dir
 from r1jax.compress import quantize as quant_lib
-from r1jax.compress import source as source_lib
+from r1jax.compress import spec as spec_lib
+from r1jax.model import heads
 
 FORMAT = "r1jax.compress.artifact"
 VERSION = 1
@@ -102,7 +104,7 @@ def nonzero_params(params: Any) -> int:
 @dataclasses.dataclass
 class Artifact:
   """A loaded (or just built) classifier artifact."""
-  spec: source_lib.ClassifierSpec
+  spec: spec_lib.ClassifierSpec
   params: Any
   kind: str = "float"
   quantization: Mapping[str, Any] | None = None   # {"mode", "leaves", "act_scales"}
@@ -115,7 +117,6 @@ class Artifact:
 
   @functools.cached_property
   def model(self) -> nn.Module:
-    from r1jax.model import heads  # pylint: disable=g-import-not-at-top
     model = heads.Classifier(self.spec.model, self.spec.num_classes, self.spec.multi_label)
     if self.quantization is None:
       return model
@@ -145,7 +146,7 @@ class Artifact:
     return os.path.getsize(path) if self.path and os.path.exists(path) else 0
 
 
-def save(directory: str, spec: source_lib.ClassifierSpec, params: Any, *, kind: str = "float",
+def save(directory: str, spec: spec_lib.ClassifierSpec, params: Any, *, kind: str = "float",
          quantization: Mapping[str, Any] | None = None,
          metadata: Mapping[str, Any] | None = None) -> Artifact:
   """Writes an artifact directory (atomically: a temporary directory renamed at the end)."""
@@ -170,13 +171,13 @@ def save(directory: str, spec: source_lib.ClassifierSpec, params: Any, *, kind: 
                   **{k: v for k, v in quantization.items()
                      if k not in ("mode", "leaves", "act_scales")}}
   if spec.tokenizer and os.path.exists(spec.tokenizer):
-    shutil.copyfile(spec.tokenizer, os.path.join(tmp, source_lib.TOKENIZER_FILE))
+    shutil.copyfile(spec.tokenizer, os.path.join(tmp, run_dir.TOKENIZER_FILE))
   meta = {"format": FORMAT, "version": VERSION, "kind": kind, "spec": spec.to_json(),
           "quantization": quant_json, "num_params": count_params(params),
           "bytes_params_file": os.path.getsize(os.path.join(tmp, PARAMS_FILE)),
           "bytes_params_compressed": compressed.getbuffer().nbytes,
           "metadata": dict(metadata or {})}
-  with open(os.path.join(tmp, source_lib.ARTIFACT_FILE), "w") as f:
+  with open(os.path.join(tmp, spec_lib.ARTIFACT_FILE), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   shutil.rmtree(directory, ignore_errors=True)
   os.replace(tmp, directory)
@@ -184,10 +185,10 @@ def save(directory: str, spec: source_lib.ClassifierSpec, params: Any, *, kind: 
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, source_lib.ARTIFACT_FILE)
+  path = os.path.join(directory, spec_lib.ARTIFACT_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory} is not an artifact directory (no "
-                            f"{source_lib.ARTIFACT_FILE}).")
+                            f"{spec_lib.ARTIFACT_FILE}).")
   with open(path) as f:
     meta = json.load(f)
   if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -196,15 +197,15 @@ def read_meta(directory: str) -> dict[str, Any]:
   return meta
 
 
-def _check_tree(params: Any, spec: source_lib.ClassifierSpec, directory: str) -> None:
+def _check_tree(params: Any, spec: spec_lib.ClassifierSpec, directory: str) -> None:
   expected = {"/".join(k): tuple(v.shape) for k, v in
-              flax.traverse_util.flatten_dict(source_lib.abstract_params(spec)).items()}
+              flax.traverse_util.flatten_dict(spec_lib.abstract_params(spec)).items()}
   got = {p: tuple(x.array.shape if quant_lib.is_quantized(x) else x.shape)
          for p, x in _flatten(params).items()}
   missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
   if missing or extra:
     raise ValueError(f"{directory}: the saved parameters do not fit the model in "
-                     f"{source_lib.ARTIFACT_FILE} (missing {missing[:4]}, unexpected {extra[:4]}).")
+                     f"{spec_lib.ARTIFACT_FILE} (missing {missing[:4]}, unexpected {extra[:4]}).")
   bad = [(p, got[p], expected[p]) for p in expected if got[p] != expected[p]]
   if bad:
     raise ValueError(f"{directory}: shape mismatch (path, saved, expected): {bad[:4]}")
@@ -214,8 +215,8 @@ def load(directory: str) -> Artifact:
   """Loads an artifact directory; int8 artifacts come back int8 (no float weights are made)."""
   directory = os.path.abspath(directory)
   meta = read_meta(directory)
-  tokenizer = os.path.join(directory, source_lib.TOKENIZER_FILE)
-  spec = source_lib.ClassifierSpec.from_json(meta["spec"],
+  tokenizer = os.path.join(directory, run_dir.TOKENIZER_FILE)
+  spec = spec_lib.ClassifierSpec.from_json(meta["spec"],
                                              tokenizer if os.path.exists(tokenizer) else "")
   with np.load(os.path.join(directory, PARAMS_FILE)) as data:
     arrays = {k: data[k] for k in data.files}

@@ -14,51 +14,51 @@ time, on the first device.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from r1jax import eval as eval_lib
-from r1jax.compress import source as source_lib
-from r1jax.data import examples
+from r1jax.compress import spec as spec_lib
+from r1jax.data import task as task_lib
 from r1jax.data import tokenizer as tokenizer_lib
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "tradeoff.png"
 
 
-def task_data(spec: source_lib.ClassifierSpec) -> Any:
-  """The task's splits as the finetuning stage reads them (`finetune.load_task`: same label
+def task_data(spec: spec_lib.ClassifierSpec) -> task_lib.TaskData:
+  """The task's splits as the finetuning stage reads them (`task_lib.load_task`: same label
   parsing, unknown-label policy and dev fallback), with the spec's class names in id order."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from r1jax.stages import finetune  # pylint: disable=g-import-not-at-top
   task = dict(spec.task)
   if not any("," in n for n in spec.label_names):
     task["labels"] = ",".join(spec.label_names)
-  data = finetune.load_task(ml_collections.ConfigDict(task))
+  data = task_lib.load_task(ml_collections.ConfigDict(task))
   if tuple(data.labels.names) != tuple(spec.label_names):
     raise ValueError(f"the task's labels {list(data.labels.names)[:10]} differ from the model's "
                      f"{list(spec.label_names)[:10]}; set task.labels or fix the task splits.")
   return data
 
 
-def batches(spec: source_lib.ClassifierSpec, records: Sequence[Mapping[str, Any]], *,
+def batches(spec: spec_lib.ClassifierSpec, records: Sequence[Mapping[str, Any]], *,
             batch_size: int, train: bool = False, seed: int = 0, process_index: int = 0,
             process_count: int = 1) -> Any:
   """Classification batches of `records`: shuffled and endless (train), or one pass whose final
   batch is padded and marked in `example_mask`."""
   tok = tokenizer_lib.Tokenizer.load(spec.tokenizer)
-  return examples.classification_batches(
-      [{"text": r["text"], "label": r["label"]} for r in records], tok, seq_len=spec.seq_len,
+  return task_lib.classification_batches(
+      task_lib.public_records(records), tok, seq_len=spec.seq_len,
       batch_size=batch_size, labels=spec.label_names, multi_label=spec.multi_label,
       shuffle=train, seed=seed, num_epochs=None if train else 1, pad_final_batch=not train,
       process_index=process_index, process_count=process_count)
 
 
-def eval_batches(spec: source_lib.ClassifierSpec, split: str = "test", *, batch_size: int = 32,
+def eval_batches(spec: spec_lib.ClassifierSpec, split: str = "test", *, batch_size: int = 32,
                  limit: int | None = None, data: Any = None) -> list[dict[str, np.ndarray]]:
   """A list of one-pass batches of `split` (the same list is reused for every artifact)."""
   if split not in ("train", "dev", "test"):
@@ -111,8 +111,7 @@ def measure(art, batches: Sequence[Mapping[str, np.ndarray]], *, name: str,
 
 
 def _meta_bytes(art, key: str) -> int | None:
-  import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(art.path, source_lib.ARTIFACT_FILE) if art.path else ""
+  path = os.path.join(art.path, spec_lib.ARTIFACT_FILE) if art.path else ""
   if not path or not os.path.exists(path):
     return None
   with open(path) as f:
@@ -165,9 +164,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot(rows: Sequence[Mapping[str, Any]], path: str, *, title: str = "") -> str:
   """Size on disk (MB, log scale) vs accuracy, one labelled point per artifact."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = eval_lib.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for r in rows:
     x, y = r["bytes"] / 1e6, 100.0 * r["accuracy"]

@@ -9,6 +9,7 @@ Every compression workdir ends up with:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -21,16 +22,16 @@ import ml_collections
 import numpy as np
 
 from r1jax import configlib
+from r1jax import run_dir
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import export as export_lib
 from r1jax.compress import measure
 from r1jax.compress import source as source_lib
-from r1jax.data import examples
-from r1jax.train import checkpoint as ckpt_lib
-from r1jax.train import metrics as metrics_lib
+from r1jax.compress import spec as spec_lib
+from r1jax.data import task as task_lib
 
 FLOAT_DIR = "float"
-ARTIFACT_DIR = source_lib.ARTIFACT_SUBDIR
+ARTIFACT_DIR = spec_lib.ARTIFACT_SUBDIR
 REFERENCE = "float"
 
 
@@ -86,19 +87,10 @@ def validate_common(v: configlib.Validator) -> None:
 
 def run_once(config: ml_collections.ConfigDict, workdir: str,
              body: Callable[[ml_collections.ConfigDict, str], dict[str, Any]]) -> dict[str, Any]:
-  """The workdir lock, the finished-run shortcut, then `body(config, workdir)`."""
+  """A compression stage's `run`: it needs init_from, then `run_dir.run_once` (finished = its
+  summary has the artifacts table)."""
   require_init_from(config)
-  os.makedirs(workdir, exist_ok=True)
-  lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
-  try:
-    done = finished(workdir, config)
-    if done is not None:
-      logging.info("%s in %s already finished; nothing to do.", config.stage, workdir)
-      return done
-    return body(config, workdir)
-  finally:
-    if lock is not None:
-      lock.release()
+  return run_dir.run_once(config, workdir, body, requires=("artifacts",))
 
 
 def require_init_from(config: ml_collections.ConfigDict) -> None:
@@ -125,21 +117,21 @@ def load_source(config: ml_collections.ConfigDict, **kwargs: Any) -> source_lib.
   return src
 
 
-def prepare_workdir(workdir: str, spec: source_lib.ClassifierSpec) -> source_lib.ClassifierSpec:
+def prepare_workdir(workdir: str, spec: spec_lib.ClassifierSpec) -> spec_lib.ClassifierSpec:
   """Copies tokenizer.model and writes labels.txt into the workdir; returns the spec pointing to
   the workdir's tokenizer."""
   os.makedirs(workdir, exist_ok=True)
-  tok = os.path.join(workdir, source_lib.TOKENIZER_FILE)
+  tok = os.path.join(workdir, run_dir.TOKENIZER_FILE)
   if os.path.abspath(spec.tokenizer) != tok:
     shutil.copyfile(spec.tokenizer, tok + ".tmp")
     os.replace(tok + ".tmp", tok)
-  examples.LabelVocab(tuple(spec.label_names)).save(os.path.join(workdir,
-                                                                 source_lib.LABELS_FILE))
+  task_lib.LabelVocab(tuple(spec.label_names)).save(os.path.join(workdir,
+                                                                 run_dir.LABELS_FILE))
   return spec.replace(tokenizer=tok)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str,
-                 spec: source_lib.ClassifierSpec, **resolved: Any) -> str:
+                 spec: spec_lib.ClassifierSpec, **resolved: Any) -> str:
   """DIR/config.json with the resolved model, task, labels and seq_len a later stage reads."""
   data = spec.to_json()
   return configlib.write_config_json(config, workdir, model=data["model"], task=data["task"],
@@ -147,7 +139,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
                                      num_classes=spec.num_classes, **resolved)
 
 
-def float_reference(workdir: str, spec: source_lib.ClassifierSpec, params: Any,
+def float_reference(workdir: str, spec: spec_lib.ClassifierSpec, params: Any,
                     source_path: str) -> artifact_lib.Artifact:
   """DIR/float/: the uncompressed classifier in the artifact format (the table's reference)."""
   return artifact_lib.save(os.path.join(workdir, FLOAT_DIR), spec, params, kind="float",
@@ -167,7 +159,7 @@ def steps_for(config: ml_collections.ConfigDict, data: Any) -> tuple[int, int]:
   return steps, per_epoch
 
 
-def train_iterator(config: ml_collections.ConfigDict, spec: source_lib.ClassifierSpec,
+def train_iterator(config: ml_collections.ConfigDict, spec: spec_lib.ClassifierSpec,
                    data: Any) -> Any:
   """The shuffled, repeating training batches of this process (checkpointable Grain iterator)."""
   return iter(measure.batches(spec, data.train.records, batch_size=config.train.batch_size,
@@ -175,11 +167,9 @@ def train_iterator(config: ml_collections.ConfigDict, spec: source_lib.Classifie
                               process_count=jax.process_count()))
 
 
-def dev_evaluator(config: ml_collections.ConfigDict, spec: source_lib.ClassifierSpec, data: Any,
+def dev_evaluator(config: ml_collections.ConfigDict, spec: spec_lib.ClassifierSpec, data: Any,
                   engine: Any) -> Callable[[Any], dict[str, float]]:
   """params -> engine metrics averaged over (up to eval.num_batches of) the dev split."""
-  import itertools  # pylint: disable=g-import-not-at-top
-
   def evaluate(params):
     batches = measure.batches(spec, data.dev.records, batch_size=config.train.batch_size,
                               process_index=jax.process_index(),
@@ -188,16 +178,11 @@ def dev_evaluator(config: ml_collections.ConfigDict, spec: source_lib.Classifier
   return evaluate
 
 
-def single_device(tree: Any) -> Any:
-  """A copy of `tree` on the first device (gathered from a mesh)."""
-  return jax.device_put(jax.device_get(tree), jax.devices()[0])
-
-
 # --------------------------------------------------------------------------------------------------
 # Measuring and reporting.
 
 
-def test_batches(config: ml_collections.ConfigDict, spec: source_lib.ClassifierSpec,
+def test_batches(config: ml_collections.ConfigDict, spec: spec_lib.ClassifierSpec,
                  data: Any = None) -> list:
   limit = config.report.test_limit_batches or None
   return measure.eval_batches(spec, "test", batch_size=config.report.eval_batch_size, limit=limit,
@@ -231,34 +216,15 @@ def finish(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[Mappi
            ) -> dict[str, Any]:
   """Writes report.md, tradeoff.png and summary.json (merged over any training summary)."""
   paths = measure.write_tradeoff(workdir, rows, title=title, notes=notes)
-  path = os.path.join(workdir, "summary.json")
-  out = {}
-  if os.path.exists(path):
-    import json  # pylint: disable=g-import-not-at-top
-    with open(path) as f:
-      out = json.load(f)
+  path = os.path.join(workdir, run_dir.SUMMARY_FILE)
+  out = run_dir.read_json(path) or {}
   out.update(dict(summary or {}))
   if "status" in out and "train_status" not in out:
     out["train_status"] = out["status"]  # complete / stopped_early / data_exhausted
   out.update({"stage": config.stage, "status": "complete", "reference": rows[0]["name"],
               "artifacts": list(rows), "report": paths["report"], "plot": paths["plot"]})
-  metrics_lib.write_json(path, out)
+  run_dir.write_json(path, out)
   return out
-
-
-def finished(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """The summary of a finished run of this stage in `workdir` (with its table), else None."""
-  import json  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    summary = json.load(f)
-  if summary.get("stage") == config.stage and summary.get("artifacts") and (
-      summary.get("config_num_steps", None) == (config.train.num_steps if "train" in config
-                                                else None)):
-    return summary
-  return None
 
 
 def targets_note(value: float, target: float, what: str, higher_is_better: bool = True) -> str:

@@ -37,6 +37,8 @@ from typing import Any, Protocol, Sequence
 import grain
 import numpy as np
 
+from r1jax.data import builtin
+
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _PIECE_RE = re.compile(rf"(?P<latin>[^\W\d_{_CJK}]+(?:['’][^\W\d_{_CJK}]+)*)|(?P<cjk>[{_CJK}]+)|"
                        rf"(?P<other>[^\w{_CJK}]+|[\d_]+)")
@@ -88,7 +90,6 @@ class SynonymLexicon:
   @classmethod
   def wordnet(cls) -> "SynonymLexicon":
     """The English table shipped with the package (WordNet 3.0, most frequent sense)."""
-    from r1jax.data import builtin  # pylint: disable=g-import-not-at-top
     return cls.from_file(builtin.path("synonyms"))
 
   def merged(self, other: "SynonymLexicon") -> "SynonymLexicon":
@@ -319,6 +320,7 @@ class MarianTranslator:
     if pair not in self.model_dirs:
       raise ValueError(f"No MarianMT model for {pair}; configured: {sorted(self.model_dirs)}.")
     if pair not in self._loaded:
+      # Lazy: transformers is heavy and optional; only back-translation with MarianMT needs it.
       from transformers import MarianMTModel, MarianTokenizer  # pylint: disable=g-import-not-at-top
       path = self.model_dirs[pair]
       tokenizer = MarianTokenizer.from_pretrained(path, local_files_only=True)
@@ -328,6 +330,7 @@ class MarianTranslator:
 
   def translate(self, texts, source_lang, target_lang):
     tokenizer, model = self._model(f"{source_lang}-{target_lang}")
+    # Lazy: torch is heavy and optional; only back-translation with MarianMT needs it.
     import torch  # pylint: disable=g-import-not-at-top
     out = []
     for start in range(0, len(texts), self.batch_size):

@@ -50,6 +50,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from r1jax.data import builtin
+
 FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
 TEXT_MODES = ("lines", "paragraphs")
 UNDECODABLE_POLICIES = ("repair", "drop")
@@ -337,6 +339,7 @@ class _ParquetSource(_FileSource):
 
   def __init__(self, path, text_field, on_undecodable, max_chars):
     super().__init__(path, text_field, on_undecodable, max_chars)
+    # Lazy: pyarrow is heavy and only Parquet inputs need it.
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     if os.path.getsize(path) == 0:
       raise ValueError(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
@@ -369,6 +372,7 @@ class _TfdsSource(_FileSource):
       raise ValueError(f"Bad TFDS spec {spec!r}; expected tfds:NAME[:VERSION]/SPLIT[@DATA_DIR], "
                        "e.g. tfds:imdb_reviews/train@/data/tfds.")
     name, version, split, data_dir = m.groups()
+    # Lazy: tensorflow_datasets (and TensorFlow) is heavy, optional, and only tfds: specs need it.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     full_name = f"{name}:{version}" if version else name
     try:
@@ -411,7 +415,6 @@ class _BuiltinSource(_FileSource):
 
   def __init__(self, spec, text_field, on_undecodable, max_chars):
     super().__init__(spec, text_field, on_undecodable, max_chars)
-    from r1jax.data import builtin  # pylint: disable=g-import-not-at-top
     parts = spec.split(":")
     if len(parts) not in (2, 3):
       raise ValueError(f"Bad builtin spec {spec!r}; use builtin:general, builtin:domain or "

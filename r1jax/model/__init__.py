@@ -7,12 +7,12 @@
     hidden, memory = net.apply(variables, tokens, memory)
 """
 from r1jax.model import axes
+from r1jax.model.config import check_inputs
 from r1jax.model.heads import Classifier
+from r1jax.model.heads import count_params
 from r1jax.model.heads import MLMHead
 from r1jax.model.heads import PooledHead
 from r1jax.model.heads import PretrainModel
-from r1jax.model.transformer_xl import check_inputs
-from r1jax.model.transformer_xl import count_params
 from r1jax.model.transformer_xl import get_variant
 from r1jax.model.transformer_xl import init_memory
 from r1jax.model.transformer_xl import Memory

@@ -10,6 +10,9 @@
   num_kg_labels > 0.
 * `Classifier`: params `backbone/`, `cls_head/`.
 
+`count_params(config)` counts the backbone's parameters (with pretrain_heads=True, the
+PretrainModel's) from shapes alone.
+
 `nsp_head/pooler` and `cls_head/pooler` have the same shapes, so a finetuning stage can carry the
 pretrained pooler over, as BERT does.
 
@@ -22,8 +25,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from r1jax.model import axes
+from r1jax.model import config as config_lib
+from r1jax.model import kernels
+from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
 
 Memory = txl.Memory
@@ -39,7 +46,7 @@ def _check_positions(positions: Any, batch: int, qlen: int) -> None:
   if len(shape) != 2 or shape[0] != batch:
     raise ValueError(f"mlm_positions must have shape [batch={batch}, num_predictions], got "
                      f"{shape}.")
-  txl.check_int_range("mlm_positions", positions, qlen, "the segment positions")
+  config_lib.check_int_range("mlm_positions", positions, qlen, "the segment positions")
 
 
 class MLMHead(nn.Module):
@@ -56,7 +63,7 @@ class MLMHead(nn.Module):
 
   def features(self, h: jax.Array) -> jax.Array:
     """h [B, P, d] -> the transformed states [B, P, d] that the tied decoder reads."""
-    return self.norm(txl.gelu(self.dense(h)))
+    return self.norm(kernels.gelu(self.dense(h)))
 
   def __call__(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
     """h [B, P, d], embedding [V, d] -> logits float32 [B, P, V]."""
@@ -71,13 +78,12 @@ class MLMHead(nn.Module):
     gradient are alive instead of the whole [B, P, V] (what dominates a full-vocabulary LM step's
     memory). P must be a multiple of chunk_size. Same values as the unchunked path.
     """
-    from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
     x = self.features(h)
     embedding = embedding.astype(self.config.dtype)
     bias = self.bias
 
     def chunk_nll(xc, lc):
-      return steps_lib.cross_entropy(_decode(xc, embedding, bias), lc)[1]
+      return losses.cross_entropy(_decode(xc, embedding, bias), lc)[1]
     batch, length = labels.shape
     if not chunk_size or chunk_size >= length:
       return chunk_nll(x, labels)
@@ -92,44 +98,9 @@ class MLMHead(nn.Module):
 
 def _decode(x: jax.Array, embedding: jax.Array, bias: jax.Array) -> jax.Array:
   """x [B, P, d] x embedding [V, d] + bias [V] -> logits float32 [B, P, V]."""
-  logits = _tied_logits(x.reshape(-1, x.shape[-1]), embedding).reshape(x.shape[:-1] + (-1,))
+  logits = kernels.tied_logits(x.reshape(-1, x.shape[-1]), embedding)
+  logits = logits.reshape(x.shape[:-1] + (-1,))
   return axes.constrain(logits + bias, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
-
-
-_ROWS = (((0,), (0,)), ((), ()))   # dot_general dimensions: contract the rows of both operands
-
-
-@jax.custom_vjp
-def _tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
-  """x [N, d] x embedding [V, d] -> float32 [N, V]; the embedding's gradient made as [d, V].
-
-  Autodiff's embedding gradient g^T x ([V, N] x [N, d]) makes XLA:CPU copy the [N, V] logit
-  gradient transposed and run the product at ~190 GFLOP/s (2.8 + 13.9 ms for the small model's
-  640 masked rows and 8k vocabulary, one core); x^T g runs at ~240 and its [d, V] result
-  transposes in under a millisecond (12 ms in all). The optimization barrier keeps XLA from
-  folding that transpose back into the product, as in `txl.matmul`. CPU only.
-  """
-  return jax.lax.dot_general(x, embedding, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
-def _tied_logits_fwd(x, embedding):
-  return _tied_logits(x, embedding), (x, embedding)
-
-
-def _tied_logits_bwd(res, g):
-  x, embedding = res
-  dx = jax.lax.dot_general(g, embedding, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
-  if jax.default_backend() == "cpu":
-    d_emb = jax.lax.optimization_barrier(
-        jax.lax.dot_general(x, g, _ROWS, preferred_element_type=jnp.float32)).T
-  else:
-    d_emb = jax.lax.dot_general(g, x, _ROWS, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), d_emb.astype(embedding.dtype)
-
-
-_tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 class PooledHead(nn.Module):
@@ -248,3 +219,11 @@ class Classifier(nn.Module):
     hidden, _ = self.backbone(tokens, None, token_mask, token_types, deterministic=deterministic)
     logits, pooled = self.cls_head(hidden, deterministic)
     return logits, {"hidden": hidden, "pooled": pooled}
+
+
+def count_params(config: txl.TransformerXLConfig, *, pretrain_heads: bool = False) -> int:
+  """Number of parameters of the backbone (or of `PretrainModel`), via eval_shape only."""
+  model = PretrainModel(config) if pretrain_heads else txl.TransformerXL(config)
+  tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(shapes["params"]))))

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
+from r1jax import run_dir
 from r1jax import configlib
 from r1jax import eval as eval_lib
-from r1jax.train import metrics as metrics_lib
 
 SPLITS = ("test", "dev")
 # (label, where in summary.json, "higher is better")
@@ -167,5 +167,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     configlib.write_config_json(config, workdir)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
       f.write(text)
-    metrics_lib.write_json(os.path.join(workdir, "summary.json"), result)
+    run_dir.write_json(os.path.join(workdir, "summary.json"), result)
   return result

@@ -21,9 +21,12 @@ import time
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
+import tqdm
 
 from r1jax import configlib
+from r1jax import distributed
 from r1jax.data import augment
 from r1jax.data import clean
 from r1jax.data import sources
@@ -148,8 +151,7 @@ class _ShardWriter:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, unit="doc", unit_scale=True, desc=desc, disable=not enabled,
+  return tqdm.tqdm(total=total, unit="doc", unit_scale=True, desc=desc, disable=not enabled,
               smoothing=0.1, mininterval=0.5)
 
 
@@ -238,26 +240,16 @@ def _iter_texts(paths):
         yield json.loads(line)["text"]
 
 
-def _processes() -> tuple[int, int]:
-  """(index, count) of this process when jax.distributed runs several, else (0, 1)."""
-  import sys  # pylint: disable=g-import-not-at-top
-  if "jax" not in sys.modules:  # the data stage itself never needs jax
-    return 0, 1
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index(), jax.process_count()
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the data stage in `workdir` (see module docstring); returns the summary.
 
   With several jax processes (a multi-host launch), process 0 does the work on the shared workdir
   and the others wait for it and return the same summary.
   """
-  index, count = _processes()
+  index, count = jax.process_index(), jax.process_count()
   if count > 1:
     summary = _run(config, workdir) if index == 0 else None
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("r1jax_data_stage")
+    distributed.sync("r1jax_data_stage")
     if summary is None:
       with open(os.path.join(os.path.abspath(os.path.expanduser(workdir)), "summary.json"),
                 encoding="utf-8") as f:

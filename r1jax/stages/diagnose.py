@@ -24,6 +24,7 @@ Writes DIR/summary.json and DIR/report.md, and prints the table.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 import os
@@ -38,16 +39,15 @@ import optax
 
 from r1jax import configlib
 from r1jax import eval as eval_lib
-from r1jax.data import examples
+from r1jax import run_dir
+from r1jax.data import pretraining
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import axes
 from r1jax.model import heads
+from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
-from r1jax.stages import finetune
-from r1jax.stages import pretrain
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import mesh as mesh_lib
-from r1jax.train import metrics as metrics_lib
 from r1jax.train import steps as steps_lib
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -144,8 +144,8 @@ def overlap_stats(general_pieces: np.ndarray, domain_pieces: np.ndarray,
 
 
 def _checkpoint_settings(init_from: str) -> dict[str, Any]:
-  path = os.path.join(init_from, "config.json")
-  cfg = finetune.read_json(path)
+  path = os.path.join(init_from, run_dir.CONFIG_FILE)
+  cfg = run_dir.read_json(path)
   if cfg is None:
     raise FileNotFoundError(f"init_from={init_from!r} has no config.json; name the workdir of a "
                             "pretraining run.")
@@ -166,11 +166,8 @@ class MLMEvaluator:
 
   def __init__(self, init_from: str, tok: tokenizer_lib.Tokenizer, *, mesh_cfg: Any,
                batch_size: int, settings: dict[str, Any]):
-    shapes, _ = finetune.saved_param_shapes(init_from)
-    arch = finetune.pretrained_architecture(init_from, shapes)
-    fields = {k: v for k, v in arch.items() if k in finetune.INHERITED_FIELDS}
-    self.model_config = txl.get_variant(settings["variant"], **dict(
-        fields, vocab_size=tok.vocab_size, dropout=0.0, dropatt=0.0))
+    self.model_config = dataclasses.replace(run_dir.model_config_of(init_from),
+                                            vocab_size=tok.vocab_size, dropout=0.0, dropatt=0.0)
     model = heads.PretrainModel(self.model_config)
     cfg = self.model_config
 
@@ -182,7 +179,7 @@ class MLMEvaluator:
     self.engine = steps_lib.Engine(
         mesh=mesh_lib.make_mesh(mesh_cfg), rules=axes.DEFAULT_RULES, tx=optax.set_to_zero(),
         init_params=init_params, init_extras=lambda: {"memory": txl.init_memory(cfg, batch_size)},
-        loss_fn=steps_lib.pretrain_loss_fn(model), batch_size=batch_size)
+        loss_fn=losses.pretrain_loss_fn(model), batch_size=batch_size)
     self.params, self.step = ckpt_lib.restore_params(init_from,
                                                      self.engine.abstract_state().params)
     self.tok = tok
@@ -191,7 +188,7 @@ class MLMEvaluator:
 
   def evaluate(self, texts: Sequence[str], *, seq_len: int, num_batches: int) -> dict[str, float]:
     s = self.settings
-    batches = examples.pretrain_iterator(
+    batches = pretraining.pretrain_iterator(
         list(texts), self.tok, seq_len=seq_len, batch_size=self.batch_size, seed=0,
         mlm_prob=s["mlm_prob"], nsp=s["nsp"] and len(texts) > 1,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -233,10 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 "e.g. --config.init_from=/tmp/pretrain_tiny.")
   init_from = os.path.expanduser(config.init_from)
   os.makedirs(workdir, exist_ok=True)
-  tok_path = os.path.join(init_from, finetune.TOKENIZER_FILE)
-  if not os.path.exists(tok_path):
-    raise FileNotFoundError(f"init_from={config.init_from!r} has no {finetune.TOKENIZER_FILE}.")
-  tok = tokenizer_lib.Tokenizer.load(tok_path)
+  tok = tokenizer_lib.Tokenizer.load(run_dir.tokenizer_of(init_from))
   settings = _checkpoint_settings(init_from)
   every_nth = (config.held_out_every_nth if config.held_out_every_nth > 0
                else settings["every_nth"])
@@ -246,8 +240,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   results, pieces, words = {}, {}, {}
   for name in ("general", "domain"):
-    texts = examples.resolve_texts(config[name])
-    _, held = pretrain.split_documents(texts, every_nth)
+    texts = pretraining.resolve_texts(config[name])
+    _, held = pretraining.split_documents(texts, every_nth)
     if not held:
       raise ValueError(f"{name}={config[name]!r} has {len(texts)} documents: too few for a "
                        f"held-out set of every {every_nth}-th document; lower held_out_every_nth.")
@@ -278,7 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     configlib.write_config_json(config, workdir, held_out_every_nth=every_nth, seq_len=seq_len)
     with open(os.path.join(workdir, "report.md"), "w") as f:
       f.write(text)
-    metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+    run_dir.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 

@@ -23,15 +23,14 @@ from r1jax import configlib
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import distill as distill_lib
 from r1jax.compress import measure
-from r1jax.compress import source as source_lib
+from r1jax.compress import spec as spec_lib
 from r1jax.compress import stage_lib
-from r1jax.model import axes
 from r1jax.model import heads
+from r1jax.model import losses
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
-from r1jax.train import steps as steps_lib
 
 TARGET_RETAINED_PCT = 95.0
 TARGET_SPEEDUP_BATCH1 = 2.0
@@ -68,8 +67,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.number_in("distill.alpha", 0.0, 1.0)
     v.number_in("distill.temperature", 0.0, 1e3, low_open=True)
     v.number_in("distill.hidden_weight", 0.0, 1e6)
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
   return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
                                      extra=extra)
 
@@ -80,8 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return stage_lib.run_once(config, workdir, _run)
 
 
-def student_spec(config: ml_collections.ConfigDict, teacher: source_lib.ClassifierSpec
-                 ) -> tuple[source_lib.ClassifierSpec, list[int]]:
+def student_spec(config: ml_collections.ConfigDict, teacher: spec_lib.ClassifierSpec
+                 ) -> tuple[spec_lib.ClassifierSpec, list[int]]:
   """(the student's spec, teacher layer of each student layer); raises StudentTooLarge."""
   s = config.student
   cfg = distill_lib.student_config(
@@ -98,7 +95,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data = measure.task_data(t_spec)
   teacher = heads.Classifier(t_spec.model, t_spec.num_classes, t_spec.multi_label)
   student = heads.Classifier(s_spec.model, s_spec.num_classes, s_spec.multi_label)
-  options = distill_lib.DistillOptions(
+  options = losses.DistillOptions(
       alpha=config.distill.alpha, temperature=config.distill.temperature,
       hidden_weight=config.distill.hidden_weight, label_smoothing=config.train.label_smoothing,
       multi_label=t_spec.multi_label)
@@ -109,13 +106,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = optim.build_optimizer(config.train, abstract, num_steps=num_steps,
                              rules=[distill_lib.FREEZE_TEACHER])
   mesh = mesh_lib.make_mesh(config.mesh)
-  batch_size = config.train.batch_size
-  engine = steps_lib.Engine(
-      mesh=mesh, rules=axes.DEFAULT_RULES, tx=tx, init_params=init_params,
-      loss_fn=distill_lib.distill_loss_fn(student, teacher, options, mapping),
-      init_extras=dict, batch_size=batch_size, accum_steps=config.train.grad_accum_steps,
-      steps_per_call=loop_lib.steps_per_call(config),
-      lr_schedule=optim.make_schedule(config.train, num_steps))
+  engine = loop_lib.engine_for(
+      config, mesh=mesh, tx=tx, init_params=init_params, num_steps=num_steps,
+      loss_fn=losses.distill_loss_fn(student, teacher, options, mapping))
   counts = {"teacher_params": artifact_lib.count_params(src.params),
             "student_params": sum(x.size for x in jax.tree.leaves(abstract["student"]))}
   init_info: dict[str, Any] = {}
@@ -144,10 +137,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       evaluate=stage_lib.dev_evaluator(config, t_spec, data, engine),
       summary_extra={"layer_map": mapping, "student_init": init_info or None, **counts})
 
-  target = source_lib.abstract_params(s_spec)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
-  restored, step = ckpt_lib.restore_params(workdir, {"student": target})
+  restored, step = ckpt_lib.restore_params(
+      workdir, {"student": ckpt_lib.on_one_device(spec_lib.abstract_params(s_spec))})
   reference = stage_lib.float_reference(workdir, t_spec, src.params, src.path)
   name = f"distilled-{s_spec.model.n_layer}L"
   art = artifact_lib.save(os.path.join(workdir, stage_lib.ARTIFACT_DIR), s_spec,

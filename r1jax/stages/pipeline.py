@@ -13,11 +13,12 @@ r"""Pipeline stage: the whole recipe, one stage after another, each in its own D
    resumes an interrupted attempt from its checkpoints; DIR/pipeline_state/<stage>.json records the
    config fingerprint, the inputs it was made from and the wall time;
 4. writes DIR/summary.json, DIR/config.json and the final report (DIR/report.md, DIR/report.html,
-   DIR/loss_curves.png, DIR/compression_tradeoff.png; see `r1jax.pipeline_report`) and prints the
-   report's path.
+   DIR/loss_curves.png, DIR/compression_tradeoff.png; see `pipeline_report`) and prints the
+   report's path (`python -m r1jax.stages.pipeline_report DIR` rebuilds it at any time).
 
-Stages and their inputs (`config.sources.<stage>` picks the input of tune and the compression
-stages; `config.init_from` replaces pretrain_general by an existing pretraining workdir):
+Stages and their inputs (the table `pipeline_stages.SPECS`; `config.sources.<stage>` picks the
+input of tune and the compression stages; `config.init_from` replaces pretrain_general by an
+existing pretraining workdir):
 
     data_general, data_domain                                  (none)
     pretrain_general  <- data_general (cleaned corpus, tokenizer)
@@ -45,43 +46,15 @@ import time
 from typing import Any, Mapping, Sequence
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from r1jax import configlib
+from r1jax import run_dir
+from r1jax.stages import pipeline_report
+from r1jax.stages import pipeline_stages
 
-
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-  """One pipeline stage: the module that runs it and what it does (for logs and the report)."""
-  name: str
-  module: str           # r1jax.stages.<module>
-  description: str
-  needs: tuple[str, ...] = ()  # fixed inputs; tune and the compression stages add config.sources
-
-
-SPECS = (
-    StageSpec("data_general", "data", "cleaned the general corpus and trained the tokenizer"),
-    StageSpec("data_domain", "data", "cleaned the domain corpus"),
-    StageSpec("pretrain_general", "pretrain", "MLM + NSP pretraining on the general corpus",
-              ("data_general",)),
-    StageSpec("pretrain_domain", "pretrain",
-              "domain-adaptive pretraining, starting from the general model",
-              ("pretrain_general", "data_domain")),
-    StageSpec("finetune_general", "finetune",
-              "classifier finetuning (frozen backbone, then last layers) of the general model",
-              ("pretrain_general",)),
-    StageSpec("finetune_domain", "finetune",
-              "classifier finetuning (frozen backbone, then last layers) of the adapted model",
-              ("pretrain_domain",)),
-    StageSpec("compare", "compare", "general vs domain-adapted classifier table",
-              ("finetune_general", "finetune_domain")),
-    StageSpec("tune", "tune", "hyperparameter search"),
-    StageSpec("distill", "distill", "distilled a smaller student classifier"),
-    StageSpec("quantize", "quantize", "INT8 post-training quantization"),
-    StageSpec("prune", "prune", "magnitude pruning with recovery finetuning"),
-)
-SPEC = {s.name: s for s in SPECS}
-STAGES = tuple(s.name for s in SPECS)
 OPTIONAL = ("tune",)  # not in the default selection unless config.run_tune
 # Which stages config.sources.<stage> may name.
 SOURCE_CHOICES = {
@@ -93,8 +66,6 @@ SOURCE_CHOICES = {
 # Flattened config keys (fnmatch patterns) that do not change a stage's results.
 IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
                 "checkpoint.sigterm_grace_secs")
-STATE_DIR = "pipeline_state"
-FINISHED = ("complete", "stopped_early", "data_exhausted")  # a usable final checkpoint
 DIR_TOKEN = "$DIR"
 
 
@@ -108,7 +79,7 @@ class PipelineError(ValueError):
 
 def needs(config: ml_collections.ConfigDict, name: str) -> tuple[str, ...]:
   """The stages whose outputs `name` reads (pretrain_general is external with config.init_from)."""
-  deps = SPEC[name].needs
+  deps = pipeline_stages.SPEC[name].needs
   if name in SOURCE_CHOICES:
     deps = deps + (config.sources[name],)
   if config.init_from:
@@ -120,15 +91,16 @@ def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
   """The stages to consider, in an order where every stage comes after the ones it needs."""
   spec = str(config.stages).strip()
   if spec in ("", "all"):
-    chosen = [s for s in STAGES if s not in OPTIONAL or config.run_tune]
+    chosen = [s for s in pipeline_stages.STAGES if s not in OPTIONAL or config.run_tune]
     if config.init_from:
       chosen.remove("pretrain_general")
   else:
     chosen = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SPEC]
+    unknown = [s for s in chosen if s not in pipeline_stages.SPEC]
     if unknown:
-      raise configlib.ConfigError(f"stages: {unknown} not among the pipeline stages {list(STAGES)} "
-                                  "(comma-separated; '' or 'all' = every stage).")
+      raise configlib.ConfigError(f"stages: {unknown} not among the pipeline stages "
+                                  f"{list(pipeline_stages.STAGES)} (comma-separated; '' or 'all' = "
+                                  "every stage).")
     if config.init_from and "pretrain_general" in chosen:
       raise configlib.ConfigError("stages: pretrain_general is selected but init_from="
                                   f"{config.init_from!r} replaces it; drop one of the two.")
@@ -146,15 +118,13 @@ def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
     placed.add(name)
     order.append(name)
 
-  for name in STAGES:
+  for name in pipeline_stages.STAGES:
     place(name)
   return order
 
 
 def stage_dir(config: ml_collections.ConfigDict, name: str, workdir: str) -> str:
-  if name == "pretrain_general" and config.init_from:
-    return os.path.abspath(os.path.expanduser(config.init_from))
-  return os.path.join(workdir, name)
+  return pipeline_stages.stage_dir(workdir, name, config.init_from)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +176,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def fingerprint_dict(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """The flattened config that decides a stage's results (paths relative to the workdir)."""
+  """The flattened config that decides a stage's results (paths relative to the workdir), JSON-ready
+  (`run_dir.json_ready`: as it reads back from DIR/pipeline_state/<stage>.json)."""
   flat = _flatten(configlib.to_dict(cfg))
   out = {}
   for key, value in sorted(flat.items()):
@@ -215,7 +186,7 @@ def fingerprint_dict(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     if isinstance(value, str) and workdir:
       value = value.replace(workdir, DIR_TOKEN)
     out[key] = value
-  return out
+  return run_dir.json_ready(out)
 
 
 def _sha(data: Any) -> str:
@@ -234,7 +205,7 @@ def _file_sha(path: str) -> str | None:
 
 
 def _module(name: str):
-  return importlib.import_module(f"r1jax.stages.{SPEC[name].module}")
+  return importlib.import_module(f"r1jax.stages.{pipeline_stages.SPEC[name].module}")
 
 
 def _problems(message: str) -> list[str]:
@@ -263,7 +234,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   v.positive_int("report.max_points")
   for name, choices in SOURCE_CHOICES.items():
     v.choice(f"sources.{name}", choices)
-  missing = [s for s in STAGES if s not in config.get("pipeline", {})]
+  missing = [s for s in pipeline_stages.STAGES if s not in config.get("pipeline", {})]
   v.require(not missing, "pipeline", f"lacks the stage configs {missing}; build the config with "
             "configs/pipeline.py.")
   v.raise_if_any("pipeline config")
@@ -301,30 +272,18 @@ class Planned:
   reason: str
 
 
-def state_path(workdir: str, name: str) -> str:
-  return os.path.join(workdir, STATE_DIR, f"{name}.json")
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, ValueError):
-    return None
-
-
 def summary_finished(directory: str) -> bool:
   """A stage workdir whose summary.json says it finished (compare writes no status)."""
-  summary = read_json(os.path.join(directory, "summary.json"))
-  return bool(summary) and summary.get("status", "complete") in FINISHED
+  summary = run_dir.read_json(os.path.join(directory, run_dir.SUMMARY_FILE))
+  return bool(summary) and summary.get("status", "complete") in pipeline_stages.FINISHED
 
 
 def _finished_state(workdir: str, name: str, directory: str) -> dict[str, Any] | None:
   """The pipeline's record of a finished `name` whose summary.json is still the one it made."""
-  state = read_json(state_path(workdir, name))
+  state = run_dir.read_json(pipeline_stages.state_path(workdir, name))
   if not state or state.get("status") != "finished":
     return None
-  if state.get("summary_sha") != _file_sha(os.path.join(directory, "summary.json")):
+  if state.get("summary_sha") != _file_sha(os.path.join(directory, run_dir.SUMMARY_FILE)):
     return None
   return state
 
@@ -339,7 +298,7 @@ def _downstream(config, name: str, among: Sequence[str]) -> list[str]:
       if other not in reached and any(d in reached for d in needs(config, other)):
         reached.add(other)
         grew = True
-  return [s for s in STAGES if s in reached and s != name]
+  return [s for s in pipeline_stages.STAGES if s in reached and s != name]
 
 
 def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
@@ -357,7 +316,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
   if problems:
     raise PipelineError("Cannot run the selected stages:\n  " + "\n  ".join(problems))
 
-  finished_here = [s for s in STAGES if _finished_state(workdir, s, stage_dir(config, s, workdir))]
+  finished_here = [s for s in pipeline_stages.STAGES
+                   if _finished_state(workdir, s, stage_dir(config, s, workdir))]
   out: list[Planned] = []
   actions: dict[str, str] = {}
   for name in chosen:
@@ -375,14 +335,16 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
     how = (f"Delete {', '.join(redo)} to redo {'them' if len(redo) > 1 else 'it'} with the new "
            "settings, or use a new --workdir.")
     old, new = state.get("config", {}), fingerprint_dict(cfg, workdir)
-    if old != new:
-      keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # A key only one side has counts as None there: a config field added since (a placeholder
+    # left at None, e.g. a new model override) does not make a finished stage stale.
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
       changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
       problems.append(f"{directory} finished with a different config ({changes}). {how}")
       continue
     rerun = [d for d in needs(config, name) if actions.get(d) == "run"]
     changed = [d for d in needs(config, name) if d not in rerun and state.get("inputs", {}).get(d)
-               != _file_sha(os.path.join(stage_dir(config, d, workdir), "summary.json"))]
+               != _file_sha(os.path.join(stage_dir(config, d, workdir), run_dir.SUMMARY_FILE))]
     if rerun or changed:
       problems.append(f"{directory} was made from earlier outputs of {rerun + changed}, which "
                       f"{'will be redone' if rerun else 'changed since'}. {how}")
@@ -399,26 +361,16 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
 # Running.
 
 
-def _process() -> tuple[int, int]:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index(), jax.process_count()
-
-
 def _sync(tag: str) -> None:
-  if _process()[1] > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
     multihost_utils.sync_global_devices(tag)
 
 
-def _write_json(path: str, data: Mapping[str, Any]) -> None:
-  if _process()[0] != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
+def _device_line() -> str:
+  """The devices the stages run on, for the report's wall-time line."""
+  devices = jax.devices()
+  return (f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), "
+          f"{os.cpu_count()} CPU cores")
 
 
 def _now() -> str:
@@ -427,12 +379,12 @@ def _now() -> str:
 
 def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str) -> dict[str, Any]:
   """Runs one planned stage and records it in DIR/pipeline_state/<stage>.json."""
-  path = state_path(workdir, item.name)
-  previous = read_json(path) or {}
+  path = pipeline_stages.state_path(workdir, item.name)
+  previous = run_dir.read_json(path) or {}
   attempts = int(previous.get("attempts", 0)) + 1
-  _write_json(path, {"stage": item.name, "status": "running", "attempts": attempts,
-                     "started_at": _now()})
-  inputs = {d: _file_sha(os.path.join(stage_dir(config, d, workdir), "summary.json"))
+  run_dir.write_json(path, {"stage": item.name, "status": "running", "attempts": attempts,
+                            "started_at": _now()})
+  inputs = {d: _file_sha(os.path.join(stage_dir(config, d, workdir), run_dir.SUMMARY_FILE))
             for d in needs(config, item.name)}
   started = time.perf_counter()
   summary = _module(item.name).run(item.config, item.directory)
@@ -441,8 +393,8 @@ def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str) ->
   state = {"stage": item.name, "status": "finished", "attempts": attempts,
            "finished_at": _now(), "wall_secs": wall,
            "config": fingerprint_dict(item.config, workdir), "inputs": inputs,
-           "summary_sha": _file_sha(os.path.join(item.directory, "summary.json"))}
-  _write_json(path, state)
+           "summary_sha": _file_sha(os.path.join(item.directory, run_dir.SUMMARY_FILE))}
+  run_dir.write_json(path, state)
   _sync(f"r1jax_pipeline_{item.name}_state")
   return summary
 
@@ -452,9 +404,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  index, _ = _process()
-  from r1jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  lock = ckpt_lib.WorkdirLock(workdir).acquire() if index == 0 else None
+  lock = run_dir.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
     return _run(config, workdir)
   finally:
@@ -464,7 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   planned = plan(config, workdir)
-  if _process()[0] == 0:
+  if jax.process_index() == 0:
     configlib.write_config_json(config, workdir, stages=[p.name for p in planned])
   started = time.perf_counter()
   logging.info("Pipeline in %s: %s", workdir,
@@ -475,25 +425,24 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logging.info("[%d/%d] %s: skipped, %s (%s).", i, len(planned), item.name, item.reason,
                    item.directory)
       continue
-    logging.info("[%d/%d] %s: %s; %s -> %s", i, len(planned), item.name, SPEC[item.name].description,
-                 item.reason, item.directory)
+    logging.info("[%d/%d] %s: %s; %s -> %s", i, len(planned), item.name,
+                 pipeline_stages.SPEC[item.name].description, item.reason, item.directory)
     run_stage(config, item, workdir)
     ran.append(item.name)
   wall = time.perf_counter() - started
 
-  from r1jax import pipeline_report  # pylint: disable=g-import-not-at-top
   stages = {}
   for item in planned:
-    state = read_json(state_path(workdir, item.name)) or {}
+    state = run_dir.read_json(pipeline_stages.state_path(workdir, item.name)) or {}
     stages[item.name] = {"directory": item.directory, "action": item.action,
                          "wall_secs": state.get("wall_secs"), "attempts": state.get("attempts")}
   summary = {"stage": "pipeline", "status": "complete", "variant": config.variant,
              "stages": stages, "ran": ran, "wall_secs_this_run": wall}
-  if _process()[0] == 0:
-    paths = pipeline_report.write_report(workdir, config=config)
+  if jax.process_index() == 0:
+    paths = pipeline_report.write_report(workdir, config=config, device=_device_line())
     summary.update(report=paths["markdown"], report_html=paths.get("html"),
                    loss_curves=paths.get("loss_curves"), tradeoff=paths.get("tradeoff"))
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    run_dir.write_json(os.path.join(workdir, run_dir.SUMMARY_FILE), summary)
     print(f"Pipeline report: {paths['markdown']}" +
           (f" (HTML: {paths['html']})" if paths.get("html") else ""), flush=True)
   _sync("r1jax_pipeline_done")

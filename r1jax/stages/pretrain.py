@@ -17,29 +17,27 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
 from typing import Any, Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from r1jax import configlib
-from r1jax.data import examples
+from r1jax import run_dir
+from r1jax.data import builtin
+from r1jax.data import pretraining
 from r1jax.data import tokenizer as tokenizer_lib
-from r1jax.model import axes
 from r1jax.model import heads
+from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import optim
-from r1jax.train import steps as steps_lib
 
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
@@ -78,16 +76,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.int_at_least("data.eval_every_nth_doc", 2)
     workers = v.int_at_least("data.worker_count", 0)
     batch = config.train.get("batch_size")
-    if workers and isinstance(batch, int) and batch > 0 and (batch // process_count) % workers:
+    if workers and isinstance(batch, int) and batch > 0 and (batch // v.process_count) % workers:
       v.add("data.worker_count", f"{workers} does not divide the per-process batch "
-            f"{batch // process_count} (each worker builds a fixed subset of its rows); use a "
+            f"{batch // v.process_count} (each worker builds a fixed subset of its rows); use a "
             f"divisor of it, or 0.")
     seq_len = seq_len_of(config)
     max_pred = config.data.get("max_predictions", -1)
     if isinstance(max_pred, int) and seq_len and max_pred > seq_len:
       v.add("data.max_predictions", f"{max_pred} exceeds data.seq_len={seq_len}.")
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
   return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
                                      extra=extra)
 
@@ -115,46 +111,23 @@ def knowledge_path(config: ml_collections.ConfigDict) -> str | None:
   if not path:
     return None
   if path == "builtin":
-    from r1jax.data import builtin  # pylint: disable=g-import-not-at-top
     return builtin.path("knowledge")
   return os.path.expanduser(path)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                       train_texts: list[str]) -> tokenizer_lib.Tokenizer:
   """DIR/tokenizer.model: kept if present, else copied (data.tokenizer, init_from) or trained."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if jax.process_index() == 0 and not os.path.exists(path):
-    source = config.data.tokenizer or ""
-    if not source and config.init_from:
-      source = os.path.join(os.path.expanduser(config.init_from), TOKENIZER_FILE)
-      if not os.path.exists(source):
-        raise FileNotFoundError(f"init_from={config.init_from!r} has no {TOKENIZER_FILE}; it must be "
-                                f"a finished pretraining workdir.")
-    if source:
-      shutil.copyfile(os.path.expanduser(source), path + ".tmp")
-      os.replace(path + ".tmp", path)
-    else:
-      vocab = model_config(config).vocab_size
-      logging.info("Training a %s tokenizer (vocab %d) on %d documents.",
-                   config.data.tokenizer_type, vocab, len(train_texts))
-      tokenizer_lib.Tokenizer.train(train_texts, vocab,
-                                    model_type=config.data.tokenizer_type).save(path)
-  _sync("tokenizer")
-  return tokenizer_lib.Tokenizer.load(path)
+  source = config.data.tokenizer or ""
+  if not source and config.init_from:
+    source = run_dir.tokenizer_of(config.init_from)
 
-
-def split_documents(texts: list[str], every_nth: int) -> tuple[list[str], list[str]]:
-  """(train, held-out): document i is held out when i % every_nth == every_nth - 1."""
-  held = [t for i, t in enumerate(texts) if i % every_nth == every_nth - 1]
-  train = [t for i, t in enumerate(texts) if i % every_nth != every_nth - 1]
-  return train, held
+  def train() -> tokenizer_lib.Tokenizer:
+    vocab = model_config(config).vocab_size
+    logging.info("Training a %s tokenizer (vocab %d) on %d documents.",
+                 config.data.tokenizer_type, vocab, len(train_texts))
+    return tokenizer_lib.Tokenizer.train(train_texts, vocab, model_type=config.data.tokenizer_type)
+  return run_dir.provide_tokenizer(workdir, source=source, train=train)
 
 
 def estimate_steps_per_epoch(texts: list[str], tok: tokenizer_lib.Tokenizer, *, seq_len: int,
@@ -168,7 +141,7 @@ def estimate_steps_per_epoch(texts: list[str], tok: tokenizer_lib.Tokenizer, *, 
 
 def _batches(config, texts, tok, *, seq_len, seed, knowledge):
   d = config.data
-  return examples.pretrain_iterator(
+  return pretraining.pretrain_iterator(
       texts, tok, seq_len=seq_len, batch_size=config.train.batch_size, seed=seed,
       mlm_prob=d.mlm_prob, max_predictions=None if d.max_predictions == -1 else d.max_predictions,
       whole_word=d.whole_word, nsp=d.nsp, knowledge_path=knowledge, kg_seq_len=d.kg_seq_len,
@@ -183,25 +156,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   `on_eval(step, eval_metrics)` is called after each held-out eval; returning True stops the run
   early (`loop.fit`'s hook, e.g. an optuna pruner)."""
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  lock = ckpt_lib.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
-  try:
-    done = loop_lib.finished_summary(workdir, config)
-    if done is not None:
-      logging.info("Pretraining in %s already finished at step %s; nothing to do.", workdir,
-                   done.get("step"))
-      return done
-    return _run(config, workdir, on_eval)
-  finally:
-    if lock is not None:
-      lock.release()
+  return run_dir.run_once(config, workdir, lambda c, w: _run(c, w, on_eval))
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str,
          on_eval: Callable[[int, dict[str, float]], bool] | None) -> dict[str, Any]:
   seq_len = seq_len_of(config)
-  texts = examples.resolve_texts(config.data.corpus)
-  train_texts, eval_texts = split_documents(texts, config.data.eval_every_nth_doc)
+  texts = pretraining.resolve_texts(config.data.corpus)
+  train_texts, eval_texts = pretraining.split_documents(texts, config.data.eval_every_nth_doc)
   if len(train_texts) < 2 or not eval_texts:
     raise ValueError(f"data.corpus={config.data.corpus!r} has {len(texts)} documents; need enough "
                      f"for a training set and every {config.data.eval_every_nth_doc}-th as held-out.")
@@ -229,14 +191,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   tx = optim.build_optimizer(config.train, abstract_params, num_steps=num_steps)
   mesh = mesh_lib.make_mesh(config.mesh)
-  rules = axes.DEFAULT_RULES
-  engine = steps_lib.Engine(
-      mesh=mesh, rules=rules, tx=tx, init_params=init_params, batch_size=batch_size,
-      loss_fn=steps_lib.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
-                                         kg_weight=config.data.kg_weight),
-      init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)},
-      accum_steps=config.train.grad_accum_steps, steps_per_call=loop_lib.steps_per_call(config),
-      lr_schedule=optim.make_schedule(config.train, num_steps))
+  engine = loop_lib.engine_for(
+      config, mesh=mesh, tx=tx, init_params=init_params, num_steps=num_steps,
+      loss_fn=losses.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
+                                      kg_weight=config.data.kg_weight),
+      init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)})
 
   def init_state():
     state = engine.init_state(jax.random.PRNGKey(config.seed))

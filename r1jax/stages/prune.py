@@ -26,16 +26,14 @@ from r1jax import configlib
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import measure
 from r1jax.compress import prune as prune_lib
-from r1jax.compress import source as source_lib
+from r1jax.compress import spec as spec_lib
 from r1jax.compress import stage_lib
-from r1jax.model import axes
 from r1jax.model import heads
-from r1jax.stages import finetune
+from r1jax.model import losses
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
-from r1jax.train import steps as steps_lib
 
 TARGET_RETAINED_PCT = 98.0
 
@@ -66,8 +64,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
           v.add(key, f"{pattern!r} is not a valid regex ({e}).")
     v.require(bool(config.prune.get("include")), "prune.include",
               "is empty; name the kernels to prune (default backbone/layer_\\d+/.*kernel).")
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  process_count = jax.process_count() if process_count is None else process_count
   return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
                                      extra=extra)
 
@@ -97,13 +93,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tx = optax.chain(optim.build_optimizer(config.train, abstract, num_steps=num_steps),
                    prune_lib.masked_pruning(selected, schedule))
   mesh = mesh_lib.make_mesh(config.mesh)
-  engine = steps_lib.Engine(
-      mesh=mesh, rules=axes.DEFAULT_RULES, tx=tx, init_params=init_params,
-      loss_fn=finetune.classification_loss_fn(model, multi_label=spec.multi_label,
-                                              label_smoothing=config.train.label_smoothing),
-      init_extras=dict, batch_size=config.train.batch_size,
-      accum_steps=config.train.grad_accum_steps, steps_per_call=loop_lib.steps_per_call(config),
-      lr_schedule=optim.make_schedule(config.train, num_steps))
+  engine = loop_lib.engine_for(
+      config, mesh=mesh, tx=tx, init_params=init_params, num_steps=num_steps,
+      loss_fn=losses.classification_loss_fn(model, multi_label=spec.multi_label,
+                                            label_smoothing=config.train.label_smoothing))
 
   def init_state():
     state = engine.init_state(jax.random.PRNGKey(config.seed))
@@ -126,10 +119,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       init_state=init_state, num_steps=num_steps,
       evaluate=stage_lib.dev_evaluator(config, spec, data, engine))
 
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        source_lib.abstract_params(spec))
-  params, step = ckpt_lib.restore_params(workdir, target)
+  params, step = ckpt_lib.restore_params(
+      workdir, ckpt_lib.on_one_device(spec_lib.abstract_params(spec)))
   report = prune_lib.sparsity_report(params, selected)
   if report["selected_sparsity"] + 1e-6 < schedule.sparsity * 0.999:
     raise RuntimeError(f"pruned model has sparsity {report['selected_sparsity']:.4f} below the "

@@ -18,6 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from r1jax import distributed
@@ -42,10 +47,6 @@ def _expected_column_sums(num_processes: int, local_devices: int) -> np.ndarray:
 def run(expect_processes: int | None = None, expect_global_devices: int | None = None) -> bool:
   """Runs the checks in this process and prints the results; True when all of them pass."""
   plan = distributed.maybe_initialize()
-  import jax  # pylint: disable=g-import-not-at-top  (after initialize, by design)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   rank, count = jax.process_index(), jax.process_count()
   local, total = jax.local_device_count(), jax.device_count()

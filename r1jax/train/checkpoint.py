@@ -1,4 +1,4 @@
-"""Checkpoints that resume exactly and are never restored half-written; preemption; workdir lock.
+"""Checkpoints that resume exactly and are never restored half-written; preemption.
 
 Layout of `DIR/checkpoints/<step>/` (one Orbax `CheckpointManager` step):
 - `params/`  the parameters (restorable alone: `restore_params`, used by `init_from`);
@@ -18,8 +18,6 @@ Safety:
 - A target whose shapes differ from the saved ones raises ValueError naming the leaf and both shapes.
 - `PreemptionWatcher` turns SIGTERM into "save now, then exit" (`Preempted`, exit code 143) and
   hard-exits if that takes longer than the grace period.
-- `WorkdirLock` (DIR/.lock: pid + host) refuses a second live run on the same workdir and takes over
-  a lock left by a dead process.
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ import json
 import logging as std_logging
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any, Mapping
@@ -37,12 +34,14 @@ from typing import Any, Mapping
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from r1jax.train import optim
+from r1jax import distributed
+from r1jax import run_dir
 from r1jax.train.state import TrainState
 
 
@@ -73,10 +72,6 @@ class Preempted(SystemExit):
 
   def __str__(self):
     return f"preempted (SIGTERM): saved step {self.step}; rerun the same command to resume"
-
-
-class WorkdirLocked(RuntimeError):
-  """Another live run holds the workdir."""
 
 
 class CheckpointShapeError(ValueError):
@@ -169,7 +164,7 @@ def checksums(tree: Any) -> dict[str, int]:
   for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     sharding = getattr(x, "sharding", None)
     key = None if sharding is None else frozenset(d.id for d in sharding.device_set)
-    groups.setdefault(key, []).append((optim.path_str(p), x))
+    groups.setdefault(key, []).append((run_dir.path_str(p), x))
   out = {}
   for items in groups.values():
     sums = jax.device_get(_checksums([x for _, x in items]))
@@ -188,11 +183,11 @@ def _join(params: Any, train: Mapping[str, Any]) -> TrainState:
 
 def _check_shapes(saved: Any, target: Any, what: str, step: int) -> None:
   """Raises CheckpointShapeError naming every leaf whose saved shape differs from the target's."""
-  saved_flat = {optim.path_str(p): getattr(m, "shape", None)
+  saved_flat = {run_dir.path_str(p): getattr(m, "shape", None)
                 for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
   problems = []
   for p, t in jax.tree_util.tree_flatten_with_path(target)[0]:
-    path = optim.path_str(p)
+    path = run_dir.path_str(p)
     if path not in saved_flat:
       problems.append(f"{path}: missing in the checkpoint (model expects {tuple(t.shape)})")
     elif saved_flat[path] is not None and tuple(saved_flat[path]) != tuple(t.shape):
@@ -217,7 +212,6 @@ class Restored:
 def _all_processes_ok(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.all(multihost_utils.process_allgather(np.asarray([int(ok)]))))
 
 
@@ -354,9 +348,7 @@ class Checkpointer:
           target = f"{path}.unrestorable.{n}"
         os.rename(path, target)
         logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("r1jax_checkpoint_move_aside")
+    distributed.sync("r1jax_checkpoint_move_aside")
     self.manager.reload()
 
   def restore(self, abstract: TrainState, *, with_data: bool = True) -> Restored | None:
@@ -393,33 +385,12 @@ class Checkpointer:
     return None
 
 
-def _open_params(workdir_or_ckpt_dir: str, step: int | None
-                 ) -> tuple[ocp.CheckpointManager, str, int, Any]:
-  """(read-only manager, checkpoints dir, step, params metadata tree) of a workdir's checkpoint."""
-  directory = workdir_or_ckpt_dir
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={"params": ocp.PyTreeCheckpointHandler()})
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {directory}: finish (or resume) that run first.")
-    saved = manager.item_metadata(step)["params"]
-  except BaseException:
-    manager.close()
-    raise
-  return manager, directory, step, saved.tree if hasattr(saved, "tree") else saved
-
-
-def saved_param_shapes(workdir_or_ckpt_dir: str, step: int | None = None
-                       ) -> tuple[dict[str, tuple[int, ...]], int]:
-  """({"backbone/layer_0/ff_in/kernel": shape, ...}, step) without reading any array."""
-  manager, _, step, saved = _open_params(workdir_or_ckpt_dir, step)
-  manager.close()
-  return {optim.path_str(p): tuple(m.shape)
-          for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}, step
+def on_one_device(abstract: Any, device: Any = None) -> Any:
+  """ShapeDtypeStructs like `abstract` (arrays or ShapeDtypeStructs), each placed whole on `device`
+  (default: this process's first device): a `restore_params` target for evaluation, latency and
+  export, where every process reads the full arrays."""
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
 
 def restore_params(workdir_or_ckpt_dir: str, target: Any = None, *, step: int | None = None
@@ -433,7 +404,7 @@ def restore_params(workdir_or_ckpt_dir: str, target: Any = None, *, step: int | 
     step: which step (default: the newest).
   Returns (params, step).
   """
-  manager, directory, step, saved = _open_params(workdir_or_ckpt_dir, step)
+  manager, directory, step, saved = run_dir.open_params(workdir_or_ckpt_dir, step)
   try:
     if target is None:
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
@@ -506,7 +477,6 @@ class PreemptionWatcher:
       _requested_step = None
       return True
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
         return bool(multihost_utils.reached_preemption_sync_point(step))
       except RuntimeError:  # preemption service not running (e.g. not started by jax.distributed)
@@ -519,119 +489,3 @@ class PreemptionWatcher:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
-
-
-# ------------------------------------------------------------------------------------------------
-# Workdir lock.
-
-
-def _proc_start_time(pid: int) -> str | None:
-  """The kernel's start time of `pid` (to tell a reused pid from the lock owner), if known."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      fields = f.read().rsplit(")", 1)[1].split()
-    return fields[19]  # field 22 of /proc/<pid>/stat, counted after the command name
-  except (OSError, IndexError):
-    return None
-
-
-def _proc_alive(pid: int, start_time: str | None) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      state = f.read().rsplit(")", 1)[1].split()[0]
-    if state in ("Z", "X"):  # killed but not yet reaped: gone for our purposes
-      return False
-  except OSError:
-    pass
-  return start_time is None or _proc_start_time(pid) in (None, start_time)
-
-
-class WorkdirLock:
-  """`DIR/.lock` holding {pid, host, start_time}; one live run per workdir."""
-
-  def __init__(self, workdir: str, name: str = ".lock"):
-    self.path = os.path.join(workdir, name)
-    self.info = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "start_time": _proc_start_time(os.getpid()), "since": time.time()}
-    self.held = False
-
-  def _read(self) -> dict[str, Any] | None:
-    for _ in range(20):  # the owner may be between create and write
-      try:
-        with open(self.path) as f:
-          return json.load(f)
-      except FileNotFoundError:
-        return None
-      except (ValueError, OSError):
-        time.sleep(0.05)
-    return {}
-
-  @staticmethod
-  def _read_file(path: str) -> dict[str, Any]:
-    try:
-      with open(path) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return {}
-
-  def acquire(self) -> "WorkdirLock":
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    for _ in range(100):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        other = self._read()
-        if other is None:
-          continue
-        same_host = other.get("host") == self.info["host"]
-        if other and not same_host:
-          raise WorkdirLocked(
-              f"{os.path.dirname(self.path)} is in use by pid {other.get('pid')} on host "
-              f"{other.get('host')} (lock {self.path}). Wait for it, use another --workdir, or "
-              f"delete the lock if that run is gone.")
-        if other and _proc_alive(int(other.get("pid", -1)), other.get("start_time")):
-          raise WorkdirLocked(
-              f"{os.path.dirname(self.path)} is in use by a live run (pid {other['pid']} on "
-              f"{other['host']}, lock {self.path}). Wait for it or use another --workdir.")
-        stale = f"{self.path}.stale.{os.getpid()}"
-        try:
-          os.rename(self.path, stale)  # atomic: only one contender takes a stale lock over
-        except FileNotFoundError:
-          continue
-        if self._read_file(stale) != other:
-          # Between our read and the rename another contender took the stale lock over and wrote
-          # its own: that one is live. Put it back (unless a third has created one meanwhile).
-          try:
-            os.link(stale, self.path)
-          except FileExistsError:
-            pass
-          os.unlink(stale)
-          continue
-        os.unlink(stale)
-        logging.warning("Took over the stale workdir lock of pid %s on %s (that process is gone).",
-                        other.get("pid"), other.get("host"))
-        continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.info, f)
-      self.held = True
-      return self
-    raise WorkdirLocked(f"Could not take {self.path} (contended).")
-
-  def release(self) -> None:
-    if self.held:
-      other = self._read()
-      if other and other.get("pid") == self.info["pid"] and other.get("host") == self.info["host"]:
-        os.unlink(self.path)
-      self.held = False
-
-  def __enter__(self):
-    return self.acquire()
-
-  def __exit__(self, *exc):
-    self.release()

@@ -12,7 +12,6 @@ every checkpoint, so a resumed run writes the same metrics.jsonl records as an u
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -22,8 +21,11 @@ from absl import logging
 import jax
 import numpy as np
 
+from r1jax import run_dir
+from r1jax.model import axes
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import metrics as metrics_lib
+from r1jax.train import optim
 from r1jax.train import steps as steps_lib
 from r1jax.train.state import TrainState
 
@@ -315,37 +317,45 @@ def steps_per_call(config: Any, platform: str | None = None) -> int:
 # The part of a training stage's run() that is the same for every stage.
 
 
-def finished_summary(workdir: str, config: Any) -> dict[str, Any] | None:
-  """The summary of a finished run of this same config in `workdir`, else None.
+def engine_for(config: Any, *, mesh: Any, tx: Any, init_params: Callable[[jax.Array], Any],
+               loss_fn: Callable[..., Any], num_steps: int | None = None,
+               init_extras: Callable[[], Any] = dict, eval_loss_fn: Callable[..., Any] | None = None,
+               lr_schedule: Callable[[Any], Any] | None = None) -> steps_lib.Engine:
+  """A training stage's Engine: the model and loss are the stage's; the global batch, gradient
+  accumulation and steps per call come from `config.train`, the logical->mesh rules are the
+  defaults, and the learning-rate schedule (logged) is `train`'s over `num_steps` unless given."""
+  if lr_schedule is None and num_steps is not None:
+    lr_schedule = optim.make_schedule(config.train, num_steps)
+  return steps_lib.Engine(
+      mesh=mesh, rules=axes.DEFAULT_RULES, tx=tx, init_params=init_params, init_extras=init_extras,
+      batch_size=config.train.batch_size, accum_steps=config.train.grad_accum_steps,
+      steps_per_call=steps_per_call(config), loss_fn=loss_fn, eval_loss_fn=eval_loss_fn,
+      lr_schedule=lr_schedule)
 
-  "Same" means the same train.num_steps setting, so raising num_steps continues a finished run.
+
+def checkpointer_for(config: Any, directory: str) -> ckpt_lib.Checkpointer:
+  """The Checkpointer of a training run's `checkpoint` config section, saving to `directory`."""
+  return ckpt_lib.Checkpointer(directory, max_to_keep=config.checkpoint.max_to_keep,
+                               keep_best=config.checkpoint.keep_best,
+                               async_save=config.checkpoint.async_save)
+
+
+def resume_and_fit(config: Any, *, engine: steps_lib.Engine,
+                   train_iter: Iterator[Mapping[str, Any]], init_state: Callable[[], TrainState],
+                   options: LoopOptions, checkpoint_dir: str, metrics_dir: str,
+                   metrics_tags: Mapping[str, Any] | None = None,
+                   evaluate: Callable[[Any], dict[str, float]] | None = None,
+                   on_eval: Callable[[int, dict[str, float]], bool] | None = None
+                   ) -> tuple[FitResult, int]:
+  """Restore-or-init, then `fit`; returns (the fit result, the step it started from).
+
+  Resuming: the newest good checkpoint in `checkpoint_dir` gives the state, the data iterator state
+  (`train_iter.set_state`) and the host loop state; `metrics_dir`'s metrics.jsonl/TensorBoard are
+  cut back to it (`metrics_tags` are added to every record). `init_state()` is only called for a
+  fresh run (it may load `init_from` parameters). A restored run that had stopped early trains no
+  further: `fit` returns at once.
   """
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    summary = json.load(f)
-  if summary.get("status") in ("complete", "stopped_early") and (
-      summary.get("config_num_steps") == config.train.num_steps):
-    return summary
-  return None
-
-
-def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
-                       train_iter: Iterator[Mapping[str, Any]], init_state: Callable[[], TrainState],
-                       num_steps: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
-                       on_eval: Callable[[int, dict[str, float]], bool] | None = None,
-                       flops_per_step: float = 0.0, tokens_per_step: int = 0,
-                       summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Restore-or-init, train with `fit`, write DIR/summary.json; returns the summary.
-
-  Resuming: the newest good checkpoint in DIR/checkpoints gives the state, the data iterator state
-  (`train_iter.set_state`) and the host loop state; metrics.jsonl/TensorBoard are cut back to it.
-  `init_state()` is only called for a fresh run (it may load `init_from` parameters).
-  """
-  checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-      keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+  checkpointer = checkpointer_for(config, checkpoint_dir)
   writer = None
   try:
     restored = checkpointer.restore(engine.abstract_state())
@@ -356,11 +366,9 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       loop_state = LoopState.from_json(restored.meta.get("loop"))
       logging.info("Resuming from checkpoint step %d in %s.", start, checkpointer.directory)
     else:
-      state, start, loop_state = init_state(), 0, None
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-    peak, peak_source = metrics_lib.peak_flops(config.train.peak_flops)
-    options = LoopOptions.from_config(config, num_steps=num_steps, flops_per_step=flops_per_step,
-                                      peak_flops=peak, tokens_per_step=tokens_per_step)
+      state = init_state()
+      start, loop_state = int(jax.device_get(state.step)), None
+    writer = metrics_lib.MetricsWriter(metrics_dir, resume_step=start, tags=metrics_tags)
     result = fit(engine, state, train_iter, options=options, checkpointer=checkpointer,
                  writer=writer, evaluate=evaluate, on_eval=on_eval, loop_state=loop_state,
                  start_step=start)
@@ -368,6 +376,24 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
     if writer is not None:
       writer.close()
     checkpointer.close()
+  return result, start
+
+
+def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
+                       train_iter: Iterator[Mapping[str, Any]], init_state: Callable[[], TrainState],
+                       num_steps: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
+                       on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+                       flops_per_step: float = 0.0, tokens_per_step: int = 0,
+                       summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Restore-or-init, train with `fit` (`resume_and_fit` in DIR/checkpoints), write
+  DIR/summary.json; returns the summary."""
+  peak, peak_source = metrics_lib.peak_flops(config.train.peak_flops)
+  options = LoopOptions.from_config(config, num_steps=num_steps, flops_per_step=flops_per_step,
+                                    peak_flops=peak, tokens_per_step=tokens_per_step)
+  result, start = resume_and_fit(
+      config, engine=engine, train_iter=train_iter, init_state=init_state, options=options,
+      checkpoint_dir=os.path.join(workdir, run_dir.CHECKPOINTS_DIR), metrics_dir=workdir,
+      evaluate=evaluate, on_eval=on_eval)
   loop = result.loop
   summary = {
       "stage": config.stage,
@@ -389,5 +415,5 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       "checkpoint": os.path.join(workdir, "checkpoints", str(result.last_checkpoint)),
   }
   summary.update(summary_extra or {})
-  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+  run_dir.write_json(os.path.join(workdir, run_dir.SUMMARY_FILE), summary)
   return summary

@@ -1,4 +1,4 @@
-"""What a user watches: metrics.jsonl, TensorBoard, a progress bar, FLOPs/MFU, summary.json.
+"""What a user watches: metrics.jsonl, TensorBoard, a progress bar, FLOPs/MFU.
 
 - `MetricsWriter`: `DIR/metrics.jsonl` (one JSON object per logged step: {"step", "split", ...}) and
   TensorBoard event files in `DIR/tensorboard/` (tensorboardX). On resume from step s, records after s
@@ -20,27 +20,23 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorboardX
+import tqdm
 
-
-def _clean(value: Any) -> Any:
-  """JSON-ready: numpy scalars -> Python, NaN/inf -> "nan"/"inf" strings (JSON has neither)."""
-  if isinstance(value, Mapping):
-    return {k: _clean(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_clean(v) for v in value]
-  if isinstance(value, (np.floating, np.integer, np.bool_)):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
-  return value
+from r1jax import run_dir
 
 
 class MetricsWriter:
-  """Appends records to DIR/metrics.jsonl and TensorBoard; only the primary process writes."""
+  """Appends records to DIR/metrics.jsonl and TensorBoard; only the primary process writes.
+
+  `tags` are added to every metrics.jsonl record (e.g. {"phase": "stage_b"} for finetuning's phases,
+  which share one metrics.jsonl).
+  """
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, tags: Mapping[str, Any] | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.tags = dict(tags or {})
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if not self.enabled:
@@ -49,8 +45,7 @@ class MetricsWriter:
     self._truncate_after(resume_step)
     self._file = open(self.path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
                                purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
@@ -75,7 +70,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), "split": split}
-    record.update({k: _clean(v) for k, v in values.items()})
+    record.update(run_dir.json_ready(dict(values, **self.tags)))
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -112,9 +107,8 @@ class ProgressBar:
   def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
     self._bar = None
     if enabled and jax.process_index() == 0:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                       mininterval=1.0)
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit="step",
+                            dynamic_ncols=True, mininterval=1.0)
 
   def update_to(self, step: int, **postfix: Any) -> None:
     """Moves the bar to `step` and shows `postfix` values (e.g. loss, tok_s)."""
@@ -212,14 +206,3 @@ def peak_flops(configured: float = 0.0) -> tuple[float, str]:
   logging.warning("Unknown device kind %r: MFU is not reported (set train.peak_flops).",
                   device.device_kind)
   return 0.0, "unknown"
-
-
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-  """Atomic JSON write (primary process only)."""
-  if jax.process_index() != 0:
-    return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(_clean(data), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)

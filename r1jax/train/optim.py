@@ -23,25 +23,14 @@ import jax
 import numpy as np
 import optax
 
+from r1jax import run_dir
+
 Rule = tuple[str, Union[str, Mapping[str, float]]]
 FROZEN = "frozen"
 DEFAULT_GROUP = "default"
 _RULE_KEYS = ("lr_mult", "learning_rate", "weight_decay")
 # A parameter whose path has one of these components is a normalisation parameter (no weight decay).
 _NORM_NAME = re.compile(r"(?i)^(.*layer_?norm.*|.*_ln|ln(_\w+)?|norm\w*|.*_norm)$")
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """'a/b/c' for a jax key path (DictKey/GetAttrKey/SequenceKey entries)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def param_paths(params: Any) -> list[str]:
@@ -52,7 +41,7 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
   """Maps fn(path, leaf) over a tree; `nn.LogicallyPartitioned` boxes count as (unboxed) leaves, so
   the result is shaped like the unboxed tree (a prefix of the boxed one, which optax masks accept)."""
   def one(p, x):
-    return fn(path_str(p), x.unbox() if isinstance(x, meta.AxisMetadata) else x)
+    return fn(run_dir.path_str(p), x.unbox() if isinstance(x, meta.AxisMetadata) else x)
   return jax.tree_util.tree_map_with_path(one, tree,
                                           is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
 

@@ -1,18 +1,16 @@
-"""Loss functions and the train/eval steps every training stage shares.
+"""The train/eval steps and the engine every training stage shares.
 
-A stage plugs in a loss function with this signature and reuses everything else:
+A stage plugs in a loss function (`r1jax.model.losses.LossFn`, where the contract and every loss
+live) and reuses everything else:
 
     loss_fn(params, batch, extras, rng, deterministic) -> (loss, (metrics, new_extras))
 
-- `batch`: dict of global arrays, leading axis = rows [B, ...];
-- `extras`: carried per-stage state (e.g. {"memory": Memory}); `new_extras` replaces it;
-- `metrics`: {name: (sum, count)} float32 scalars; the host divides after summing over steps, so
-  averages over steps, micro-batches and eval batches are exact;
-- `loss`: the scalar to differentiate.
+Metrics are {name: (sum, count)} float32 scalars (`losses.metric`); `add_metrics` sums them over
+steps and micro-batches, and the host divides (`normalize`), so averages are exact.
 
 `train_step`/`eval_step` are pure module-level functions; `Engine` jits them once with explicit
-in/out shardings and donates the state. Nothing in a step syncs with the host: the NaN/inf check is a
-flag in the metrics (the update is not applied when it is set), read on the host at log time.
+in/out shardings and donates the state. Nothing in a step syncs with the host: the NaN/inf check is
+a flag in the metrics (the update is not applied when it is set), read on the host at log time.
 """
 from __future__ import annotations
 
@@ -25,17 +23,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from r1jax.model import losses
+from r1jax.model.losses import LossFn
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import state as state_lib
 from r1jax.train.state import TrainState
-
-LossFn = Callable[[Any, Mapping[str, jax.Array], Any, jax.Array, bool],
-                  tuple[jax.Array, tuple[dict[str, tuple[jax.Array, jax.Array]], Any]]]
-
-
-def metric(total: jax.Array, count: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """A (sum, count) pair of float32 scalars."""
-  return (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
 
 
 def add_metrics(a: Any, b: Any) -> Any:
@@ -52,116 +44,7 @@ def normalize(metrics: Mapping[str, Sequence[Any]]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses.
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Per-example (smoothed loss, plain nll) for logits [..., V] and int labels [...], in float32.
-
-  nll = logsumexp(logits) - logits[label]. With smoothing s the target is (1 - s) one-hot
-  + s uniform: loss = (1 - s) nll + s (logsumexp - mean(logits)) = (1 - s) nll + s mean(-log p).
-  Written without log_softmax and without a gather: the backward pass then recomputes the softmax
-  from the logits and the per-example logsumexp instead of keeping a [..., V] float32 log-softmax,
-  and the label's gradient is a one-hot product rather than a scatter.
-  """
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  nll = lse - _label_logit(logits, labels)
-  if not label_smoothing:
-    return nll, nll
-  return (1.0 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(axis=-1)), nll
-
-
-def _label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """logits[..., labels] as a fused one-hot product (its transpose is elementwise, no scatter)."""
-  hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  return (hot * logits).sum(axis=-1)
-
-
-def correct_predictions(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """1.0 where the label's logit is the largest (argmax(logits) == labels), else 0.0 ([...]).
-
-  Differs from argmax only on exact ties for the top logit, which count as correct here (argmax
-  would pick the lowest tied index); with real-valued logits from random-initialised weights
-  such ties do not occur in practice. Written as label logit >= max: XLA:CPU lowers argmax's
-  (value, index) reduction to a scalar loop (~20 ms of a 0.85 s small-model step on one core),
-  while the max is a plain reduction that the loss's logsumexp already computes.
-  """
-  logits = logits.astype(jnp.float32)
-  return (_label_logit(logits, labels) >= logits.max(axis=-1)).astype(jnp.float32)
-
-
-def weighted_classification(logits: jax.Array, labels: jax.Array, weights: jax.Array,
-                            label_smoothing: float = 0.0) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """Sums for a (masked) classification: {"loss", "nll", "accuracy"} as (sum, sum of weights)."""
-  weights = weights.astype(jnp.float32)
-  loss, nll = cross_entropy(logits, labels, label_smoothing)
-  correct = jax.lax.stop_gradient(correct_predictions(logits, labels))
-  denom = weights.sum()
-  return {"loss": metric((loss * weights).sum(), denom), "nll": metric((nll * weights).sum(), denom),
-          "accuracy": metric((correct * weights).sum(), denom)}
-
-
-def pretrain_loss_fn(model: Any, *, label_smoothing: float = 0.0, kg_weight: float = 1.0) -> LossFn:
-  """MLM + NSP (+ knowledge) loss for `r1jax.model.heads.PretrainModel` with memory in extras.
-
-  batch: tokens/token_mask/token_types [B, Q], mlm_positions/mlm_ids/mlm_weights [B, P],
-  nsp_label [B], reset_memory [B]; optional kg_tokens/kg_token_mask [B, T], kg_label [B].
-  Loss = mean MLM cross-entropy over masked positions (sum(w * ce) / sum(w)) + mean NSP cross-entropy
-  (+ kg_weight * mean knowledge cross-entropy).
-  """
-  def loss_fn(params, batch, extras, rng, deterministic):
-    memory = extras["memory"].reset(batch["reset_memory"])  # rows starting a new document
-    rngs = {"dropout": rng}
-    outputs, new_memory = model.apply(
-        {"params": params}, batch["tokens"], memory=memory, token_mask=batch["token_mask"],
-        token_types=batch["token_types"], mlm_positions=batch["mlm_positions"],
-        deterministic=deterministic, rngs=rngs)
-    mlm = weighted_classification(outputs["mlm_logits"], batch["mlm_ids"], batch["mlm_weights"],
-                                  label_smoothing)
-    rows = jnp.ones(batch["nsp_label"].shape, jnp.float32)
-    nsp = weighted_classification(outputs["nsp_logits"], batch["nsp_label"], rows, label_smoothing)
-    mlm_loss = mlm["loss"][0] / (mlm["loss"][1] + 1e-5)
-    nsp_loss = nsp["loss"][0] / nsp["loss"][1]
-    loss = mlm_loss + nsp_loss
-    metrics = {"mlm_loss": mlm["nll"], "mlm_accuracy": mlm["accuracy"],
-               "nsp_loss": nsp["nll"], "nsp_accuracy": nsp["accuracy"]}
-    if "kg_tokens" in batch:
-      kg_logits = model.apply({"params": params}, batch["kg_tokens"], batch["kg_token_mask"],
-                              deterministic=deterministic, rngs=rngs, method="kg_logits")
-      kg = weighted_classification(kg_logits, batch["kg_label"], rows, label_smoothing)
-      loss = loss + kg_weight * kg["loss"][0] / kg["loss"][1]
-      metrics.update(kg_loss=kg["nll"], kg_accuracy=kg["accuracy"])
-    return loss, (metrics, {"memory": new_memory})
-  return loss_fn
-
-
-# ------------------------------------------------------------------------------------------------
 # Steps.
-
-
-def causal_lm_loss_fn(model: Any, *, chunk_size: int = 0) -> LossFn:
-  """Next-token LM loss for `r1jax.model.heads.PretrainModel` in causal mode, memory in extras.
-
-  batch: tokens [B, Q], labels [B, Q] (the token after each position), reset_memory [B], optional
-  token_mask [B, Q] (False rows are neither attended nor scored). Every position is predicted over
-  the full vocabulary by the tied MLM head, `chunk_size` positions at a time (`MLMHead.nll`:
-  the [B, Q, V] logits never exist at once; 0 = unchunked). Loss = mean nll over scored tokens.
-  """
-  def loss_fn(params, batch, extras, rng, deterministic):
-    memory = extras["memory"].reset(batch["reset_memory"])
-    mask = batch.get("token_mask")
-    nll, new_memory = model.apply(
-        {"params": params}, batch["tokens"], batch["labels"], memory, mask,
-        chunk_size=chunk_size, deterministic=deterministic, rngs={"dropout": rng},
-        method=type(model).lm_nll)
-    weights = (jnp.ones(nll.shape, jnp.float32) if mask is None
-               else jnp.asarray(mask, jnp.float32))
-    total, count = (nll * weights).sum(), weights.sum()
-    return total / jnp.maximum(count, 1.0), ({"lm_loss": metric(total, count)},
-                                             {"memory": new_memory})
-  return loss_fn
 
 
 def split_rows(tree: Any, k: int) -> Any:
@@ -198,7 +81,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: Lo
 
   def micro(batch_m, extras_m, rng_m):
     (loss, (metrics, new_extras)), grads = grad_fn(state.params, batch_m, extras_m, rng_m, False)
-    return grads, dict(metrics, loss=metric(loss)), new_extras
+    return grads, dict(metrics, loss=losses.metric(loss)), new_extras
 
   if accum_steps == 1:
     grads, metrics, new_extras = micro(batch, state.extras, rng)
@@ -232,14 +115,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: Lo
     params, opt_state, extras = _where(finite, apply(None), skip(None))
   else:
     # XLA:CPU copies every parameter and moment for the select form (the old and new values are
-    # both live; 4 ms and 30 MB per small-model step); the conditional updates them in place.
+    # both live; bench/NOTES.md 'Kernel notes'); the conditional updates them in place.
     params, opt_state, extras = jax.lax.cond(finite, apply, skip, None)
   new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, extras=extras,
       nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
-  metrics = dict(metrics, grad_norm=metric(grad_norm), nonfinite=metric((~finite).astype(jnp.float32)))
+  metrics = dict(metrics, grad_norm=losses.metric(grad_norm),
+                 nonfinite=losses.metric((~finite).astype(jnp.float32)))
   if lr_schedule is not None:
-    metrics["learning_rate"] = metric(lr_schedule(state.step))
+    metrics["learning_rate"] = losses.metric(lr_schedule(state.step))
   return new_state, metrics
 
 
@@ -255,8 +139,8 @@ def train_steps(state: TrainState, batches: Mapping[str, jax.Array], **step_kwar
     the state after the n steps and every step's metrics, each leaf stacked `[n]`. The steps are
     exactly n `train_step` calls (each step's rng folds in its own step number), so results match
     up to float rounding. One call allocates XLA's scratch buffer once for all n steps: on XLA:CPU,
-    where that buffer is mapped and page-faulted afresh at every execution, this saves about a
-    fifth of a small model's step (bench/NOTES.md, change 20).
+    where that buffer is mapped and page-faulted afresh at every execution, this saves a good
+    part of a small model's step (bench/NOTES.md, change 20).
   """
   return jax.lax.scan(lambda s, b: train_step(s, b, **step_kwargs), state, batches)
 
@@ -265,7 +149,7 @@ def eval_step(params: Any, extras: Any, batch: Mapping[str, jax.Array], *,
               loss_fn: LossFn) -> tuple[dict[str, Any], Any]:
   """Deterministic loss and metrics on one batch; returns (metrics, new_extras)."""
   loss, (metrics, new_extras) = loss_fn(params, batch, extras, jax.random.PRNGKey(0), True)
-  return dict(metrics, loss=metric(loss)), new_extras
+  return dict(metrics, loss=losses.metric(loss)), new_extras
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,9 +169,8 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
 
   On a CPU with AVX-512: loops vectorised 512 bits wide (XLA prefers 256 by default, for CPUs
   that lower their clock on 512-bit code) and the concurrency-optimized scheduler (independent ops
-  ordered so that more of them run side by side). The small MLM step on a 2-core Zen 5, both
-  variants in one process (bench/ab_step.py's method): 0.331 -> 0.319 s (bench/NOTES.md, change
-  33). Elsewhere none: not measured there.
+  ordered so that more of them run side by side): faster for the small MLM step on a 2-core
+  Zen 5 (bench/NOTES.md, change 33). Elsewhere none: not measured there.
   """
   if (platform or jax.default_backend()) == "cpu" and _cpu_has_avx512():
     return {"xla_cpu_prefer_vector_width": 512,
@@ -354,6 +237,20 @@ class Engine:
     """A fresh state, every leaf created directly in its sharding."""
     with mesh_lib.mesh_context(self.mesh, self.rules):
       return self._init(rng)
+
+  def state_from_params(self, params: Any, rng: jax.Array) -> TrainState:
+    """A fresh state (step 0, new optimizer state and extras) around existing sharded `params`:
+    `init_state` would also initialise (and compile the init of) parameters only to replace them."""
+    sh = self.state_shardings
+    opt_state = jax.jit(self.tx.init, out_shardings=sh.opt_state)(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                       rng=jax.random.split(rng)[1], extras=self.new_extras(),
+                       nonfinite_skips=jnp.zeros((), jnp.int32))
+    expected = jax.tree.structure(self._abstract)
+    if jax.tree.structure(state) != expected:
+      raise AssertionError(f"train state structure {jax.tree.structure(state)} differs from the "
+                           f"engine's {expected}")
+    return jax.device_put(state, sh)
 
   def new_extras(self) -> Any:
     with mesh_lib.mesh_context(self.mesh, self.rules):

@@ -1,24 +1,17 @@
-"""Tests for r1jax.data.examples: MLM/NSP/knowledge batches, streaming, resumption, classification."""
+"""Tests for r1jax.data.pretraining (MLM/NSP/knowledge batches, streaming, resumption, workers),
+r1jax.data.knowledge and r1jax.data.grain_ops."""
 import grain
 import numpy as np
 import pytest
 
 from r1jax.data import builtin
-from r1jax.data import examples
+from r1jax.data import grain_ops
+from r1jax.data import knowledge
+from r1jax.data import pretraining
 from r1jax.data import tokenizer as tokenizer_lib
 
 CLS, SEP, PAD, MASK = (tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID, tokenizer_lib.PAD_ID,
                        tokenizer_lib.MASK_ID)
-
-
-@pytest.fixture(scope="module")
-def docs():
-  return builtin.texts("domain")[:400]
-
-
-@pytest.fixture(scope="module")
-def tok(docs):
-  return tokenizer_lib.Tokenizer.train(docs + ["计算机网络协议在主机之间传输数据包。"] * 5, 2000)
 
 
 def _batches(it, n):
@@ -35,8 +28,8 @@ def _unmasked(batch):
 
 
 def test_batch_layout_matches_contract(docs, tok):
-  it = examples.pretrain_iterator(docs, tok, seq_len=48, batch_size=6, seed=0,
-                                  knowledge_path=builtin.path("knowledge"))
+  it = pretraining.pretrain_iterator(docs, tok, seq_len=48, batch_size=6, seed=0,
+                                     knowledge_path=builtin.path("knowledge"))
   b = next(it)
   expected = {
       "tokens": (np.int32, (6, 48)), "token_mask": (np.bool_, (6, 48)),
@@ -60,7 +53,7 @@ def test_batch_layout_matches_contract(docs, tok):
 
 
 def test_mlm_statistics(docs, tok):
-  it = examples.pretrain_iterator(docs, tok, seq_len=64, batch_size=16, seed=1, nsp=True)
+  it = pretraining.pretrain_iterator(docs, tok, seq_len=64, batch_size=16, seed=1, nsp=True)
   predicted = maskable = n_mask = n_same = n_random = 0
   for b in _batches(it, 60):
     original = _unmasked(b)
@@ -103,7 +96,7 @@ def _row_streams(batches, row, nsp):
 @pytest.mark.parametrize("nsp", [False, True])
 def test_rows_continue_their_documents(docs, tok, nsp):
   encoded = {tuple(tok.encode(d)) for d in docs}
-  it = examples.pretrain_iterator(docs, tok, seq_len=32, batch_size=3, seed=2, nsp=nsp)
+  it = pretraining.pretrain_iterator(docs, tok, seq_len=32, batch_size=3, seed=2, nsp=nsp)
   batches = _batches(it, 80)
   for row in range(3):
     streams = _row_streams(batches, row, nsp)
@@ -117,9 +110,9 @@ def test_rows_continue_their_documents(docs, tok, nsp):
 
 def test_deterministic_and_seed_dependent(docs, tok):
   kw = dict(seq_len=32, batch_size=4, knowledge_path=builtin.path("knowledge"), whole_word=True)
-  a = _batches(examples.pretrain_iterator(docs, tok, seed=5, **kw), 5)
-  b = _batches(examples.pretrain_iterator(docs, tok, seed=5, **kw), 5)
-  c = _batches(examples.pretrain_iterator(docs, tok, seed=6, **kw), 5)
+  a = _batches(pretraining.pretrain_iterator(docs, tok, seed=5, **kw), 5)
+  b = _batches(pretraining.pretrain_iterator(docs, tok, seed=5, **kw), 5)
+  c = _batches(pretraining.pretrain_iterator(docs, tok, seed=6, **kw), 5)
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
@@ -131,12 +124,12 @@ def test_restore_mid_epoch_gives_identical_stream(tok):
   small = [f"Document {i} talks about compilers and networks, part {i}. " * (1 + i % 3)
            for i in range(7)]
   kw = dict(seq_len=16, batch_size=3, seed=3, knowledge_path=builtin.path("knowledge"))
-  it = examples.pretrain_iterator(small, tok, **kw)
+  it = pretraining.pretrain_iterator(small, tok, **kw)
   _batches(it, 7)
   state = it.get_state()
   expected = _batches(it, 18)
   assert max(int(b["epoch"].max()) for b in expected) >= 2
-  restored = examples.pretrain_iterator(small, tok, **kw)
+  restored = pretraining.pretrain_iterator(small, tok, **kw)
   restored.set_state(state)
   for x, y in zip(expected, _batches(restored, 18)):
     for key in x:
@@ -145,9 +138,9 @@ def test_restore_mid_epoch_gives_identical_stream(tok):
 
 def test_process_sharding_splits_global_rows(docs, tok):
   kw = dict(seq_len=32, batch_size=4, seed=4)
-  full = _batches(examples.pretrain_iterator(docs, tok, **kw), 3)
-  parts = [_batches(examples.pretrain_iterator(docs, tok, process_index=p, process_count=2, **kw),
-                    3) for p in range(2)]
+  full = _batches(pretraining.pretrain_iterator(docs, tok, **kw), 3)
+  parts = [_batches(pretraining.pretrain_iterator(docs, tok, process_index=p, process_count=2,
+                                                  **kw), 3) for p in range(2)]
   for step in range(3):
     for key in full[step]:
       np.testing.assert_array_equal(
@@ -156,15 +149,15 @@ def test_process_sharding_splits_global_rows(docs, tok):
 
 def test_workers_give_the_same_stream_and_restore(docs, tok):
   kw = dict(seq_len=32, batch_size=4, seed=7)
-  plain = _batches(examples.pretrain_iterator(docs, tok, **kw), 6)
-  it = examples.pretrain_iterator(docs, tok, worker_count=2, **kw)
+  plain = _batches(pretraining.pretrain_iterator(docs, tok, **kw), 6)
+  it = pretraining.pretrain_iterator(docs, tok, worker_count=2, **kw)
   with_workers = _batches(it, 3)
   state = it.get_state()
   with_workers += _batches(it, 3)
   it.close()
   for x, y in zip(plain, with_workers):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
-  again = examples.pretrain_iterator(docs, tok, worker_count=2, **kw)
+  again = pretraining.pretrain_iterator(docs, tok, worker_count=2, **kw)
   again.set_state(state)
   for x, y in zip(plain[3:], _batches(again, 3)):
     np.testing.assert_array_equal(x["mlm_positions"], y["mlm_positions"])
@@ -174,8 +167,8 @@ def test_workers_give_the_same_stream_and_restore(docs, tok):
 def test_workers_restore_inside_a_later_message_and_back_to_the_start(docs, tok):
   # 2 rows per worker: a worker message holds 32 steps, so step 35 is inside the second message.
   kw = dict(seq_len=32, batch_size=4, seed=3)
-  plain = _batches(examples.pretrain_iterator(docs, tok, **kw), 40)
-  it = examples.pretrain_iterator(docs, tok, worker_count=2, **kw)
+  plain = _batches(pretraining.pretrain_iterator(docs, tok, **kw), 40)
+  it = pretraining.pretrain_iterator(docs, tok, worker_count=2, **kw)
   start = it.get_state()  # before the first batch: asks nothing of the (unstarted) workers
   head = _batches(it, 35)
   state = it.get_state()
@@ -188,7 +181,7 @@ def test_workers_restore_inside_a_later_message_and_back_to_the_start(docs, tok)
   it.set_state(start)  # back to the very start
   np.testing.assert_array_equal(next(it)["tokens"], plain[0]["tokens"])
   it.close()
-  again = examples.pretrain_iterator(docs, tok, worker_count=2, **kw)
+  again = pretraining.pretrain_iterator(docs, tok, worker_count=2, **kw)
   again.set_state(state)
   for x, y in zip(plain[35:], _batches(again, 5)):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
@@ -197,7 +190,7 @@ def test_workers_restore_inside_a_later_message_and_back_to_the_start(docs, tok)
 
 def test_flatten_is_checkpointable_at_every_position():
   lists = [[1, 2, 3], [4], [5, 6]]
-  ds = examples.FlattenIterDataset(grain.MapDataset.source(lists).to_iter_dataset())
+  ds = grain_ops.FlattenIterDataset(grain.MapDataset.source(lists).to_iter_dataset())
   it = iter(ds)
   states, items = [], []
   for _ in range(6):
@@ -214,8 +207,8 @@ def test_flatten_is_checkpointable_at_every_position():
 
 def test_whole_word_masking_keeps_words_together(docs, tok):
   word_start = tok.word_start_table()
-  it = examples.pretrain_iterator(docs, tok, seq_len=64, batch_size=8, seed=8, whole_word=True,
-                                  nsp=False)
+  it = pretraining.pretrain_iterator(docs, tok, seq_len=64, batch_size=8, seed=8, whole_word=True,
+                                     nsp=False)
   predicted = maskable = 0
   for b in _batches(it, 20):
     original = _unmasked(b)
@@ -235,15 +228,15 @@ def test_knowledge_entities_and_triples(tmp_path, tok):
   kb_path.write_text("# comment\nSun Microsystems\tcompany\nJava\tlanguage\n"
                      "Java\tdeveloped_by\tSun Microsystems\nPython\tlanguage\n"
                      "网络协议\tconcept\n", encoding="utf-8")
-  kb = examples.KnowledgeBase.from_file(str(kb_path))
+  kb = knowledge.KnowledgeBase.from_file(str(kb_path))
   text = "Java came from Sun Microsystems; JavaScript did not. 计算机网络协议很重要。"
   spans = [text[s:e] for s, e in kb.find_mentions(text)]
   assert spans == ["Java", "Sun Microsystems", "网络协议"]
   assert "company" not in kb.entities  # types are not masked as entities
   docs = ["Java was made by Sun Microsystems for set-top boxes. " * 3,
           "Python and Java are languages; Sun Microsystems made Java. " * 3]
-  it = examples.pretrain_iterator(docs, tok, seq_len=48, batch_size=2, seed=9, nsp=False,
-                                  knowledge_path=str(kb_path))
+  it = pretraining.pretrain_iterator(docs, tok, seq_len=48, batch_size=2, seed=9, nsp=False,
+                                     knowledge_path=str(kb_path))
   sun = tok.encode(" Sun Microsystems")
   whole = partial = 0
   labels = []
@@ -271,72 +264,19 @@ def test_knowledge_entities_and_triples(tmp_path, tok):
 
 def test_bad_pretrain_arguments(docs, tok):
   with pytest.raises(ValueError, match="divisible"):
-    examples.pretrain_dataset(docs, tok, seq_len=32, batch_size=5, process_count=2)
+    pretraining.pretrain_dataset(docs, tok, seq_len=32, batch_size=5, process_count=2)
   with pytest.raises(ValueError, match="worker_count"):
-    examples.pretrain_dataset(docs, tok, seq_len=32, batch_size=4, worker_count=3)
+    pretraining.pretrain_dataset(docs, tok, seq_len=32, batch_size=4, worker_count=3)
   with pytest.raises(ValueError, match="at least 2 documents"):
-    examples.pretrain_dataset(["only one"], tok, seq_len=32, batch_size=2)
+    pretraining.pretrain_dataset(["only one"], tok, seq_len=32, batch_size=2)
   with pytest.raises(ValueError, match="no non-empty"):
-    examples.pretrain_dataset(["", "  "], tok, seq_len=32, batch_size=2)
+    pretraining.pretrain_dataset(["", "  "], tok, seq_len=32, batch_size=2)
   with pytest.raises(ValueError, match="mlm_prob"):
-    examples.pretrain_dataset(docs, tok, seq_len=32, batch_size=2, mlm_prob=1.5)
+    pretraining.pretrain_dataset(docs, tok, seq_len=32, batch_size=2, mlm_prob=1.5)
 
 
 def test_bad_knowledge_file(tmp_path, docs, tok):
   bad = tmp_path / "bad.tsv"
   bad.write_text("Java\tlanguage\nonly-one-field\n", encoding="utf-8")
   with pytest.raises(ValueError, match=r"bad.tsv:2"):
-    examples.pretrain_dataset(docs, tok, seq_len=32, batch_size=2, knowledge_path=str(bad))
-
-
-def test_classification_batches(tok):
-  train = builtin.load("task", split="train")[:50]
-  labels = examples.LabelVocab.from_names(builtin.labels())
-  it = examples.classification_batches(train, tok, labels=labels, seq_len=40, batch_size=8, seed=0)
-  b = next(it)
-  assert set(b) == {"tokens", "token_mask", "label"}
-  assert b["tokens"].shape == (8, 40) and b["label"].dtype == np.int32
-  assert (b["tokens"][:, 0] == CLS).all() and (b["label"] < len(labels)).all()
-  for _ in range(10):  # endless by default: 50 records, 80 examples read
-    next(it)
-  # Multi-label: multi-hot float32 [B, C].
-  multi = [dict(r, label=r["tags"]) for r in train]
-  b = next(examples.classification_batches(multi, tok, labels=labels, seq_len=40, batch_size=8,
-                                           multi_label=True))
-  assert b["label"].shape == (8, 10) and b["label"].dtype == np.float32
-  assert (b["label"].sum(1) >= 1).all()
-
-
-def test_classification_eval_padding_and_sharding(tok):
-  records = [{"text": f"record {i}", "label": "ab"[i % 2]} for i in range(11)]
-  seen = []
-  for p in range(2):
-    batches = list(examples.classification_batches(
-        records, tok, seq_len=16, batch_size=4, shuffle=False, num_epochs=1,
-        pad_final_batch=True, process_index=p, process_count=2))
-    assert len(batches) == 3 and all(b["tokens"].shape == (2, 16) for b in batches)
-    for b in batches:
-      seen += [tok.decode(t) for t, m in zip(b["tokens"], b["example_mask"]) if m]
-  assert sorted(seen) == sorted(r["text"] for r in records)
-
-
-def test_classification_workers_give_the_same_batches(tok):
-  records = builtin.load("task", split="dev")[:64]
-  kw = dict(labels=builtin.labels(), seq_len=24, batch_size=8, num_epochs=1, seed=1)
-  plain = list(examples.classification_batches(records, tok, **kw))
-  workers = list(examples.classification_batches(records, tok, worker_count=2, **kw))
-  assert len(plain) == len(workers) == 8
-  for x, y in zip(plain, workers):
-    np.testing.assert_array_equal(x["tokens"], y["tokens"])
-    np.testing.assert_array_equal(x["label"], y["label"])
-
-
-def test_label_vocabulary_errors(tok, tmp_path):
-  records = [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}]
-  vocab = examples.LabelVocab.from_records(records)
-  assert vocab.names == ("x", "y")
-  assert examples.LabelVocab.load(vocab.save(str(tmp_path / "labels.txt"))) == vocab
-  with pytest.raises(ValueError, match="Unknown label 'y'"):
-    examples.classification_dataset(records, tok, labels=["x"], seq_len=8, batch_size=2)
-  with pytest.raises(ValueError, match="no label field"):
-    examples.classification_dataset([{"text": "a"}], tok, seq_len=8, batch_size=1)
+    pretraining.pretrain_dataset(docs, tok, seq_len=32, batch_size=2, knowledge_path=str(bad))

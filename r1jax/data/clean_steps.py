@@ -1,0 +1,548 @@
+r"""The cleaning steps: one small Grain transform per rule, and the text measures they use.
+
+`r1jax.data.clean` assembles them into the pipeline (its docstring lists them in pipeline order)
+and counts what they did. The contract every step keeps:
+- a `Repair` may change the text; when it does, it appends its `name` to `record["_repaired"]`;
+- a `Rule` never removes a record: it marks it with `record["_drop"] = name` and
+  `record["_detail"]` (the score that decided); every step passes marked records through untouched,
+  so each record is counted once, under the first rule that dropped it;
+- a per-record step holds no cross-document state (it may run in a Grain worker, on a copy);
+  `ExactDedup` and `NearDedup` hold the only state and run in the main process, in record order,
+  on the keys `DedupKey` and `MinHashSignature` computed in parallel.
+Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 of one.
+"""
+import collections
+import hashlib
+import re
+import statistics
+import sys
+import unicodedata
+import zlib
+from typing import Any, Callable, Iterable, Sequence
+
+import grain
+import numpy as np
+
+
+# -------------------------------------------------------------------------------------------------
+# Text measures
+
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_CJK_RE = re.compile(f"[{_CJK}]")
+_LATIN_WORD_RE = re.compile(rf"[^\W{_CJK}]+")
+_UNIT_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}_]+")
+_URL_RE = re.compile(r"(?:https?://|ftp://|www\.)[^\s<>\"'，。）)]+|[\w-]+\."
+                     r"(?:com|net|org|cn|io|info|biz|xyz|top)\b(?:/[^\s<>\"'，。]*)?", re.I)
+_CONTACT_RES = (
+    re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),                          # e-mail
+    re.compile(r"(?<!\d)(?:\+?\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{3})[ .-]\d{3,4}[ .-]\d{4}(?!\d)"),
+    re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)"),                              # CN mobile
+    re.compile(r"(?:微信|微信号|wechat|vx|v信|qq|QQ号|扣扣)\s*[:：]?\s*[A-Za-z0-9_-]{5,}", re.I),
+)
+_DIGIT_RUN_RE = re.compile(r"\d{3}")
+_MESSENGER_HINT_RE = re.compile(r"微信|wechat|vx|v信|qq|扣扣", re.I)
+# Punctuation that ordinary prose uses; other punctuation and all symbols count as "symbols".
+_PROSE_PUNCT = set(".,;:!?'\"()-[]/%&" "，。！？；：、“”‘’（）《》【】—…·")
+# Kept: newline, tab, carriage return (the whitespace step turns it into a newline), ZWNJ/ZWJ (they
+# carry meaning in some scripts and emoji).
+_CONTROL_KEEP = {"\n", "\t", "\r", "\u200c", "\u200d"}
+_SPACES_RE = re.compile(r"[^\S\n]+")
+_SPACE_RE = re.compile(r"\s")
+_SYMBOL_RE = re.compile("[^\\w\\s" + re.escape("".join(sorted(_PROSE_PUNCT))) + "]|_")
+_CJK_SPACE_RE = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
+_BLANK_LINES_RE = re.compile(r"\n{3,}")
+
+
+def word_count(text: str) -> float:
+  """Latin/digit runs count 1, CJK characters 1/1.5 (an average Chinese word is 1.5 characters)."""
+  return len(_LATIN_WORD_RE.findall(text)) + len(_CJK_RE.findall(text)) / 1.5
+
+
+def content_chars(text: str) -> int:
+  """Letters and digits (CJK characters included): no spaces, punctuation or symbols."""
+  return len(text) - len(_NON_CONTENT_RE.findall(text))
+
+
+_NON_CONTENT_RE = re.compile(r"[\W_]")
+_ASCII_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_control_re = None
+
+
+def _control_chars_re():
+  """A character class of every control (Cc) and format (Cf) character to remove, built once."""
+  global _control_re
+  if _control_re is None:
+    chars = [chr(c) for c in range(sys.maxunicode + 1)
+             if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in _CONTROL_KEEP]
+    _control_re = re.compile("[" + "".join(re.escape(c) for c in chars) + "]")
+  return _control_re
+
+
+# -------------------------------------------------------------------------------------------------
+# Base classes
+
+
+class Repair(grain.transforms.Map):
+  """A step that may change the text; counted under `name` when it does."""
+  name = "repair"
+
+  def fix(self, text: str, record: dict[str, Any]) -> str:
+    raise NotImplementedError
+
+  def map(self, record):
+    if record.get("_drop"):
+      return record
+    text = record["text"]
+    fixed = self.fix(text, record)
+    if fixed != text:
+      record["text"] = fixed
+      record.setdefault("_repaired", []).append(self.name)
+    return record
+
+
+class Rule(grain.transforms.Map):
+  """A step that drops a record (marks `_drop = name`) when `check` returns a reason detail."""
+  name = "rule"
+
+  def check(self, text: str, record: dict[str, Any]) -> str | None:
+    raise NotImplementedError
+
+  def map(self, record):
+    if record.get("_drop"):
+      return record
+    detail = self.check(record["text"], record)
+    if detail is not None:
+      record["_drop"] = self.name
+      record["_detail"] = detail
+    return record
+
+
+# -------------------------------------------------------------------------------------------------
+# Basic cleaning
+
+
+class SourceErrors(grain.transforms.Map):
+  """Drops the rows the source flagged (`_error`), under the source's reason."""
+  name = "source_errors"
+
+  def map(self, record):
+    if record.get("_error") and not record.get("_drop"):
+      record["_drop"] = record["_error"]
+      record["_detail"] = record.get("_detail", "")
+      record.setdefault("text", "")
+    return record
+
+
+class RepairUndecodable(Repair):
+  """Removes U+FFFD replacement characters from rows that had invalid UTF-8."""
+  name = "undecodable"
+
+  def fix(self, text, record):
+    return text.replace("\ufffd", "") if record.get("_undecodable") else text
+
+
+class NormalizeUnicode(Repair):
+  """Unicode NFKC normalization."""
+  name = "nfkc"
+
+  def fix(self, text, record):
+    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+
+
+class RemoveControlChars(Repair):
+  """Removes control (Cc) and format (Cf) characters except newline, tab, ZWNJ and ZWJ."""
+  name = "control_chars"
+
+  def __init__(self):
+    # Built here, once per process: Grain workers receive the compiled pattern (a short character
+    # class, recompiled in well under a millisecond) instead of each scanning all of Unicode
+    # (~0.1 s) at their first non-ASCII text.
+    self._non_ascii_re = _control_chars_re()
+
+  def fix(self, text, record):
+    if text.isascii():
+      return _ASCII_CONTROL_RE.sub("", text)
+    return self._non_ascii_re.sub("", text)
+
+
+class NormalizeWhitespace(Repair):
+  """One space between words, no spaces between CJK characters, stripped lines, <= 1 blank line."""
+  name = "whitespace"
+
+  def fix(self, text, record):
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _SPACES_RE.sub(" ", text)
+    text = _CJK_SPACE_RE.sub("", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return _BLANK_LINES_RE.sub("\n\n", text).strip()
+
+
+class ImputeMissing(grain.transforms.Map):
+  """Fills missing values in tabular columns: numeric columns with the median, others with the mode.
+
+  Fill values are fitted per input file (a CSV or Parquet table; each file has its own columns) over
+  its well-formed rows, like the seed's pandas `fillna(median)` / `fillna(mode()[0])`. A record with
+  at least one filled value is counted once under "missing_values". Never imputed: the text field (a
+  row without text is dropped at the source) and the `exclude` columns (default "label": inventing
+  the most frequent label for unlabelled rows would corrupt supervision).
+  """
+  name = "missing_values"
+
+  def __init__(self, fill_values: dict[str, dict[str, Any]]):
+    self.fill_values = {f: dict(v) for f, v in fill_values.items() if v}
+
+  @classmethod
+  def fit(cls, records: Iterable[dict[str, Any]],
+          exclude: Sequence[str] = ("label",)) -> "ImputeMissing":
+    values = collections.defaultdict(lambda: collections.defaultdict(list))
+    columns = collections.defaultdict(set)
+    for r in records:
+      if r.get("_error"):
+        continue
+      table = r.get("_file")
+      for k, v in r.items():
+        if k.startswith("_") or k == "text" or k in exclude:
+          continue
+        columns[table].add(k)
+        if not _missing(v):
+          values[table][k].append(v)
+    fill = {}
+    for table, names in columns.items():
+      fill[table] = {}
+      for k in sorted(names):
+        present = values[table].get(k, [])
+        if not present:
+          continue  # nothing to learn from: leave the column as it is
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+          fill[table][k] = statistics.median(present)
+        elif all(isinstance(v, (str, int, float, bool)) for v in present):
+          counts = collections.Counter(present)
+          top = max(counts.values())
+          fill[table][k] = min((v for v, c in counts.items() if c == top), key=str)  # tie: smallest
+    return cls(fill)
+
+  def map(self, record):
+    if record.get("_drop"):
+      return record
+    filled = False
+    for k, v in self.fill_values.get(record.get("_file"), {}).items():
+      if _missing(record.get(k, None)):
+        record[k] = v
+        filled = True
+    if filled:
+      record.setdefault("_repaired", []).append(self.name)
+    return record
+
+
+def _missing(value):
+  return value is None or (isinstance(value, float) and value != value)
+
+
+class TooShort(Rule):
+  """Drops texts with fewer than min_chars content characters (see `content_chars`)."""
+  name = "too_short"
+
+  def __init__(self, min_chars: int):
+    self.min_chars = min_chars
+
+  def check(self, text, record):
+    n = content_chars(text)
+    return f"{n} content chars < {self.min_chars}" if n < self.min_chars else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Semantic (low-quality) rules
+
+
+class MeaninglessReply(Rule):
+  """Drops texts that are only a filler reply, or one character repeated ("哈哈哈哈", "!!!")."""
+  name = "low_quality:meaningless"
+
+  def __init__(self, replies: Sequence[str]):
+    self.replies = frozenset(_reply_key(r) for r in replies)
+
+  def check(self, text, record):
+    if len(text) > 200:
+      return None  # fillers are short; do not scan long texts
+    key = _reply_key(text)
+    if key in self.replies:
+      return f"filler reply {key!r}"
+    if len(text) >= 4 and len(set(text.replace(" ", ""))) <= 2:
+      return f"repeated characters {text[:20]!r}"
+    return None
+
+
+def _reply_key(text):
+  return "".join(ch for ch in text.lower() if unicodedata.category(ch)[0] in "LN" or ch == "+")
+
+
+class UrlDensity(Rule):
+  """Drops texts whose characters are mostly URLs."""
+  name = "low_quality:urls"
+
+  def __init__(self, max_fraction: float):
+    self.max_fraction = max_fraction
+
+  def check(self, text, record):
+    url_chars = sum(len(m) for m in _URL_RE.findall(text))
+    if not url_chars:
+      return None
+    fraction = url_chars / max(1, len(text.replace(" ", "")))
+    return f"url fraction {fraction:.2f} > {self.max_fraction}" if (
+        fraction > self.max_fraction) else None
+
+
+class ContactSpam(Rule):
+  """Drops contact spam: many phone numbers / e-mails / messenger ids for the text's length."""
+  name = "low_quality:contact"
+
+  def __init__(self, max_density: float, min_hits: int = 3):
+    self.max_density = max_density
+    self.min_hits = min_hits
+
+  def check(self, text, record):
+    hits = 0
+    email, phone, cn_mobile, messenger = _CONTACT_RES
+    if "@" in text:
+      hits += len(email.findall(text))
+    if _DIGIT_RUN_RE.search(text):
+      hits += len(phone.findall(text)) + len(cn_mobile.findall(text))
+    if _MESSENGER_HINT_RE.search(text):
+      hits += len(messenger.findall(text))
+    if hits < self.min_hits:
+      return None
+    density = 100.0 * hits / max(1.0, word_count(text))
+    return f"{hits} contacts, {density:.1f} per 100 words > {self.max_density}" if (
+        density > self.max_density) else None
+
+
+class SymbolDensity(Rule):
+  """Drops texts where symbols and unusual punctuation are a large share of the characters."""
+  name = "low_quality:symbols"
+
+  def __init__(self, max_fraction: float):
+    self.max_fraction = max_fraction
+
+  def check(self, text, record):
+    chars = len(text) - len(_SPACE_RE.findall(text))
+    if not chars:
+      return None
+    fraction = len(_SYMBOL_RE.findall(text)) / chars
+    return f"symbol fraction {fraction:.2f} > {self.max_fraction}" if (
+        fraction > self.max_fraction) else None
+
+
+class Repetition(Rule):
+  """Drops repetitive texts: share of word 3-grams (CJK: character 3-grams) that repeat."""
+  name = "low_quality:repetition"
+
+  def __init__(self, max_fraction: float, n: int = 3, min_ngrams: int = 10):
+    self.max_fraction = max_fraction
+    self.n = n
+    self.min_ngrams = min_ngrams
+
+  def check(self, text, record):
+    units = _UNIT_RE.findall(text.lower())
+    total = len(units) - self.n + 1
+    if total < self.min_ngrams:
+      return None
+    grams = [tuple(units[i:i + self.n]) for i in range(total)]
+    fraction = 1.0 - len(set(grams)) / total
+    return f"repeated 3-gram fraction {fraction:.2f} > {self.max_fraction}" if (
+        fraction > self.max_fraction) else None
+
+
+class SpamPhrases(Rule):
+  """Drops texts with spam/boilerplate phrases: >= max_hits, or any in a text under 20 words."""
+  name = "low_quality:phrases"
+
+  def __init__(self, phrases: Sequence[str], max_hits: int):
+    self.phrases = tuple(p.lower() for p in phrases if p.strip())
+    self.max_hits = max_hits
+
+  def check(self, text, record):
+    lowered = text.lower()
+    found = [p for p in self.phrases if p in lowered]
+    hits = sum(lowered.count(p) for p in found)
+    if hits >= self.max_hits or (hits and word_count(text) < 20):
+      return f"phrases {found[:3]} ({hits} hits)"
+    return None
+
+
+class DomainFilter(Rule):
+  """Keeps in-domain texts: lexicon hits per 100 words >= min_score, or scorer(text) >= min_score.
+
+  Latin terms match case-insensitively on word boundaries; CJK terms match as substrings. A
+  `scorer` (any callable text -> float, e.g. a trained r1jax classifier's in-domain probability)
+  replaces the lexicon score when given.
+  """
+  name = "off_domain"
+
+  def __init__(self, lexicon: Sequence[str] = (), min_score: float = 1.0,
+               scorer: Callable[[str], float] | None = None):
+    if not lexicon and scorer is None:
+      raise ValueError("DomainFilter needs a lexicon or a scorer.")
+    self.min_score = min_score
+    self.scorer = scorer
+    latin = sorted({t.lower() for t in lexicon if t.strip() and not _CJK_RE.search(t)},
+                   key=len, reverse=True)
+    self.cjk_terms = tuple(sorted({t for t in lexicon if _CJK_RE.search(t)}, key=len,
+                                  reverse=True))
+    self.latin_re = (re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, latin)) + r")(?!\w)")
+                     if latin else None)
+
+  def score(self, text: str) -> float:
+    if self.scorer is not None:
+      return float(self.scorer(text))
+    hits = len(self.latin_re.findall(text.lower())) if self.latin_re else 0
+    hits += sum(text.count(t) for t in self.cjk_terms)
+    return 100.0 * hits / max(1.0, word_count(text))
+
+  def check(self, text, record):
+    score = self.score(text)
+    return f"domain score {score:.2f} < {self.min_score}" if score < self.min_score else None
+
+
+# -------------------------------------------------------------------------------------------------
+# Deduplication (stateful: runs in the main process, after the parallel steps)
+
+
+def _dedup_key(text):
+  return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=12).digest()
+
+
+class DedupKey(grain.transforms.Map):
+  """Adds `_dedup_key`: a 12-byte hash of the lowercased, whitespace-collapsed text.
+
+  Pure per-record work, so it runs in the parallel part of the pipeline (in Grain workers when
+  there are any); ExactDedup in the main process then only looks the key up.
+  """
+
+  def map(self, record):
+    if not record.get("_drop"):
+      record["_dedup_key"] = _dedup_key(record["text"])
+    return record
+
+
+class ExactDedup(grain.transforms.Map):
+  """Drops a text identical (after lowercasing and whitespace collapsing) to an earlier one.
+
+  Uses `_dedup_key` from DedupKey when present (and removes it), else hashes the text itself.
+  """
+  name = "duplicate"
+
+  def __init__(self):
+    self._seen = {}
+
+  def map(self, record):
+    key = record.pop("_dedup_key", None)
+    if record.get("_drop"):
+      return record
+    if key is None:
+      key = _dedup_key(record["text"])
+    first = self._seen.get(key)
+    if first is None:
+      self._seen[key] = (record.get("_file"), record.get("_line"))
+    else:
+      record["_drop"] = self.name
+      record["_detail"] = f"same as {first[0]}:{first[1]}"
+    return record
+
+
+_PRIME = np.uint64((1 << 31) - 1)  # a < p and h < p keep a * h + b below 2^63: no overflow
+
+
+class MinHashSignature(grain.transforms.Map):
+  """Adds `_minhash`: MinHash of the text's shingles (n consecutive units), uint32 [num_perm] as bytes
+  (bytes rather than an array, so Grain workers pass it back without a shared-memory block each).
+
+  Units are lowercased Latin/digit words and single CJK characters, so the same code works for
+  English and Chinese. Shingles are hashed with CRC32; permutations are (a * h + b) mod (2^31 - 1).
+  Pure numpy; runs in the parallel part of the pipeline.
+  """
+
+  def __init__(self, num_perm: int = 64, shingle_size: int = 5, seed: int = 0):
+    rng = np.random.default_rng([seed, 0x4D48])
+    self.a = rng.integers(1, int(_PRIME), num_perm, dtype=np.uint64)
+    self.b = rng.integers(0, int(_PRIME), num_perm, dtype=np.uint64)
+    self.shingle_size = shingle_size
+
+  def signature(self, text: str) -> np.ndarray:
+    units = _UNIT_RE.findall(text.lower())
+    n = self.shingle_size
+    if len(units) < n:
+      shingles = {" ".join(units)}
+    else:
+      shingles = {" ".join(units[i:i + n]) for i in range(len(units) - n + 1)}
+    h = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in shingles), np.uint64, len(shingles))
+    h %= _PRIME
+    values = (self.a[:, None] * h[None, :] + self.b[:, None]) % _PRIME  # [num_perm, shingles]
+    return values.min(axis=1).astype(np.uint32)
+
+  def map(self, record):
+    if not record.get("_drop"):
+      record["_minhash"] = self.signature(record["text"]).tobytes()
+    return record
+
+
+class NearDedup(grain.transforms.Map):
+  """Drops a text whose MinHash estimate of Jaccard similarity with a kept text is >= threshold.
+
+  Locality-sensitive hashing with `bands` bands of num_perm / bands rows finds candidates; the
+  signature agreement decides. Needs `_minhash` (bytes) from MinHashSignature. This step holds the
+  only cross-document state, so it runs in the main process: it works on the signature's bytes
+  directly (band keys are byte slices, no array per record) and decodes signatures to arrays only
+  for the rare candidates.
+  """
+  name = "near_duplicate"
+
+  def __init__(self, threshold: float, num_perm: int = 64):
+    self.threshold = threshold
+    # The fewest bands whose LSH S-curve midpoint (1/b)^(1/r) sits well below the threshold: pairs
+    # at the threshold are almost surely candidates, unrelated pairs rarely are.
+    fitting = [b for b in (2, 4, 8, 16, 32, 64) if num_perm % b == 0 and
+               (1 / b) ** (b / num_perm) <= threshold - 0.1]
+    self.bands = min(fitting) if fitting else num_perm
+    self.rows = num_perm // self.bands
+    self._band_bytes = [(i * self.rows * 4, (i + 1) * self.rows * 4) for i in range(self.bands)]
+    self._buckets = [dict() for _ in range(self.bands)]
+    self._kept = []  # (signature bytes, (file, line)) of every kept text, by doc id
+
+  def map(self, record):
+    sig = record.pop("_minhash", None)
+    if record.get("_drop") or sig is None:
+      return record
+    keys = [sig[a:b] for a, b in self._band_bytes]
+    candidates = set()
+    for bucket, key in zip(self._buckets, keys):
+      hit = bucket.get(key)
+      if hit is not None:
+        if isinstance(hit, list):
+          candidates.update(hit)
+        else:
+          candidates.add(hit)
+    if candidates:
+      mine = np.frombuffer(sig, np.uint32)
+      best, best_id = 0.0, None
+      for c in sorted(candidates):
+        sim = float(np.mean(np.frombuffer(self._kept[c][0], np.uint32) == mine))
+        if sim > best:
+          best, best_id = sim, c
+      if best >= self.threshold:
+        record["_drop"] = self.name
+        where = self._kept[best_id][1]
+        record["_detail"] = f"~{best:.2f} similar to {where[0]}:{where[1]}"
+        return record
+    doc_id = len(self._kept)
+    self._kept.append((sig, (record.get("_file"), record.get("_line"))))
+    # A bucket holds the doc id of its only text, or a list once a second text shares the key:
+    # almost every key is unique, and a list per key and band would cost more than the lookups
+    # (allocation and garbage-collector traversal of 16 lists per text).
+    for bucket, key in zip(self._buckets, keys):
+      hit = bucket.setdefault(key, doc_id)
+      if hit != doc_id:
+        if isinstance(hit, list):
+          hit.append(doc_id)
+        else:
+          bucket[key] = [hit, doc_id]
+    return record

@@ -1,0 +1,121 @@
+"""The finetuning stage's closing part: the chosen parameters measured on dev and test (metrics,
+majority baseline, latency) and DIR/report.md.
+
+    results = finetune_report.evaluate_final(model, params, task, batches, report=cfg.report,
+                                             threshold=cfg.task.threshold)
+    finetune_report.write_report(os.path.join(workdir, "report.md"), summary, confusion_png)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import eval as eval_lib
+from r1jax.data import task as task_lib
+from r1jax.model import heads
+
+
+def make_predict_fn(model: heads.Classifier, params: Any, device: Any = None):
+  """(predict(batch) -> logits numpy [B, C], jitted(batch) -> jax logits) on one device."""
+  device = device or jax.local_devices()[0]
+  params = jax.device_put(params, device)
+  use_types = model.config.n_token_types > 0
+
+  @jax.jit
+  def logits_fn(p, tokens, token_mask):
+    types = jnp.zeros_like(tokens) if use_types else None
+    return model.apply({"params": p}, tokens, token_mask, types, deterministic=True)[0]
+
+  def jitted(batch):
+    return logits_fn(params, jax.device_put(batch["tokens"], device),
+                     jax.device_put(batch["token_mask"], device))
+
+  def predict(batch):
+    return np.asarray(jitted(batch))
+  return predict, jitted
+
+
+def evaluate_final(model: heads.Classifier, params: Any, task: task_lib.TaskData,
+                   batches: Callable[[Sequence[Mapping[str, Any]], int], Iterable[Any]], *,
+                   report: Any, threshold: float) -> dict[str, Any]:
+  """Dev and test metrics, the majority baseline, and latency of the given params.
+
+  `batches(records, batch_size)` yields one padded pass of evaluation batches with every row;
+  `report` is the config's report section (latency batch size, warm-up and repeats).
+  """
+  predict, jitted = make_predict_fn(model, params)
+  names = list(task.labels.names)
+  bs = report.latency_batch_size
+  out = {}
+  for split in (task.dev, task.test):
+    out[split.name] = eval_lib.evaluate_classifier(
+        predict, batches(split.records, bs), label_names=names, multi_label=task.multi_label,
+        threshold=threshold)
+  test_batch = next(iter(batches(task.test.records, bs)))
+  one = {k: v[:1] for k, v in test_batch.items()}
+  latency = eval_lib.latency_summary(jitted, one, test_batch, warmup=report.latency_warmup,
+                                     repeats=report.latency_repeats)
+  out["test"].update(latency)
+  out["latency_device"] = str(jax.local_devices()[0].device_kind)
+  if not task.multi_label:
+    ids = [task.labels.index(r["label"]) for r in task.train.records]
+    test_ids = [task.labels.index(r["label"]) for r in task.test.records]
+    out["majority_baseline"] = eval_lib.majority_baseline(np.asarray(ids), np.asarray(test_ids),
+                                                          names)
+  return out
+
+
+def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | None) -> str:
+  """DIR/report.md: what was trained, how, and the test results."""
+  test, dev = summary["test"], summary["dev"]
+  multi = summary["task"]["multi_label"]
+  lines = [f"# Finetuning report: {os.path.basename(os.path.dirname(path))}", ""]
+  lines.append(f"- init_from: `{summary['init_from'] or '(none: trained from scratch)'}`")
+  lines.append(f"- model: {summary['model']} ({summary['total_params']:,} parameters), "
+               f"schedule `{summary['schedule']}`, {summary['step']} steps, "
+               f"status {summary['status']}")
+  lines.append(f"- task: {summary['task']['num_labels']} labels "
+               f"({'multi-label' if multi else 'multi-class'}); rows used train / dev / test: "
+               + " / ".join(str(summary["data"][s]["used"]) for s in ("train", "dev", "test")))
+  skipped = {s: {k: v for k, v in c.items() if k.startswith(("skipped", "dropped")) and v}
+             for s, c in summary["data"].items()}
+  if any(skipped.values()):
+    lines.append(f"- skipped rows: {json.dumps({s: c for s, c in skipped.items() if c})}")
+  lines.append(f"- best checkpoint: phase `{summary['best_phase']}` step {summary['best_step']} "
+               f"(dev loss {summary['best_eval_loss']:.4f})")
+  lines += ["", "## Test results", ""]
+  rows = [("accuracy" + (" (exact match)" if multi else ""), test["accuracy"], dev["accuracy"]),
+          ("macro-F1", test["macro_f1"], dev["macro_f1"])]
+  if multi:
+    rows.append(("micro-F1", test["micro_f1"], dev["micro_f1"]))
+  rows += [("latency, batch 1 (ms/example)", test["latency_ms_batch1"], None),
+           (f"latency, batch {test['latency_batch_size']} (ms/example)",
+            test["latency_ms_batched"], None)]
+  lines.append(eval_lib.markdown_table(("metric", "test", "dev"), rows))
+  if "majority_baseline" in summary:
+    mb = summary["majority_baseline"]
+    lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy "
+                 f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}. Latency measured on "
+                 f"{summary['latency_device']}, "
+                 "median after warm-up.")
+  lines += ["", "## Phases", ""]
+  lines.append(eval_lib.markdown_table(
+      ("phase", "unfrozen layers", "trainable", "frozen", "steps", "best dev loss",
+       "stopped early"),
+      [(p["name"], "all" if p["unfrozen_layers"] == "all" else
+        (",".join(map(str, p["unfrozen_layers"])) or "head only"),
+        f"{p['trainable_params']:,}", f"{p['frozen_params']:,}",
+        f"{p['start_step']}-{p['end_step']}", p["best_eval_loss"], p["stopped_early"])
+       for p in summary["phases"]]))
+  lines += ["", "## Per-class precision and recall (test)", "", eval_lib.per_class_table(test)]
+  if confusion_png:
+    lines += ["## Confusion matrix (test)", "",
+              f"![confusion matrix]({os.path.basename(confusion_png)})", ""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
