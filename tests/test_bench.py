@@ -110,7 +110,18 @@ def test_ab_step_alternates_variants_in_one_process():
   assert "| dropout | s/step (median) |" in proc.stdout
 
 
+def test_ab_step_compares_two_source_trees_in_one_process():
+  """--code loads each tree's r1jax under its own name: the same code twice trains identically."""
+  proc = _run_ab("--code", f"{REPO},{REPO}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["field"] == "code" and len(summary["variants"]) == 2
+  first, second = summary["variants"].values()
+  assert first["loss"] == second["loss"] and second["median_s"] > 0
+
+
 @pytest.mark.parametrize("flags, message", [
+    (("--code", "/nonexistent,/also/not"), "name two or more repository roots"),
     (("--model", "dropout=0.1"), "exactly one option must take several"),
     (("--model", "dropout=0.1,0.0", "--steps-per-call", "5,10"), "got dropout, steps_per_call"),
     (("--model", "not_a_field=1,2"), "unknown model field(s) ['not_a_field']"),
