@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       latency_batch_size=32,  # the "batched" latency (ms per example at this batch size)
       latency_warmup=3,       # untimed calls before timing
       latency_repeats=20,     # timed calls (median reported)
+      linear_baseline=True,   # also train TF-IDF + logistic regression on train; report it beside
   ))
   config.mesh = configlib.mesh_section()
 

@@ -28,7 +28,8 @@ LAYERS = (
 INDEPENDENT = (("r1jax.model", "r1jax.data"),)
 # Third-party modules that may be imported inside a function (heavy, optional or plotting-only),
 # each such line with a comment saying why.
-LAZY_ALLOWED = ("torch", "transformers", "tensorflow_datasets", "pyarrow", "matplotlib", "PIL")
+LAZY_ALLOWED = ("torch", "transformers", "tensorflow_datasets", "pyarrow", "matplotlib", "PIL",
+                "sklearn")
 MAX_LINES = 600
 
 

@@ -74,6 +74,36 @@ def test_majority_baseline():
   assert out["class"] == "b" and out["accuracy"] == pytest.approx(0.5)
 
 
+def _keyword_texts(n, seed, multi):
+  """Texts whose label(s) are the keywords they contain, among filler words."""
+  rng = np.random.default_rng(seed)
+  filler = [f"w{i}" for i in range(40)]
+  texts, labels = [], []
+  for _ in range(n):
+    names = sorted(set(rng.choice(NAMES, size=2 if multi else 1)))
+    words = list(rng.choice(filler, size=8)) + [f"key{k}" for k in names]
+    rng.shuffle(words)
+    texts.append(" ".join(words))
+    labels.append(names if multi else names[0])
+  return texts, labels
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_linear_baseline_learns_keywords_and_picks_c_on_dev(multi):
+  train, dev, test = (_keyword_texts(n, seed, multi) for n, seed in ((120, 0), (40, 1), (40, 2)))
+  out = eval_lib.linear_baseline(train, {"dev": dev, "test": test}, label_names=NAMES,
+                                 multi_label=multi, c_values=(0.001, 10.0))
+  key = "micro_f1" if multi else "accuracy"
+  assert out["test"][key] >= 0.85 and out["dev"]["macro_f1"] >= 0.85, out["test"]
+  assert out["C"] == 10.0  # C=0.001 underfits: dev picks the other
+  assert out["test"]["num_examples"] == 40 and out["seconds"] > 0
+  # The same metric code as the model's: a shuffled test set scores what it should.
+  wrong = (test[0], [NAMES[(NAMES.index(y) + 1) % 3] for y in test[1]]) if not multi else None
+  if wrong:
+    assert eval_lib.linear_baseline(train, {"dev": dev, "test": wrong}, label_names=NAMES,
+                                    c_values=(10.0,))["test"]["accuracy"] <= 0.15
+
+
 @pytest.mark.parametrize("multi", [False, True])
 def test_confusion_matrix_png(tmp_path, multi):
   if multi:

@@ -177,11 +177,17 @@ def test_summary_and_report(staged, pretrained):
     assert isinstance(test[key], float) and test[key] > 0
   assert set(test["per_class"]) == set(KEYWORDS)
   assert summary["majority_baseline"]["accuracy"] == pytest.approx(0.25)
+  baseline = summary["linear_baseline"]  # TF-IDF + LR on the same splits, beside the model
+  assert baseline["test"]["accuracy"] >= 0.9  # the keywords make the synthetic task linear
+  assert baseline["model_minus_baseline"]["accuracy"] == pytest.approx(
+      test["accuracy"] - baseline["test"]["accuracy"])
   assert summary["trainable_params"] + summary["frozen_params"] == summary["total_params"]
   with open(os.path.join(workdir, "confusion_matrix.png"), "rb") as f:
     assert f.read(4) == b"\x89PNG"
   report = open(os.path.join(workdir, "report.md")).read()
   assert f"{test['accuracy']:.4g}" in report and "macro-F1" in report and "latency" in report
+  assert f"Linear baseline (TF-IDF (word 1-2 grams) + logistic regression, C={baseline['C']:g}" \
+      in report
   assert summary["status"] == "complete" and summary["init_from"] == pretrained
   with open(os.path.join(workdir, "tokenizer.model"), "rb") as a, \
       open(os.path.join(pretrained, "tokenizer.model"), "rb") as b:
@@ -287,6 +293,7 @@ def test_multilabel_synthetic_task_learns(tmp_path, tokenizer_path):
   # per row out of C = 4, i.e. 0.55; all-negative gives 0.
   assert test["micro_f1"] >= 0.85, test
   assert test["accuracy"] >= 0.5  # exact match of the whole label set
+  assert summary["linear_baseline"]["test"]["micro_f1"] >= 0.85  # one-vs-rest TF-IDF + LR
   assert summary["schedule"] == "full" and summary["frozen_params"] == 0
 
 

@@ -18,6 +18,9 @@ def fake_run(tmp_path, name, acc, f1, lat1, latb, labels=LABELS, stage="finetune
       "stage": stage, "init_from": f"/pt/{name}", "trainable_params": 100, "total_params": 1000,
       "best_eval_loss": 1.0 - acc, "task": {"labels": labels},
       "majority_baseline": {"class": "a", "accuracy": 0.5, "macro_f1": 0.33},
+      "linear_baseline": {"method": "TF-IDF + LR", "C": 10.0,
+                          "test": {"accuracy": 0.8, "macro_f1": 0.75},
+                          "dev": {"accuracy": 0.79, "macro_f1": 0.7}},
       "test": {"accuracy": acc, "macro_f1": f1, "latency_ms_batch1": lat1,
                "latency_ms_batched": latb, "latency_batch_size": 32,
                "per_class": {"a": {"f1": f1 + 0.1}, "b": {"f1": f1 - 0.1}}},
@@ -52,6 +55,11 @@ def test_side_by_side_table_with_differences(tmp_path, capsys):
   assert "| accuracy | 0.6 | 0.7 | +0.1 |" in table
   assert "| latency batch 1 (ms/example) | 2 | 2.2 | +0.2 (1.10x) |" in table
   assert "Majority-class baseline" in table
+  # The linear baseline of the reference run, with every run's difference to it.
+  assert out["linear_baseline"]["model_minus_baseline"][1]["accuracy"] == pytest.approx(-0.10)
+  assert ("Linear baseline (TF-IDF + LR, C=10): accuracy 0.8000, macro-F1 0.7500. Model minus "
+          "baseline (accuracy / macro-F1): general -0.2000 / -0.2500, adapted -0.1000 / -0.1000."
+          ) in table
   saved = json.load(open(tmp_path / "cmp" / "summary.json"))
   assert saved["stage"] == "compare" and saved["names"] == ["general", "adapted"]
 

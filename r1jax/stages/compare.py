@@ -6,7 +6,8 @@ Rows are metrics (accuracy, macro-F1, micro-F1 for multi-label, latency at batch
 trainable / total parameters, best dev loss), columns the workdirs, then one difference column per
 non-reference workdir (value minus the reference's; for latency also the ratio). A second table
 gives per-class F1. Runs must be on the same task (same label set) to be compared; the majority
-baseline of the reference is quoted when it has one.
+baseline of the reference is quoted when it has one, and so is its linear baseline (TF-IDF +
+logistic regression, `eval.linear_baseline`) with every workdir's difference to it.
 """
 from __future__ import annotations
 
@@ -106,7 +107,22 @@ def compare(summaries: Sequence[dict[str, Any]], names: Sequence[str], split: st
   baseline = summaries[0].get("majority_baseline")
   if baseline:
     out["majority_baseline"] = baseline
+  linear = summaries[0].get("linear_baseline")
+  if linear and split in linear:
+    out["linear_baseline"] = dict(
+        {k: linear[k] for k in ("method", "C")}, **linear[split],
+        model_minus_baseline=[{k: (s[split][k] - linear[split][k]) if k in s[split] else None
+                               for k in linear[split]} for s in summaries])
   return out
+
+
+def linear_baseline_text(result: dict[str, Any]) -> str:
+  """The linear baseline's scores and each workdir's accuracy / macro-F1 minus them (Markdown)."""
+  lb = result["linear_baseline"]
+  diffs = ", ".join(f"{n} {d['accuracy']:+.4f} / {d['macro_f1']:+.4f}"
+                    for n, d in zip(result["names"], lb["model_minus_baseline"]))
+  return (f"Linear baseline ({lb['method']}, C={lb['C']:g}): accuracy {lb['accuracy']:.4f}, "
+          f"macro-F1 {lb['macro_f1']:.4f}. Model minus baseline (accuracy / macro-F1): {diffs}.\n")
 
 
 def _fmt(value: Any, ratio: Any = None, diff: bool = False) -> str:
@@ -136,6 +152,8 @@ def table_text(result: dict[str, Any]) -> str:
     mb = result["majority_baseline"]
     lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy "
                  f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}.\n")
+  if "linear_baseline" in result:
+    lines.append(linear_baseline_text(result))
   lines.append("init_from: " + ", ".join(f"{n} = `{i or 'none (from scratch)'}`"
                                          for n, i in zip(names, result["init_from"])) + "\n")
   per_class = [[c, *(_fmt(v) for v in vals)] +

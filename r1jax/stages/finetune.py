@@ -121,6 +121,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.positive_int("report.latency_batch_size")
     v.positive_int("report.latency_repeats")
     v.int_at_least("report.latency_warmup", 0)
+    v.boolean("report.linear_baseline")
   return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
                                      extra=extra)
 
@@ -533,6 +534,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       model, params, task,
       lambda records, bs: _batches(ctx, records, train=False, batch_size=bs, all_rows=True),
       report=config.report, threshold=config.task.threshold)
+  if config.report.linear_baseline and jax.process_index() == 0:
+    results["linear_baseline"] = finetune_report.linear_baseline(task, results["test"],
+                                                                 threshold=config.task.threshold)
   confusion_png = None
   if jax.process_index() == 0:
     confusion_png = eval_lib.save_confusion_matrix(
@@ -559,8 +563,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       "latency_device": results["latency_device"],
       "confusion_matrix_png": confusion_png,
   }
-  if "majority_baseline" in results:
-    summary["majority_baseline"] = results["majority_baseline"]
+  for key in ("majority_baseline", "linear_baseline"):
+    if key in results:
+      summary[key] = results[key]
   if jax.process_index() == 0:
     finetune_report.write_report(os.path.join(workdir, "report.md"), summary, confusion_png)
     run_dir.write_json(os.path.join(workdir, "summary.json"), summary)

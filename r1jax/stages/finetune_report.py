@@ -70,6 +70,34 @@ def evaluate_final(model: heads.Classifier, params: Any, task: task_lib.TaskData
   return out
 
 
+def linear_baseline(task: task_lib.TaskData, model_test: Mapping[str, Any], *,
+                    threshold: float = 0.5) -> dict[str, Any]:
+  """`eval.linear_baseline` on the task's splits (C chosen on dev), in summary.json's form: its dev
+  and test accuracy / macro-F1 (+ micro-F1 multi-label) and the model's test metrics minus them."""
+  keys = ("accuracy", "macro_f1") + (("micro_f1",) if task.multi_label else ())
+
+  def split(s: task_lib.Split):
+    return [r["text"] for r in s.records], [r["label"] for r in s.records]
+  full = eval_lib.linear_baseline(split(task.train), {"dev": split(task.dev),
+                                                      "test": split(task.test)},
+                                  label_names=list(task.labels.names),
+                                  multi_label=task.multi_label, threshold=threshold)
+  out = {k: full[k] for k in ("method", "C", "selected_on", "seconds")}
+  for name in ("dev", "test"):
+    out[name] = {k: full[name][k] for k in keys}
+  out["model_minus_baseline"] = {k: model_test[k] - out["test"][k] for k in keys}
+  return out
+
+
+def baseline_line(baseline: Mapping[str, Any]) -> str:
+  """One Markdown sentence: the linear baseline's test scores and the model's difference."""
+  t, d = baseline["test"], baseline["model_minus_baseline"]
+  return (f"Linear baseline ({baseline['method']}, C={baseline['C']:g} chosen on dev, "
+          f"{baseline['seconds']:.0f} s): test accuracy {t['accuracy']:.4f}, macro-F1 "
+          f"{t['macro_f1']:.4f}; the model minus the baseline: accuracy {d['accuracy']:+.4f}, "
+          f"macro-F1 {d['macro_f1']:+.4f}.")
+
+
 def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | None) -> str:
   """DIR/report.md: what was trained, how, and the test results."""
   test, dev = summary["test"], summary["dev"]
@@ -103,6 +131,8 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
                  f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}. Latency measured on "
                  f"{summary['latency_device']}, "
                  "median after warm-up.")
+  if "linear_baseline" in summary:
+    lines += ["", baseline_line(summary["linear_baseline"])]
   lines += ["", "## Phases", ""]
   lines.append(eval_lib.markdown_table(
       ("phase", "unfrozen layers", "trainable", "frozen", "steps", "best dev loss",

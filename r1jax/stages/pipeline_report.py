@@ -124,7 +124,12 @@ def headline(info: StageInfo) -> str:
     return ", ".join(parts)
   if module == "finetune":
     t = s.get("test") or {}
-    return f"test accuracy {cell(t.get('accuracy'))}, macro-F1 {cell(t.get('macro_f1'))}"
+    text = f"test accuracy {cell(t.get('accuracy'))}, macro-F1 {cell(t.get('macro_f1'))}"
+    lb = (s.get("linear_baseline") or {}).get("test")
+    if lb:
+      text += (f" (TF-IDF + LR baseline: {cell(lb.get('accuracy'))}, "
+               f"{cell(lb.get('macro_f1'))})")
+    return text
   if module == "compare":
     rows = {r["metric"]: r for r in s.get("metrics", [])}
     parts = []
@@ -346,6 +351,8 @@ def _compare_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo
   if mb:
     doc.para(f"Majority-class baseline (always `{mb['class']}`): accuracy {cell(mb['accuracy'])}, "
              f"macro-F1 {cell(mb['macro_f1'])}.")
+  if result.get("linear_baseline"):
+    doc.para(compare_lib.linear_baseline_text(result).strip())
   per_class = result.get("per_class_f1") or {}
   if per_class:
     doc.heading(3, "Per-class F1")

@@ -1,0 +1,171 @@
+r"""Model quality of the recipe on a classification task, side by side with the linear baseline.
+
+    python bench/quality.py                                    # the embedded FOLDOC task, tiny
+    python bench/quality.py --task DIR                         # DIR/{train,dev,test}.jsonl
+    python bench/quality.py --task DIR --domain 'notes/*.txt'  # + unlabelled domain text
+    python bench/quality.py --variant small --workdir runs/q   # rerunning resumes / skips
+
+Runs the README's pipeline on the task (data -> general pretraining -> domain-adaptive
+pretraining -> finetuning of both models -> compare -> distillation -> INT8 quantization), plus
+finetuning from scratch with the same settings, then prints one table of test accuracy and
+macro-F1: majority class, TF-IDF + logistic regression (`eval.linear_baseline`, C chosen on dev),
+scratch, general, adapted, distilled, int8, each with its difference to the linear baseline, and
+the wall minutes. The last line is one JSON object: `accuracy` / `macro_f1` (the adapted model),
+`baseline_accuracy` / `baseline_macro_f1`, `stages` (one entry per row), `minutes`.
+
+The domain corpus: `--domain` (a data.inputs spec), else the embedded FOLDOC text for the embedded
+task, else the task's own train and dev texts (task-adaptive pretraining: the test split is never
+read for pretraining). Settings are the pipeline's for `--variant`; `--set stage.key=value`
+overrides any of them (e.g. `--set finetune_domain.train.num_epochs=12`). Quality numbers go to
+bench/NOTES_quality.md with the settings that produced them.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import logging  # noqa: E402
+
+from r1jax import configlib  # noqa: E402
+from r1jax import eval as eval_lib  # noqa: E402
+from r1jax import run_dir  # noqa: E402
+from r1jax.stages import finetune  # noqa: E402
+from r1jax.stages import pipeline  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLITS = ("train", "dev", "test")
+FINETUNES = ("finetune_general", "finetune_domain")
+
+
+def task_specs(task_dir: str) -> dict[str, str]:
+  """{split: input spec}: the embedded task, or DIR/<split>.jsonl (each must exist)."""
+  if not task_dir:
+    return {s: f"builtin:task:{s}" for s in SPLITS}
+  specs = {s: os.path.join(os.path.abspath(task_dir), f"{s}.jsonl") for s in SPLITS}
+  missing = [p for p in specs.values() if not os.path.isfile(p)]
+  if missing:
+    raise SystemExit(f"quality.py: --task {task_dir!r} lacks {missing}; a task directory holds "
+                     "train.jsonl, dev.jsonl and test.jsonl with 'text' and 'label' fields.")
+  return specs
+
+
+def domain_spec(args: argparse.Namespace, specs: dict[str, str]) -> str:
+  if args.domain:
+    return args.domain
+  if not args.task:
+    return "builtin:domain"
+  return f"{specs['train']},{specs['dev']}"  # task-adaptive pretraining: never the test split
+
+
+def _override(config: Any, item: str) -> None:
+  """--set STAGE.KEY=VALUE on the pipeline config (VALUE a Python literal or a plain string)."""
+  key, sep, text = item.partition("=")
+  stage = key.partition(".")[0]
+  if not sep or "." not in key or stage not in config.pipeline:
+    raise SystemExit(f"quality.py: --set {item!r}: use STAGE.KEY=VALUE with STAGE one of "
+                     f"{sorted(config.pipeline)}, e.g. finetune_domain.train.num_epochs=12.")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  try:
+    configlib.field_type(config.pipeline, key)
+    configlib.set_path(config.pipeline, key, value)
+  except (KeyError, AttributeError, TypeError) as e:
+    raise SystemExit(f"quality.py: --set {item!r}: {e!r}; name an existing key with a value of "
+                     "its type.") from None
+
+
+def build_config(args: argparse.Namespace) -> Any:
+  """The pipeline config: the variant's settings, the task, the domain corpus, --set overrides."""
+  config = configlib.load_config(os.path.join(REPO, "configs", "pipeline.py") +
+                                 f":variant={args.variant}")
+  config.stages = ("data_general,data_domain,pretrain_general,pretrain_domain,finetune_general,"
+                   "finetune_domain,compare,distill,quantize")
+  specs = task_specs(args.task)
+  for stage in FINETUNES:
+    for split, spec in specs.items():
+      config.pipeline[stage].task[split] = spec
+  config.pipeline.data_domain.data.inputs = domain_spec(args, specs)
+  for stage in config.pipeline:
+    if "train" in config.pipeline[stage]:
+      config.pipeline[stage].train.progress_bar = False
+  for item in args.set:
+    _override(config, item)
+  return config
+
+
+def scratch_config(config: Any) -> Any:
+  """finetune_domain's settings (task, steps, schedule) without init_from: no pretraining."""
+  scratch = configlib.load_config(os.path.join(REPO, "configs", "finetune.py") +
+                                  f":variant={config.variant}")
+  scratch.update(config.pipeline.finetune_domain)
+  scratch.init_from = ""
+  return scratch
+
+
+def _scores(summary: dict[str, Any]) -> dict[str, float]:
+  return {"accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["macro_f1"]}
+
+
+def gather(workdir: str, scratch: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """{row name: {"accuracy", "macro_f1"}} from the stages' summaries."""
+  read = lambda stage: run_dir.read_json(os.path.join(workdir, stage, run_dir.SUMMARY_FILE))
+  general, adapted = read("finetune_general"), read("finetune_domain")
+  rows = {"majority class": {k: adapted["majority_baseline"][k] for k in ("accuracy", "macro_f1")},
+          "TF-IDF + LR": dict(adapted["linear_baseline"]["test"]),
+          "scratch": _scores(scratch), "general": _scores(general), "adapted": _scores(adapted)}
+  for stage, kind in (("distill", "distilled"), ("quantize", "int8")):
+    summary = read(stage) or {}
+    for artifact in summary.get("artifacts", [])[1:]:  # [0] is the float reference
+      name = kind if kind == "distilled" else f"int8 ({artifact['name'].split('-', 1)[-1]})"
+      rows[name] = {"accuracy": artifact["accuracy"], "macro_f1": artifact["macro_f1"]}
+  return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--task", default="", help="directory with train/dev/test.jsonl; "
+                      "default: the embedded FOLDOC task")
+  parser.add_argument("--domain", default="", help="unlabelled domain text (a data.inputs spec)")
+  parser.add_argument("--variant", default="tiny", choices=("tiny", "small", "base"))
+  parser.add_argument("--workdir", default="runs/quality", help="rerunning resumes")
+  parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                      help="override a pipeline stage's config key; repeatable")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.WARNING)
+  workdir = os.path.abspath(args.workdir)
+  started = time.time()
+  config = build_config(args)
+  pipeline.run(config, os.path.join(workdir, "pipeline"))
+  scratch = finetune.run(scratch_config(config), os.path.join(workdir, "scratch"))
+  minutes = (time.time() - started) / 60.0
+  rows = gather(os.path.join(workdir, "pipeline"), scratch)
+  base = rows["TF-IDF + LR"]
+  table = eval_lib.markdown_table(
+      ("model", "test accuracy", "test macro-F1", "accuracy - baseline", "macro-F1 - baseline"),
+      [(name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+        f"{r['accuracy'] - base['accuracy']:+.4f}", f"{r['macro_f1'] - base['macro_f1']:+.4f}")
+       for name, r in rows.items()])
+  print(f"Task: {args.task or 'embedded FOLDOC subjects'}; variant {args.variant}; domain "
+        f"{domain_spec(args, task_specs(args.task))}; {minutes:.1f} minutes (resumed stages "
+        f"count only the time of this run).\n")
+  print(table)
+  adapted = rows["adapted"]
+  result = {"accuracy": adapted["accuracy"], "macro_f1": adapted["macro_f1"],
+            "baseline_accuracy": base["accuracy"], "baseline_macro_f1": base["macro_f1"],
+            "stages": rows, "minutes": round(minutes, 2), "variant": args.variant,
+            "task": args.task or "builtin:task"}
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
