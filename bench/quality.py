@@ -31,8 +31,6 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import logging  # noqa: E402
-
 from r1jax import configlib  # noqa: E402
 from r1jax import eval as eval_lib  # noqa: E402
 from r1jax import run_dir  # noqa: E402
@@ -104,10 +102,9 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def scratch_config(config: Any) -> Any:
   """finetune_domain's settings (task, steps, schedule) without init_from: no pretraining."""
-  scratch = configlib.load_config(os.path.join(REPO, "configs", "finetune.py") +
-                                  f":variant={config.variant}")
-  scratch.update(config.pipeline.finetune_domain)
+  scratch = config.pipeline.finetune_domain.copy_and_resolve_references()
   scratch.init_from = ""
+  scratch.report.linear_baseline = False  # finetune_general's is the table's
   return scratch
 
 
@@ -120,7 +117,7 @@ def gather(workdir: str, scratch: dict[str, Any]) -> dict[str, dict[str, float]]
   read = lambda stage: run_dir.read_json(os.path.join(workdir, stage, run_dir.SUMMARY_FILE))
   general, adapted = read("finetune_general"), read("finetune_domain")
   rows = {"majority class": {k: adapted["majority_baseline"][k] for k in ("accuracy", "macro_f1")},
-          "TF-IDF + LR": dict(adapted["linear_baseline"]["test"]),
+          "TF-IDF + LR": dict(general["linear_baseline"]["test"]),
           "scratch": _scores(scratch), "general": _scores(general), "adapted": _scores(adapted)}
   for stage, kind in (("distill", "distilled"), ("quantize", "int8")):
     summary = read(stage) or {}
@@ -140,7 +137,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a pipeline stage's config key; repeatable")
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.WARNING)
   workdir = os.path.abspath(args.workdir)
   started = time.time()
   config = build_config(args)
