@@ -31,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import logging  # noqa: E402
+
 from r1jax import configlib  # noqa: E402
 from r1jax import eval as eval_lib  # noqa: E402
 from r1jax import run_dir  # noqa: E402
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a pipeline stage's config key; repeatable")
   args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)  # the pipeline's "[i/n] stage" lines and eval lines
   workdir = os.path.abspath(args.workdir)
   started = time.time()
   config = build_config(args)

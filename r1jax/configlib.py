@@ -374,6 +374,20 @@ class Validator:
   def string(self, key: str) -> str | None:
     return self._typed(key, (str,), "a string")
 
+  def stage(self, name: str) -> None:
+    """`stage` must be `name`: a config of another stage was given to this one."""
+    self.require(self.config.get("stage") == name, "stage",
+                 f"{self.config.get('stage')!r}; this stage runs configs with stage={name!r}.")
+
+  def init_from(self, what: str, *, url_ok: bool = False) -> str | None:
+    """`init_from`: "" or an existing directory (or with `url_ok` a URL, checked where it is
+    used); `what` names what it should be (the fix)."""
+    value = self.string("init_from")
+    if value and not (url_ok and "://" in value):
+      self.require(os.path.isdir(os.path.expanduser(value)), "init_from",
+                   f"{value!r} is not a directory; {what}.")
+    return value
+
   def raise_if_any(self, what: str = "config") -> None:
     if self.problems:
       lines = "\n  ".join(self.problems)
@@ -394,11 +408,7 @@ def validate_training(config: ml_collections.ConfigDict, *, num_devices: int | N
   v = Validator(config, num_devices=num_devices, process_count=process_count)
   v.string("stage")
   v.int_at_least("seed", 0)
-  init_from = v.string("init_from")
-  if init_from:
-    v.require(os.path.isdir(os.path.expanduser(init_from)), "init_from",
-              f"{init_from!r} is not a directory; name the workdir of an earlier run, or '' to "
-              f"start from scratch.")
+  v.init_from("name the workdir of an earlier run, or '' to start from scratch")
 
   # Training loop.
   num_steps = v.int_at_least("train.num_steps", 1, allow=(-1,))

@@ -67,9 +67,7 @@ def export_section() -> ml_collections.ConfigDict:
 
 def validate_common(v: configlib.Validator) -> None:
   """Checks of the shared sections (init_from, task, report, export)."""
-  init_from = v.string("init_from")
-  if init_from and not os.path.isdir(os.path.expanduser(init_from)):
-    v.add("init_from", f"{init_from!r} is not a directory; name a finished finetuning workdir.")
+  v.init_from("name a finished finetuning workdir")
   for key in ("task.train", "task.dev", "task.test"):
     v.string(key)
   v.positive_int("report.eval_batch_size")

@@ -43,8 +43,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   none)."""
   del num_devices, process_count
   v = configlib.Validator(config)
-  v.require(config.get("stage") == "compare", "stage",
-            f"{config.get('stage')!r}; this stage runs configs with stage='compare'.")
+  v.stage("compare")
   v.string("workdirs")
   v.string("names")
   v.choice("split", SPLITS)

@@ -58,13 +58,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              process_count: int | None = None) -> configlib.Validator:
   """Checks values up front; `init_from` may be empty here (run() then asks for it)."""
   v = configlib.Validator(config)
-  v.require(config.get("stage") == "diagnose", "stage",
-            f"{config.get('stage')!r}; this stage runs configs with stage='diagnose'.")
+  v.stage("diagnose")
   v.int_at_least("seed", 0)
-  init_from = v.string("init_from")
-  if init_from:
-    v.require(os.path.isdir(os.path.expanduser(init_from)), "init_from",
-              f"{init_from!r} is not a directory; name a pretraining workdir.")
+  v.init_from("name a pretraining workdir")
   for key in ("general", "domain"):
     v.require(bool(v.string(key)), key, "is empty; name a corpus (path, glob or builtin:...).")
   v.int_at_least("held_out_every_nth", 2, allow=(-1,))

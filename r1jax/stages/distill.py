@@ -48,8 +48,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   """Checks that need no data or compilation (the teacher-relative size checks come after the
   teacher is read, before anything is compiled); raises ConfigError naming each bad key."""
   def extra(v: configlib.Validator) -> None:
-    v.require(config.get("stage") == "distill", "stage",
-              f"{config.get('stage')!r}; this stage runs configs with stage='distill'.")
+    v.stage("distill")
     stage_lib.validate_common(v)
     for key in distill_lib.SIZE_FIELDS:
       v.int_at_least(f"student.{key}", 1, allow=(-1,))

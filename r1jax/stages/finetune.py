@@ -80,8 +80,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              process_count: int | None = None) -> configlib.Validator:
   """Checks that need no data or compilation; raises ConfigError naming each bad key and its fix."""
   def extra(v: configlib.Validator) -> None:
-    v.require(config.get("stage") == "finetune", "stage",
-              f"{config.get('stage')!r}; this stage runs configs with stage='finetune'.")
+    v.stage("finetune")
     try:
       txl.get_variant(config.model.variant, **configlib.model_overrides(config.model))
     except (ValueError, TypeError) as e:

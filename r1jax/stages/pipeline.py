@@ -220,14 +220,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              process_count: int | None = None) -> configlib.Validator:
   """Pipeline keys, the selection, and every selected stage's config; one ConfigError for all."""
   v = configlib.Validator(config)
-  v.require(config.get("stage") == "pipeline", "stage",
-            f"{config.get('stage')!r}; this stage runs configs with stage='pipeline'.")
+  v.stage("pipeline")
   v.int_at_least("seed", 0)
-  init_from = v.string("init_from")
-  if init_from:
-    v.require(os.path.isdir(os.path.expanduser(init_from)), "init_from",
-              f"{init_from!r} is not a directory; name a finished pretraining workdir to use "
-              "instead of the pretrain_general stage, or '' to run it.")
+  v.init_from("name a finished pretraining workdir to use instead of the pretrain_general "
+              "stage, or '' to run it")
   v.string("stages")
   v.boolean("run_tune")
   v.boolean("report.html")

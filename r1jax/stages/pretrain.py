@@ -44,8 +44,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              process_count: int | None = None) -> configlib.Validator:
   """All checks that need no data or compilation; raises ConfigError naming each bad key."""
   def extra(v: configlib.Validator) -> None:
-    v.require(config.get("stage") == "pretrain", "stage",
-              f"{config.get('stage')!r}; this stage runs configs with stage='pretrain'.")
+    v.stage("pretrain")
     try:
       vocab = model_config(config).vocab_size
     except (ValueError, TypeError) as e:

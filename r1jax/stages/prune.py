@@ -42,8 +42,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
              process_count: int | None = None) -> configlib.Validator:
   """Checks that need no data or compilation; raises ConfigError naming each bad key."""
   def extra(v: configlib.Validator) -> None:
-    v.require(config.get("stage") == "prune", "stage",
-              f"{config.get('stage')!r}; this stage runs configs with stage='prune'.")
+    v.stage("prune")
     stage_lib.validate_common(v)
     sparsity = v._typed("prune.sparsity", (int, float), "a number")  # pylint: disable=protected-access
     if sparsity is not None:

@@ -46,8 +46,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   on one device.)"""
   del num_devices, process_count
   v = configlib.Validator(config)
-  v.require(config.get("stage") == "quantize", "stage",
-            f"{config.get('stage')!r}; this stage runs configs with stage='quantize'.")
+  v.stage("quantize")
   v.int_at_least("seed", 0)
   stage_lib.validate_common(v)
   modes = v.string("quant.modes")

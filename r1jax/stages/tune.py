@@ -142,13 +142,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   v = configlib.Validator(config)
-  v.require(config.get("stage") == "tune", "stage",
-            f"{config.get('stage')!r}; this stage runs configs with stage='tune'.")
+  v.stage("tune")
   v.int_at_least("seed", 0)
-  init_from = v.string("init_from")
-  if init_from and "://" not in init_from:
-    v.require(os.path.isdir(os.path.expanduser(init_from)), "init_from",
-              f"{init_from!r} is not a directory; name the workdir of an earlier run, or ''.")
+  v.init_from("name the workdir of an earlier run, or ''", url_ok=True)
   stage = v.choice("tune.stage", STAGES)
   if stage and not (v.has("base.stage") and config.base.stage == stage):
     v.add("base.stage", f"{config.base.get('stage') if v.has('base') else None!r} does not match "
