@@ -232,7 +232,9 @@ def _cli_args(tmp_path, wd):
       args += [f"{s}{stage}.train.warmup_steps=2", f"{s}{stage}.eval.num_batches=2"]
   args += [f"{s}quantize.report.latency_repeats=2", f"{s}quantize.report.latency_warmup=1",
            f"{s}quantize.export.enabled=False", f"{s}quantize.quant.calibration_batches=2",
-           f"{s}finetune_domain.report.latency_repeats=2"]
+           f"{s}finetune_domain.report.latency_repeats=2",
+           # Two phases, so that the second kill lands in a later phase than the first one.
+           f"{s}finetune_domain.schedule=a_then_b"]
   # The stages on the path through the two killed ones, plus one compression stage after them.
   args.append("--config.stages=data_general,data_domain,pretrain_general,pretrain_domain,"
               "finetune_domain,quantize")
