@@ -13,9 +13,10 @@ scratch, general, adapted, distilled, int8, each with its difference to the line
 the wall minutes. The last line is one JSON object: `accuracy` / `macro_f1` (the adapted model),
 `baseline_accuracy` / `baseline_macro_f1`, `stages` (one entry per row), `minutes`.
 
-The domain corpus: `--domain` (a data.inputs spec), else the embedded FOLDOC text for the embedded
-task, else the task's own train and dev texts (task-adaptive pretraining: the test split is never
-read for pretraining). Settings are the pipeline's for `--variant`; `--set stage.key=value`
+The task and the domain text reach the stages through the pipeline's own keys (`config.task.*`,
+`config.domain_corpus`): the domain corpus is `--domain` (a data.inputs spec), else the embedded
+FOLDOC text for the embedded task, plus the task's own train and dev texts (task-adaptive
+pretraining, `config.tapt`: the test split is never read for pretraining). Settings are the pipeline's for `--variant`; `--set stage.key=value`
 overrides any of them (e.g. `--set finetune_domain.train.num_epochs=12`). Quality numbers go to
 bench/NOTES_quality.md with the settings that produced them.
 """
@@ -56,14 +57,6 @@ def task_specs(task_dir: str) -> dict[str, str]:
   return specs
 
 
-def domain_spec(args: argparse.Namespace, specs: dict[str, str]) -> str:
-  if args.domain:
-    return args.domain
-  if not args.task:
-    return "builtin:domain"
-  return f"{specs['train']},{specs['dev']}"  # task-adaptive pretraining: never the test split
-
-
 def _override(config: Any, item: str) -> None:
   """--set STAGE.KEY=VALUE on the pipeline config (VALUE a Python literal or a plain string)."""
   key, sep, text = item.partition("=")
@@ -89,11 +82,9 @@ def build_config(args: argparse.Namespace) -> Any:
                                  f":variant={args.variant}")
   config.stages = ("data_general,data_domain,pretrain_general,pretrain_domain,finetune_general,"
                    "finetune_domain,compare,distill,quantize")
-  specs = task_specs(args.task)
-  for stage in FINETUNES:
-    for split, spec in specs.items():
-      config.pipeline[stage].task[split] = spec
-  config.pipeline.data_domain.data.inputs = domain_spec(args, specs)
+  if args.task:
+    config.task.update(task_specs(args.task))
+  config.domain_corpus = args.domain
   for stage in config.pipeline:
     if "train" in config.pipeline[stage]:
       config.pipeline[stage].train.progress_bar = False
@@ -104,7 +95,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def scratch_config(config: Any) -> Any:
   """finetune_domain's settings (task, steps, schedule) without init_from: no pretraining."""
-  scratch = config.pipeline.finetune_domain.copy_and_resolve_references()
+  scratch = pipeline.stage_config(config, "finetune_domain", "")
   scratch.init_from = ""
   scratch.report.linear_baseline = False  # finetune_general's is the table's
   return scratch
@@ -154,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{r['accuracy'] - base['accuracy']:+.4f}", f"{r['macro_f1'] - base['macro_f1']:+.4f}")
        for name, r in rows.items()])
   print(f"Task: {args.task or 'embedded FOLDOC subjects'}; variant {args.variant}; domain "
-        f"{domain_spec(args, task_specs(args.task))}; {minutes:.1f} minutes (resumed stages "
+        f"{pipeline.domain_inputs(config)}; {minutes:.1f} minutes (resumed stages "
         f"count only the time of this run).\n")
   print(table)
   adapted = rows["adapted"]

@@ -6,6 +6,9 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
     python -m r1jax.main --config=configs/pipeline.py:variant=base --workdir=/mnt/gcs/BUCKET/run
     # A subset (later stages need earlier ones finished in DIR or selected too), tuning on:
     ... --config.stages=finetune_general,finetune_domain,compare --config.run_tune=True
+    # Your task (JSONL/CSV/Parquet with text/label fields) and unlabelled domain text:
+    ... --config.task.train=train.jsonl --config.task.dev=dev.jsonl --config.task.test=test.jsonl \
+        --config.domain_corpus=notes/*.txt
     # Any key of any stage: --config.pipeline.<stage>.<key>=VALUE, e.g.
     ... --config.pipeline.pretrain_general.train.num_steps=1000 \
         --config.pipeline.data_general.data.inputs=corpus/*.jsonl
@@ -110,6 +113,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init_from = ""   # a finished pretraining workdir used instead of the pretrain_general stage
   config.stages = ""      # comma-separated subset of the stages above; "" = all (tune: run_tune)
   config.run_tune = False  # include the tune stage in the default selection
+  # Your own task, given once for every stage that reads it (finetune_general, finetune_domain,
+  # tune; the compression stages read it from their finetuned source). "" = the stage configs'
+  # own value (the embedded FOLDOC subject task). Other task keys: --config.pipeline.<stage>.task.*
+  config.task = ml_collections.ConfigDict(dict(
+      train="",        # labelled training split: JSONL/CSV/Parquet path or glob
+      dev="",          # dev split (early stopping, model choice); "" = the stage's (every 10th
+                       # train row when train is yours)
+      test="",         # test split, reported once per model
+      text_field="",   # field holding the text; "" = "text"
+      label_field="",  # field holding the label; "" = "label"
+  ))
+  # Unlabelled domain text for data_domain / pretrain_domain (path, glob, directory; comma-separated
+  # for several). "" = the embedded FOLDOC corpus with the embedded task, none with your own task.
+  config.domain_corpus = ""
+  # Task-adaptive pretraining: the domain corpus also gets the task's train and dev text (never its
+  # test text), so domain pretraining sees the task's own language.
+  config.tapt = True
   # Which earlier stage each compression stage starts from (its init_from).
   config.sources = ml_collections.ConfigDict(dict(
       tune="pretrain_domain",      # the pretraining run whose finetuning is tuned

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_predictions=-1,        # prediction slots per row; -1 = ceil(seq_len * mlm_prob)
       whole_word=False,          # mask whole words rather than single pieces
       nsp=True,                  # next-segment prediction pairs (50% random B)
+      pack=False,                # nsp=False: fill rows with several documents ([SEP] between)
       knowledge_file="",         # entity/triple TSV ("builtin" = the embedded one): knowledge head
       kg_seq_len=32,             # tokens per knowledge triple sequence
       kg_weight=1.0,             # weight of the knowledge loss

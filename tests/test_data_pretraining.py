@@ -108,6 +108,38 @@ def test_rows_continue_their_documents(docs, tok, nsp):
     assert 0.35 < labels.mean() < 0.65
 
 
+def _content(batches, row):
+  """Row `row`'s real tokens over `batches`, original ids, [CLS]/[SEP] dropped, concatenated."""
+  out = []
+  for b in batches:
+    original = _unmasked(b)[row][b["token_mask"][row]]
+    assert original[0] == CLS and original[-1] == SEP
+    out += [t for t in original.tolist() if t not in (CLS, SEP)]
+  return out
+
+
+def test_packed_rows_are_full_and_carry_the_same_documents_in_order(docs, tok):
+  short = [d[:60] for d in docs]  # short documents: unpacked rows would be mostly padding
+  kw = dict(seq_len=32, batch_size=3, seed=2, nsp=False)
+  unpacked = _batches(pretraining.pretrain_iterator(short, tok, **kw), 40)
+  packed = _batches(pretraining.pretrain_iterator(
+      short, tok, pack=True, knowledge_path=builtin.path("knowledge"), **kw), 40)
+  fill = lambda bs: float(np.mean([b["token_mask"].mean() for b in bs]))
+  assert fill(unpacked) < 0.7 and fill(packed) > 0.95, (fill(unpacked), fill(packed))
+  # One stream per row: memory is cleared at step 0 only.
+  assert packed[0]["reset_memory"].all() and not any(b["reset_memory"].any() for b in packed[1:])
+  for row in range(3):
+    # The same documents in the same order, none cut or skipped: the packed stream (longer, as
+    # its rows are full) starts with everything the unpacked one holds.
+    expected, got = _content(unpacked, row), _content(packed, row)
+    assert len(got) > 1.4 * len(expected)
+    assert got[:len(expected)] == expected
+  # Some rows hold several documents, [SEP] between them.
+  assert any(b["tokens"][r][1:-1].tolist().count(SEP) for b in packed for r in range(3))
+  with pytest.raises(ValueError, match="nsp=False"):
+    pretraining.pretrain_iterator(short, tok, seq_len=32, batch_size=3, pack=True, nsp=True)
+
+
 def test_deterministic_and_seed_dependent(docs, tok):
   kw = dict(seq_len=32, batch_size=4, knowledge_path=builtin.path("knowledge"), whole_word=True)
   a = _batches(pretraining.pretrain_iterator(docs, tok, seed=5, **kw), 5)
@@ -119,11 +151,14 @@ def test_deterministic_and_seed_dependent(docs, tok):
   assert not all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
 
 
-def test_restore_mid_epoch_gives_identical_stream(tok):
+@pytest.mark.parametrize("pack", [False, True])
+def test_restore_mid_epoch_gives_identical_stream(tok, pack):
   # 7 short documents, 3 rows: the 25 steps cross several epochs.
   small = [f"Document {i} talks about compilers and networks, part {i}. " * (1 + i % 3)
            for i in range(7)]
   kw = dict(seq_len=16, batch_size=3, seed=3, knowledge_path=builtin.path("knowledge"))
+  if pack:
+    kw.update(pack=True, nsp=False)
   it = pretraining.pretrain_iterator(small, tok, **kw)
   _batches(it, 7)
   state = it.get_state()

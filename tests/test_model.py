@@ -391,6 +391,33 @@ def test_heads_shapes_and_tying():
     assert aux["hidden"].shape == (b, q, cfg.d_model)
 
 
+def test_mean_pooling_reads_the_real_tokens_only():
+  """pooling="mean": same parameters as "cls"; padding (any amount) leaves the logits unchanged,
+  and the pooled vector is the mean of the real positions' hidden states."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(5, 50, (2, 6)).astype(np.int32)
+  mask = np.array([[True] * 6, [True] * 4 + [False] * 2])
+  cls_model = heads.Classifier(_config(), num_classes=3)
+  mean_model = heads.Classifier(_config(pooling="mean"), num_classes=3)
+  params = _random_params(mean_model, tokens)
+  assert jax.tree.structure(params) == jax.tree.structure(_random_params(cls_model, tokens))
+  logits, aux = mean_model.apply({"params": params}, tokens, mask)
+  hidden = np.asarray(aux["hidden"])
+  pooler = params["cls_head"]["pooler"]
+  for r, n in enumerate((6, 4)):
+    summary = hidden[r, :n].mean(axis=0)
+    expected = np.tanh(summary @ np.asarray(pooler["kernel"]) + np.asarray(pooler["bias"]))
+    np.testing.assert_allclose(np.asarray(aux["pooled"][r]), expected, rtol=1e-5, atol=1e-5)
+  padded = np.concatenate([tokens, np.zeros((2, 5), np.int32)], axis=1)
+  padded_mask = np.concatenate([mask, np.zeros((2, 5), bool)], axis=1)
+  again, _ = mean_model.apply({"params": params}, padded, padded_mask)
+  np.testing.assert_allclose(np.asarray(again), np.asarray(logits), rtol=1e-5, atol=1e-5)
+  cls_logits, _ = cls_model.apply({"params": params}, tokens, mask)
+  assert not np.allclose(np.asarray(cls_logits), np.asarray(logits))
+  with pytest.raises(ValueError, match=r"pooling='max'.*cls, mean"):
+    _config(pooling="max")
+
+
 def test_bad_input_raises():
   with pytest.raises(ValueError, match=r"variant 'huge'.*tiny, small, base"):
     txl.get_variant("huge")

@@ -110,6 +110,75 @@ def test_bad_configs_are_refused_up_front(overrides, message):
     pipeline.validate(_config(**overrides), num_devices=8, process_count=1)
 
 
+def _task_files(tmp_path, labels=("ab", "ab", "ab")):
+  """train/dev/test JSONL with fields "note"/"code"; split i draws its labels from labels[i]."""
+  paths = {}
+  for split, names in zip(("train", "dev", "test"), labels):
+    rows = [{"note": f"{split} note {i} about storage", "code": names[i % len(names)]}
+            for i in range(12)]
+    paths[split] = tmp_path / f"{split}.jsonl"
+    paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return {k: str(v) for k, v in paths.items()}
+
+
+def test_task_keys_reach_every_stage_that_reads_the_task(tmp_path):
+  files = _task_files(tmp_path)
+  notes = tmp_path / "notes.txt"
+  notes.write_text("storage arrays and their controllers\n")
+  config = _config(**{f"task.{k}": v for k, v in files.items()},
+                   **{"task.text_field": "note", "task.label_field": "code",
+                      "domain_corpus": str(notes), "run_tune": True})
+  for stage in ("finetune_general", "finetune_domain"):
+    task = pipeline.stage_config(config, stage, "/w").task
+    assert (task.train, task.dev, task.test) == (files["train"], files["dev"], files["test"])
+    assert (task.text_field, task.label_field) == ("note", "code")
+  assert pipeline.stage_config(config, "tune", "/w").base.task.train == files["train"]
+  # Domain pretraining reads the domain text and the task's train and dev text, never its test.
+  domain = pipeline.stage_config(config, "data_domain", "/w").data
+  assert domain.inputs.split(",") == [str(notes), files["train"], files["dev"]]
+  assert domain.text_field == "note"
+  assert files["test"] not in pipeline.stage_config(config, "data_domain", "/w").data.inputs
+  # Your train split without dev/test: dev is carved from it and test is dev, never the embedded
+  # task's splits.
+  only_train = pipeline.stage_config(_config(**{"task.train": files["train"]}),
+                                     "finetune_domain", "/w").task
+  assert (only_train.dev, only_train.test) == ("", "")
+  pipeline.validate(config, num_devices=8, process_count=1)
+  # Compression stages read the task from their finetuned source's config.json.
+  assert all(not pipeline.stage_config(config, s, "/w").task.train
+             for s in ("distill", "quantize", "prune"))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one_class", r"task: task.train has a single class \['a'\]"),
+    ("unseen_test_label", r"task: task.test has label\(s\) never seen in the training data: 'z'"),
+    ("empty_domain", r"domain_corpus: '.*empty.txt': Input file .* is empty"),
+    ("blank_domain", r"domain_corpus: '.*blank.txt' holds no non-empty documents"),
+    ("no_domain_text", r"domain_corpus: your task .* comes with no domain text"),
+    ("dev_without_train", r"task.train: is empty while task.dev is set"),
+])
+def test_bad_task_or_domain_text_is_refused_before_anything_runs(tmp_path, case, message):
+  labels = {"one_class": ("a", "a", "a"), "unseen_test_label": ("ab", "ab", "az")}.get(
+      case, ("ab", "ab", "ab"))
+  files = _task_files(tmp_path, labels)
+  overrides = {f"task.{k}": v for k, v in files.items()}
+  overrides.update({"task.text_field": "note", "task.label_field": "code"})
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "blank.txt").write_text("\n   \n")
+  if case == "empty_domain":
+    overrides["domain_corpus"] = str(tmp_path / "empty.txt")
+  elif case == "blank_domain":
+    overrides["domain_corpus"] = str(tmp_path / "blank.txt")
+  elif case == "no_domain_text":
+    overrides["tapt"] = False
+  elif case == "dev_without_train":
+    overrides = {"task.dev": files["dev"]}
+  wd = tmp_path / "run"
+  with pytest.raises(configlib.ConfigError, match=message):
+    pipeline.run(_config(**overrides), str(wd))
+  assert not wd.exists() or not os.listdir(wd)
+
+
 def test_init_from_replaces_general_pretraining(tmp_path):
   config = _config(init_from=str(tmp_path))
   assert "pretrain_general" not in pipeline.selected_stages(config)
@@ -134,6 +203,7 @@ def test_missing_inputs_are_refused_before_anything_runs(tmp_path):
 def _small_config(tmp_path, **overrides):
   values = {
       "stages": "data_general,data_domain,pretrain_general",
+      "tapt": False,  # the small domain corpus only (TAPT adds the embedded task's 4,600 rows)
       "pipeline.data_general.data.inputs": _corpus(tmp_path, "general", 300),
       "pipeline.data_domain.data.inputs": _corpus(tmp_path, "domain", 200),
       "pipeline.data_general.tokenizer.vocab_size": 500,
@@ -221,7 +291,7 @@ def _cli_args(tmp_path, wd):
   s = "--config.pipeline."
   args = [
       f"{s}data_general.data.inputs={general}", f"{s}data_domain.data.inputs={domain}",
-      f"{s}data_general.tokenizer.vocab_size=500",
+      f"{s}data_general.tokenizer.vocab_size=500", "--config.tapt=False",
   ]
   for stage, steps, every in (("pretrain_general", 24, 8), ("pretrain_domain", 24, 8),
                               ("finetune_domain", 24, 6)):

@@ -21,9 +21,9 @@ from r1jax.train import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
-TIMING = ("tokens_per_sec", "steps_per_sec", "mfu")
+TIMING = ("tokens_per_sec", "steps_per_sec", "mfu", "real_token_fraction", "mfu_real_tokens")
 TRAIN_FIELDS = {"step", "split", "loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy",
-                "learning_rate", "tokens_per_sec", "mfu"}
+                "learning_rate", "tokens_per_sec", "mfu", "real_token_fraction", "mfu_real_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,9 @@ def test_tiny_end_to_end_outputs(straight):
   assert {"loss", "mlm_accuracy", "nsp_accuracy"} <= set(evals[-1])
   assert summary["final_eval"]["loss"] == evals[-1]["loss"]
   assert summary["num_params"] > 0 and 0 < summary["final_train"]["mfu"] < 1
+  train_fill = summary["final_train"]["real_token_fraction"]
+  assert 0 < train_fill <= 1 and summary["final_train"]["mfu_real_tokens"] == pytest.approx(
+      summary["final_train"]["mfu"] * train_fill)
   with open(os.path.join(workdir, "config.json")) as f:
     resolved = json.load(f)
   assert resolved["train"]["num_steps"] == 12 and resolved["resolved"]["vocab_size"] == 1000

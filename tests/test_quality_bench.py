@@ -38,8 +38,9 @@ def _args(quality, *argv):
 def test_task_directory_reaches_both_finetunings_and_scratch(quality, task_dir):
   config = quality.build_config(_args(quality, "--task", task_dir))
   for stage in quality.FINETUNES:
+    cfg = quality.pipeline.stage_config(config, stage, "/w")
     for split in ("train", "dev", "test"):
-      assert config.pipeline[stage].task[split] == os.path.join(task_dir, f"{split}.jsonl")
+      assert cfg.task[split] == os.path.join(task_dir, f"{split}.jsonl")
   scratch = quality.scratch_config(config)
   assert scratch.init_from == "" and scratch.task.test == os.path.join(task_dir, "test.jsonl")
   assert scratch.train.num_steps == config.pipeline.finetune_domain.train.num_steps
@@ -47,13 +48,15 @@ def test_task_directory_reaches_both_finetunings_and_scratch(quality, task_dir):
 
 def test_task_adaptive_corpus_is_train_and_dev_never_test(quality, task_dir):
   config = quality.build_config(_args(quality, "--task", task_dir))
-  inputs = config.pipeline.data_domain.data.inputs.split(",")
+  inputs = quality.pipeline.stage_config(config, "data_domain", "/w").data.inputs.split(",")
   assert inputs == [os.path.join(task_dir, "train.jsonl"), os.path.join(task_dir, "dev.jsonl")]
   given = quality.build_config(_args(quality, "--task", task_dir, "--domain", "notes/*.txt"))
-  assert given.pipeline.data_domain.data.inputs == "notes/*.txt"
+  assert quality.pipeline.domain_inputs(given).split(",")[0] == "notes/*.txt"
   embedded = quality.build_config(_args(quality))
-  assert embedded.pipeline.data_domain.data.inputs == "builtin:domain"
-  assert embedded.pipeline.finetune_general.task.test == "builtin:task:test"
+  assert quality.pipeline.domain_inputs(embedded) == (
+      "builtin:domain,builtin:task:train,builtin:task:dev")
+  assert quality.pipeline.stage_config(embedded, "finetune_general",
+                                       "/w").task.test == "builtin:task:test"
 
 
 def test_overrides_are_typed_and_checked(quality):

@@ -41,6 +41,14 @@ row's document; a true B (label 0) is the text right after A and is consumed too
 (label 1) is a window of another document and is not consumed, so the next step continues after A.
 Step 0 of every row has reset_memory=True.
 
+Packing (`pack=True`, no NSP): a row is filled instead of padded. When its document ends with room
+left, a [SEP] follows and the row's next document starts in the same row: [CLS] d1 [SEP] d2 [SEP]
+d3... [SEP]. A document that does not fit continues at the next step. The row is then one stream
+of documents separated by [SEP], as Transformer-XL reads a concatenated corpus: memory carries over
+document boundaries (reset_memory only at step 0) and attention crosses the separators (RoBERTa's
+FULL-SENTENCES packing). On corpora of short documents (definitions, questions, reviews) padding
+otherwise takes most of the positions: `bench/NOTES_quality.md` measures the real-token fraction.
+
 Process sharding: process p of n builds rows [p * B/n, (p + 1) * B/n) of the global batch; the
 document order is computed from the seed alone, so all processes agree without communicating.
 Workers: `worker_count > 0` builds rows in Grain worker processes (`mp_prefetch`); worker w builds the
@@ -148,6 +156,7 @@ class PretrainOptions:
   max_predictions: int | None = None  # None: ceil(seq_len * mlm_prob)
   whole_word: bool = False
   nsp: bool = True
+  pack: bool = False
   kg_seq_len: int = 32
 
   @property
@@ -165,6 +174,9 @@ class PretrainOptions:
       raise ValueError(f"max_predictions={self.max_predictions} must be in [1, seq_len].")
     if self.global_batch_size < 1:
       raise ValueError(f"batch_size={self.global_batch_size} must be positive.")
+    if self.pack and self.nsp:
+      raise ValueError("pack=True fills rows with several documents, which has no next-segment "
+                       "pairs: set nsp=False (RoBERTa drops NSP for the same reason).")
     if self.kg_seq_len < 8:
       raise ValueError(f"kg_seq_len={self.kg_seq_len} is too short; use at least 8.")
 
@@ -266,6 +278,12 @@ class _PretrainRowIterator(grain.DatasetIterator):
       units = np.concatenate([[-1], a_entity, [-1], b_entity, [-1]]).astype(np.int32)
       types = np.zeros(len(tokens), np.int32)
       types[len(a_ids) + 2:] = 1
+    elif opt.pack:
+      label = 0
+      tokens, units = self._packed_row(j)
+      types = np.zeros(len(tokens), np.int32)
+      reset = self._step == 0            # one stream per row: memory spans documents
+      consumed = None
     else:
       label = 0
       n = min(remaining, q - 2)
@@ -274,10 +292,8 @@ class _PretrainRowIterator(grain.DatasetIterator):
       types = np.zeros(len(tokens), np.int32)
       consumed = n
 
-    self._cursor[j] = cursor + consumed
-    if self._cursor[j] >= len(ids):
-      self._docs_started[j] += 1
-      self._cursor[j] = 0
+    if consumed is not None:
+      self._advance(j, len(ids), consumed)
 
     out = self._mask(tokens, units, rng)
     length = len(tokens)
@@ -293,6 +309,43 @@ class _PretrainRowIterator(grain.DatasetIterator):
     if self._triples is not None:
       out.update(self._triples.sample(rng))
     return out
+
+  def _advance(self, j: int, doc_len: int, consumed: int) -> None:
+    """Moves row j's cursor `consumed` tokens on; past the document's end, to the next one."""
+    self._cursor[j] += consumed
+    if self._cursor[j] >= doc_len:
+      self._docs_started[j] += 1
+      self._cursor[j] = 0
+
+  def _packed_row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] doc [SEP] next doc [SEP] ... [SEP]: row j's stream until the row is full.
+
+    A document that does not fit continues at the next step (its memory carries over); a new one
+    starts only when at least one of its tokens fits after the separator. Entity units are offset
+    per document so mentions of two documents never merge.
+    """
+    room = self._opt.seq_len - 2          # [CLS] ... [SEP]
+    id_parts, unit_parts, part = [[CLS_ID]], [[-1]], 0
+    while True:
+      doc, _ = self._doc_of(self._ds.rows[j], self._docs_started[j])
+      ids, entity = self._store.get(doc)
+      cursor = self._cursor[j]
+      n = min(len(ids) - cursor, room)
+      id_parts.append(ids[cursor:cursor + n])
+      unit_parts.append(np.where(entity[cursor:cursor + n] >= 0,
+                                 entity[cursor:cursor + n] + (part << 20), -1))
+      room -= n
+      self._advance(j, len(ids), n)
+      if room < 2 or self._cursor[j]:     # full, or the document continues next step
+        break
+      id_parts.append([SEP_ID])           # a document ended: separator, then the next one
+      unit_parts.append([-1])
+      room -= 1
+      part += 1
+    id_parts.append([SEP_ID])
+    unit_parts.append([-1])
+    return (np.concatenate(id_parts).astype(np.int32),
+            np.concatenate(unit_parts).astype(np.int32))
 
   def _mask(self, tokens, units, rng):
     """MLM on one sequence; `units` holds entity-mention ids (-1: none) to keep together."""
@@ -401,7 +454,8 @@ def _check_workers(worker_count, local_batch):
 def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int,
                      batch_size: int, seed: int = 0, mlm_prob: float = 0.15,
                      max_predictions: int | None = None, whole_word: bool = False,
-                     nsp: bool = True, knowledge_path: str | None = None, kg_seq_len: int = 32,
+                     nsp: bool = True, pack: bool = False, knowledge_path: str | None = None,
+                     kg_seq_len: int = 32,
                      process_index: int = 0, process_count: int = 1,
                      worker_count: int = 0) -> grain.IterDataset:
   """An endless Grain dataset of pretraining batches (see module docstring for the layout).
@@ -416,6 +470,8 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
     max_predictions: P, prediction slots per row (default ceil(seq_len * mlm_prob)).
     whole_word: mask whole words (and CJK characters) instead of single pieces.
     nsp: build [CLS] A [SEP] B [SEP] pairs with 50% random B; otherwise [CLS] A [SEP].
+    pack: (nsp=False) fill each row with the row's next documents, [SEP] between them, instead
+      of padding after a short one (see "Packing" in the module docstring).
     knowledge_path: TSV of `entity<TAB>type` / `head<TAB>relation<TAB>tail` lines: enables
       whole-entity masking and the kg_* triple-validity arrays.
     kg_seq_len: T, tokens per triple sequence.
@@ -424,7 +480,7 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   """
   options = PretrainOptions(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                             mlm_prob=mlm_prob, max_predictions=max_predictions,
-                            whole_word=whole_word, nsp=nsp, kg_seq_len=kg_seq_len)
+                            whole_word=whole_word, nsp=nsp, pack=pack, kg_seq_len=kg_seq_len)
   options.validate()
   local_batch, rows = grain_ops.local_rows(batch_size, process_index, process_count)
   _check_workers(worker_count, local_batch)

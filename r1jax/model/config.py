@@ -24,6 +24,8 @@ from r1jax.model import kernels
 ATTENTIONS = ("bidirectional", "causal")
 # How attention is computed (TransformerXLConfig.attention_impl).
 ATTENTION_IMPLS = ("einsum", "sdpa", "cudnn", "auto")
+# What a classification head reads (TransformerXLConfig.pooling).
+POOLINGS = ("cls", "mean")
 # Compute dtypes the fused (cuDNN) attention takes.
 _FUSED_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
@@ -77,6 +79,8 @@ class TransformerXLConfig:
                                   # attention. 0 = auto: 2 on CPU when n_head is even, else 1.
                                   # Same parameters and results (attention dropout masks are
                                   # drawn per group).
+  pooling: str = "cls"            # classifier head input: "cls" = the first position's state,
+                                  # "mean" = the mean over real tokens (NSP always reads cls).
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -99,6 +103,9 @@ class TransformerXLConfig:
     if self.activation not in kernels.ACTIVATIONS:
       raise ValueError(f"TransformerXLConfig.activation={self.activation!r}: allowed values are "
                        f"{', '.join(kernels.ACTIVATIONS)}.")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"TransformerXLConfig.pooling={self.pooling!r}: allowed values are "
+                       f"{', '.join(POOLINGS)}.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"TransformerXLConfig.attention_impl={self.attention_impl!r}: allowed "
                        f"values are {', '.join(ATTENTION_IMPLS)}.")

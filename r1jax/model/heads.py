@@ -6,6 +6,8 @@
 * `PooledHead`: pooled = tanh(dense(h[:, 0])) -> dropout -> dense to `num_outputs`. Used for NSP
   (2 logits, label 1 = random next segment), the knowledge head (triple validity) and sequence
   classification (multi-class or multi-label: the logits are the same, only the loss differs).
+  With pooling="mean" (the classifier's `config.pooling`) the pooler reads the mean of the real
+  tokens' states instead of h[:, 0]; the parameters are the same.
 * `PretrainModel`: params `backbone/`, `mlm_head/`, `nsp_head/`, and `kg_head/` when
   num_kg_labels > 0.
 * `Classifier`: params `backbone/`, `cls_head/`.
@@ -103,19 +105,30 @@ def _decode(x: jax.Array, embedding: jax.Array, bias: jax.Array) -> jax.Array:
   return axes.constrain(logits + bias, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
 
+def mean_pool(hidden: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+  """hidden [B, Q, d], token_mask bool [B, Q] (None = all real) -> mean of real positions [B, d]."""
+  if token_mask is None:
+    return hidden.mean(axis=1)
+  weights = jnp.asarray(token_mask, hidden.dtype)[..., None]                 # [B, Q, 1]
+  return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
+
+
 class PooledHead(nn.Module):
-  """pooled = tanh(dense(h[:, 0])); logits = dense(dropout(pooled))."""
+  """pooled = tanh(dense(h[:, 0] or mean(h))); logits = dense(dropout(pooled))."""
   config: txl.TransformerXLConfig
   num_outputs: int
   dropout_rate: float = 0.0
+  pooling: str = "cls"
 
   @nn.compact
-  def __call__(self, hidden: jax.Array, deterministic: bool = True
-               ) -> tuple[jax.Array, jax.Array]:
-    """hidden [B, Q, d] -> (logits float32 [B, num_outputs], pooled [B, d])."""
+  def __call__(self, hidden: jax.Array, deterministic: bool = True,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """hidden [B, Q, d] (token_mask bool [B, Q] for mean pooling) -> (logits float32
+    [B, num_outputs], pooled [B, d])."""
     cfg = self.config
+    summary = mean_pool(hidden, token_mask) if self.pooling == "mean" else hidden[:, 0]
     pooled = jnp.tanh(txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "pooler")(
-        hidden[:, 0]))
+        summary))
     x = txl.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
     logits = txl.make_dense(cfg, self.num_outputs, (axes.EMBED, axes.CLASSES), "out")(x)
     return logits.astype(jnp.float32), pooled
@@ -210,14 +223,15 @@ class Classifier(nn.Module):
       kind = "multi-label" if self.multi_label else "multi-class"
       raise ValueError(f"num_classes={self.num_classes}: a {kind} classifier needs >= {minimum}.")
     self.backbone = txl.TransformerXL(self.config)
-    self.cls_head = PooledHead(self.config, self.num_classes, self.config.dropout)
+    self.cls_head = PooledHead(self.config, self.num_classes, self.config.dropout,
+                               self.config.pooling)
 
   def __call__(self, tokens: jax.Array, token_mask: jax.Array | None = None,
                token_types: jax.Array | None = None, *, deterministic: bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """tokens int [B, Q] -> (logits float32 [B, C], {"hidden": [B, Q, d], "pooled": [B, d]})."""
     hidden, _ = self.backbone(tokens, None, token_mask, token_types, deterministic=deterministic)
-    logits, pooled = self.cls_head(hidden, deterministic)
+    logits, pooled = self.cls_head(hidden, deterministic, token_mask)
     return logits, {"hidden": hidden, "pooled": pooled}
 
 

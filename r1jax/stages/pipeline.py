@@ -52,6 +52,8 @@ import ml_collections
 
 from r1jax import configlib
 from r1jax import run_dir
+from r1jax.data import sources
+from r1jax.data import task as task_lib
 from r1jax.stages import pipeline_report
 from r1jax.stages import pipeline_stages
 
@@ -67,6 +69,8 @@ SOURCE_CHOICES = {
 IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
                 "checkpoint.sigterm_grace_secs")
 DIR_TOKEN = "$DIR"
+# The pipeline-level task keys (config.task.*) applied to every stage that reads the task.
+TASK_KEYS = ("train", "dev", "test", "text_field", "label_field")
 
 
 class PipelineError(ValueError):
@@ -147,6 +151,16 @@ def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str, *,
   def file_in(stage, *parts):
     return "" if stand_in else os.path.join(d(stage), *parts)
 
+  task = task_overrides(config)
+  if name in ("finetune_general", "finetune_domain"):
+    cfg.task.update(task)
+  elif name == "tune" and "task" in cfg.base:
+    cfg.base.task.update(task)
+  elif name == "data_domain":
+    cfg.data.inputs = domain_inputs(config)
+    if task.get("text_field"):
+      cfg.data.text_field = task["text_field"]
+
   if name == "pretrain_general":
     cfg.data.corpus = os.path.join(d("data_general"), "data", "clean")
     train_tok = config.pipeline.data_general.tokenizer.train
@@ -164,6 +178,40 @@ def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str, *,
   elif name in SOURCE_CHOICES:
     cfg.init_from = d(config.sources[name])
   return cfg
+
+
+def task_overrides(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The pipeline-level task keys the user set ({} = every stage keeps its own task). With your
+  own train split, an unset dev/test split is "" (carved from train / reported on dev), never the
+  embedded task's."""
+  out = {k: v for k, v in (config.get("task") or {}).items() if k in TASK_KEYS and v}
+  if out.get("train"):
+    out.setdefault("dev", "")
+    out.setdefault("test", "")
+  return out
+
+
+def effective_task(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The task section the finetuning stages train on: finetune_domain's, with the overrides."""
+  task = copy.deepcopy(config.pipeline.finetune_domain.task)
+  task.update(task_overrides(config))
+  return task
+
+
+def domain_inputs(config: ml_collections.ConfigDict) -> str:
+  """data_domain's inputs: the domain corpus, plus (tapt) the task's train and dev splits.
+
+  The domain corpus is `config.domain_corpus`, else data_domain's own inputs (the embedded FOLDOC
+  corpus) when the task is the embedded one, else none. The test split is never added.
+  """
+  own_task = bool(task_overrides(config).get("train"))
+  corpus = config.get("domain_corpus") or ("" if own_task else
+                                           config.pipeline.data_domain.data.inputs)
+  parts = [p.strip() for p in corpus.split(",") if p.strip()]
+  if config.get("tapt", False):
+    task = effective_task(config)
+    parts += [spec for spec in (task.train, task.dev) if spec and spec not in parts]
+  return ",".join(parts)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -216,6 +264,33 @@ def _problems(message: str) -> list[str]:
   return [f"config: {message}"]
 
 
+def _check_data(config: ml_collections.ConfigDict, chosen: Sequence[str],
+                v: configlib.Validator) -> None:
+  """The task and the domain text, read before any stage runs: a task a classifier cannot learn
+  from (one class, a dev/test label never seen in train, no usable rows) or no domain text is a
+  one-line error now, not a traceback after pretraining."""
+  if "data_domain" in chosen:
+    if not domain_inputs(config):
+      v.add("domain_corpus", f"your task (task.train={config.task.train!r}) comes with no domain "
+            "text: name unlabelled text with --config.domain_corpus=PATHS, or set tapt=True to "
+            "pretrain on the task's own train and dev text.")
+    text_field = task_overrides(config).get("text_field", "text")
+    for spec in filter(None, (p.strip() for p in str(config.domain_corpus).split(","))):
+      try:
+        empty = not any(str(r.get("text") or "").strip()
+                        for r in sources.read_records(spec, text_field=text_field))
+      except (ValueError, OSError) as e:
+        v.add("domain_corpus", f"{spec!r}: {e}")
+        continue
+      v.require(not empty, "domain_corpus", f"{spec!r} holds no non-empty documents (field "
+                f"{text_field!r}); name a file with text, or drop it and rely on tapt=True.")
+  if any(n in chosen for n in ("finetune_general", "finetune_domain", "tune")):
+    try:
+      task_lib.load_task(effective_task(config))
+    except (ValueError, OSError) as e:
+      v.add("task", str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
              process_count: int | None = None) -> configlib.Validator:
   """Pipeline keys, the selection, and every selected stage's config; one ConfigError for all."""
@@ -230,6 +305,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   v.positive_int("report.max_points")
   for name, choices in SOURCE_CHOICES.items():
     v.choice(f"sources.{name}", choices)
+  for key in TASK_KEYS:
+    v.string(f"task.{key}")
+  stray = [k for k in TASK_KEYS[1:] if (config.get("task") or {}).get(k)]
+  v.require(not stray or bool(config.task.get("train")), "task.train",
+            f"is empty while task.{stray[0] if stray else ''} is set: name your training split "
+            "too (the embedded task's splits and yours do not mix).")
+  v.string("domain_corpus")
+  v.boolean("tapt")
   missing = [s for s in pipeline_stages.STAGES if s not in config.get("pipeline", {})]
   v.require(not missing, "pipeline", f"lacks the stage configs {missing}; build the config with "
             "configs/pipeline.py.")
@@ -239,6 +322,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   except configlib.ConfigError as e:
     v.add("stages", str(e))
     v.raise_if_any("pipeline config")
+  _check_data(config, chosen, v)
+  v.raise_if_any("pipeline config")
   kwargs = {k: x for k, x in (("num_devices", num_devices), ("process_count", process_count))
             if x is not None}
   stand_in = tempfile.gettempdir()

@@ -60,6 +60,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.int_at_least("data.max_predictions", 1, allow=(-1,))
     v.boolean("data.whole_word")
     v.boolean("data.nsp")
+    if v.boolean("data.pack") and config.data.get("nsp"):
+      v.add("data.pack", "True needs data.nsp=False (a packed row holds several documents, so "
+            "there are no next-segment pairs); set --config.data.nsp=False.")
     v.string("data.corpus")
     v.choice("data.tokenizer_type", tokenizer_lib.MODEL_TYPES)
     tok = v.string("data.tokenizer")
@@ -130,11 +133,15 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 
 
 def estimate_steps_per_epoch(texts: list[str], tok: tokenizer_lib.Tokenizer, *, seq_len: int,
-                             batch_size: int, nsp: bool) -> int:
+                             batch_size: int, nsp: bool, pack: bool = False) -> int:
   """Steps for one pass over `texts`: each row takes one document at a time, ~0.75 (NSP: a true
-  pair consumes A and B, a random pair only A) or all of its seq_len - 2 content slots per step."""
+  pair consumes A and B, a random pair only A) or all of its seq_len - 2 content slots per step;
+  packed rows fill those slots with documents and one separator after each."""
+  lengths = [len(ids) for ids in tok.sp.encode(texts)]
+  if pack:
+    return max(1, math.ceil(sum(n + 1 for n in lengths) / (seq_len - 2) / batch_size))
   per_step = 0.75 * (seq_len - 3) if nsp else seq_len - 2
-  row_steps = sum(max(1, math.ceil(len(ids) / per_step)) for ids in tok.sp.encode(texts))
+  row_steps = sum(max(1, math.ceil(n / per_step)) for n in lengths)
   return max(1, math.ceil(row_steps / batch_size))
 
 
@@ -143,7 +150,8 @@ def _batches(config, texts, tok, *, seq_len, seed, knowledge):
   return pretraining.pretrain_iterator(
       texts, tok, seq_len=seq_len, batch_size=config.train.batch_size, seed=seed,
       mlm_prob=d.mlm_prob, max_predictions=None if d.max_predictions == -1 else d.max_predictions,
-      whole_word=d.whole_word, nsp=d.nsp, knowledge_path=knowledge, kg_seq_len=d.kg_seq_len,
+      whole_word=d.whole_word, nsp=d.nsp, pack=d.get("pack", False), knowledge_path=knowledge,
+      kg_seq_len=d.kg_seq_len,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=d.worker_count)
 
@@ -176,7 +184,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = None
   if num_steps == -1:
     steps_per_epoch = estimate_steps_per_epoch(train_texts, tok, seq_len=seq_len,
-                                               batch_size=batch_size, nsp=config.data.nsp)
+                                               batch_size=batch_size, nsp=config.data.nsp,
+                                               pack=config.data.get("pack", False))
     num_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
     logging.info("num_steps=%d (%.2f epochs x ~%d steps/epoch)", num_steps,
                  config.train.num_epochs, steps_per_epoch)

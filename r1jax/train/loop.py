@@ -135,7 +135,7 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
   get_data_state = getattr(train_iter, "get_state", None)
   started = time.time()
   clock = None          # throughput clock: starts once the first step (compilation) is done
-  clock_steps = clock_tokens = 0
+  clock_steps = clock_tokens = clock_slots = 0
   process_count = jax.process_count()
 
   def flush() -> None:
@@ -203,6 +203,8 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
         clock_steps += len(batches)
         clock_tokens += sum(options.tokens_per_step or steps_lib.tokens_in(b) * process_count
                             for b in batches)
+        clock_slots += sum(np.size(b["tokens"]) * process_count for b in batches
+                           if "token_mask" in b and "tokens" in b)
       is_last = step == options.num_steps
       is_log = step % options.log_every == 0 or is_last
       is_eval = evaluate is not None and (is_last or (options.eval_every and
@@ -223,13 +225,19 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
           record["steps_per_sec"] = clock_steps / elapsed
           if options.flops_per_step and options.peak_flops:
             record["mfu"] = options.flops_per_step * clock_steps / elapsed / options.peak_flops
+          if clock_slots and not options.tokens_per_step:
+            # Share of the token positions holding a real token (the rest is padding), and the
+            # MFU counting only those: the figure that says how much of the step was useful.
+            record["real_token_fraction"] = clock_tokens / clock_slots
+            if "mfu" in record:
+              record["mfu_real_tokens"] = record["mfu"] * record["real_token_fraction"]
         record["nonfinite_skips"] = loop.nonfinite_skips
         writer.write(step, "train", record)
         loop.last_train = dict(record, step=step)
         bar.update_to(step, loss=record.get("loss", math.nan),
                       tok_s=record.get("tokens_per_sec", 0.0))
         loop.window, loop.window_steps = {}, 0
-        clock, clock_steps, clock_tokens = time.time(), 0, 0
+        clock, clock_steps, clock_tokens, clock_slots = time.time(), 0, 0, 0
 
       eval_loss = None
       if is_eval:
