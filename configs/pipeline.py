@@ -12,6 +12,8 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
     # Any key of any stage: --config.pipeline.<stage>.<key>=VALUE, e.g.
     ... --config.pipeline.pretrain_general.train.num_steps=1000 \
         --config.pipeline.data_general.data.inputs=corpus/*.jsonl
+    # Everything within 30 minutes (steps and epochs sized from the measured step rates):
+    ... --config.budget_minutes=30
     # Quantize the distilled student instead of the finetuned model:
     ... --config.sources.quantize=distill
 
@@ -130,6 +132,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Task-adaptive pretraining: the domain corpus also gets the task's train and dev text (never its
   # test text), so domain pretraining sees the task's own language.
   config.tapt = True
+  # Wall-clock budget of the whole run in minutes (0 = none): each training stage gets a share of
+  # what is left when it starts and sizes its steps from its step rate measured at start-up
+  # (train.time_budget_minutes); stages finished before keep their results.
+  config.budget_minutes = 0.0
   # Which earlier stage each compression stage starts from (its init_from).
   config.sources = ml_collections.ConfigDict(dict(
       tune="pretrain_domain",      # the pretraining run whose finetuning is tuned

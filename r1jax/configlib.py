@@ -23,7 +23,7 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -114,9 +114,17 @@ def model_section(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
   return section
 
 
-def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model fields a config sets explicitly (not None), for `get_variant(variant, **overrides)`."""
-  return {k: model_cfg[k] for k in MODEL_OVERRIDES if k in model_cfg and model_cfg[k] is not None}
+def model_overrides(model_cfg: ml_collections.ConfigDict,
+                    pretrained: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The model fields a config sets explicitly (not None), for `get_variant(variant, **overrides)`,
+  plus the architecture fields `pretrained` ({field: value} of the init_from run,
+  `run_dir.architecture_of`) sets and the config does not: a run that starts from another one's
+  weights gets its shapes whatever variant it names."""
+  out = {k: model_cfg[k] for k in MODEL_OVERRIDES if k in model_cfg and model_cfg[k] is not None}
+  for name, value in (pretrained or {}).items():
+    if name in run_dir.ARCHITECTURE_FIELDS and name not in out and value is not None:
+      out[name] = value
+  return out
 
 
 def train_section(**values: Any) -> ml_collections.ConfigDict:
@@ -142,6 +150,9 @@ def train_section(**values: Any) -> ml_collections.ConfigDict:
       log_every_steps=10,
       peak_flops=0.0,          # accelerator peak FLOP/s for MFU (all devices); 0 = table/measure
       progress_bar=True,
+      time_budget_minutes=0.0,  # > 0: fewer steps when the step rate measured at the start says
+                                # num_steps would not fit (evals included); training also stops,
+                                # checkpointed, at 1.25x this. 0 = no budget
   ))
   section.update(values)
   return section
@@ -433,6 +444,8 @@ def validate_training(config: ml_collections.ConfigDict, *, num_devices: int | N
   v.positive_int("train.log_every_steps")
   v.number_in("train.peak_flops", 0.0, 1e30)
   v.boolean("train.progress_bar")
+  if "time_budget_minutes" in config.get("train", {}):
+    v.number_in("train.time_budget_minutes", 0.0, 1e6)
 
   # Mesh vs devices and batch vs data parallelism.
   mesh_shape = None

@@ -4,6 +4,7 @@ progressive unfreezing, a killed run resumes in the right phase, bad input fails
 FOLDOC beats the majority class after general and domain-adapted pretraining."""
 import json
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -21,6 +22,7 @@ from r1jax.model import transformer_xl as txl
 from r1jax.stages import finetune
 from r1jax.stages import pretrain
 from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import loop as loop_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = {"model.d_model": 32, "model.n_layer": 2, "model.n_head": 2, "model.d_head": 16,
@@ -295,6 +297,25 @@ def test_multilabel_synthetic_task_learns(tmp_path, tokenizer_path):
   assert test["accuracy"] >= 0.5  # exact match of the whole label set
   assert summary["linear_baseline"]["test"]["micro_f1"] >= 0.85  # one-vs-rest TF-IDF + LR
   assert summary["schedule"] == "full" and summary["frozen_params"] == 0
+
+
+def test_time_budget_cuts_the_planned_steps_and_phases_follow(tmp_path, tokenizer_path):
+  """a_then_b planned for 50,000 steps with a 24-second budget: the measured step rate sizes the
+  run to the time left, the phases split the budgeted steps, training ends within the hard stop,
+  and the summary records the decision."""
+  config = synthetic_config(tmp_path, tokenizer_path, init_from="", **{
+      "train.num_steps": 50_000, "train.time_budget_minutes": 0.4,
+      "report.linear_baseline": False, "eval.every_steps": 40, "checkpoint.every_steps": 40,
+      "train.log_every_steps": 20})
+  started = time.time()
+  summary = finetune.run(config, str(tmp_path / "run"))
+  budget = summary["budget"]
+  assert budget["planned_steps"] == 50_000 and 2 <= budget["num_steps"] < 50_000
+  assert summary["num_steps"] == budget["num_steps"]
+  assert summary["phases"][0]["planned_end_step"] == budget["num_steps"] // 2
+  assert summary["phases"][-1]["end_step"] <= budget["num_steps"]
+  # The hard stop, plus the final evaluation, latency and report.
+  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 15.0
 
 
 def test_early_stopping_on_forced_plateau_restores_best(tmp_path, tokenizer_path):

@@ -418,6 +418,30 @@ def test_mean_pooling_reads_the_real_tokens_only():
     _config(pooling="max")
 
 
+def test_ngram_bag_hashes_real_tokens_and_pairs_only():
+  tokens = np.array([[2, 7, 9, 3, 0, 0], [2, 7, 9, 7, 9, 3]], np.int32)
+  mask = tokens != 0
+  ids, valid = heads.ngram_ids(tokens, mask, 101)
+  ids, valid = np.asarray(ids), np.asarray(valid)
+  assert ids.shape == valid.shape == (2, 11) and ids.min() >= 0 and ids.max() < 101
+  assert valid[0].tolist() == [True] * 4 + [False] * 2 + [True] * 3 + [False] * 2
+  # The same n-gram hashes to the same bucket wherever it is: "7 9" twice in row 1, once in row 0.
+  assert ids[1, 6 + 1] == ids[1, 6 + 3] == ids[0, 6 + 1]
+  assert ids[0, 1] == ids[1, 1] == ids[1, 3]
+  model = heads.Classifier(_config(pooling="mean", ngram_buckets=101), num_classes=3)
+  variables = model.init(jax.random.key(0), tokens)
+  table = variables["params"]["cls_head"]["ngram_emb"]
+  assert table.value.shape == (101, _config().d_model) and table.names == ("vocab", "embed")
+  params = nn.unbox(variables["params"])
+  logits, _ = model.apply({"params": params}, tokens, mask)
+  padded = np.concatenate([tokens, np.zeros((2, 3), np.int32)], axis=1)
+  again, _ = model.apply({"params": params}, padded, padded != 0)
+  np.testing.assert_allclose(np.asarray(again), np.asarray(logits), rtol=1e-5, atol=1e-5)
+  params["cls_head"]["ngram_emb"] = params["cls_head"]["ngram_emb"] * 2
+  assert not np.allclose(np.asarray(model.apply({"params": params}, tokens, mask)[0]),
+                         np.asarray(logits))
+
+
 def test_bad_input_raises():
   with pytest.raises(ValueError, match=r"variant 'huge'.*tiny, small, base"):
     txl.get_variant("huge")

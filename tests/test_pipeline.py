@@ -104,6 +104,8 @@ def test_default_selection_and_order():
      r"fix with --config.<key>=<value>:\n  pipeline.pretrain_general.train.learning_rate: -1.0 "
      r"is outside"),
     ({"init_from": "/nonexistent/pretrain"}, r"init_from: '/nonexistent/pretrain' is not a dir"),
+    ({"budget_minutes": 3.0}, r"budget_minutes: 3 is too small to train anything: the 10 selected "
+                              r"stages need at least 5 minutes"),
 ])
 def test_bad_configs_are_refused_up_front(overrides, message):
   with pytest.raises(configlib.ConfigError, match=message):
@@ -177,6 +179,24 @@ def test_bad_task_or_domain_text_is_refused_before_anything_runs(tmp_path, case,
   with pytest.raises(configlib.ConfigError, match=message):
     pipeline.run(_config(**overrides), str(wd))
   assert not wd.exists() or not os.listdir(wd)
+
+
+def test_budget_shares_the_time_left_among_the_stages_still_to_run():
+  config = _config(budget_minutes=30.0)
+  order = pipeline.selected_stages(config)
+  rest = order[order.index("pretrain_general"):]
+  weights = sum(pipeline.BUDGET_WEIGHTS[s] for s in rest)
+  first = pipeline.stage_minutes(config, "pretrain_general", 60.0, rest)
+  assert first == pytest.approx(29.0 * pipeline.BUDGET_WEIGHTS["pretrain_general"] / weights)
+  # A stage that starts late gets its share of what is left, never of the whole budget.
+  late = pipeline.stage_minutes(config, "finetune_domain", 25 * 60.0, order[-4:])
+  assert late < 5.0 * pipeline.BUDGET_WEIGHTS["finetune_domain"] / sum(
+      pipeline.BUDGET_WEIGHTS[s] for s in order[-4:]) + 1e-9
+  assert pipeline.stage_minutes(config, "finetune_domain", 40 * 60.0, order[-4:]) == 0.05
+  # Stages that do not size their training, and runs without a budget, get none.
+  assert pipeline.stage_minutes(config, "quantize", 60.0, ["quantize"]) is None
+  assert pipeline.stage_minutes(config, "data_general", 0.0, order) is None
+  assert pipeline.stage_minutes(_config(), "pretrain_general", 0.0, order) is None
 
 
 def test_init_from_replaces_general_pretraining(tmp_path):
@@ -279,6 +299,25 @@ def test_report_of_an_empty_workdir(tmp_path):
   paths = pipeline_report.write_report(str(tmp_path), {"variant": "tiny"})
   text = open(paths["markdown"]).read()
   assert "stages finished: 0 of 11" in text and paths["loss_curves"] is None
+
+
+@pytest.mark.slow
+def test_budget_minutes_bounds_the_run(tmp_path):
+  """A run planned for 100,000 pretraining steps with budget_minutes=1: the measured step rate
+  sizes the pretraining to what is left after the data stage, and the whole run ends in time."""
+  config = _small_config(tmp_path, **{
+      "budget_minutes": 1.0, "pipeline.pretrain_general.train.num_steps": 100_000,
+      "pipeline.pretrain_general.train.log_every_steps": 50,
+      "pipeline.pretrain_general.eval.every_steps": 500,
+      "pipeline.pretrain_general.checkpoint.every_steps": 500,
+      "stages": "data_general,pretrain_general"})
+  started = time.time()
+  pipeline.run(config, str(tmp_path / "run"))
+  wall = time.time() - started
+  summary = run_dir.read_json(str(tmp_path / "run" / "pretrain_general" / "summary.json"))
+  assert 50 < summary["num_steps"] < 100_000
+  # The budget, plus the hard stop's margin on the training share, plus the final report.
+  assert wall < 60.0 * 1.25 + 15.0, wall
 
 
 # --------------------------------------------------------------------------------------------------

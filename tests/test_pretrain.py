@@ -17,6 +17,7 @@ from r1jax.data import builtin
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import pretrain
 from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import loop as loop_lib
 from r1jax.train import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,12 +121,40 @@ def test_preempted_run_resumes_exactly(straight, tokenizer_path, tmp_path):
   _assert_params_equal(_final_params(resumed), _final_params(workdir))
 
 
+def test_time_budget_sizes_the_run_from_the_measured_step_rate(tokenizer_path, tmp_path):
+  """A run planned for far more steps than its budget holds: the step rate measured at the start
+  cuts num_steps, training stops inside the budget's hard stop, and a rerun keeps the decision."""
+  config = tiny_config(tokenizer_path, num_steps=200_000, warmup_steps=10, log_every_steps=20,
+                       time_budget_minutes=0.25)
+  config.eval.every_steps = 50
+  config.checkpoint.every_steps = 50
+  workdir = str(tmp_path / "budget")
+  summary = pretrain.run(config, workdir)
+  budget = json.load(open(os.path.join(workdir, "config.json")))["resolved"]["budget"]
+  # What the 15 s left after start-up and the rate measurement hold (on a busy machine, little).
+  assert budget["planned_steps"] == 200_000 and budget["secs_left"] < 15.0
+  assert budget["num_steps"] == max(1, int(budget["steps_per_sec"] * max(budget["secs_left"], 0)
+                                           * loop_lib.BUDGET_TRAIN_SHARE))
+  assert summary["num_steps"] == budget["num_steps"] < 200_000
+  # Within the hard stop (1.25 x 15 s) plus the final eval and checkpoint.
+  assert summary["wall_secs"] < 15.0 * loop_lib.BUDGET_HARD_STOP + 5.0, summary["wall_secs"]
+  assert summary["status"] == "complete" or summary["stopped_by"] == "time_budget"
+  assert loop_lib.budget_steps(config, workdir, 200_000, lambda: 1e9) == (
+      budget["num_steps"], budget)  # a rerun reuses the first decision, measures nothing
+
+
 def test_init_from_starts_from_other_runs_params(straight, tokenizer_path, tmp_path):
   workdir, _ = straight
   config = tiny_config(tokenizer_path, num_steps=2, learning_rate=1e-12, warmup_steps=0)
   config.data.tokenizer = ""  # taken from init_from
   config.init_from = workdir
   config.eval.every_steps = 0
+  # The model it starts from sets the architecture: the tiny variant's own sizes (d_model 64,
+  # 2 layers) would not fit the 32-wide, 1-layer checkpoint.
+  for field in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
+    config.model[field] = None
+  inherited = pretrain.model_config(config)
+  assert (inherited.n_layer, inherited.d_model, inherited.d_inner) == (1, 32, 64)
   dapt = str(tmp_path / "dapt")
   pretrain.run(config, dapt)
   with open(os.path.join(dapt, "tokenizer.model"), "rb") as a, open(tokenizer_path, "rb") as b:

@@ -165,6 +165,28 @@ def test_on_eval_hook_can_stop(engine, tmp_path):
   assert [s for s, _ in seen] == [3, 6] and result.step == 6 and result.loop.stopped_early
 
 
+def test_deadline_stops_evaluated_and_checkpointed(engine, tmp_path, monkeypatch):
+  """Past the deadline the loop stops like early stopping: one more eval, a checkpoint, and the
+  reason recorded; before it, nothing changes."""
+  clock = {"now": 1000.0}
+  monkeypatch.setattr(loop.time, "time", lambda: clock["now"])
+  evals = []
+
+  def evaluate(params):
+    evals.append(1)
+    clock["now"] += 10.0  # each eval "takes" 10 s: the third one passes the deadline
+    return {"loss": 1.0 / len(evals)}
+
+  result, ckpt = _fit(engine, tmp_path, Batches(), evaluate=evaluate, num_steps=100,
+                      eval_every=2, checkpoint_every=50, deadline=1025.0)
+  assert result.loop.stopped_early and result.loop.stop_reason == "time_budget"
+  # Evals at 2, 4, 6 (the clock reads 1030 after it); step 7 is the first past the deadline.
+  assert result.step == 7 and len(evals) == 4
+  assert ckpt.latest_step() == 7
+  ckpt.close()
+  assert loop.deadline_of(_loop_config(4, 8, 0), 50.0) == 0.0
+
+
 def test_several_steps_per_call_log_and_checkpoint_like_one(engine, engine3, tmp_path):
   """steps_per_call=3: calls stop at every log/checkpoint point; same records, same checkpoints."""
   _, ckpt1 = _fit(engine, tmp_path / "one", Batches())

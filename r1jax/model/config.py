@@ -81,6 +81,9 @@ class TransformerXLConfig:
                                   # drawn per group).
   pooling: str = "cls"            # classifier head input: "cls" = the first position's state,
                                   # "mean" = the mean over real tokens (NSP always reads cls).
+  ngram_buckets: int = 0          # classifier only: > 0 adds a bag of hashed token 1- and
+                                  # 2-grams (this many embedding rows, fastText-style) to the
+                                  # head's input; 0 = none.
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -90,7 +93,7 @@ class TransformerXLConfig:
     if self.d_model % 2:
       raise ValueError(f"TransformerXLConfig.d_model={self.d_model}: must be even (the sinusoid "
                        "position table is a sin half and a cos half).")
-    for name in ("mem_len", "n_token_types"):
+    for name in ("mem_len", "n_token_types", "ngram_buckets"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
         raise ValueError(f"TransformerXLConfig.{name}={value!r}: must be an integer >= 0.")

@@ -113,6 +113,24 @@ def mean_pool(hidden: jax.Array, token_mask: jax.Array | None) -> jax.Array:
   return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
 
 
+# Multipliers of the n-gram hash (odd, so that each is a bijection of uint32).
+_NGRAM_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+
+
+def ngram_ids(tokens: jax.Array, token_mask: jax.Array | None, buckets: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """tokens int [B, Q] -> (bucket ids int32 [B, 2Q - 1], valid bool [B, 2Q - 1]): each token's
+  unigram, then each adjacent pair's bigram, hashed into [0, buckets)."""
+  t = jnp.asarray(tokens).astype(jnp.uint32)
+  m1, m2, m3 = (jnp.uint32(x) for x in _NGRAM_MULTIPLIERS)
+  uni = t * m1
+  bi = t[:, :-1] * m2 + t[:, 1:] * m3 + jnp.uint32(1)
+  ids = (jnp.concatenate([uni, bi], axis=1) >> 7) % jnp.uint32(buckets)
+  mask = (jnp.ones(t.shape, bool) if token_mask is None else jnp.asarray(token_mask, bool))
+  valid = jnp.concatenate([mask, mask[:, :-1] & mask[:, 1:]], axis=1)
+  return ids.astype(jnp.int32), valid
+
+
 class PooledHead(nn.Module):
   """pooled = tanh(dense(h[:, 0] or mean(h))); logits = dense(dropout(pooled))."""
   config: txl.TransformerXLConfig
@@ -122,11 +140,19 @@ class PooledHead(nn.Module):
 
   @nn.compact
   def __call__(self, hidden: jax.Array, deterministic: bool = True,
-               token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               token_mask: jax.Array | None = None, tokens: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """hidden [B, Q, d] (token_mask bool [B, Q] for mean pooling) -> (logits float32
     [B, num_outputs], pooled [B, d])."""
     cfg = self.config
     summary = mean_pool(hidden, token_mask) if self.pooling == "mean" else hidden[:, 0]
+    if tokens is not None and cfg.ngram_buckets:
+      ids, valid = ngram_ids(tokens, token_mask, cfg.ngram_buckets)
+      table = self.param("ngram_emb", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)),
+          (cfg.ngram_buckets, cfg.d_model), cfg.param_dtype)
+      bag = jnp.take(jnp.asarray(table, hidden.dtype), ids, axis=0)          # [B, 2Q-1, d]
+      summary = summary + mean_pool(bag, valid)
     pooled = jnp.tanh(txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "pooler")(
         summary))
     x = txl.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
@@ -231,7 +257,7 @@ class Classifier(nn.Module):
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """tokens int [B, Q] -> (logits float32 [B, C], {"hidden": [B, Q, d], "pooled": [B, d]})."""
     hidden, _ = self.backbone(tokens, None, token_mask, token_types, deterministic=deterministic)
-    logits, pooled = self.cls_head(hidden, deterministic, token_mask)
+    logits, pooled = self.cls_head(hidden, deterministic, token_mask, tokens)
     return logits, {"hidden": hidden, "pooled": pooled}
 
 

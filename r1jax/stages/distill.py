@@ -13,6 +13,7 @@ student as DIR/artifact/, measures teacher and student on the test split, export
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -88,6 +89,7 @@ def student_spec(config: ml_collections.ConfigDict, teacher: spec_lib.Classifier
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  started = time.time()
   src = stage_lib.load_source(config)
   t_spec = stage_lib.prepare_workdir(workdir, src.spec)
   s_spec, mapping = student_spec(config, t_spec)  # errors before anything is compiled
@@ -134,6 +136,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       config, workdir, engine=engine, train_iter=stage_lib.train_iterator(config, t_spec, data),
       init_state=init_state, num_steps=num_steps,
       evaluate=stage_lib.dev_evaluator(config, t_spec, data, engine),
+      deadline=loop_lib.deadline_of(config, started),
       summary_extra={"layer_map": mapping, "student_init": init_info or None, **counts})
 
   restored, step = ckpt_lib.restore_params(

@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
@@ -134,10 +135,7 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
   """The classifier's TransformerXLConfig: variant + this config's overrides, then the
   architecture fields `pretrained` ({field: value} from the init_from run) sets and this config
   does not, then `vocab_size` (the tokenizer's)."""
-  overrides = configlib.model_overrides(config.model)
-  for name, value in (pretrained or {}).items():
-    if name in run_dir.ARCHITECTURE_FIELDS and name not in overrides and value is not None:
-      overrides[name] = value
+  overrides = configlib.model_overrides(config.model, pretrained)
   if vocab_size is not None:
     overrides["vocab_size"] = vocab_size
   return txl.get_variant(config.model.variant, **overrides)
@@ -266,6 +264,7 @@ class _Context:
   total_steps: int
   saved_shapes: dict[str, tuple[int, ...]]  # init_from's parameter shapes ({} from scratch)
   on_eval: Callable[[int, dict[str, float]], bool] | None = None  # loop.fit's hook, every phase
+  started: float = 0.0                       # time.time() at the start (time budget's deadline)
 
 
 def _batches(ctx: _Context, records, *, train: bool, seed: int = 0, batch_size: int | None = None,
@@ -371,7 +370,8 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
       num_steps=end, log_every=cfg.train.log_every_steps, eval_every=cfg.eval.every_steps,
       checkpoint_every=cfg.checkpoint.every_steps, early_stopping_patience=phase.patience,
       skip_nonfinite=cfg.train.skip_nonfinite, progress_bar=cfg.train.progress_bar,
-      sigterm_grace_secs=cfg.checkpoint.sigterm_grace_secs)
+      sigterm_grace_secs=cfg.checkpoint.sigterm_grace_secs,
+      deadline=loop_lib.deadline_of(cfg, ctx.started))
   result, _ = loop_lib.resume_and_fit(
       cfg, engine=engine, init_state=init_state, options=options, evaluate=evaluate,
       train_iter=_batches(ctx, ctx.task.train.records, train=True,
@@ -386,6 +386,7 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
       "start_step": start, "end_step": step, "planned_end_step": end,
       "best_step": loop.best_step if loop.best_step is not None else step,
       "best_eval_loss": loop.best_eval_loss, "stopped_early": loop.stopped_early,
+      "stopped_by": loop.stop_reason or None,
       "last_eval": loop.last_eval, "rules": [[p, v] for p, v in rules],
       "trainable_params": counts["trainable"], "frozen_params": counts["frozen"],
       "total_params": counts["total"], "head_learning_rate": cfg.train.learning_rate,
@@ -456,6 +457,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _run(config: ml_collections.ConfigDict, workdir: str,
          on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+  started = time.time()
   init_from = os.path.expanduser(config.init_from) if config.init_from else ""
   saved_shapes, init_step, arch = {}, None, {}
   if init_from:
@@ -498,7 +500,21 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh_lib.make_mesh(config.mesh)
   ctx = _Context(config=config, workdir=workdir, model=model, mcfg=mcfg, task=task, tok=tok,
                  seq_len=seq_len, mesh=mesh, abstract_params=abstract_params, total_steps=total,
-                 saved_shapes=saved_shapes, on_eval=on_eval)
+                 saved_shapes=saved_shapes, on_eval=on_eval, started=started)
+
+  def step_rate() -> float:
+    # The last phase trains the most parameters: its rate bounds every phase's.
+    engine, _, _ = _build_engine(ctx, plan[-1], 0, total)
+    probe = _batches(ctx, task.train.records, train=True, seed=config.seed + 7)
+    return loop_lib.measure_step_rate(engine, engine.init_state(jax.random.PRNGKey(0)), probe)
+
+  planned = total
+  total, budget = loop_lib.budget_steps(config, workdir, total, step_rate, started,
+                                        minimum=len(plan))  # a step for each phase
+  if total != planned:
+    plan = plan_phases(config, n_layer=mcfg.n_layer, total_steps=total,
+                       steps_per_epoch=steps_per_epoch)
+    ctx = dataclasses.replace(ctx, total_steps=total)
   # Check every phase's rules now (a rule matching nothing fails here, not hours later).
   for phase in plan:
     optim.assign_groups(abstract_params, phase_rules(phase, mcfg.n_layer, config.unfreeze))
@@ -508,6 +524,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     configlib.write_config_json(
         config, workdir, num_steps=total, steps_per_epoch=steps_per_epoch, seq_len=seq_len,
         vocab_size=tok.vocab_size, labels=list(task.labels.names), mesh=dict(mesh.shape),
+        budget=budget,
         phases=[dataclasses.asdict(p) for p in plan], model=dataclasses.asdict(mcfg) | {
             "dtype": str(mcfg.dtype), "param_dtype": str(mcfg.param_dtype)})
   logging.info("Finetuning %s (%d labels, %s) for %d steps, %d per epoch; phases %s.",
@@ -519,6 +536,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   for phase in plan:
     if start >= total:
       logging.info("No steps left for phase %s.", phase.name)
+      break
+    if previous is not None and previous.get("stopped_by") == "time_budget":
+      logging.warning("Time budget spent: phase %s does not run.", phase.name)
       break
     previous = run_phase(ctx, phase, start, previous)
     records.append(previous)
@@ -546,6 +566,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   summary = {
       "stage": "finetune",
       "status": "stopped_early" if final["stopped_early"] else "complete",
+      "stopped_by": final.get("stopped_by"), "budget": budget,
       "step": final["end_step"], "num_steps": total, "config_num_steps": config.train.num_steps,
       "init_from": config.init_from, "init_from_step": init_step,
       "model": config.model.variant, "schedule": config.schedule,

@@ -67,7 +67,21 @@ SOURCE_CHOICES = {
 }
 # Flattened config keys (fnmatch patterns) that do not change a stage's results.
 IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
-                "checkpoint.sigterm_grace_secs")
+                "checkpoint.sigterm_grace_secs",
+                # Set by budget_minutes from the time left: a resumed stage keeps its own decision.
+                "train.time_budget_minutes")
+# budget_minutes: each stage's weight in sharing the time left when it starts. Training stages get
+# their share as train.time_budget_minutes; the others' weights keep time for them.
+BUDGET_WEIGHTS = {"data_general": 0.02, "data_domain": 0.02, "pretrain_general": 0.33,
+                  "pretrain_domain": 0.25, "finetune_general": 0.12, "finetune_domain": 0.12,
+                  "compare": 0.01, "tune": 0.2, "distill": 0.06, "quantize": 0.03, "prune": 0.04}
+# The stages whose training honours train.time_budget_minutes (prune's sparsity ramp needs all
+# of its steps; tune's trials have their own count).
+BUDGETED = ("pretrain_general", "pretrain_domain", "finetune_general", "finetune_domain",
+            "distill")
+# The least budget per selected stage: start-up, compilation, evaluation and reports (measured on
+# the 2-core CPU: 10-40 s per stage at the tiny size).
+MIN_STAGE_MINUTES = 0.5
 DIR_TOKEN = "$DIR"
 # The pipeline-level task keys (config.task.*) applied to every stage that reads the task.
 TASK_KEYS = ("train", "dev", "test", "text_field", "label_field")
@@ -264,6 +278,23 @@ def _problems(message: str) -> list[str]:
   return [f"config: {message}"]
 
 
+def stage_minutes(config: ml_collections.ConfigDict, name: str, elapsed_secs: float,
+                  to_run: Sequence[str]) -> float | None:
+  """Minutes of `config.budget_minutes` for training stage `name` when it starts `elapsed_secs`
+  into the run: its weight's share of the time left among the stages still `to_run` (itself
+  included). None without a budget or for a stage outside BUDGETED."""
+  budget = float(config.get("budget_minutes", 0.0) or 0.0)
+  if budget <= 0 or name not in BUDGETED:
+    return None
+  left = budget * 60.0 - elapsed_secs
+  weights = sum(BUDGET_WEIGHTS[s] for s in to_run)
+  minutes = max(left, 0.0) / 60.0 * BUDGET_WEIGHTS[name] / weights
+  if minutes < 0.05:
+    logging.warning("Only %.1f s of budget_minutes=%.1f are left for %s: it trains for a few "
+                    "seconds.", left, budget, name)
+  return max(minutes, 0.05)
+
+
 def _check_data(config: ml_collections.ConfigDict, chosen: Sequence[str],
                 v: configlib.Validator) -> None:
   """The task and the domain text, read before any stage runs: a task a classifier cannot learn
@@ -313,6 +344,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             "too (the embedded task's splits and yours do not mix).")
   v.string("domain_corpus")
   v.boolean("tapt")
+  budget = v.number_in("budget_minutes", 0.0, 1e6)
   missing = [s for s in pipeline_stages.STAGES if s not in config.get("pipeline", {})]
   v.require(not missing, "pipeline", f"lacks the stage configs {missing}; build the config with "
             "configs/pipeline.py.")
@@ -323,6 +355,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.add("stages", str(e))
     v.raise_if_any("pipeline config")
   _check_data(config, chosen, v)
+  if budget:
+    least = MIN_STAGE_MINUTES * len(chosen)
+    v.require(budget >= least, "budget_minutes",
+              f"{budget:g} is too small to train anything: the {len(chosen)} selected stages need "
+              f"at least {least:g} minutes ({MIN_STAGE_MINUTES:g} each for start-up, compilation, "
+              "evaluation and reports); raise it or select fewer stages with --config.stages.")
   v.raise_if_any("pipeline config")
   kwargs = {k: x for k, x in (("num_devices", num_devices), ("process_count", process_count))
             if x is not None}
@@ -506,6 +544,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logging.info("[%d/%d] %s: skipped, %s (%s).", i, len(planned), item.name, item.reason,
                    item.directory)
       continue
+    minutes = stage_minutes(config, item.name, time.perf_counter() - started,
+                            [p.name for p in planned[i - 1:] if p.action == "run"])
+    if minutes is not None:
+      item.config.train.time_budget_minutes = minutes
+      logging.info("%s: %.2f minutes of budget_minutes=%g.", item.name, minutes,
+                   config.budget_minutes)
     logging.info("[%d/%d] %s: %s; %s -> %s", i, len(planned), item.name,
                  pipeline_stages.SPEC[item.name].description, item.reason, item.directory)
     run_stage(config, item, workdir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -37,6 +38,7 @@ from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import optim
+from r1jax.train import steps as steps_lib
 
 
 
@@ -99,8 +101,14 @@ def seq_len_of(config: ml_collections.ConfigDict) -> int:
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None
                  ) -> txl.TransformerXLConfig:
-  """The TransformerXLConfig: variant + overrides; segment types on for NSP pairs."""
-  overrides = configlib.model_overrides(config.model)
+  """The TransformerXLConfig: variant + overrides, then init_from's architecture fields the
+  config does not set (continued pretraining keeps the model it starts from); segment types on
+  for NSP pairs."""
+  pretrained = None
+  source = os.path.expanduser(config.get("init_from") or "")
+  if source and os.path.isdir(os.path.join(source, run_dir.CHECKPOINTS_DIR)):
+    pretrained = run_dir.architecture_of(source)
+  overrides = configlib.model_overrides(config.model, pretrained)
   if config.data.get("nsp", True) and "n_token_types" not in overrides:
     overrides["n_token_types"] = 2
   if vocab_size is not None:
@@ -168,6 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _run(config: ml_collections.ConfigDict, workdir: str,
          on_eval: Callable[[int, dict[str, float]], bool] | None) -> dict[str, Any]:
+  started = time.time()
   seq_len = seq_len_of(config)
   texts = pretraining.resolve_texts(config.data.corpus)
   train_texts, eval_texts = pretraining.split_documents(texts, config.data.eval_every_nth_doc)
@@ -197,13 +206,27 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     return variables["params"]
 
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  tx = optim.build_optimizer(config.train, abstract_params, num_steps=num_steps)
   mesh = mesh_lib.make_mesh(config.mesh)
-  engine = loop_lib.engine_for(
-      config, mesh=mesh, tx=tx, init_params=init_params, num_steps=num_steps,
-      loss_fn=losses.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
-                                      kg_weight=config.data.kg_weight),
-      init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)})
+
+  def make_engine(steps: int) -> steps_lib.Engine:
+    return loop_lib.engine_for(
+        config, mesh=mesh, num_steps=steps, init_params=init_params,
+        tx=optim.build_optimizer(config.train, abstract_params, num_steps=steps),
+        loss_fn=losses.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
+                                        kg_weight=config.data.kg_weight),
+        init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)})
+
+  engine = make_engine(num_steps)
+
+  def step_rate() -> float:
+    probe = _batches(config, train_texts, tok, seq_len=seq_len, seed=config.seed + 1,
+                     knowledge=knowledge)
+    return loop_lib.measure_step_rate(engine, engine.init_state(jax.random.PRNGKey(0)), probe)
+
+  planned = num_steps
+  num_steps, budget = loop_lib.budget_steps(config, workdir, num_steps, step_rate, started)
+  if num_steps != planned:
+    engine = make_engine(num_steps)
 
   def init_state():
     state = engine.init_state(jax.random.PRNGKey(config.seed))
@@ -230,13 +253,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     configlib.write_config_json(config, workdir, num_steps=num_steps, seq_len=seq_len,
                                 steps_per_epoch=steps_per_epoch, vocab_size=tok.vocab_size,
-                                mesh=dict(mesh.shape), num_params=n_params,
+                                mesh=dict(mesh.shape), num_params=n_params, budget=budget,
                                 train_docs=len(train_texts), eval_docs=len(eval_texts))
   logging.info("Pretraining %s model (%d params) for %d steps on mesh %s.", config.model.variant,
                n_params, num_steps, dict(mesh.shape))
   return loop_lib.train_and_evaluate(
       config, workdir, engine=engine, train_iter=train_iter, init_state=init_state,
       num_steps=num_steps, evaluate=evaluate, on_eval=on_eval, flops_per_step=flops,
+      deadline=loop_lib.deadline_of(config, started),
       summary_extra={"num_params": n_params, "model": config.model.variant,
                      "vocab_size": tok.vocab_size, "seq_len": seq_len,
                      "train_flops_per_step": flops,

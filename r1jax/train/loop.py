@@ -48,11 +48,14 @@ class LoopOptions:
   progress_bar: bool = True
   sigterm_grace_secs: float = 60.0
   max_pending: int = 50               # fetch metrics at least this often (bounds device memory)
+  deadline: float = 0.0               # time.time() at which training stops (evaluated and
+                                      # checkpointed, like early stopping); 0 = none
 
   @classmethod
   def from_config(cls, config: Any, *, num_steps: int, flops_per_step: float = 0.0,
-                  peak_flops: float = 0.0, tokens_per_step: int = 0) -> "LoopOptions":
-    return cls(num_steps=num_steps, log_every=config.train.log_every_steps,
+                  peak_flops: float = 0.0, tokens_per_step: int = 0,
+                  deadline: float = 0.0) -> "LoopOptions":
+    return cls(num_steps=num_steps, deadline=deadline, log_every=config.train.log_every_steps,
                eval_every=config.eval.every_steps, checkpoint_every=config.checkpoint.every_steps,
                early_stopping_patience=config.eval.early_stopping_patience,
                skip_nonfinite=config.train.skip_nonfinite, tokens_per_step=tokens_per_step,
@@ -71,6 +74,7 @@ class LoopState:
   evals_without_improvement: int = 0
   nonfinite_skips: int = 0
   stopped_early: bool = False
+  stop_reason: str = ""               # why stopped_early: early_stopping | on_eval | time_budget
   last_train: dict[str, Any] | None = None
   last_eval: dict[str, Any] | None = None
 
@@ -211,7 +215,10 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
                                                       step % options.eval_every == 0))
       is_ckpt = step % options.checkpoint_every == 0 or is_last
       preempt = watcher.should_stop(step)
-      if (is_log or is_eval or is_ckpt or preempt or
+      out_of_time = bool(options.deadline) and not is_last and time.time() >= options.deadline
+      if out_of_time:  # stop like early stopping: evaluated, checkpointed
+        is_eval, is_ckpt = evaluate is not None, True
+      if (is_log or is_eval or is_ckpt or preempt or out_of_time or
           sum(n for _, n, _ in pending) >= options.max_pending):
         flush()
 
@@ -253,17 +260,23 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
           loop.evals_without_improvement += 1
         logging.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
         stop = bool(on_eval(step, result)) if on_eval is not None else False
+        if stop:
+          loop.stop_reason = "on_eval"
         patience = options.early_stopping_patience
         if patience and loop.evals_without_improvement >= patience:
           logging.info("Early stopping at step %d: eval loss has not improved on %.4f (step %d) for "
                        "%d evals.", step, loop.best_eval_loss, loop.best_step, patience)
-          stop = True
+          stop, loop.stop_reason = True, "early_stopping"
         if stop:
           loop.stopped_early = True
         if improved or stop:
           is_ckpt = True
         clock = time.time()
 
+      if out_of_time and not loop.stopped_early:
+        logging.warning("Stopping at step %d of %d: the time budget (train.time_budget_minutes) "
+                        "is spent.", step, options.num_steps)
+        loop.stopped_early, loop.stop_reason = True, "time_budget"
       if is_ckpt or preempt:
         save(eval_loss)
         clock = time.time() if clock is not None else None
@@ -319,6 +332,71 @@ def steps_per_call(config: Any, platform: str | None = None) -> int:
   if common == 0:
     return MAX_AUTO_STEPS_PER_CALL
   return max(n for n in range(1, MAX_AUTO_STEPS_PER_CALL + 1) if common % n == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time budgets: steps sized from the measured step rate.
+
+# Share of a time budget the optimizer steps may take; evals and checkpoints take the rest.
+BUDGET_TRAIN_SHARE = 0.85
+# The loop stops at this multiple of the budget even if the measured rate was optimistic.
+BUDGET_HARD_STOP = 1.25
+
+
+def measure_step_rate(engine: steps_lib.Engine, state: TrainState,
+                      batches: Iterator[Mapping[str, Any]], *, min_secs: float = 2.0,
+                      max_calls: int = 8) -> float:
+  """Optimizer steps per second of `engine` on `batches`: one untimed call (compilation), then
+  calls of `steps_per_call` steps until `min_secs` pass (at most `max_calls`). `state` is used up
+  (its buffers may be donated): pass a throwaway one."""
+  per_call = max(1, getattr(engine, "steps_per_call", 1))
+
+  def call(state):
+    group = [next(batches) for _ in range(per_call)]
+    if per_call > 1:
+      state, metrics = engine.train_steps(state, group)
+    else:
+      state, metrics = engine.train_step(state, group[0])
+    jax.block_until_ready(metrics)
+    return state
+
+  state = call(state)
+  started, calls = time.perf_counter(), 0
+  while calls < max_calls and (calls == 0 or time.perf_counter() - started < min_secs):
+    state = call(state)
+    calls += 1
+  return calls * per_call / (time.perf_counter() - started)
+
+
+def budget_steps(config: Any, workdir: str, num_steps: int, measure: Callable[[], float],
+                 started: float | None = None, minimum: int = 1
+                 ) -> tuple[int, dict[str, Any] | None]:
+  """(num_steps, budget record): the planned steps, or fewer when what is left of
+  `train.time_budget_minutes` (the run began at `started`, a time.time(); None = now) cannot
+  hold them at the rate `measure()` returns (steps/s). A rerun in the same workdir reuses the
+  first attempt's decision (DIR/config.json `resolved.budget`), so the schedule and the phases
+  do not change on resume. Never fewer than `minimum` steps."""
+  minutes = float(config.train.get("time_budget_minutes", 0.0) or 0.0)
+  if minutes <= 0:
+    return num_steps, None
+  saved = ((run_dir.read_json(os.path.join(workdir, run_dir.CONFIG_FILE)) or {})
+           .get("resolved", {}).get("budget"))
+  if saved and saved.get("minutes") == minutes and saved.get("planned_steps") == num_steps:
+    return int(saved["num_steps"]), saved
+  rate = measure()
+  left = minutes * 60.0 - (time.time() - started if started is not None else 0.0)
+  fits = int(rate * max(left, 0.0) * BUDGET_TRAIN_SHARE)
+  steps = min(num_steps, max(minimum, fits))
+  logging.info("Time budget %.2f min at %.1f steps/s: %d of the %d planned steps%s.", minutes,
+               rate, steps, num_steps, "" if steps == num_steps else " (fewer, to fit)")
+  return steps, {"minutes": minutes, "steps_per_sec": rate, "secs_left": left,
+                 "planned_steps": num_steps, "num_steps": steps}
+
+
+def deadline_of(config: Any, started: float) -> float:
+  """The loop's hard stop for a run that started at `started` (time.time()); 0 = no budget."""
+  minutes = float(config.train.get("time_budget_minutes", 0.0) or 0.0)
+  return started + BUDGET_HARD_STOP * minutes * 60.0 if minutes > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,12 +470,14 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
                        num_steps: int, evaluate: Callable[[Any], dict[str, float]] | None = None,
                        on_eval: Callable[[int, dict[str, float]], bool] | None = None,
                        flops_per_step: float = 0.0, tokens_per_step: int = 0,
-                       summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                       summary_extra: Mapping[str, Any] | None = None,
+                       deadline: float = 0.0) -> dict[str, Any]:
   """Restore-or-init, train with `fit` (`resume_and_fit` in DIR/checkpoints), write
-  DIR/summary.json; returns the summary."""
+  DIR/summary.json; returns the summary. `deadline`: see LoopOptions."""
   peak, peak_source = metrics_lib.peak_flops(config.train.peak_flops)
   options = LoopOptions.from_config(config, num_steps=num_steps, flops_per_step=flops_per_step,
-                                    peak_flops=peak, tokens_per_step=tokens_per_step)
+                                    peak_flops=peak, tokens_per_step=tokens_per_step,
+                                    deadline=deadline)
   result, start = resume_and_fit(
       config, engine=engine, train_iter=train_iter, init_state=init_state, options=options,
       checkpoint_dir=os.path.join(workdir, run_dir.CHECKPOINTS_DIR), metrics_dir=workdir,
@@ -410,6 +490,7 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       "step": result.step,
       "num_steps": num_steps,
       "config_num_steps": config.train.num_steps,
+      "stopped_by": loop.stop_reason or None,
       "resumed_from_step": start or None,
       "wall_secs": result.wall_secs,
       "final_train": loop.last_train,
