@@ -4,6 +4,7 @@ r"""Model quality of the recipe on a classification task, side by side with the 
     python bench/quality.py --task DIR                         # DIR/{train,dev,test}.jsonl
     python bench/quality.py --task DIR --domain 'notes/*.txt'  # + unlabelled domain text
     python bench/quality.py --variant small --workdir runs/q   # rerunning resumes / skips
+    python bench/quality.py --budget 30                        # the pipeline within 30 minutes
 
 Runs the README's pipeline on the task (data -> general pretraining -> domain-adaptive
 pretraining -> finetuning of both models -> compare -> distillation -> INT8 quantization), plus
@@ -85,6 +86,7 @@ def build_config(args: argparse.Namespace) -> Any:
   if args.task:
     config.task.update(task_specs(args.task))
   config.domain_corpus = args.domain
+  config.budget_minutes = float(getattr(args, "budget", 0.0))
   for stage in config.pipeline:
     if "train" in config.pipeline[stage]:
       config.pipeline[stage].train.progress_bar = False
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--domain", default="", help="unlabelled domain text (a data.inputs spec)")
   parser.add_argument("--variant", default="tiny", choices=("tiny", "small", "base"))
   parser.add_argument("--workdir", default="runs/quality", help="rerunning resumes")
+  parser.add_argument("--budget", type=float, default=0.0, metavar="MINUTES",
+                      help="the pipeline's budget_minutes (0: the variant's step counts)")
   parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="override a pipeline stage's config key; repeatable")
   args = parser.parse_args(argv)
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result = {"accuracy": adapted["accuracy"], "macro_f1": adapted["macro_f1"],
             "baseline_accuracy": base["accuracy"], "baseline_macro_f1": base["macro_f1"],
             "stages": rows, "minutes": round(minutes, 2), "variant": args.variant,
+            "budget_minutes": args.budget,
             "task": args.task or "builtin:task"}
   print(json.dumps(result))
   return result

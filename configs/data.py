@@ -90,6 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       model_type="bpe",           # bpe (about a second on the embedded corpus) | unigram
       character_coverage=0.9995,  # characters covered by pieces; the rest fall back to bytes
       max_sentences=300_000,      # lines sampled for training
+      extra_inputs="",            # more text for the vocabulary only (input specs, comma-separated;
+                                  # read as they are): e.g. the domain and task text
   ))
 
   if variant == "tiny":

@@ -131,6 +131,19 @@ def test_stage_end_to_end(inputs, tmp_path):
     data_stage.run(_config(inputs, **{"clean.min_chars": 20}), workdir)
 
 
+def test_tokenizer_extra_inputs_shape_the_vocabulary_only(inputs, tmp_path):
+  """Text named in tokenizer.extra_inputs gives its terms pieces of their own, and stays out of
+  the cleaned corpus."""
+  extra = tmp_path / "domain.txt"
+  extra.write_text("".join(f"hypervisor paravirtualization hypervisor {i}\n" for i in range(300)))
+  base = data_stage.run(_config(inputs, **{"tokenizer.vocab_size": 450}), str(tmp_path / "base"))
+  wide = data_stage.run(_config(inputs, **{"tokenizer.extra_inputs": str(extra),
+                                           "tokenizer.vocab_size": 450}), str(tmp_path / "wide"))
+  pieces = lambda d: len(tokenizer_lib.Tokenizer.load(d).encode("hypervisor paravirtualization"))
+  assert pieces(str(tmp_path / "wide")) < pieces(str(tmp_path / "base")) / 2
+  assert wide["documents_out"] == base["documents_out"]
+
+
 def test_stage_with_augmentation_and_domain_filter(inputs, tmp_path):
   lexicon = tmp_path / "lexicon.txt"
   lexicon.write_text("packets\nnetworks\nrouters\n", encoding="utf-8")

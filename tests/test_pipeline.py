@@ -59,7 +59,7 @@ def test_stage_configs_come_from_the_stage_files():
   # Defaults from configs/pretrain.py, plus the pipeline's few overrides.
   assert nested.train.batch_size == pretrain.train.batch_size
   assert nested.data.mlm_prob == pretrain.data.mlm_prob
-  assert nested.train.num_steps == 600 != pretrain.train.num_steps
+  assert nested.train.num_steps == 6000 != pretrain.train.num_steps
   assert config.pipeline.data_general.data.inputs == "builtin:general"
   assert config.pipeline.data_domain.tokenizer.train is False
   base = configlib.load_config(f"{PIPELINE}:variant=base")
@@ -140,6 +140,11 @@ def test_task_keys_reach_every_stage_that_reads_the_task(tmp_path):
   assert domain.inputs.split(",") == [str(notes), files["train"], files["dev"]]
   assert domain.text_field == "note"
   assert files["test"] not in pipeline.stage_config(config, "data_domain", "/w").data.inputs
+  # The vocabulary learns from the same text (domain_vocab), and never from the test split.
+  vocab = pipeline.stage_config(config, "data_general", "/w").tokenizer.extra_inputs
+  assert vocab == domain.inputs and files["test"] not in vocab
+  assert not pipeline.stage_config(_config(**{"task.train": files["train"], "domain_vocab": False}),
+                                   "data_general", "/w").tokenizer.extra_inputs
   # Your train split without dev/test: dev is carved from it and test is dev, never the embedded
   # task's splits.
   only_train = pipeline.stage_config(_config(**{"task.train": files["train"]}),

@@ -14,6 +14,7 @@ report.json:
    "detail"}]}, "inputs": spec, "seconds": float, "docs_per_sec": float}
 with documents_in == documents_out + sum(dropped.values()) (checked before writing).
 """
+import itertools
 import json
 import os
 import shutil
@@ -80,6 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   v.choice("tokenizer.model_type", tokenizer_lib.MODEL_TYPES)
   v.number_in("tokenizer.character_coverage", 0.9, 1.0)
   v.positive_int("tokenizer.max_sentences")
+  if "extra_inputs" in config.get("tokenizer", {}):
+    v.string("tokenizer.extra_inputs")
   v.raise_if_any("data config")
 
 
@@ -309,8 +312,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t = config.tokenizer
     logging.info("Training a %s tokenizer (vocab %d) on the cleaned documents.", t.model_type,
                  t.vocab_size)
+    extra = [spec.strip() for spec in str(t.get("extra_inputs", "")).split(",") if spec.strip()]
+    if extra:
+      logging.info("The tokenizer also learns from %s (not cleaned, not in the corpus).", extra)
+    texts = itertools.chain(_iter_texts(shard_paths), *(
+        (str(r.get("text") or "") for r in sources.read_records(spec, text_field=d.text_field)
+         if not r.get("_error")) for spec in extra))
     tok = tokenizer_lib.Tokenizer.train(
-        _iter_texts(shard_paths), t.vocab_size, model_type=t.model_type,
+        texts, t.vocab_size, model_type=t.model_type,
         character_coverage=t.character_coverage, max_sentences=t.max_sentences)
     tokenizer_path = tok.save(os.path.join(workdir, TOKENIZER_FILE))
     vocab_size = tok.vocab_size

@@ -67,9 +67,7 @@ SOURCE_CHOICES = {
 }
 # Flattened config keys (fnmatch patterns) that do not change a stage's results.
 IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
-                "checkpoint.sigterm_grace_secs",
-                # Set by budget_minutes from the time left: a resumed stage keeps its own decision.
-                "train.time_budget_minutes")
+                "checkpoint.sigterm_grace_secs")
 # budget_minutes: each stage's weight in sharing the time left when it starts. Training stages get
 # their share as train.time_budget_minutes; the others' weights keep time for them.
 BUDGET_WEIGHTS = {"data_general": 0.02, "data_domain": 0.02, "pretrain_general": 0.33,
@@ -79,6 +77,10 @@ BUDGET_WEIGHTS = {"data_general": 0.02, "data_domain": 0.02, "pretrain_general":
 # of its steps; tune's trials have their own count).
 BUDGETED = ("pretrain_general", "pretrain_domain", "finetune_general", "finetune_domain",
             "distill")
+# Under a budget these train for their whole share (more pretraining keeps helping); the others
+# keep their step counts or early stopping, cut to their share when it is too small.
+FILL_BUDGET = ("pretrain_general", "pretrain_domain")
+BUDGET_FILL_STEPS = 10_000_000
 # The least budget per selected stage: start-up, compilation, evaluation and reports (measured on
 # the 2-core CPU: 10-40 s per stage at the tiny size).
 MIN_STAGE_MINUTES = 0.5
@@ -174,6 +176,12 @@ def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str, *,
     cfg.data.inputs = domain_inputs(config)
     if task.get("text_field"):
       cfg.data.text_field = task["text_field"]
+
+  if name == "data_general" and config.get("domain_vocab", False):
+    # One vocabulary for the general, domain and task text (never the test split): the general
+    # corpus alone splits domain terms into pieces the classifier's n-grams cannot use.
+    cfg.tokenizer.extra_inputs = ",".join(
+        p for p in [cfg.tokenizer.extra_inputs, domain_inputs(config)] if p)
 
   if name == "pretrain_general":
     cfg.data.corpus = os.path.join(d("data_general"), "data", "clean")
@@ -344,6 +352,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
             "too (the embedded task's splits and yours do not mix).")
   v.string("domain_corpus")
   v.boolean("tapt")
+  v.boolean("domain_vocab")
   budget = v.number_in("budget_minutes", 0.0, 1e6)
   missing = [s for s in pipeline_stages.STAGES if s not in config.get("pipeline", {})]
   v.require(not missing, "pipeline", f"lacks the stage configs {missing}; build the config with "
@@ -496,8 +505,10 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str) -> dict[str, Any]:
-  """Runs one planned stage and records it in DIR/pipeline_state/<stage>.json."""
+def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str,
+              run_config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+  """Runs one planned stage and records it in DIR/pipeline_state/<stage>.json. `run_config`
+  (default item.config) is what runs; item.config is what the record's fingerprint holds."""
   path = pipeline_stages.state_path(workdir, item.name)
   previous = run_dir.read_json(path) or {}
   attempts = int(previous.get("attempts", 0)) + 1
@@ -506,7 +517,7 @@ def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str) ->
   inputs = {d: _file_sha(os.path.join(stage_dir(config, d, workdir), run_dir.SUMMARY_FILE))
             for d in needs(config, item.name)}
   started = time.perf_counter()
-  summary = _module(item.name).run(item.config, item.directory)
+  summary = _module(item.name).run(run_config or item.config, item.directory)
   wall = time.perf_counter() - started
   _sync(f"r1jax_pipeline_{item.name}")
   state = {"stage": item.name, "status": "finished", "attempts": attempts,
@@ -546,13 +557,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       continue
     minutes = stage_minutes(config, item.name, time.perf_counter() - started,
                             [p.name for p in planned[i - 1:] if p.action == "run"])
-    if minutes is not None:
-      item.config.train.time_budget_minutes = minutes
+    run_config = None
+    if minutes is not None:  # the stage's config as it runs; its record keeps the planned one
+      run_config = copy.deepcopy(item.config)
+      run_config.train.time_budget_minutes = minutes
+      if item.name in FILL_BUDGET:  # as many steps as its share holds
+        run_config.train.num_steps = max(int(run_config.train.num_steps), BUDGET_FILL_STEPS)
       logging.info("%s: %.2f minutes of budget_minutes=%g.", item.name, minutes,
                    config.budget_minutes)
     logging.info("[%d/%d] %s: %s; %s -> %s", i, len(planned), item.name,
                  pipeline_stages.SPEC[item.name].description, item.reason, item.directory)
-    run_stage(config, item, workdir)
+    run_stage(config, item, workdir, run_config)
     ran.append(item.name)
   wall = time.perf_counter() - started
 

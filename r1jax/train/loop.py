@@ -374,14 +374,14 @@ def budget_steps(config: Any, workdir: str, num_steps: int, measure: Callable[[]
   """(num_steps, budget record): the planned steps, or fewer when what is left of
   `train.time_budget_minutes` (the run began at `started`, a time.time(); None = now) cannot
   hold them at the rate `measure()` returns (steps/s). A rerun in the same workdir reuses the
-  first attempt's decision (DIR/config.json `resolved.budget`), so the schedule and the phases
-  do not change on resume. Never fewer than `minimum` steps."""
+  first attempt's decision (DIR/config.json `resolved.budget`) whatever time it is given, so the
+  schedule and the phases do not change on resume. Never fewer than `minimum` steps."""
   minutes = float(config.train.get("time_budget_minutes", 0.0) or 0.0)
   if minutes <= 0:
     return num_steps, None
   saved = ((run_dir.read_json(os.path.join(workdir, run_dir.CONFIG_FILE)) or {})
            .get("resolved", {}).get("budget"))
-  if saved and saved.get("minutes") == minutes and saved.get("planned_steps") == num_steps:
+  if saved and saved.get("planned_steps") == num_steps:
     return int(saved["num_steps"]), saved
   rate = measure()
   left = minutes * 60.0 - (time.time() - started if started is not None else 0.0)
