@@ -143,6 +143,21 @@ def test_time_budget_sizes_the_run_from_the_measured_step_rate(tokenizer_path, t
       budget["num_steps"], budget)  # a rerun reuses the first decision, measures nothing
 
 
+def test_packed_rows_without_nsp(tokenizer_path, tmp_path):
+  """data.nsp=False (no segment-type table, no NSP loss) with packed rows: every position holds a
+  real token, and the metrics carry no NSP figures."""
+  config = tiny_config(tokenizer_path, num_steps=6)
+  config.data.update(nsp=False, pack=True)
+  summary = pretrain.run(config, str(tmp_path / "packed"))
+  assert summary["status"] == "complete"
+  assert summary["final_train"]["real_token_fraction"] == 1.0
+  assert "nsp_loss" not in summary["final_train"] and "nsp_loss" not in summary["final_eval"]
+  bad = tiny_config(tokenizer_path, num_steps=6)
+  bad.data.pack = True
+  with pytest.raises(configlib.ConfigError, match=r"data.pack: True needs data.nsp=False"):
+    pretrain.run(bad, str(tmp_path / "bad"))
+
+
 def test_init_from_starts_from_other_runs_params(straight, tokenizer_path, tmp_path):
   workdir, _ = straight
   config = tiny_config(tokenizer_path, num_steps=2, learning_rate=1e-12, warmup_steps=0)

@@ -97,30 +97,34 @@ def weighted_classification(logits: jax.Array, labels: jax.Array, weights: jax.A
 # Pretraining (the PretrainModel's heads).
 
 
-def pretrain_loss_fn(model: Any, *, label_smoothing: float = 0.0, kg_weight: float = 1.0) -> LossFn:
+def pretrain_loss_fn(model: Any, *, label_smoothing: float = 0.0, kg_weight: float = 1.0,
+                     nsp: bool = True) -> LossFn:
   """MLM + NSP (+ knowledge) loss for `r1jax.model.heads.PretrainModel` with memory in extras.
 
   batch: tokens/token_mask/token_types [B, Q], mlm_positions/mlm_ids/mlm_weights [B, P],
   nsp_label [B], reset_memory [B]; optional kg_tokens/kg_token_mask [B, T], kg_label [B].
   Loss = mean MLM cross-entropy over masked positions (sum(w * ce) / sum(w)) + mean NSP
-  cross-entropy (+ kg_weight * mean knowledge cross-entropy).
+  cross-entropy (nsp=False: none, for rows without segment pairs) (+ kg_weight * mean knowledge
+  cross-entropy). token_types reach the model only when it has a type embedding.
   """
   def loss_fn(params, batch, extras, rng, deterministic):
     memory = extras["memory"].reset(batch["reset_memory"])  # rows starting a new document
     rngs = {"dropout": rng}
+    types = batch["token_types"] if model.config.n_token_types else None
     outputs, new_memory = model.apply(
         {"params": params}, batch["tokens"], memory=memory, token_mask=batch["token_mask"],
-        token_types=batch["token_types"], mlm_positions=batch["mlm_positions"],
+        token_types=types, mlm_positions=batch["mlm_positions"],
         deterministic=deterministic, rngs=rngs)
     mlm = weighted_classification(outputs["mlm_logits"], batch["mlm_ids"], batch["mlm_weights"],
                                   label_smoothing)
     rows = jnp.ones(batch["nsp_label"].shape, jnp.float32)
-    nsp = weighted_classification(outputs["nsp_logits"], batch["nsp_label"], rows, label_smoothing)
-    mlm_loss = mlm["loss"][0] / (mlm["loss"][1] + 1e-5)
-    nsp_loss = nsp["loss"][0] / nsp["loss"][1]
-    loss = mlm_loss + nsp_loss
-    metrics = {"mlm_loss": mlm["nll"], "mlm_accuracy": mlm["accuracy"],
-               "nsp_loss": nsp["nll"], "nsp_accuracy": nsp["accuracy"]}
+    loss = mlm["loss"][0] / (mlm["loss"][1] + 1e-5)
+    metrics = {"mlm_loss": mlm["nll"], "mlm_accuracy": mlm["accuracy"]}
+    if nsp:
+      pairs = weighted_classification(outputs["nsp_logits"], batch["nsp_label"], rows,
+                                      label_smoothing)
+      loss = loss + pairs["loss"][0] / pairs["loss"][1]
+      metrics.update(nsp_loss=pairs["nll"], nsp_accuracy=pairs["accuracy"])
     if "kg_tokens" in batch:
       kg_logits = model.apply({"params": params}, batch["kg_tokens"], batch["kg_token_mask"],
                               deterministic=deterministic, rngs=rngs, method="kg_logits")

@@ -213,7 +213,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
         config, mesh=mesh, num_steps=steps, init_params=init_params,
         tx=optim.build_optimizer(config.train, abstract_params, num_steps=steps),
         loss_fn=losses.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
-                                        kg_weight=config.data.kg_weight),
+                                        kg_weight=config.data.kg_weight, nsp=config.data.nsp),
         init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)})
 
   engine = make_engine(num_steps)
