@@ -299,6 +299,7 @@ def test_multilabel_synthetic_task_learns(tmp_path, tokenizer_path):
   assert summary["schedule"] == "full" and summary["frozen_params"] == 0
 
 
+@pytest.mark.slow  # ~30 s: a budget of 24 s plus the final report (the default suite is full)
 def test_time_budget_cuts_the_planned_steps_and_phases_follow(tmp_path, tokenizer_path):
   """a_then_b planned for 50,000 steps with a 24-second budget: the measured step rate sizes the
   run to the time left, the phases split the budgeted steps, training ends within the hard stop,

@@ -22,7 +22,7 @@ from r1jax.train import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
-TIMING = ("tokens_per_sec", "steps_per_sec", "mfu", "real_token_fraction", "mfu_real_tokens")
+TIMING = loop_lib.TIMING_FIELDS
 TRAIN_FIELDS = {"step", "split", "loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy",
                 "learning_rate", "tokens_per_sec", "mfu", "real_token_fraction", "mfu_real_tokens"}
 

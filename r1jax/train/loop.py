@@ -34,6 +34,12 @@ class NonFiniteError(FloatingPointError):
   """A step produced a NaN/inf loss or gradient (and train.skip_nonfinite is False)."""
 
 
+# Train-record fields measured over the wall-clock window since the previous log (the first call
+# after a start or an eval is not in it): they differ between a run and its resumed twin.
+TIMING_FIELDS = ("tokens_per_sec", "steps_per_sec", "mfu", "real_token_fraction",
+                 "mfu_real_tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopOptions:
   num_steps: int

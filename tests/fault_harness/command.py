@@ -25,10 +25,11 @@ from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import loop as loop_lib
 
 from fault_harness import source
 
-TIMING_FIELDS = ("tokens_per_sec", "steps_per_sec", "mfu")
+TIMING_FIELDS = loop_lib.TIMING_FIELDS
 TINY_MODEL = dict(n_layer=1, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=16)
 TMP_MARK = ".orbax-checkpoint-tmp"
 RESUME_RE = re.compile(r"Resuming from checkpoint step (\d+)")
