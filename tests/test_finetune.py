@@ -313,10 +313,10 @@ def test_time_budget_cuts_the_planned_steps_and_phases_follow(tmp_path, tokenize
   budget = summary["budget"]
   assert budget["planned_steps"] == 50_000 and 2 <= budget["num_steps"] < 50_000
   assert summary["num_steps"] == budget["num_steps"]
-  assert summary["phases"][0]["planned_end_step"] == budget["num_steps"] // 2
+  assert summary["phases"][0]["planned_end_step"] == round(budget["num_steps"] * 0.5)
   assert summary["phases"][-1]["end_step"] <= budget["num_steps"]
   # The hard stop, plus the final evaluation, latency and report.
-  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 15.0
+  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 30.0
 
 
 def test_early_stopping_on_forced_plateau_restores_best(tmp_path, tokenizer_path):

@@ -27,6 +27,13 @@ existing pretraining workdir):
     compare           <- finetune_general, finetune_domain
     tune              <- sources.tune;  distill / quantize / prune <- sources.<stage>
 
+Pipeline-level keys fill the stage configs: `task.*` (every stage that reads the task),
+`domain_corpus` and `tapt` (data_domain's inputs: the domain text plus the task's train and dev
+splits, never test), `domain_vocab` (data_general's tokenizer also learns from that text), and
+`budget_minutes` (`stage_minutes`: each budgeted stage's share of the time left, as its
+`train.time_budget_minutes`; the stage record keeps the planned config). The task and the
+domain text are read and checked before any stage runs.
+
 "Same config" ignores keys that do not change results (progress bars, worker counts, the mesh,
 async checkpointing), so a run can be resumed on another machine or slice.
 """
