@@ -30,6 +30,7 @@ import urllib.request
 
 from absl import logging
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 KINDS = ("single", "local", "slurm", "tpu", "auto")
@@ -246,3 +247,11 @@ def sync(tag: str) -> None:
   """Waits until every process of the job reaches `tag` (returns at once with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(tag)
+
+
+def agree(value: float) -> float:
+  """Process 0's `value` on every process (a host-side decision all processes must share: a
+  measured step rate, a clock check); `value` itself with one process."""
+  if jax.process_count() == 1:
+    return value
+  return float(multihost_utils.broadcast_one_to_all(np.float64(value)))

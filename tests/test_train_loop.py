@@ -180,9 +180,10 @@ def test_deadline_stops_evaluated_and_checkpointed(engine, tmp_path, monkeypatch
   result, ckpt = _fit(engine, tmp_path, Batches(), evaluate=evaluate, num_steps=100,
                       eval_every=2, checkpoint_every=50, deadline=1025.0)
   assert result.loop.stopped_early and result.loop.stop_reason == "time_budget"
-  # Evals at 2, 4, 6 (the clock reads 1030 after it); step 7 is the first past the deadline.
-  assert result.step == 7 and len(evals) == 4
-  assert ckpt.latest_step() == 7
+  # Evals at 2, 4, 6 (the clock reads 1030 after it); the clock is read at log / eval /
+  # checkpoint steps, so step 8 (an eval step: that eval is the stopping one) ends the run.
+  assert result.step == 8 and len(evals) == 4
+  assert ckpt.latest_step() == 8
   ckpt.close()
   assert loop.deadline_of(_loop_config(4, 8, 0), 50.0) == 0.0
 

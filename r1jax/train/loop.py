@@ -21,6 +21,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from r1jax import distributed
 from r1jax import run_dir
 from r1jax.model import axes
 from r1jax.train import checkpoint as ckpt_lib
@@ -221,7 +222,10 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
                                                       step % options.eval_every == 0))
       is_ckpt = step % options.checkpoint_every == 0 or is_last
       preempt = watcher.should_stop(step)
-      out_of_time = bool(options.deadline) and not is_last and time.time() >= options.deadline
+      # Checked where every process stops anyway (a log, eval or checkpoint step), with process
+      # 0's clock deciding for all: processes must leave the loop at the same step.
+      out_of_time = (bool(options.deadline) and not is_last and (is_log or is_eval or is_ckpt)
+                     and bool(distributed.agree(float(time.time() >= options.deadline))))
       if out_of_time:  # stop like early stopping: evaluated, checkpointed
         is_eval, is_ckpt = evaluate is not None, True
       if (is_log or is_eval or is_ckpt or preempt or out_of_time or
@@ -389,7 +393,7 @@ def budget_steps(config: Any, workdir: str, num_steps: int, measure: Callable[[]
            .get("resolved", {}).get("budget"))
   if saved and saved.get("planned_steps") == num_steps:
     return int(saved["num_steps"]), saved
-  rate = measure()
+  rate = distributed.agree(measure())  # every process plans the same steps
   left = minutes * 60.0 - (time.time() - started if started is not None else 0.0)
   fits = int(rate * max(left, 0.0) * BUDGET_TRAIN_SHARE)
   steps = min(num_steps, max(minimum, fits))
