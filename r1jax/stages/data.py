@@ -308,6 +308,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   tokenizer_path = None
   vocab_size = None
+  extra = []
   if config.tokenizer.train:
     t = config.tokenizer
     logging.info("Training a %s tokenizer (vocab %d) on the cleaned documents.", t.model_type,
@@ -334,7 +335,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "dropped": sum(report.dropped.values()), "augmented": augmented,
       "clean_dir": clean_dir, "clean_shards": len(shard_paths),
       "report": os.path.join(data_dir, "report.json"), "tokenizer": tokenizer_path,
-      "vocab_size": vocab_size, "docs_per_sec": report_dict["docs_per_sec"],
+      "vocab_size": vocab_size, "tokenizer_extra_inputs": ",".join(extra) or None,
+      "docs_per_sec": report_dict["docs_per_sec"],
       "seconds": round(time.perf_counter() - started, 3),
   }
   _write_json(summary_path, summary)

@@ -299,7 +299,9 @@ def _data_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo]) 
     if info.summary.get("tokenizer"):
       notes.append(f"Tokenizer: `{_rel(workdir, info.summary['tokenizer'])}` (vocabulary "
                    f"{cell(info.summary.get('vocab_size'))}), trained on the cleaned {name} "
-                   "corpus and shared by every later stage.")
+                   "corpus" + (f" and `{info.summary['tokenizer_extra_inputs']}` (for the "
+                               "vocabulary only)" if info.summary.get("tokenizer_extra_inputs")
+                               else "") + ", shared by every later stage.")
     notes.append(f"{name}: full report with samples of every dropped document in "
                  f"[`{_rel(workdir, os.path.join(info.directory, 'data', 'report.json'))}`]"
                  f"({_rel(workdir, os.path.join(info.directory, 'data', 'report.json'))}).")
