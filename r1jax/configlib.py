@@ -29,6 +29,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.model import axes
 from r1jax.model import transformer_xl
@@ -50,7 +51,7 @@ MODEL_OVERRIDES = {f.name: _config_type(f.type)
                    for f in dataclasses.fields(transformer_xl.TransformerXLConfig)}
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value or combination that cannot work; the message names each key and its fix."""
 
 

@@ -15,8 +15,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from r1jax import configlib
+from r1jax import console
 from r1jax import distributed
+from r1jax import errors
 from r1jax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +32,7 @@ STAGES = ("data", "pretrain", "finetune", "distill", "quantize", "prune", "tune"
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]!r}. Use --config.key=value for overrides.")
+  console.quiet_library_logs()  # before JAX starts its backends
   config = _CONFIG.value
   stage = config.get("stage")
   if stage not in STAGES:
@@ -49,10 +51,11 @@ def main(argv):
   logging.info("Running stage %r in %s; host allocator: %s", stage, workdir, host_memory.status())
   try:
     module.run(config, workdir)
-  except configlib.ConfigError as e:
-    # Every problem with its key and fix, already worded for the user: no traceback needed.
+  except errors.UserError as e:
+    # A bad config value, input file or path, or a missing extra: the message already names the
+    # problem and its fix, so no traceback (configlib.ConfigError is one of these).
     print(f"r1jax: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.EXIT_CODE)
 
 
 def cli():

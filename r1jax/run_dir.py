@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from r1jax import distributed
+from r1jax import errors
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import transformer_xl as txl
 
@@ -96,7 +97,7 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
 # Lock and process liveness.
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(errors.UserError, RuntimeError):
   """Another live process holds the workdir."""
 
 
@@ -261,8 +262,8 @@ def tokenizer_of(workdir: str) -> str:
   """The path of an earlier run's DIR/tokenizer.model (it comes with every training workdir)."""
   path = os.path.join(os.path.expanduser(workdir), TOKENIZER_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"init_from={workdir!r} has no {TOKENIZER_FILE}; name the workdir of a "
-                            "finished training run (pretraining, DAPT or finetuning).")
+    raise errors.InputNotFound(f"init_from={workdir!r} has no {TOKENIZER_FILE}; name the workdir "
+                               "of a finished training run (pretraining, DAPT or finetuning).")
   return path
 
 
@@ -316,15 +317,16 @@ def open_params(workdir_or_ckpt_dir: str, step: int | None = None
       directory == os.path.expanduser(workdir_or_ckpt_dir) and
       os.path.basename(os.path.normpath(directory)) != CHECKPOINTS_DIR and
       not any(name.isdigit() for name in os.listdir(directory))):
-    raise FileNotFoundError(f"init_from={workdir_or_ckpt_dir!r} has no {CHECKPOINTS_DIR}/ "
-                            "directory; name the workdir of a finished training run.")
+    raise errors.InputNotFound(f"init_from={workdir_or_ckpt_dir!r} has no {CHECKPOINTS_DIR}/ "
+                               "directory; name the workdir of a finished training run.")
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers={"params": ocp.PyTreeCheckpointHandler()})
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"No checkpoint in {directory}: finish (or resume) that run first.")
+      raise errors.InputNotFound(
+          f"No checkpoint in {directory}: finish (or resume) that run first.")
     saved = manager.item_metadata(step)["params"]
   except BaseException:
     manager.close()

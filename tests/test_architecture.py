@@ -22,7 +22,8 @@ LAYERS = (
     ("workdir/config", ("r1jax.run_dir", "r1jax.configlib")),
     ("model", ("r1jax.model",)),
     ("data", ("r1jax.data",)),
-    ("base", ("r1jax.host_memory", "r1jax.distributed", "r1jax")),  # "r1jax": the __init__ alone
+    ("base", ("r1jax.host_memory", "r1jax.distributed", "r1jax.errors", "r1jax.console",
+              "r1jax")),  # "r1jax": the __init__ alone
 )
 # Siblings that must not import each other although neither is above the other.
 INDEPENDENT = (("r1jax.model", "r1jax.data"),)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax import errors
 from r1jax.model import heads
 from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
@@ -30,7 +31,7 @@ LAYER_MAPS = ("uniform", "first", "last")
 SIZE_FIELDS = ("n_layer", "d_model", "n_head", "d_head", "d_inner")
 
 
-class StudentTooLarge(ValueError):
+class StudentTooLarge(errors.UserError, ValueError):
   """The student would be larger than its teacher."""
 
 

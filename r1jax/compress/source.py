@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.compress import artifact
 from r1jax.compress import spec as spec_lib
@@ -35,7 +36,7 @@ from r1jax.model import transformer_xl as txl
 from r1jax.train import checkpoint as ckpt_lib
 
 
-class WrongCheckpointKind(ValueError):
+class WrongCheckpointKind(errors.UserError, ValueError):
   """The checkpoint is not a classifier (e.g. a pretraining run without a classification head)."""
 
 
@@ -128,7 +129,7 @@ def load(path: str, *, target_sharding: Any = None) -> Source:
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"init_from={path!r} is not a directory; name a finetuning workdir.")
+    raise errors.InputNotFound(f"init_from={path!r} is not a directory; name a finetuning workdir.")
   has_ckpt = os.path.isdir(os.path.join(path, run_dir.CHECKPOINTS_DIR))
   if not has_ckpt:
     for candidate in (path, os.path.join(path, spec_lib.ARTIFACT_SUBDIR)):
@@ -138,8 +139,8 @@ def load(path: str, *, target_sharding: Any = None) -> Source:
           raise WrongCheckpointKind(f"{candidate} is an int8 artifact; compression stages start "
                                     "from a float classifier (the finetuning workdir).")
         return Source(art.spec, art.params, candidate, "artifact")
-    raise FileNotFoundError(f"init_from={path!r} has no checkpoints/ and no "
-                            f"{spec_lib.ARTIFACT_FILE}: name a finished finetuning workdir.")
+    raise errors.InputNotFound(f"init_from={path!r} has no checkpoints/ and no "
+                               f"{spec_lib.ARTIFACT_FILE}: name a finished finetuning workdir.")
   shapes, step = run_dir.saved_param_shapes(path)
   config = run_dir.read_json(os.path.join(path, run_dir.CONFIG_FILE)) or {}
   prefix = "student/" if any(p.startswith("student/") for p in shapes) else ""

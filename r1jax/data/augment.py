@@ -37,6 +37,7 @@ from typing import Any, Protocol, Sequence
 import grain
 import numpy as np
 
+from r1jax import errors
 from r1jax.data import builtin
 
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
@@ -73,7 +74,7 @@ class SynonymLexicon:
   def from_file(cls, path: str) -> "SynonymLexicon":
     """Lines `word<TAB>syn<TAB>syn...` (tabs or commas); '#' comments and blank lines skipped."""
     if not os.path.exists(path):
-      raise FileNotFoundError(f"Synonym lexicon {path} does not exist.")
+      raise errors.InputNotFound(f"Synonym lexicon {path} does not exist.")
     opener = gzip.open if path.endswith(".gz") else open
     table = {}
     with opener(path, "rt", encoding="utf-8") as f:
@@ -82,8 +83,8 @@ class SynonymLexicon:
           continue
         fields = [x.strip() for x in re.split(r"[\t,，]", line.strip()) if x.strip()]
         if len(fields) < 2:
-          raise ValueError(f"{path}:{line_no}: expected a word and at least one synonym separated "
-                           f"by tabs or commas, got {line.strip()[:80]!r}")
+          raise errors.BadInput(f"{path}:{line_no}: expected a word and at least one synonym "
+                                f"separated by tabs or commas, got {line.strip()[:80]!r}")
         table.setdefault(fields[0], []).extend(fields[1:])
     return cls(table)
 
@@ -290,6 +291,17 @@ class Translator(Protocol):
     ...
 
 
+def _translation_packages():
+  """(torch, transformers), the `[translate]` extra; MissingExtra naming it when absent."""
+  try:
+    # Lazy: torch and transformers are heavy, and only back-translation needs them.
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise errors.missing_extra(e, extra="translate", what="Back-translation (MarianMT)") from e
+  return torch, transformers
+
+
 class MarianTranslator:
   """HuggingFace MarianMT models from local directories, one per direction.
 
@@ -305,10 +317,12 @@ class MarianTranslator:
                num_beams: int = 4, device: str = "cpu"):
     for pair, path in model_dirs.items():
       if not re.fullmatch(r"[a-z]{2,3}-[a-z]{2,3}", pair):
-        raise ValueError(f"Model key {pair!r} must look like 'en-zh' (source-target).")
+        raise errors.BadInput(f"Model key {pair!r} must look like 'en-zh' (source-target).")
       if not os.path.isdir(path):
-        raise FileNotFoundError(f"MarianMT model directory {path} for {pair} does not exist; save "
-                                "one with MarianMTModel.save_pretrained (no download happens).")
+        raise errors.InputNotFound(f"MarianMT model directory {path} for {pair} does not exist; "
+                                   "save one with MarianMTModel.save_pretrained (no download "
+                                   "happens).")
+    _translation_packages()  # a missing extra is reported now, not after the data is cleaned
     self.model_dirs = dict(model_dirs)
     self.batch_size = batch_size
     self.max_length = max_length
@@ -320,18 +334,17 @@ class MarianTranslator:
     if pair not in self.model_dirs:
       raise ValueError(f"No MarianMT model for {pair}; configured: {sorted(self.model_dirs)}.")
     if pair not in self._loaded:
-      # Lazy: transformers is heavy and optional; only back-translation with MarianMT needs it.
-      from transformers import MarianMTModel, MarianTokenizer  # pylint: disable=g-import-not-at-top
+      _, transformers = _translation_packages()
       path = self.model_dirs[pair]
-      tokenizer = MarianTokenizer.from_pretrained(path, local_files_only=True)
-      model = MarianMTModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+      tokenizer = transformers.MarianTokenizer.from_pretrained(path, local_files_only=True)
+      model = transformers.MarianMTModel.from_pretrained(path, local_files_only=True)
+      model = model.to(self.device).eval()
       self._loaded[pair] = (tokenizer, model)
     return self._loaded[pair]
 
   def translate(self, texts, source_lang, target_lang):
     tokenizer, model = self._model(f"{source_lang}-{target_lang}")
-    # Lazy: torch is heavy and optional; only back-translation with MarianMT needs it.
-    import torch  # pylint: disable=g-import-not-at-top
+    torch, _ = _translation_packages()
     out = []
     for start in range(0, len(texts), self.batch_size):
       batch = tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from r1jax import errors
 from r1jax.data import tokenizer as tokenizer_lib
 
 _CJK_CLASS = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
@@ -65,7 +66,7 @@ class KnowledgeBase:
   @classmethod
   def from_file(cls, path: str) -> "KnowledgeBase":
     if not os.path.exists(path):
-      raise FileNotFoundError(f"Knowledge file {path} does not exist.")
+      raise errors.InputNotFound(f"Knowledge file {path} does not exist.")
     opener = gzip.open if path.endswith(".gz") else open
     entity_types, relations = {}, []
     with opener(path, "rb") as f:
@@ -74,8 +75,8 @@ class KnowledgeBase:
       text = data.decode("utf-8")
     except UnicodeDecodeError as e:
       line_no = data[:e.start].count(b"\n") + 1
-      raise ValueError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}); knowledge "
-                       "files are UTF-8 text.") from None
+      raise errors.BadInput(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}); "
+                            "knowledge files are UTF-8 text.") from None
     for line_no, line in enumerate(io.StringIO(text, newline=None), 1):
       line = line.rstrip("\n").rstrip("\r")
       if not line.strip() or line.startswith("#"):
@@ -86,10 +87,11 @@ class KnowledgeBase:
       elif len(fields) == 3 and all(fields):
         relations.append(tuple(fields))
       else:
-        raise ValueError(f"{path}:{line_no}: expected `entity<TAB>type` or "
-                         f"`head<TAB>relation<TAB>tail`, got {len(fields)} field(s): {line[:80]!r}")
+        raise errors.BadInput(f"{path}:{line_no}: expected `entity<TAB>type` or "
+                              f"`head<TAB>relation<TAB>tail`, got {len(fields)} field(s): "
+                              f"{line[:80]!r}")
     if not entity_types and not relations:
-      raise ValueError(f"Knowledge file {path} has no entries.")
+      raise errors.BadInput(f"Knowledge file {path} has no entries.")
     return cls(entity_types, relations)
 
   def find_mentions(self, text: str) -> list[tuple[int, int]]:

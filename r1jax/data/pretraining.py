@@ -67,6 +67,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from r1jax import errors
 from r1jax.data import grain_ops
 from r1jax.data import knowledge as knowledge_lib
 from r1jax.data import sources
@@ -486,10 +487,10 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   _check_workers(worker_count, local_batch)
   texts = resolve_texts(docs_or_paths)
   if not texts:
-    raise ValueError("The pretraining corpus has no non-empty documents.")
+    raise errors.BadInput("The pretraining corpus has no non-empty documents.")
   if nsp and len(texts) < 2:
-    raise ValueError("NSP needs at least 2 documents to draw random next segments; got 1. "
-                     "Pass nsp=False or more documents.")
+    raise errors.BadInput("NSP needs at least 2 documents to draw random next segments; got 1. "
+                          "Pass nsp=False or more documents.")
   knowledge = knowledge_lib.KnowledgeBase.from_file(knowledge_path) if knowledge_path else None
   ds = PretrainRowDataset(texts, tokenizer, options, rows, knowledge)
   if worker_count:

@@ -29,8 +29,10 @@ With `on_undecodable="repair"` (default) invalid bytes become U+FFFD and the rec
 spells a lone UTF-16 surrogate ("\\ud800") is invalid in the same way: no UTF-8 writer accepts it.
 
 Whole-file problems raise at open time, naming the file: a missing path or a glob matching
-nothing (FileNotFoundError), an empty file, a file that is not text (NUL bytes in its first 8 KiB), a
-CSV/Parquet file without the text column, an unreadable Parquet/TFDS input (ValueError).
+nothing (`errors.InputNotFound`, a FileNotFoundError), an empty file, a file that is not text (NUL
+bytes in its first 8 KiB), a CSV/Parquet file without the text column, an unreadable Parquet/TFDS
+input (`errors.BadInput`, a ValueError); a Parquet or TFDS input without its optional package
+installed (`errors.MissingExtra`, naming the `[parquet]` / `[tfds]` extra).
 
 Plain text: one document per line (`text_mode="lines"`, default) or per blank-line separated
 paragraph (`text_mode="paragraphs"`). Text and JSONL files are indexed by byte offsets in one pass
@@ -50,6 +52,7 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from r1jax import errors
 from r1jax.data import builtin
 
 FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
@@ -80,11 +83,11 @@ def _decode(raw: bytes):
 
 def _check_text_bytes(path: str, head: bytes, size: int):
   if size == 0:
-    raise ValueError(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
+    raise errors.BadInput(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
   nul = head.find(b"\x00")
   if nul >= 0:
-    raise ValueError(f"Input file {path} does not look like text: NUL byte at offset {nul}. "
-                     "Pass text, JSONL, CSV, Parquet or a TFDS dataset.")
+    raise errors.BadInput(f"Input file {path} does not look like text: NUL byte at offset {nul}. "
+                          "Pass text, JSONL, CSV, Parquet or a TFDS dataset.")
 
 
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -164,7 +167,7 @@ class _OffsetFileSource(_FileSource):
       try:
         buf = f.read()
       except (OSError, EOFError) as e:
-        raise ValueError(f"Input file {path} is not readable (bad gzip?): {e}") from e
+        raise errors.BadInput(f"Input file {path} is not readable (bad gzip?): {e}") from e
     _check_text_bytes(path, buf[:_BINARY_PROBE], len(buf))
     self._build_index(buf)
     if path.endswith(".gz"):
@@ -279,13 +282,13 @@ class _CsvSource(_FileSource):
     try:
       header = next(reader)
     except StopIteration:
-      raise ValueError(f"CSV file {path} has no header row.") from None
+      raise errors.BadInput(f"CSV file {path} has no header row.") from None
     except csv.Error as e:
-      raise ValueError(f"CSV file {path}:1: cannot parse the header: {e}") from e
+      raise errors.BadInput(f"CSV file {path}:1: cannot parse the header: {e}") from e
     header = [h.strip() for h in header]
     if text_field not in header:
-      raise ValueError(f"CSV file {path} has no column {text_field!r} (columns: {header}); set "
-                       "the text field (config.data.text_field) to one of them.")
+      raise errors.BadInput(f"CSV file {path} has no column {text_field!r} (columns: {header}); "
+                            "set the text field (config.data.text_field) to one of them.")
     self._rows, self._errors = [], {}
     first_line = reader.line_num + 1
     while True:
@@ -339,17 +342,20 @@ class _ParquetSource(_FileSource):
 
   def __init__(self, path, text_field, on_undecodable, max_chars):
     super().__init__(path, text_field, on_undecodable, max_chars)
-    # Lazy: pyarrow is heavy and only Parquet inputs need it.
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    try:
+      # Lazy: pyarrow is heavy and only Parquet inputs need it (the [parquet] extra).
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise errors.missing_extra(e, extra="parquet", what=f"Parquet input {path}") from e
     if os.path.getsize(path) == 0:
-      raise ValueError(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
+      raise errors.BadInput(f"Input file {path} is empty (0 bytes); remove it from the inputs.")
     try:
       table = pq.read_table(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
-      raise ValueError(f"Input file {path} is not a readable Parquet file: {e}") from e
+      raise errors.BadInput(f"Input file {path} is not a readable Parquet file: {e}") from e
     if text_field not in table.column_names:
-      raise ValueError(f"Parquet file {path} has no column {text_field!r} (columns: "
-                       f"{table.column_names}); set the text field to one of them.")
+      raise errors.BadInput(f"Parquet file {path} has no column {text_field!r} (columns: "
+                            f"{table.column_names}); set the text field to one of them.")
     self._columns = {name: table.column(name).to_pylist() for name in table.column_names}
     self._n = table.num_rows
 
@@ -369,21 +375,24 @@ class _TfdsSource(_FileSource):
     super().__init__(spec, text_field, on_undecodable, max_chars)
     m = re.fullmatch(r"tfds:([^/@:]+(?:/[^/@:]+)?)(?::([\d.]+))?/([^@]+)(?:@(.+))?", spec)
     if not m:
-      raise ValueError(f"Bad TFDS spec {spec!r}; expected tfds:NAME[:VERSION]/SPLIT[@DATA_DIR], "
-                       "e.g. tfds:imdb_reviews/train@/data/tfds.")
+      raise errors.BadInput(f"Bad TFDS spec {spec!r}; expected tfds:NAME[:VERSION]/SPLIT"
+                            "[@DATA_DIR], e.g. tfds:imdb_reviews/train@/data/tfds.")
     name, version, split, data_dir = m.groups()
-    # Lazy: tensorflow_datasets (and TensorFlow) is heavy, optional, and only tfds: specs need it.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      # Lazy: tensorflow_datasets is heavy and only tfds: specs need it (the [tfds] extra).
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise errors.missing_extra(e, extra="tfds", what=f"The TFDS input {spec!r}") from e
     full_name = f"{name}:{version}" if version else name
     try:
       self._ds = tfds.data_source(full_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises a variety of errors for missing data
-      raise ValueError(f"Cannot open TFDS dataset {spec!r} (nothing is downloaded; prepare it in "
-                       f"DATA_DIR first): {e}") from e
+      raise errors.BadInput(f"Cannot open TFDS dataset {spec!r} (nothing is downloaded; prepare "
+                            f"it in DATA_DIR first): {e}") from e
     features = self._ds.dataset_info.features
     if text_field not in features:
-      raise ValueError(f"TFDS dataset {spec!r} has no feature {text_field!r} (features: "
-                       f"{list(features.keys())}).")
+      raise errors.BadInput(f"TFDS dataset {spec!r} has no feature {text_field!r} (features: "
+                            f"{list(features.keys())}).")
     self._class_names = {k: f.names for k, f in features.items()
                          if isinstance(f, tfds.features.ClassLabel)}
 
@@ -417,9 +426,12 @@ class _BuiltinSource(_FileSource):
     super().__init__(spec, text_field, on_undecodable, max_chars)
     parts = spec.split(":")
     if len(parts) not in (2, 3):
-      raise ValueError(f"Bad builtin spec {spec!r}; use builtin:general, builtin:domain or "
-                       "builtin:task:train|dev|test.")
+      raise errors.BadInput(f"Bad builtin spec {spec!r}; use builtin:general, builtin:domain or "
+                            "builtin:task:train|dev|test.")
     self._records = builtin.load(parts[1], parts[2] if len(parts) == 3 else None)
+
+  def describe(self) -> str:
+    return "the embedded corpus"
 
   def __len__(self):
     return len(self._records)
@@ -448,19 +460,20 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
                        if not f.startswith(".") and os.path.isfile(os.path.join(part, f))
                        and f.lower().replace(".gz", "").endswith(_SUPPORTED_EXTENSIONS))
         if not files:
-          raise FileNotFoundError(f"Input directory {part} has no {_SUPPORTED_EXTENSIONS} files.")
+          raise errors.InputNotFound(
+              f"Input directory {part} has no {_SUPPORTED_EXTENSIONS} files.")
         out.extend(files)
       elif any(c in part for c in "*?["):
         files = sorted(f for f in glob_lib.glob(part, recursive=True) if os.path.isfile(f))
         if not files:
-          raise FileNotFoundError(f"Input glob {part!r} matches no file.")
+          raise errors.InputNotFound(f"Input glob {part!r} matches no file.")
         out.extend(files)
       elif os.path.isfile(part):
         out.append(part)
       else:
-        raise FileNotFoundError(f"Input path {part!r} does not exist.")
+        raise errors.InputNotFound(f"Input path {part!r} does not exist.")
   if not out:
-    raise FileNotFoundError(f"Input spec {spec!r} names no input.")
+    raise errors.InputNotFound(f"Input spec {spec!r} names no input.")
   return out
 
 

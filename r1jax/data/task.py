@@ -27,6 +27,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from r1jax import errors
 from r1jax.data import builtin
 from r1jax.data import grain_ops
 from r1jax.data import sources
@@ -162,9 +163,10 @@ def read_split(spec: str, name: str, task: Any) -> Split:
                     counts["rows"], {k: v for k, v in counts.items() if k.startswith("skipped")
                                      and v}, first_problem)
   if not records:
-    raise ValueError(f"task.{name}={spec!r}: none of its {counts['rows']} rows has both a text in "
-                     f"field {task.text_field!r} and a label in field {task.label_field!r} "
-                     f"({counts}); check task.text_field / task.label_field.")
+    raise errors.BadInput(f"task.{name}={spec!r}: none of its {counts['rows']} rows has both a "
+                          f"text in field {task.text_field!r} and a label in field "
+                          f"{task.label_field!r} ({counts}); check task.text_field / "
+                          "task.label_field.")
   return Split(name, records, counts)
 
 
@@ -189,7 +191,7 @@ def _check_known(split: Split, vocab: LabelVocab, policy: str, multi_label: bool
   detail = ", ".join(f"{n!r} ({len(w)} rows, first at {w[0]})"
                      for n, w in sorted(unknown.items())[:10])
   if policy == "error":
-    raise ValueError(
+    raise errors.BadInput(
         f"task.{split.name} has label(s) never seen in the training data: {detail}. Known labels: "
         f"{list(vocab.names)[:50]}. Fix the data, list every class in task.labels, or set "
         f"--config.task.unknown_label=skip to drop those rows (multi-label: those labels).")
@@ -199,7 +201,8 @@ def _check_known(split: Split, vocab: LabelVocab, policy: str, multi_label: bool
                   "(task.unknown_label=skip).", split.name, detail, len(split.records) - len(kept),
                   f" and dropped {dropped_codes} labels" if dropped_codes else "")
   if not kept:
-    raise ValueError(f"task.{split.name}: every row has a label never seen in training ({detail}).")
+    raise errors.BadInput(f"task.{split.name}: every row has a label never seen in training "
+                          f"({detail}).")
   return Split(split.name, kept, counts)
 
 
@@ -228,8 +231,8 @@ def load_task(task: Any) -> TaskData:
   else:
     vocab = LabelVocab.from_records(train.records, "label", task.multi_label)
   if not task.multi_label and len(vocab) < 2:
-    raise ValueError(f"task.train has a single class {list(vocab.names)}; a classifier needs at "
-                     "least 2 (or set task.multi_label=True for label sets).")
+    raise errors.BadInput(f"task.train has a single class {list(vocab.names)}; a classifier needs "
+                          "at least 2 (or set task.multi_label=True for label sets).")
   dev = _check_known(dev, vocab, task.unknown_label, task.multi_label)
   test = _check_known(test, vocab, task.unknown_label, task.multi_label)
   return TaskData(labels=vocab, multi_label=task.multi_label, train=train, dev=dev, test=test)

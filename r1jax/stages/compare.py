@@ -21,6 +21,7 @@ import ml_collections
 
 from r1jax import run_dir
 from r1jax import configlib
+from r1jax import errors
 from r1jax import eval as eval_lib
 
 SPLITS = ("test", "dev")
@@ -60,13 +61,13 @@ def load_summaries(workdirs: Sequence[str]) -> list[dict[str, Any]]:
   for wd in workdirs:
     path = os.path.join(os.path.expanduser(wd), "summary.json")
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} does not exist: {wd!r} is not a finished finetuning workdir "
-                              "(run configs/finetune.py on it first).")
+      raise errors.InputNotFound(f"{path} does not exist: {wd!r} is not a finished finetuning "
+                                 "workdir (run configs/finetune.py on it first).")
     with open(path) as f:
       summary = json.load(f)
     if summary.get("stage") != "finetune" or "test" not in summary:
-      raise ValueError(f"{path} is a {summary.get('stage')!r} summary without test metrics; "
-                       "compare takes finetuning workdirs.")
+      raise errors.BadInput(f"{path} is a {summary.get('stage')!r} summary without test metrics; "
+                            "compare takes finetuning workdirs.")
     out.append(summary)
   return out
 
@@ -86,8 +87,8 @@ def compare(summaries: Sequence[dict[str, Any]], names: Sequence[str], split: st
   """{"metrics": [{"metric", "values": [...], "differences": [...], ...}], "per_class": ...}."""
   labels = [tuple(s["task"]["labels"]) for s in summaries]
   if len(set(labels)) > 1:
-    raise ValueError(f"The workdirs were trained on different label sets "
-                     f"({dict(zip(names, labels))}); compare runs of the same task.")
+    raise errors.BadInput(f"The workdirs were trained on different label sets "
+                          f"({dict(zip(names, labels))}); compare runs of the same task.")
   rows = []
   for label, where, higher in METRICS:
     values = [_get(s, where, split) for s in summaries]

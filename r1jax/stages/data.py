@@ -28,6 +28,7 @@ import tqdm
 
 from r1jax import configlib
 from r1jax import distributed
+from r1jax import errors
 from r1jax.data import augment
 from r1jax.data import clean
 from r1jax.data import sources
@@ -201,8 +202,8 @@ def _synonyms(spec: str) -> augment.SynonymLexicon:
   return lexicon
 
 
-def _run_augmentation(config, clean_dir, out_dir):
-  """-> (written, unchanged)."""
+def _run_augmentation(config, clean_dir, out_dir, back):
+  """-> (written, unchanged); `back`: the BackTranslator, or None."""
   a = config.augment
   records = sources.open_source(clean_dir)
   aug = augment.TextAugmenter(_synonyms(a.synonyms), augment.AugmentConfig(
@@ -218,7 +219,6 @@ def _run_augmentation(config, clean_dir, out_dir):
       else:
         writer.write(record)
       bar.update(1)
-  back = _translator(config)
   if back is not None:
     size = a.back_translation.batch_size
     with _progress(len(records), config.data.progress_bar, "back-translate") as bar:
@@ -275,8 +275,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         previous = json.load(f)
       previous.pop("resolved", None)
       if previous != config_dict:
-        raise ValueError(f"{workdir} holds a finished data stage with a different config; use a "
-                         "new --workdir (or delete this one) to run with the new settings.")
+        raise errors.BadInput(f"{workdir} holds a finished data stage with a different config; "
+                              "use a new --workdir (or delete this one) to run with the new "
+                              "settings.")
       logging.info("Data stage in %s already complete; nothing to do.", workdir)
       return summary
   configlib.write_config_json(config, workdir)
@@ -292,19 +293,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = sources.open_source(d.inputs, text_field=d.text_field, format=d.format,
                                text_mode=d.text_mode, on_undecodable=d.on_undecodable,
                                max_chars=d.max_chars, csv_delimiter=d.csv_delimiter)
+  # Models and optional packages are checked now, not after the cleaning.
+  back = _translator(config) if config.augment.enabled else None
   logging.info("Cleaning %d documents from %s", len(source), d.inputs)
   report, shard_paths, clean_seconds = _run_cleaning(config, source, tmp_dir)
   report_dict = report.to_dict()  # asserts documents_in == documents_out + sum(dropped)
   if report.documents_out == 0:
-    raise ValueError(f"Cleaning kept no document of {report.documents_in} from {d.inputs!r}; "
-                     f"dropped: { {k: v for k, v in report.dropped.items() if v} }. Check the "
-                     "inputs, text_field and thresholds (samples in the error above).")
+    raise errors.BadInput(
+        f"Cleaning kept no document of {report.documents_in} from {d.inputs!r}; dropped: "
+        f"{ {k: v for k, v in report.dropped.items() if v} }. Check the inputs, text_field and "
+        "thresholds (samples in the error above).")
   os.replace(tmp_dir, clean_dir)
   shard_paths = [os.path.join(clean_dir, os.path.basename(p)) for p in shard_paths]
 
   augmented = unchanged = 0
   if config.augment.enabled:
-    augmented, unchanged = _run_augmentation(config, clean_dir, os.path.join(data_dir, "augmented"))
+    augmented, unchanged = _run_augmentation(config, clean_dir, os.path.join(data_dir, "augmented"),
+                                             back)
 
   tokenizer_path = None
   vocab_size = None

@@ -39,6 +39,7 @@ import optax
 
 from r1jax import configlib
 from r1jax import eval as eval_lib
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.data import pretraining
 from r1jax.data import tokenizer as tokenizer_lib
@@ -143,14 +144,14 @@ def _checkpoint_settings(init_from: str) -> dict[str, Any]:
   path = os.path.join(init_from, run_dir.CONFIG_FILE)
   cfg = run_dir.read_json(path)
   if cfg is None:
-    raise FileNotFoundError(f"init_from={init_from!r} has no config.json; name the workdir of a "
-                            "pretraining run.")
+    raise errors.InputNotFound(f"init_from={init_from!r} has no config.json; name the workdir of a "
+                               "pretraining run.")
   data = cfg.get("data") or {}
   resolved = cfg.get("resolved") or {}
   variant = (cfg.get("model") or {}).get("variant")
   if variant not in txl.VARIANTS:
-    raise ValueError(f"{path}: model.variant={variant!r} is not one of {tuple(txl.VARIANTS)}; is "
-                     "this a pretraining workdir?")
+    raise errors.BadInput(f"{path}: model.variant={variant!r} is not one of "
+                          f"{tuple(txl.VARIANTS)}; is this a pretraining workdir?")
   return {"variant": variant, "nsp": bool(data.get("nsp", True)),
           "mlm_prob": float(data.get("mlm_prob", 0.15)),
           "every_nth": int(data.get("eval_every_nth_doc", 50)),
@@ -239,8 +240,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     texts = pretraining.resolve_texts(config[name])
     _, held = pretraining.split_documents(texts, every_nth)
     if not held:
-      raise ValueError(f"{name}={config[name]!r} has {len(texts)} documents: too few for a "
-                       f"held-out set of every {every_nth}-th document; lower held_out_every_nth.")
+      raise errors.BadInput(f"{name}={config[name]!r} has {len(texts)} documents: too few for a "
+                            f"held-out set of every {every_nth}-th document; lower "
+                            "held_out_every_nth.")
     sample = sample_docs(texts, config.max_docs)
     stats = tokenizer_stats(tok, sample)
     pieces[name] = stats.pop("_piece_counts")

@@ -156,7 +156,7 @@ def check_backbone_fits(saved: Mapping[str, tuple[int, ...]], target: Any, *, in
       problems.append(f"{path}: checkpoint {s if s is not None else 'has none'}, "
                       f"model {m if m is not None else 'has none'}")
   if problems:
-    raise ValueError(
+    raise configlib.ConfigError(
         f"init_from={init_from!r} (step {step}) does not fit the classifier's backbone: "
         f"{len(problems)} parameter(s) differ:\n  " + "\n  ".join(problems[:20]) +
         (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "") +
@@ -214,12 +214,12 @@ def plan_phases(config: ml_collections.ConfigDict, *, n_layer: int, total_steps:
   if config.schedule == "a_then_b":
     a_steps = max(1, int(round(u.stage_a_fraction * total_steps)))
     if a_steps >= total_steps:
-      raise ValueError(f"schedule=a_then_b with {total_steps} steps leaves none for stage B "
-                       f"(unfreeze.stage_a_fraction={u.stage_a_fraction}); train longer.")
+      raise configlib.ConfigError(f"schedule=a_then_b: all {total_steps} steps go to stage A "
+                                  f"(unfreeze.stage_a_fraction={u.stage_a_fraction}); add steps.")
     return [Phase(0, "stage_a", 0, a_steps, patience), Phase(1, "stage_b", layers, None, patience)]
   every = max(1, int(round(u.every_epochs * steps_per_epoch)))
   if layers * every >= total_steps:
-    raise ValueError(
+    raise configlib.ConfigError(
         f"schedule=progressive: {layers} layer(s) x unfreeze.every_epochs={u.every_epochs} "
         f"(= {every} steps each) needs more than the {total_steps} training steps; raise "
         f"train.num_epochs/num_steps or lower unfreeze.every_epochs or unfreeze.num_layers.")
@@ -407,9 +407,9 @@ def _check_plan(workdir: str, plan: list[Phase]) -> None:
       run_dir.write_json(path, {"phases": wanted})
     return
   if saved["phases"] != wanted:
-    raise ValueError(f"{workdir} was started with the phases {saved['phases']} but this config "
-                     f"plans {wanted}; rerun with the original schedule/steps, or use a new "
-                     f"--workdir.")
+    raise configlib.ConfigError(f"{workdir} was started with the phases {saved['phases']} but "
+                                f"this config plans {wanted}; rerun with the original "
+                                "schedule/steps, or use a new --workdir.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from r1jax import configlib
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.data import pretraining
@@ -181,8 +182,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   texts = pretraining.resolve_texts(config.data.corpus)
   train_texts, eval_texts = pretraining.split_documents(texts, config.data.eval_every_nth_doc)
   if len(train_texts) < 2 or not eval_texts:
-    raise ValueError(f"data.corpus={config.data.corpus!r} has {len(texts)} documents; need enough "
-                     f"for a training set and every {config.data.eval_every_nth_doc}-th as held-out.")
+    raise errors.BadInput(f"data.corpus={config.data.corpus!r} has {len(texts)} documents; need "
+                          f"enough for a training set and every "
+                          f"{config.data.eval_every_nth_doc}-th as held-out.")
   tok = prepare_tokenizer(config, workdir, train_texts)
   mcfg = model_config(config, vocab_size=tok.vocab_size)
   knowledge = knowledge_path(config)

@@ -315,8 +315,9 @@ def trial_value(stage: str, summary: Mapping[str, Any], workdir: str, metric: st
     record = summary.get("final_eval") or {}
     step = record.get("step", summary.get("step"))
   if not record or metric not in record:
-    raise ValueError(f"The {stage} run in {workdir} has no eval of {metric!r} at step {step} "
-                     f"(eval record: {record}); objective.metric must be one its evals report.")
+    raise configlib.ConfigError(
+        f"The {stage} run in {workdir} has no eval of {metric!r} at step {step} (eval record: "
+        f"{record}); objective.metric must be one its evals report.")
   return float(record[metric]), int(step)
 
 
@@ -331,8 +332,8 @@ class PruningHook:
 
   def __call__(self, step: int, metrics: Mapping[str, Any]) -> bool:
     if self.metric not in metrics:
-      raise ValueError(f"objective.metric={self.metric!r} is not among this run's eval metrics "
-                       f"{sorted(metrics)}.")
+      raise configlib.ConfigError(f"objective.metric={self.metric!r} is not among this run's eval "
+                                  f"metrics {sorted(metrics)}.")
     value = float(metrics[self.metric])
     if step not in self.reported:
       self.trial.report(value, step)

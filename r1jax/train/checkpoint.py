@@ -40,7 +40,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from r1jax import console
 from r1jax import distributed
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.train.state import TrainState
 
@@ -74,8 +76,9 @@ class Preempted(SystemExit):
     return f"preempted (SIGTERM): saved step {self.step}; rerun the same command to resume"
 
 
-class CheckpointShapeError(ValueError):
-  """A checkpoint's shapes do not match the model being restored into."""
+class CheckpointShapeError(errors.UserError, ValueError):
+  """A checkpoint's shapes do not match the model being restored into (init_from names a run
+  of another architecture, or a workdir is reused for another model)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,19 +218,6 @@ def _all_processes_ok(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray([int(ok)]))))
 
 
-class _QuietOrbax:
-  """Drops Orbax's INFO lines (dozens per save) from absl logging; its warnings still show."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname.replace("\\", "/")
-
-
-def quiet_orbax_logging() -> None:
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-    handler.addFilter(_QuietOrbax())
-
-
 # Replicated arrays are written by one replica unless a slice per replica would be at least this big:
 # Orbax's default (split every replicated array across its replicas) compiles a slice per device and
 # per shape, which costs more than it saves for small arrays and on one host.
@@ -260,7 +250,7 @@ class Checkpointer:
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
-    quiet_orbax_logging()
+    console.quiet_library_logs()
     policies = [cm.LatestN(n=max_to_keep)]
     if keep_best:
       policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
