@@ -5,6 +5,7 @@ a JSONL file with bad rows, and a CSV with missing values and a ragged row.
 """
 import json
 import os
+import random
 
 import pytest
 import tensorflow_datasets as tfds
@@ -14,6 +15,7 @@ from r1jax.data import pretraining
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import data as data_stage
+from r1jax.stages import pretrain
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "data.py")
 TOPICS = ["compilers translate source code into machine code",
@@ -181,3 +183,44 @@ def test_configs_load_and_validate(inputs, tmp_path):
   with pytest.raises(FileNotFoundError, match="missing.jsonl"):
     data_stage.run(_config(inputs, **{"data.inputs": str(tmp_path / "missing.jsonl")}),
                    str(tmp_path / "w"))
+
+
+def _small_mixed_corpus(path, lines=2700):
+  """A corpus of the size a new user tries first: English lines and one Chinese line in five,
+  written with 1,500 distinct characters (more than a 1,000-piece vocabulary holds)."""
+  rng = random.Random(0)
+  words = " ".join(TOPICS).split()
+  chinese = [chr(0x4E00 + 7 * i) for i in range(1500)]
+  rows = []
+  for i in range(lines):
+    if i % 5 == 0:
+      rows.append("".join(rng.choice(chinese) for _ in range(rng.randint(15, 40))))
+    else:
+      rows.append(" ".join(rng.choice(words) for _ in range(rng.randint(8, 20))) + f" {i}.")
+  path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+  return str(path)
+
+
+@pytest.mark.parametrize("variant", ["base", "tiny"])
+def test_small_corpus_gets_a_vocabulary_that_fits(variant, tmp_path):
+  """The README's data command on a 2,700-line corpus: the base variant asks for 50,000 pieces
+  (more than the corpus supports), tiny for 1,000 (fewer than its characters need). Both finish,
+  and a pretraining model built on the tokenizer takes its piece count."""
+  config = configlib.load_config(f"{CONFIG}:variant={variant}")
+  config.data.inputs = _small_mixed_corpus(tmp_path / "my_corpus.txt")
+  config.data.progress_bar = False
+  summary = data_stage.run(config, str(tmp_path / "w"))
+  asked = config.tokenizer.vocab_size
+  tok = tokenizer_lib.Tokenizer.load(str(tmp_path / "w"))
+  assert summary["vocab_size"] == tok.vocab_size and summary["vocab_size_requested"] == asked
+  if variant == "base":
+    assert asked == 50_000 and tokenizer_lib.NUM_SPECIAL + 256 < tok.vocab_size < asked
+  else:
+    assert tok.vocab_size == asked == 1000
+  rare = chr(0x4E00 + 7 * 1499) + chr(0x4E00 + 7 * 1498)
+  for text in ("routers forward packets", rare + chr(0x4E00) * 3):
+    assert tok.decode(tok.encode(text)) == text  # rare characters come back through bytes
+  pretrain_config = configlib.load_config(
+      os.path.join(os.path.dirname(CONFIG), "pretrain.py") + f":variant={variant}")
+  assert pretrain.model_config(pretrain_config, vocab_size=tok.vocab_size).vocab_size == (
+      tok.vocab_size)

@@ -13,20 +13,32 @@ Special ids are fixed so every stage agrees on them without reading the model:
 `byte_fallback` is on, so characters never seen in training (rare CJK, emoji) become byte pieces
 rather than [UNK].
 
+The vocabulary fits the corpus in both directions: `vocab_size` is an upper bound (SentencePiece's
+soft limit), so a small corpus gives fewer pieces rather than an error; and when the characters
+SentencePiece must keep as pieces (`character_coverage` of the text) do not fit beside the 5
+specials and 256 byte pieces, only the most frequent characters, up to half the room left, are
+learned as pieces and the rarer ones fall back to bytes. `train` logs one line with the outcome; a
+model built on the tokenizer takes its `vocab_size` (the piece count), not the one asked for.
+
 The model is held as bytes: a Tokenizer pickles cheaply into Grain worker processes.
 """
+import collections
 import io
 import os
 import re
 import shutil
 import tempfile
 
+from absl import logging
 import numpy as np
 import sentencepiece as spm
+
+from r1jax import errors
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
 SPECIAL_PIECES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 NUM_SPECIAL = len(SPECIAL_PIECES)
+NUM_BYTE_PIECES = 256  # byte_fallback's <0x00>..<0xFF>
 MODEL_TYPES = ("unigram", "bpe")
 WORD_START = "\u2581"  # SentencePiece's whitespace marker
 _CJK_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
@@ -56,6 +68,43 @@ def _training_sentences(texts, limit, seed=0):
             sample[j] = chunk
         count += 1
   return sample
+
+
+def _required_characters(counts: collections.Counter, coverage: float) -> int:
+  """How many characters SentencePiece keeps as pieces for `coverage`: the most frequent ones until
+  they cover that fraction of all characters (its trainer_interface's required_chars)."""
+  total = sum(counts.values())
+  covered = 0
+  for n, (_, count) in enumerate(counts.most_common()):
+    if covered >= coverage * total:
+      return n
+    covered += count
+  return len(counts)
+
+
+def _fit_characters(sentences: list[str], vocab_size: int, coverage: float
+                    ) -> tuple[list[str], str]:
+  """(sentences, note): when the characters SentencePiece would require do not fit in the
+  vocabulary beside the specials and byte pieces, the sentences are cut at every character outside
+  the most frequent half-the-room, so those stay pieces and the rest fall back to bytes (as they
+  do when encoding). Otherwise the sentences unchanged and an empty note."""
+  counts = collections.Counter()
+  for sentence in sentences:
+    counts.update(sentence.replace(" ", "\u2581"))  # SentencePiece counts spaces as its marker
+  room = vocab_size - NUM_SPECIAL - NUM_BYTE_PIECES
+  required = _required_characters(counts, coverage)
+  if required <= room:
+    return sentences, ""
+  ranked = counts.most_common()
+  keep = max(1, room // 2)  # the other half for multi-character pieces
+  table = {ord(ch): "\n" for ch, _ in ranked[keep:]}
+  cut = [part.strip() for s in sentences for part in s.translate(table).split("\n")]
+  fallback = sum(c for _, c in ranked[keep:]) / sum(counts.values())
+  note = (f"; {keep} characters are pieces and {len(ranked) - keep} rarer ones "
+          f"({fallback:.1%} of the text) fall back to bytes: covering {coverage:g} of the text "
+          f"needs {required} characters, more than the {room} places after the specials and "
+          f"byte pieces")
+  return [part for part in cut if part], note
 
 
 class Tokenizer:
@@ -97,8 +146,9 @@ class Tokenizer:
 
     Args:
       texts: iterable of document strings (cleaned). Documents are split into lines for training.
-      vocab_size: total vocabulary including the 5 specials. If the corpus is too small for it,
-        SentencePiece's error is re-raised with the largest size it supports.
+      vocab_size: the largest vocabulary, the 5 specials and 256 byte pieces included. A corpus
+        too small for it gives fewer pieces; a corpus with more distinct characters than fit
+        keeps its most frequent ones as pieces (module docstring). One line logs the outcome.
       model_type: one of MODEL_TYPES. "bpe" trains in about a second on the embedded corpus;
         "unigram" takes 5-15 s there.
       character_coverage: fraction of characters covered by single pieces (0.9995 suits CJK; the
@@ -109,26 +159,34 @@ class Tokenizer:
     """
     if model_type not in MODEL_TYPES:
       raise ValueError(f"model_type={model_type!r}; choose one of {MODEL_TYPES}.")
-    if vocab_size <= NUM_SPECIAL + 256 + 1:
+    if vocab_size <= NUM_SPECIAL + NUM_BYTE_PIECES + 1:
       raise ValueError(f"vocab_size={vocab_size} is too small: it must exceed "
-                       f"{NUM_SPECIAL + 256 + 1} (5 specials + 256 byte pieces + 1).")
+                       f"{NUM_SPECIAL + NUM_BYTE_PIECES + 1} (5 specials + 256 byte pieces + 1).")
     sentences = _training_sentences(texts, max_sentences)
     if not sentences:
-      raise ValueError("Tokenizer.train got no text: the corpus is empty after cleaning.")
+      raise errors.BadInput("Tokenizer.train got no text: the corpus is empty after cleaning.")
+    lines = len(sentences)
+    sentences, note = _fit_characters(sentences, vocab_size, character_coverage)
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-          model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
-          pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1, pad_piece="[PAD]",
-          unk_piece="[UNK]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+          hard_vocab_limit=False, model_type=model_type, character_coverage=character_coverage,
+          byte_fallback=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1,
+          pad_piece="[PAD]", unk_piece="[UNK]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
           max_sentence_length=_MAX_SENTENCE_BYTES, seed_sentencepiece_size=seed_sentencepiece_size,
           num_threads=num_threads, split_digits=True, minloglevel=2,
           train_extremely_large_corpus=False)
     except RuntimeError as e:
       raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size} on "
-                       f"{len(sentences)} lines: {e}") from e
-    return cls(model.getvalue())
+                       f"{lines} lines: {e}") from e
+    tok = cls(model.getvalue())
+    if tok.vocab_size < vocab_size:
+      note = (f"; the {lines} training lines support no more pieces (vocab_size is an upper "
+              f"bound)") + note
+    logging.info("Tokenizer: %s vocabulary of %d pieces (vocab_size=%d)%s.", model_type,
+                 tok.vocab_size, vocab_size, note)
+    return tok
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -136,8 +194,8 @@ class Tokenizer:
     if os.path.isdir(path):
       path = os.path.join(path, "tokenizer.model")
     if not os.path.exists(path):
-      raise FileNotFoundError(f"No tokenizer model at {path}; run the data stage first "
-                              "(python -m r1jax.main --config=configs/data.py --workdir=DIR).")
+      raise errors.InputNotFound(f"No tokenizer model at {path}; run the data stage first "
+                                 "(python -m r1jax.main --config=configs/data.py --workdir=DIR).")
     with open(path, "rb") as f:
       return cls(f.read())
 

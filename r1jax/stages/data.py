@@ -316,8 +316,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   extra = []
   if config.tokenizer.train:
     t = config.tokenizer
-    logging.info("Training a %s tokenizer (vocab %d) on the cleaned documents.", t.model_type,
-                 t.vocab_size)
+    logging.info("Training a %s tokenizer (vocab_size %d at most) on the cleaned documents.",
+                 t.model_type, t.vocab_size)
     extra = [spec.strip() for spec in str(t.get("extra_inputs", "")).split(",") if spec.strip()]
     if extra:
       logging.info("The tokenizer also learns from %s (not cleaned, not in the corpus).", extra)
@@ -340,7 +340,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "dropped": sum(report.dropped.values()), "augmented": augmented,
       "clean_dir": clean_dir, "clean_shards": len(shard_paths),
       "report": os.path.join(data_dir, "report.json"), "tokenizer": tokenizer_path,
-      "vocab_size": vocab_size, "tokenizer_extra_inputs": ",".join(extra) or None,
+      "vocab_size": vocab_size,
+      "vocab_size_requested": config.tokenizer.vocab_size if config.tokenizer.train else None,
+      "tokenizer_extra_inputs": ",".join(extra) or None,
       "docs_per_sec": report_dict["docs_per_sec"],
       "seconds": round(time.perf_counter() - started, 3),
   }
