@@ -21,13 +21,14 @@ Definitions (the same as scikit-learn's defaults):
 
 Latency: `measure_latency` calls `fn` on one fixed batch, discards `warmup` calls (compilation,
 caches), times `repeats` calls that each wait for the result (`jax.block_until_ready`), and reports
-the median, so one slow call (another process, a GC pause) does not move the figure.
+the median, so one slow call (another process, a GC pause) does not move the figure, with the
+10th-90th percentile range as its spread. `latency_summary` times batch 1 and a larger batch in
+alternation and flags a batched per-example figure above batch 1's as noise.
 """
 from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -337,6 +338,19 @@ def per_class_table(metrics: Mapping[str, Any]) -> str:
 # Latency.
 
 
+def _batch_size_of(example_batch: Any) -> int:
+  leaves = [x for x in jax.tree.leaves(example_batch) if getattr(x, "ndim", 0) >= 1]
+  if not leaves:
+    raise ValueError("measure_latency: pass batch_size= (no array in example_batch).")
+  return int(leaves[0].shape[0])
+
+
+def _timed_ms(fn: Callable[[Any], Any], batch: Any) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(batch))
+  return (time.perf_counter() - start) * 1e3
+
+
 def measure_latency(fn: Callable[[Any], Any], example_batch: Any, *, warmup: int = 3,
                     repeats: int = 20, batch_size: int | None = None) -> dict[str, float]:
   """Wall-clock latency of `fn(example_batch)` after warm-up (median over `repeats` calls).
@@ -349,32 +363,63 @@ def measure_latency(fn: Callable[[Any], Any], example_batch: Any, *, warmup: int
     warmup: untimed calls first (compilation, allocation).
     repeats: timed calls.
   Returns:
-    {"batch_size", "ms_per_batch" (median), "ms_per_example", "ms_min", "ms_max", "repeats"}.
+    {"batch_size", "ms_per_batch" (median), "ms_per_example", "ms_p10", "ms_p90" (10th and 90th
+    percentile per batch), "ms_min", "ms_max", "repeats"}.
   """
   if repeats < 1 or warmup < 0:
     raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
   if batch_size is None:
-    leaves = [x for x in jax.tree.leaves(example_batch) if getattr(x, "ndim", 0) >= 1]
-    if not leaves:
-      raise ValueError("measure_latency: pass batch_size= (no array in example_batch).")
-    batch_size = int(leaves[0].shape[0])
+    batch_size = _batch_size_of(example_batch)
   for _ in range(warmup):
     jax.block_until_ready(fn(example_batch))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(example_batch))
-    times.append((time.perf_counter() - start) * 1e3)
-  median = statistics.median(times)
+  times = [_timed_ms(fn, example_batch) for _ in range(repeats)]
+  p10, median, p90 = (float(x) for x in np.percentile(times, [10, 50, 90]))
   return {"batch_size": batch_size, "ms_per_batch": median, "ms_per_example": median / batch_size,
-          "ms_min": min(times), "ms_max": max(times), "repeats": repeats}
+          "ms_p10": p10, "ms_p90": p90, "ms_min": min(times), "ms_max": max(times),
+          "repeats": repeats}
 
 
-def latency_summary(fn: Callable[[Any], Any], batch1: Any, batched: Any, **kwargs: Any
-                    ) -> dict[str, float]:
-  """{"latency_ms_batch1", "latency_ms_batched" (per example), "latency_batch_size"} for a
-  report, from `measure_latency` at batch 1 and at the larger batch."""
-  one = measure_latency(fn, batch1, **kwargs)
-  many = measure_latency(fn, batched, **kwargs)
-  return {"latency_ms_batch1": one["ms_per_example"], "latency_ms_batched": many["ms_per_example"],
-          "latency_batch_size": many["batch_size"]}
+def latency_summary(fn: Callable[[Any], Any], batch1: Any, batched: Any, *, warmup: int = 3,
+                    repeats: int = 20) -> dict[str, Any]:
+  """Per-example latency at batch 1 and at the larger batch, for a report.
+
+  The two are timed in alternation (one call of each in turn, after `warmup` untimed calls of
+  each), so load from other processes on a shared machine falls on both alike. Returns
+  {"latency_ms_batch1", "latency_ms_batched": medians in ms per example; the same keys + "_p10" /
+  "_p90": the 10th-90th percentile range over the `repeats` calls; "latency_batch_size",
+  "latency_repeats", "latency_batched_slower"}. Batching shares each call's fixed cost among its
+  examples, so a batched median above batch 1's is timing noise (the machine's load changed
+  while measuring), not the model: `latency_batched_slower` flags it for the report.
+  """
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
+  sizes = {"batch1": _batch_size_of(batch1), "batched": _batch_size_of(batched)}
+  batches = {"batch1": batch1, "batched": batched}
+  for _ in range(warmup):
+    for name in batches:
+      jax.block_until_ready(fn(batches[name]))
+  times = {name: [] for name in batches}
+  for _ in range(repeats):
+    for name, batch in batches.items():
+      times[name].append(_timed_ms(fn, batch) / sizes[name])
+  out: dict[str, Any] = {"latency_batch_size": sizes["batched"], "latency_repeats": repeats}
+  for name, values in times.items():
+    p10, median, p90 = (float(x) for x in np.percentile(values, [10, 50, 90]))
+    out.update({f"latency_ms_{name}": median, f"latency_ms_{name}_p10": p10,
+                f"latency_ms_{name}_p90": p90})
+  out["latency_batched_slower"] = out["latency_ms_batched"] > out["latency_ms_batch1"]
+  return out
+
+
+def latency_line(summary: Mapping[str, Any]) -> str:
+  """"0.80 ms/example at batch 1 (p10-p90 0.71-0.93), 0.29 at batch 32 (0.27-0.35)", plus a
+  warning when the batched figure is the slower one (see `latency_summary`)."""
+  def part(name: str) -> str:
+    return (f"{summary[f'latency_ms_{name}']:.3f} (p10-p90 {summary[f'latency_ms_{name}_p10']:.3f}"
+            f"-{summary[f'latency_ms_{name}_p90']:.3f})")
+  text = (f"{part('batch1')} ms/example at batch 1, {part('batched')} at batch "
+          f"{summary['latency_batch_size']}")
+  if summary.get("latency_batched_slower"):
+    text += (f" [noise: batch {summary['latency_batch_size']} should not be slower per example "
+             "than batch 1; the machine was busy while timing, measure again on a quiet one]")
+  return text

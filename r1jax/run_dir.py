@@ -272,6 +272,9 @@ def provide_tokenizer(workdir: str, *, source: str = "",
   """DIR/tokenizer.model, loaded: kept if present (a resumed run), else a copy of the file
   `source`, else the tokenizer `train()` returns. Process 0 makes it while the others wait."""
   path = os.path.join(workdir, TOKENIZER_FILE)
+  how = "kept from an earlier attempt of this run"
+  if not os.path.exists(path):
+    how = f"a copy of {source}" if source else "trained on this run's training documents"
   if jax.process_index() == 0 and not os.path.exists(path):
     if source:
       shutil.copyfile(os.path.expanduser(source), path + ".tmp")
@@ -279,7 +282,9 @@ def provide_tokenizer(workdir: str, *, source: str = "",
     else:
       train().save(path)
   distributed.sync("r1jax_tokenizer")
-  return tokenizer_lib.Tokenizer.load(path)
+  tok = tokenizer_lib.Tokenizer.load(path)
+  logging.info("Tokenizer %s: %d pieces, %s.", path, tok.vocab_size, how)
+  return tok
 
 
 # --------------------------------------------------------------------------------------------------

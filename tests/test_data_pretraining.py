@@ -1,5 +1,7 @@
 """Tests for r1jax.data.pretraining (MLM/NSP/knowledge batches, streaming, resumption, workers),
 r1jax.data.knowledge and r1jax.data.grain_ops."""
+import logging
+
 import grain
 import numpy as np
 import pytest
@@ -315,3 +317,15 @@ def test_bad_knowledge_file(tmp_path, docs, tok):
   bad.write_text("Java\tlanguage\nonly-one-field\n", encoding="utf-8")
   with pytest.raises(ValueError, match=r"bad.tsv:2"):
     pretraining.pretrain_dataset(docs, tok, seq_len=32, batch_size=2, knowledge_path=str(bad))
+
+
+def test_a_corpus_spec_says_what_it_read(tmp_path, caplog):
+  """Pretraining on FILE.txt logs how many documents it read and how it parsed them."""
+  text, jsonl = tmp_path / "corpus.txt", tmp_path / "notes.jsonl"
+  text.write_text("first doc\n\nsecond doc\n", encoding="utf-8")
+  jsonl.write_text('{"text": "a note"}\n{"body": "no text field"}\n', encoding="utf-8")
+  with caplog.at_level(logging.INFO, logger="absl"):
+    texts = pretraining.resolve_texts(f"{text},{jsonl}")
+  assert texts == ["first doc", "second doc", "a note"]
+  assert (f"Corpus {text},{jsonl}: 3 documents, read as plain text, one document per line; "
+          "JSONL, the text in field 'text'; rows skipped: {'missing_text': 1}.") in caplog.text

@@ -132,6 +132,28 @@ def test_measure_latency_excludes_warmup_and_divides_by_batch():
   s = eval_lib.latency_summary(fn, {"t": np.zeros((1, 2))}, {"t": np.zeros((8, 2))}, warmup=0,
                                repeats=3)
   assert s["latency_batch_size"] == 8 and s["latency_ms_batched"] < s["latency_ms_batch1"]
+  assert not s["latency_batched_slower"] and "noise" not in eval_lib.latency_line(s)
+
+
+def test_latency_summary_alternates_reports_the_spread_and_flags_noise():
+  """Batch 1 and the larger batch are timed call by call in turn; each figure comes with its
+  10th-90th percentile range, and a batched per-example figure above batch 1's is called noise."""
+  sizes = []
+
+  def fn(batch):
+    sizes.append(len(batch["t"]))
+    time.sleep(0.002 if len(batch["t"]) == 1 else 0.040)  # 5 ms per example at batch 8: "noise"
+    return batch
+
+  s = eval_lib.latency_summary(fn, {"t": np.zeros((1, 2))}, {"t": np.zeros((8, 2))}, warmup=1,
+                               repeats=5)
+  assert sizes == [1, 8] * 6
+  assert s["latency_repeats"] == 5 and s["latency_batched_slower"]
+  for name in ("batch1", "batched"):
+    assert (s[f"latency_ms_{name}_p10"] <= s[f"latency_ms_{name}"]
+            <= s[f"latency_ms_{name}_p90"])
+  line = eval_lib.latency_line(s)
+  assert "p10-p90" in line and "noise: batch 8 should not be slower per example" in line
 
 
 def test_markdown_table():

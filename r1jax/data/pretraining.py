@@ -64,6 +64,7 @@ import math
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import grain
 import numpy as np
 
@@ -90,22 +91,34 @@ def resolve_texts(docs_or_paths) -> list[str]:
     "builtin:task:train", "tfds:NAME/SPLIT", or several of these separated by commas;
   - an `os.PathLike` is a path;
   - a list holds texts (str), records with a "text" field (dict), or PathLike paths.
-  Empty and whitespace-only texts are dropped; rows the source flags as bad are skipped.
+  Empty and whitespace-only texts are dropped; rows the source flags as bad are skipped. An input
+  spec logs one line: how many documents, how they were parsed, and the rows skipped.
   """
   if isinstance(docs_or_paths, (str, os.PathLike)):
-    records = sources.read_records(os.fspath(docs_or_paths))
-    texts = [r["text"] for r in records if not r.get("_error")]
-  else:
-    texts = []
-    for item in docs_or_paths:
-      if isinstance(item, dict):
-        texts.append(item["text"])
-      elif isinstance(item, os.PathLike):
-        texts.extend(resolve_texts(item))
-      elif isinstance(item, str):
-        texts.append(item)
+    spec = os.fspath(docs_or_paths)
+    source = sources.open_source(spec)
+    texts, skipped = [], collections.Counter()
+    for i in range(len(source)):
+      record = source[i]
+      if record.get("_error"):
+        skipped[record["_error"]] += 1
+      elif isinstance(record.get("text"), str) and record["text"].strip():
+        texts.append(record["text"])
       else:
-        raise TypeError(f"Corpus item of type {type(item).__name__} is not a text, record or path.")
+        skipped["empty"] += 1
+    logging.info("Corpus %s: %d documents, read as %s%s.", spec, len(texts), source.describe(),
+                 f"; rows skipped: {dict(skipped)}" if skipped else "")
+    return texts
+  texts = []
+  for item in docs_or_paths:
+    if isinstance(item, dict):
+      texts.append(item["text"])
+    elif isinstance(item, os.PathLike):
+      texts.extend(resolve_texts(item))
+    elif isinstance(item, str):
+      texts.append(item)
+    else:
+      raise TypeError(f"Corpus item of type {type(item).__name__} is not a text, record or path.")
   return [t for t in texts if isinstance(t, str) and t.strip()]
 
 

@@ -39,6 +39,7 @@ paragraph (`text_mode="paragraphs"`). Text and JSONL files are indexed by byte o
 and read lazily through mmap; CSV, Parquet and gzip files are held in memory.
 """
 import bisect
+import collections
 import csv
 import glob as glob_lib
 import gzip
@@ -220,6 +221,13 @@ class _OffsetFileSource(_FileSource):
       f.close()
     return bytes(self._data[start:end])
 
+  def describe(self) -> str:
+    if self.fmt == "jsonl":
+      return f"JSONL, the text in field {self.text_field!r}"
+    if self.text_mode == "paragraphs":
+      return "plain text, one document per blank-line separated paragraph"
+    return "plain text, one document per line"
+
   def __len__(self):
     return len(self._starts)
 
@@ -266,6 +274,7 @@ class _CsvSource(_FileSource):
 
   def __init__(self, path, delimiter, text_field, on_undecodable, max_chars):
     super().__init__(path, text_field, on_undecodable, max_chars)
+    self.delimiter = delimiter
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
       raw = f.read()
@@ -326,6 +335,9 @@ class _CsvSource(_FileSource):
         self._meta.append({name: next(values) for name, values in columns.items()})
     self._text_col = header.index(text_field)
 
+  def describe(self) -> str:
+    return f"{'TSV' if self.delimiter == chr(9) else 'CSV'}, the text in column {self.text_field!r}"
+
   def __len__(self):
     return len(self._rows)
 
@@ -358,6 +370,9 @@ class _ParquetSource(_FileSource):
                             f"{table.column_names}); set the text field to one of them.")
     self._columns = {name: table.column(name).to_pylist() for name in table.column_names}
     self._n = table.num_rows
+
+  def describe(self) -> str:
+    return f"Parquet, the text in column {self.text_field!r}"
 
   def __len__(self):
     return self._n
@@ -395,6 +410,9 @@ class _TfdsSource(_FileSource):
                             f"{list(features.keys())}).")
     self._class_names = {k: f.names for k, f in features.items()
                          if isinstance(f, tfds.features.ClassLabel)}
+
+  def describe(self) -> str:
+    return f"a TFDS dataset, the text in feature {self.text_field!r}"
 
   def __len__(self):
     return len(self._ds)
@@ -510,6 +528,12 @@ class RecordSource(grain.sources.RandomAccessDataSource):
 
   def __len__(self) -> int:
     return self._offsets[-1]
+
+  def describe(self) -> str:
+    """How the inputs are read: "plain text, one document per line", "2 files of JSONL, ...";
+    several kinds joined with "; "."""
+    kinds = collections.Counter(f.describe() for f in self.files)
+    return "; ".join(kind if n == 1 else f"{n} files of {kind}" for kind, n in kinds.items())
 
   @property
   def tabular_files(self) -> list[Any]:

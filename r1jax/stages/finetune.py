@@ -14,7 +14,8 @@ r"""Finetuning stage: a pretrained backbone + a new classification head, trained
    pooler into the head's pooler where shapes match);
 3. plans the phases of `config.schedule` and runs them one after another with the shared engine:
      head_only    backbone frozen, head trains (stage A alone);
-     a_then_b     stage A, then stage B: the last `unfreeze.num_layers` layers train at
+     a_then_b     stage A, then stage B: the last `unfreeze.num_layers` layers (all of them in a
+                  smaller model; each phase logs what it trains) train at
                   `unfreeze.learning_rate` while the head keeps `train.learning_rate`;
      progressive  stage A, then one more layer from the top every `unfreeze.every_epochs` epochs
                   (or earlier after `unfreeze.plateau_patience` evals without improvement);
@@ -205,8 +206,6 @@ def plan_phases(config: ml_collections.ConfigDict, *, n_layer: int, total_steps:
   u = config.unfreeze
   patience = config.eval.early_stopping_patience
   layers = min(u.num_layers, n_layer)
-  if layers < u.num_layers and config.schedule in ("a_then_b", "progressive"):
-    logging.info("unfreeze.num_layers=%d clamped to the model's n_layer=%d.", u.num_layers, n_layer)
   if config.schedule == "head_only":
     return [Phase(0, "head_only", 0, None, patience)]
   if config.schedule == "full":
@@ -347,8 +346,11 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
     return dict(done, dir=pdir)  # the workdir may have moved since
   end = ctx.total_steps if phase.steps is None else min(ctx.total_steps, start + phase.steps)
   engine, rules, counts = _build_engine(ctx, phase, start, end)
-  logging.info("Phase %s (steps %d-%d): %s trainable / %s frozen parameters; rules %s.",
-               phase.name, start, end, f"{counts['trainable']:,}", f"{counts['frozen']:,}", rules)
+  trains = {ALL_LAYERS: "every parameter", 0: "the head only"}.get(
+      phase.layers, f"the head and the last {phase.layers} of {ctx.mcfg.n_layer} backbone layers")
+  logging.info("Phase %s (steps %d-%d) trains %s: %s trainable / %s frozen parameters; rules %s.",
+               phase.name, start, end, trains, f"{counts['trainable']:,}", f"{counts['frozen']:,}",
+               rules)
 
   def init_state() -> TrainState:
     rng = jax.random.PRNGKey(cfg.seed + phase.index)
@@ -582,19 +584,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       "test": results["test"],
       "latency_device": results["latency_device"],
       "confusion_matrix_png": confusion_png,
+      "tensorboard": metrics_lib.tensorboard_command(workdir),
   }
   for key in ("majority_baseline", "linear_baseline"):
     if key in results:
       summary[key] = results[key]
-  if jax.process_index() == 0:
-    finetune_report.write_report(os.path.join(workdir, "report.md"), summary, confusion_png)
-    run_dir.write_json(os.path.join(workdir, "summary.json"), summary)
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=final["end_step"])
-    writer.write(final["end_step"], "test", {k: v for k, v in results["test"].items()
-                                            if isinstance(v, (int, float))})
-    writer.close()
-  t = results["test"]
-  logging.info("Test: accuracy %.4f, macro-F1 %.4f, latency %.3f ms/example (batch 1), %.3f "
-               "(batch %d). Report: %s", t["accuracy"], t["macro_f1"], t["latency_ms_batch1"],
-               t["latency_ms_batched"], t["latency_batch_size"], os.path.join(workdir, "report.md"))
+  finetune_report.publish(workdir, summary, confusion_png)
   return summary

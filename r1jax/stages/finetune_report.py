@@ -1,9 +1,9 @@
 """The finetuning stage's closing part: the chosen parameters measured on dev and test (metrics,
-majority baseline, latency) and DIR/report.md.
+majority baseline, latency), DIR/report.md, DIR/summary.json and the closing log line.
 
     results = finetune_report.evaluate_final(model, params, task, batches, report=cfg.report,
                                              threshold=cfg.task.threshold)
-    finetune_report.write_report(os.path.join(workdir, "report.md"), summary, confusion_png)
+    finetune_report.publish(workdir, summary, confusion_png)   # report.md, summary.json, log
 """
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from r1jax import eval as eval_lib
+from r1jax import run_dir
 from r1jax.data import task as task_lib
 from r1jax.model import heads
+from r1jax.train import metrics as metrics_lib
 
 
 def make_predict_fn(model: heads.Classifier, params: Any, device: Any = None):
@@ -128,9 +131,11 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
   if "majority_baseline" in summary:
     mb = summary["majority_baseline"]
     lines.append(f"Majority-class baseline (always `{mb['class']}`): accuracy "
-                 f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}. Latency measured on "
-                 f"{summary['latency_device']}, "
-                 "median after warm-up.")
+                 f"{mb['accuracy']:.4f}, macro-F1 {mb['macro_f1']:.4f}.")
+  if "latency_ms_batch1_p10" in test:  # summaries written before the spread was recorded lack it
+    lines += ["", f"Latency on {summary['latency_device']}, medians over "
+              f"{test['latency_repeats']} calls of each batch size in alternation after warm-up: "
+              f"{eval_lib.latency_line(test)}."]
   if "linear_baseline" in summary:
     lines += ["", baseline_line(summary["linear_baseline"])]
   lines += ["", "## Phases", ""]
@@ -149,3 +154,20 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
+
+
+def publish(workdir: str, summary: Mapping[str, Any], confusion_png: str | None) -> None:
+  """Process 0 writes DIR/report.md, DIR/summary.json and the test metrics (metrics.jsonl and
+  TensorBoard, at the run's last step); every process logs the closing line."""
+  test = summary["test"]
+  if jax.process_index() == 0:
+    write_report(os.path.join(workdir, "report.md"), summary, confusion_png)
+    run_dir.write_json(os.path.join(workdir, "summary.json"), summary)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=summary["step"])
+    writer.write(summary["step"], "test", {k: v for k, v in test.items()  # numbers, not flags
+                                           if isinstance(v, (int, float))
+                                           and not isinstance(v, bool)})
+    writer.close()
+  logging.info("Test: accuracy %.4f, macro-F1 %.4f; latency %s. Report: %s; curves: %s",
+               test["accuracy"], test["macro_f1"], eval_lib.latency_line(test),
+               os.path.join(workdir, "report.md"), metrics_lib.tensorboard_hint(workdir))

@@ -135,7 +135,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 
   def train() -> tokenizer_lib.Tokenizer:
     vocab = model_config(config).vocab_size
-    logging.info("Training a %s tokenizer (vocab %d) on %d documents.",
+    logging.info("Training a %s tokenizer (vocab_size %d at most) on %d documents.",
                  config.data.tokenizer_type, vocab, len(train_texts))
     return tokenizer_lib.Tokenizer.train(train_texts, vocab, model_type=config.data.tokenizer_type)
   return run_dir.provide_tokenizer(workdir, source=source, train=train)
@@ -257,8 +257,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                                 steps_per_epoch=steps_per_epoch, vocab_size=tok.vocab_size,
                                 mesh=dict(mesh.shape), num_params=n_params, budget=budget,
                                 train_docs=len(train_texts), eval_docs=len(eval_texts))
-  logging.info("Pretraining %s model (%d params) for %d steps on mesh %s.", config.model.variant,
-               n_params, num_steps, dict(mesh.shape))
+  logging.info("Pretraining %s model (%d params, vocabulary %d) for %d steps on mesh %s: %d "
+               "training documents, %d held out (every %d-th).", config.model.variant, n_params,
+               mcfg.vocab_size, num_steps, dict(mesh.shape), len(train_texts), len(eval_texts),
+               config.data.eval_every_nth_doc)
   return loop_lib.train_and_evaluate(
       config, workdir, engine=engine, train_iter=train_iter, init_state=init_state,
       num_steps=num_steps, evaluate=evaluate, on_eval=on_eval, flops_per_step=flops,

@@ -512,7 +512,11 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       "peak_flops": peak,
       "peak_flops_source": peak_source,
       "checkpoint": os.path.join(workdir, "checkpoints", str(result.last_checkpoint)),
+      "tensorboard": metrics_lib.tensorboard_command(workdir),
   }
   summary.update(summary_extra or {})
   run_dir.write_json(os.path.join(workdir, run_dir.SUMMARY_FILE), summary)
+  logging.info("%s stage %s at step %d: %s; curves: %s", config.stage, summary["status"],
+               result.step, os.path.join(workdir, run_dir.SUMMARY_FILE),
+               metrics_lib.tensorboard_hint(workdir))
   return summary

@@ -3,6 +3,8 @@
 - `MetricsWriter`: `DIR/metrics.jsonl` (one JSON object per logged step: {"step", "split", ...}) and
   TensorBoard event files in `DIR/tensorboard/` (tensorboardX). On resume from step s, records after s
   are dropped from metrics.jsonl and purged from TensorBoard, so the files read as one run.
+  `tensorboard_command(DIR)` is the command that shows them (`pip install tensorboard` first:
+  r1jax writes the event files with tensorboardX and does not depend on TensorBoard itself).
 - `ProgressBar`: tqdm with loss, tokens/s and ETA.
 - `encoder_flops` / `pretrain_flops_per_step`: honest model FLOPs for Transformer-XL
   (bidirectional attention over memory + segment is counted in full, not halved as for causal LMs).
@@ -26,6 +28,19 @@ import tqdm
 from r1jax import run_dir
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_command(workdir: str) -> str:
+  """How to look at a run's curves: "tensorboard --logdir DIR/tensorboard"."""
+  return f"tensorboard --logdir {os.path.join(workdir, TENSORBOARD_DIR)}"
+
+
+def tensorboard_hint(workdir: str) -> str:
+  """The command and where it comes from, for a log line."""
+  return f"{tensorboard_command(workdir)} (pip install tensorboard)"
+
+
 class MetricsWriter:
   """Appends records to DIR/metrics.jsonl and TensorBoard; only the primary process writes.
 
@@ -45,7 +60,7 @@ class MetricsWriter:
     self._truncate_after(resume_step)
     self._file = open(self.path, "a")
     if tensorboard:
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
                                purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
