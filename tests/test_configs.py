@@ -69,7 +69,6 @@ def _pretrain_tiny():
     ("train.schedule", "step", "train.schedule: 'step' is not one of"),
     ("mesh.tensor", 16, "needs 16 devices but 8 are available"),
     ("mesh.fsdp", 3, "does not divide the 8 devices"),
-    ("train.warmup_steps", 5000, "must be smaller than train.num_steps=2000"),
     ("model.n_head", 0, "TransformerXLConfig.n_head=0: must be a positive integer"),
     ("model.attention", "sideways", "attention='sideways'"),
     ("data.mlm_prob", 1.5, "data.mlm_prob: 1.5 is outside"),

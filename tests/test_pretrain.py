@@ -314,8 +314,25 @@ def test_bucket_url_workdir_is_refused_with_the_fix(tmp_path):
 
 
 def test_bad_config_exits_2_with_the_problem_not_a_traceback(tmp_path):
-  proc = subprocess.run(_command(tmp_path / "w", "--config.train.num_steps=30"), env=_env(),
+  proc = subprocess.run(_command(tmp_path / "w", "--config.train.batch_size=30"), env=_env(),
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "train.warmup_steps: 100 must be smaller than train.num_steps=30" in proc.stderr
+  assert "train.batch_size: 30 is not divisible by data-parallel size" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_short_run_warms_up_for_a_share_of_it(tmp_path):
+  """A user shortens the tiny run below its 100 warmup steps: the command runs, warming up for
+  train.warmup_fraction of the 60 steps, and says so in one line; nothing else about noise from
+  JAX's backend probe or Orbax reaches the log."""
+  workdir = tmp_path / "short"
+  proc = subprocess.run(_command(workdir, "--config.train.num_steps=60"), env=_env(),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ("train.warmup_steps=100 is not shorter than this run's 60 steps: warming up for 6 "
+          "(train.warmup_fraction=0.1 of them)") in proc.stderr
+  with open(workdir / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["status"] == "complete" and summary["step"] == 60
+  assert "tensorboard --logdir" in summary["tensorboard"]
+  assert "Unable to initialize backend" not in proc.stderr and "orbax" not in proc.stderr

@@ -41,6 +41,16 @@ def test_schedule_warmup_then_linear_decay():
   np.testing.assert_allclose(frac(10), 1.0, atol=1e-6)
 
 
+def test_warmup_not_shorter_than_the_run_becomes_its_fraction():
+  cfg = _train_cfg(learning_rate=1.0, warmup_steps=100, warmup_fraction=0.1)
+  assert optim.warmup_clamped(cfg, 60) and optim.warmup_steps(cfg, 60) == 6
+  assert optim.warmup_clamped(cfg, 100) and optim.warmup_steps(cfg, 100) == 10
+  assert not optim.warmup_clamped(cfg, 101) and optim.warmup_steps(cfg, 101) == 100
+  assert not optim.warmup_clamped(_train_cfg(warmup_steps=-1), 60)
+  sched = optim.make_schedule(cfg, num_steps=60)
+  np.testing.assert_allclose([sched(3), sched(6), sched(60)], [0.5, 1.0, 0.0], atol=1e-6)
+
+
 def test_weight_decay_mask_excludes_biases_and_layernorm():
   mask = optim.map_with_path(optim.decays, _params())
   assert mask["backbone"]["word_emb"]["embedding"]

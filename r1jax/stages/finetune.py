@@ -301,7 +301,7 @@ def _build_engine(ctx: _Context, phase: Phase, start: int, end: int):
   schedule = optim.make_schedule(cfg.train, steps)
   model, multi = ctx.model, ctx.task.multi_label
   engine = loop_lib.engine_for(
-      cfg, mesh=ctx.mesh, tx=tx, init_params=_init_params_fn(ctx),
+      cfg, mesh=ctx.mesh, tx=tx, init_params=_init_params_fn(ctx), num_steps=steps,
       loss_fn=losses.classification_loss_fn(model, multi_label=multi,
                                             label_smoothing=cfg.train.label_smoothing,
                                             frozen=frozen),

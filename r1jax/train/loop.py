@@ -419,7 +419,12 @@ def engine_for(config: Any, *, mesh: Any, tx: Any, init_params: Callable[[jax.Ar
                lr_schedule: Callable[[Any], Any] | None = None) -> steps_lib.Engine:
   """A training stage's Engine: the model and loss are the stage's; the global batch, gradient
   accumulation and steps per call come from `config.train`, the logical->mesh rules are the
-  defaults, and the learning-rate schedule (logged) is `train`'s over `num_steps` unless given."""
+  defaults, and the learning-rate schedule (logged) is `train`'s over `num_steps` unless given.
+  A warmup clamped to the run's `num_steps` (optim.warmup_steps) is logged here, once per run."""
+  if num_steps is not None and optim.warmup_clamped(config.train, num_steps):
+    logging.info("train.warmup_steps=%d is not shorter than this run's %d steps: warming up for %d "
+                 "(train.warmup_fraction=%g of them).", config.train.warmup_steps, num_steps,
+                 optim.warmup_steps(config.train, num_steps), config.train.warmup_fraction)
   if lr_schedule is None and num_steps is not None:
     lr_schedule = optim.make_schedule(config.train, num_steps)
   return steps_lib.Engine(

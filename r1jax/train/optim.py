@@ -54,13 +54,27 @@ def decays(path: str, leaf: Any) -> bool:
   return getattr(leaf, "ndim", 0) >= 2
 
 
-def make_schedule(train_cfg: Any, num_steps: int, peak_lr: float | None = None) -> optax.Schedule:
-  """Linear warmup to the peak, then linear/cosine decay to `end_lr_fraction` of it, or constant."""
-  peak = float(train_cfg.learning_rate if peak_lr is None else peak_lr)
+def warmup_steps(train_cfg: Any, num_steps: int) -> int:
+  """The warmup of a run of `num_steps`: `train.warmup_steps`, or `train.warmup_fraction` of the
+  run when that is -1 or when it is not shorter than the run (a run shortened on the command line,
+  e.g. --config.train.num_steps=60 on a config that warms up for 100, keeps a proportionate warmup
+  instead of being refused; `warmup_clamped` says when). Always below num_steps."""
   warmup = int(train_cfg.warmup_steps)
-  if warmup < 0:
+  if warmup < 0 or warmup_clamped(train_cfg, num_steps):
     warmup = int(round(train_cfg.warmup_fraction * num_steps))
-  warmup = min(warmup, max(num_steps - 1, 0))
+  return min(warmup, max(num_steps - 1, 0))
+
+
+def warmup_clamped(train_cfg: Any, num_steps: int) -> bool:
+  """True when an explicit `train.warmup_steps` is not shorter than the run (see warmup_steps)."""
+  return 0 < num_steps <= int(train_cfg.warmup_steps)
+
+
+def make_schedule(train_cfg: Any, num_steps: int, peak_lr: float | None = None) -> optax.Schedule:
+  """Linear warmup to the peak (`warmup_steps`), then linear/cosine decay to `end_lr_fraction` of
+  it, or constant."""
+  peak = float(train_cfg.learning_rate if peak_lr is None else peak_lr)
+  warmup = warmup_steps(train_cfg, num_steps)
   end = peak * float(train_cfg.end_lr_fraction)
   decay_steps = max(num_steps - warmup, 1)
   if train_cfg.schedule == "constant":
