@@ -41,7 +41,9 @@ process before, between and after its timed steps (the median of the samples).
 `mfu_small_vs_best_ceiling` divides the same FLOP rate by the run's highest float32 ceiling sample
 instead, a stricter figure that a single low in-process median cannot raise.
 
-The last line printed is one JSON object with every figure (see `summary_json`).
+The table ends with the CPU's model and vector extensions (`steps.host_cpu`, from /proc/cpuinfo):
+the ratios move from one CPU to another. The last line printed is one JSON object with every
+figure (see `summary_json`), the CPU included.
 """
 from __future__ import annotations
 
@@ -587,7 +589,9 @@ def serve(kind: str, spec: dict[str, Any]) -> None:
 def measure_ceilings(spec: dict[str, Any]) -> dict[str, Any]:
   """The machine's matmul ceiling through JAX: float32 and bfloat16, best of a few samples."""
   import jax  # pylint: disable=g-import-not-at-top
-  out = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind}
+  from r1jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  out = {"platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind,
+         "cpu": steps_lib.host_cpu()}
   for dtype in ("float32", "bfloat16"):
     c = Ceiling(dtype, spec["sizes"], repeats=spec.get("repeats", 3))
     for _ in range(spec.get("samples", 3)):
@@ -916,7 +920,9 @@ def summary_json(args, ceiling, res, base, gpu) -> dict[str, Any]:
   mlm = res["mlm_off"] or {}
   best = max(([ceiling["float32"]] if ceiling else []) + list(mlm.get("ceiling_samples") or []),
              default=None)
+  cpu = (ceiling or {}).get("cpu") or {}
   out = {
+      "cpu_model": cpu.get("model"), "cpu_vector_flags": list(cpu.get("vector_flags") or []),
       "threads": len(args.cpus), "toy": bool(args.toy), "timed_steps": args.steps,
       "batch": args.batch, "seq_len": args.seq_len, "mem_len": args.mem_len,
       "ceiling_f32_flops": r(ceiling["float32"], 0) if ceiling else None,
@@ -1028,6 +1034,10 @@ def print_table(args, ceiling, res, base, gpu, summary) -> None:
   print()
   if ceiling:
     sizes = "128, 256" if args.toy else "1024, 2048"
+    cpu = ceiling["cpu"]
+    # The ratios move with the CPU model and its vector units: every table names its machine.
+    print(f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; vector extensions: "
+          f"{' '.join(cpu['vector_flags']) or 'none reported'}.")
     print(f"CPU rows: {len(args.cpus)} threads for every peer, float32, batch {b}, sequence {q}, "
           f"d_model {size['d_model']}, {size['n_layer']} layers, {size['n_head']} heads, vocab "
           f"{size['vocab_size']}, dropout {DROPOUT}; medians of {args.steps} timed calls per peer, "

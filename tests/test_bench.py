@@ -25,6 +25,9 @@ def _run(*flags, timeout=600):
 def test_toy_run_prints_table_and_json():
   summary, stdout = _run("--skip-hf", "--skip-base")
   assert "| r1jax MLM+NSP, memory off |" in stdout
+  # The table names the CPU it was measured on, with its vector extensions.
+  assert summary["cpu_model"] and isinstance(summary["cpu_vector_flags"], list)
+  assert f"CPU: {summary['cpu_model']}, " in stdout and "vector extensions: " in stdout
   for key in REQUIRED:
     assert key in summary
   assert summary["toy"] is True and summary["threads"] == 1

@@ -1,5 +1,6 @@
 """Train/eval steps on the real PretrainModel: sharding invariance, accumulation, NaN guard, memory."""
 import functools
+import os
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -299,6 +300,17 @@ def test_nonfinite_skip_keeps_params_and_moments_on_either_guard(monkeypatch, ba
   np.testing.assert_allclose(again.params["w"], expect.params["w"], rtol=1e-6)
   assert not np.allclose(again.params["w"], good.params["w"])
   assert float(again.extras) == 2.0
+
+
+def test_host_cpu_names_the_model_and_its_vector_extensions():
+  cpu = steps.host_cpu()
+  assert cpu["model"] and cpu["logical_cpus"] >= 1
+  assert set(cpu["vector_flags"]) <= set(steps.VECTOR_FLAGS)
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      words = set(f.read().split())
+    assert set(cpu["vector_flags"]) == set(steps.VECTOR_FLAGS) & words
+    assert steps._cpu_has_avx512() == ("avx512f" in words)  # pylint: disable=protected-access
 
 
 def test_compiler_options_only_for_avx512_cpus(monkeypatch):

@@ -15,6 +15,8 @@ a flag in the metrics (the update is not applied when it is set), read on the ho
 from __future__ import annotations
 
 import functools
+import os
+import platform as platform_lib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -156,12 +158,36 @@ def eval_step(params: Any, extras: Any, batch: Mapping[str, jax.Array], *,
 # Engine: the jitted, sharded steps for one (model, loss, optimizer, mesh).
 
 
-def _cpu_has_avx512() -> bool:
+# The SIMD and matrix extensions a CPU step's speed depends on (x86 /proc/cpuinfo "flags", Arm
+# "Features"), in the order a report lists them.
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+                "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+@functools.cache
+def host_cpu() -> dict[str, Any]:
+  """{"model", "vector_flags" (those of VECTOR_FLAGS it has), "logical_cpus"} of this machine's
+  CPU: what CPU throughput figures depend on. From /proc/cpuinfo (Linux); elsewhere the model from
+  `platform` and no flags."""
+  model, flags = "", set()
   try:
     with open("/proc/cpuinfo") as f:
-      return any(line.startswith("flags") and " avx512f" in line for line in f)
+      for line in f:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "Model") and not model:
+          model = value
+        elif key in ("flags", "Features") and not flags:
+          flags = set(value.split())
   except OSError:
-    return False
+    pass
+  return {"model": model or platform_lib.processor() or platform_lib.machine(),
+          "vector_flags": tuple(f for f in VECTOR_FLAGS if f in flags),
+          "logical_cpus": os.cpu_count()}
+
+
+def _cpu_has_avx512() -> bool:
+  return "avx512f" in host_cpu()["vector_flags"]
 
 
 def compiler_options(platform: str | None = None) -> dict[str, Any]:
