@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from r1jax import configlib
 from r1jax import console
 from r1jax import distributed
 from r1jax import errors
@@ -29,12 +30,56 @@ STAGES = ("data", "pretrain", "finetune", "distill", "quantize", "prune", "tune"
           "diagnose")
 
 
+def _exit_with(error: Exception) -> None:
+  """Ends the command with `error`'s message (it names the problem and its fix), no traceback."""
+  print(f"r1jax: {error}", file=sys.stderr)
+  sys.exit(errors.EXIT_CODE)
+
+
+def _has_key(config, path: str) -> bool:
+  try:
+    configlib.get_path(config, path)
+    return True
+  except (KeyError, AttributeError, TypeError):
+    return False
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, its errors ended like the stages' (one message, exit 2): a config file's
+  get_config() refusing its argument (a UserError, e.g. an unknown variant) in its own words,
+  not in the traceback ml_collections folds into the flag error (the innermost UserError of the
+  chain is the original one), and an override of a key the config lacks by its flag."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError):  # ml_collections: an override of a key the config lacks
+    unknown = [flag for flag in (a.split("=")[0] for a in argv if a.startswith("--config."))
+               if not _has_key(flags.FLAGS["config"].value, flag[len("--config."):])]
+    if not unknown:
+      raise
+    _exit_with(configlib.ConfigError(
+        f"{', '.join(unknown)}: the config has no such key (its file lists the keys; unknown "
+        "keys are refused rather than ignored)."))
+  except flags.Error as e:  # a bad flag value, a missing flag, or a config file's own refusal
+    cause, message = e, e
+    while cause is not None:
+      if isinstance(cause, errors.UserError):
+        message = cause
+      cause = cause.__cause__ or cause.__context__
+    _exit_with(message)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]!r}. Use --config.key=value for overrides.")
   console.quiet_library_logs()  # before JAX starts its backends
   config = _CONFIG.value
-  stage = config.get("stage")
+  try:
+    stage = config.get("stage")
+  except OSError as e:  # ml_collections reports a config file it could not load on first use
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    _exit_with(errors.InputNotFound(f"--config={path}: no such config file; e.g. "
+                                    "--config=configs/pretrain.py:variant=tiny.")
+               if not os.path.exists(path) else e.__cause__ or e)
   if stage not in STAGES:
     raise app.UsageError(f"config.stage={stage!r} is not a known stage; choose one of {STAGES}.")
   distributed.maybe_initialize()
@@ -54,12 +99,11 @@ def main(argv):
   except errors.UserError as e:
     # A bad config value, input file or path, or a missing extra: the message already names the
     # problem and its fix, so no traceback (configlib.ConfigError is one of these).
-    print(f"r1jax: {e}", file=sys.stderr)
-    sys.exit(errors.EXIT_CODE)
+    _exit_with(e)
 
 
 def cli():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ CASES = [  # (config, overrides with {root} for the inputs, packages made missin
                  "init_from='{root}/not_a_run' has no checkpoints/ directory", id="not-a-run"),
     pytest.param("data.py:variant=tiny", ["--config.data.format=xml"], "",
                  "data.format: 'xml' is not one of", id="bad-config"),
+    pytest.param("pretrain.py:variant=huge", [], "",
+                 "variant='huge' is not one of ('tiny', 'small', 'base')", id="bad-variant"),
+    pytest.param("pretrain.py:variant=tiny", ["--config.trian.batch_size=8"], "",
+                 "--config.trian.batch_size: the config has no such key", id="unknown-key"),
+    pytest.param("pretrain.py:variant=tiny", ["--config.train.batch_size=eight"], "",
+                 "flag --config.train.batch_size=eight: invalid literal for int()", id="bad-type"),
+    pytest.param("nowhere.py", [], "", "nowhere.py: no such config file", id="missing-config"),
 ]
 
 
