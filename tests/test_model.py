@@ -432,6 +432,8 @@ def test_ngram_bag_hashes_real_tokens_and_pairs_only():
   variables = model.init(jax.random.key(0), tokens)
   table = variables["params"]["cls_head"]["ngram_emb"]
   assert table.value.shape == (101, _config().d_model) and table.names == ("vocab", "embed")
+  wide = variables["params"]["cls_head"]["ngram_out"]["kernel"]  # the bag's own path to the logits
+  assert wide.value.shape == (_config().d_model, 3) and wide.names == ("embed", "classes")
   params = nn.unbox(variables["params"])
   logits, _ = model.apply({"params": params}, tokens, mask)
   padded = np.concatenate([tokens, np.zeros((2, 3), np.int32)], axis=1)

@@ -82,8 +82,8 @@ class TransformerXLConfig:
   pooling: str = "cls"            # classifier head input: "cls" = the first position's state,
                                   # "mean" = the mean over real tokens (NSP always reads cls).
   ngram_buckets: int = 0          # classifier only: > 0 adds a bag of hashed token 1- and
-                                  # 2-grams (this many embedding rows, fastText-style) to the
-                                  # head's input; 0 = none.
+                                  # 2-grams (this many embedding rows, fastText-style) with its
+                                  # own linear path to the logits (wide & deep); 0 = none.
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):

@@ -146,17 +146,23 @@ class PooledHead(nn.Module):
     [B, num_outputs], pooled [B, d])."""
     cfg = self.config
     summary = mean_pool(hidden, token_mask) if self.pooling == "mean" else hidden[:, 0]
+    pooled = jnp.tanh(txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "pooler")(
+        summary))
+    x = txl.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
+    logits = txl.make_dense(cfg, self.num_outputs, (axes.EMBED, axes.CLASSES), "out")(x)
     if tokens is not None and cfg.ngram_buckets:
+      # The wide path (fastText's bag of n-grams, linear to the logits beside the deep one).
+      # Sum / sqrt(count) keeps a long text's bag at the scale of a short one's without
+      # diluting each n-gram as a mean does.
       ids, valid = ngram_ids(tokens, token_mask, cfg.ngram_buckets)
       table = self.param("ngram_emb", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)),
           (cfg.ngram_buckets, cfg.d_model), cfg.param_dtype)
       bag = jnp.take(jnp.asarray(table, hidden.dtype), ids, axis=0)          # [B, 2Q-1, d]
-      summary = summary + mean_pool(bag, valid)
-    pooled = jnp.tanh(txl.make_dense(cfg, cfg.d_model, (axes.EMBED, axes.MLP), "pooler")(
-        summary))
-    x = txl.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
-    logits = txl.make_dense(cfg, self.num_outputs, (axes.EMBED, axes.CLASSES), "out")(x)
+      weights = jnp.asarray(valid, hidden.dtype)[..., None]                  # [B, 2Q-1, 1]
+      bag = (bag * weights).sum(axis=1) / jnp.sqrt(jnp.maximum(weights.sum(axis=1), 1))
+      logits = logits + txl.make_dense(cfg, self.num_outputs, (axes.EMBED, axes.CLASSES),
+                                       "ngram_out")(bag)
     return logits.astype(jnp.float32), pooled
 
 
