@@ -53,6 +53,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       threshold=0.5,               # multi-label decision threshold on the sigmoid probability
   ))
 
+  # Text augmentation of the training split on the fly (the seed's EDA operations), drawn afresh
+  # every epoch; dev and test are never augmented.
+  config.augment = ml_collections.ConfigDict(dict(
+      prob=0.0,             # chance that a training example is augmented each time it is read
+      synonym_prob=0.1,     # per word: replaced by a synonym
+      insert_prob=0.05,     # share of the words: a synonym of a random word inserted
+      delete_prob=0.05,     # per word: deleted
+      swap_prob=0.05,       # share of the words: two random words swapped
+      synonyms="wordnet",   # synonym sources, comma-separated: wordnet (shipped) and/or files
+  ))
   # Which parameters train when: a_then_b | head_only | full | progressive.
   config.schedule = "a_then_b"
   config.unfreeze = ml_collections.ConfigDict(dict(

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from r1jax.data import augment
 from r1jax.data import builtin
 from r1jax.data import task as task_lib
 from r1jax.data import tokenizer as tokenizer_lib
@@ -70,3 +71,35 @@ def test_label_vocabulary_reads_values_like_the_task_splits():
   assert vocab.encode(" y") == 1
   np.testing.assert_array_equal(vocab.encode("x, y, x", multi_label=True), [1.0, 1.0])
   assert task_lib.label_names_of(["x", None, " y "], True) == ["x", "y"]
+
+
+def test_classification_batches_augment_training_text_afresh_each_epoch(tok):
+  records = [{"text": "The quick brown fox jumps over the lazy dog near the big house.",
+              "label": "ab"[i % 2]} for i in range(8)]
+  aug = augment.AugmentText(augment.TextAugmenter(augment.SynonymLexicon.from_spec("wordnet")),
+                            prob=1.0)
+  kw = dict(labels=["a", "b"], seq_len=32, batch_size=8, seed=2)
+
+  def epochs(n, **extra):
+    it = task_lib.classification_batches(records, tok, **kw, **extra)
+    return [next(it) for _ in range(n)]
+
+  plain = epochs(2)
+  first, again = epochs(3, augment=aug), epochs(3, augment=aug)
+  for x, y in zip(first, again):  # deterministic under the seed
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+  texts = [sorted(tok.decode(t) for t in b["tokens"]) for b in first]
+  assert texts[0] != sorted(tok.decode(t) for t in plain[0]["tokens"])  # augmented
+  assert texts[0] != texts[1] != texts[2]  # each epoch draws new operations
+  np.testing.assert_array_equal(first[0]["label"], plain[0]["label"])  # labels untouched
+  # prob 0 reads the texts as they are; a checkpointed iterator resumes the same stream.
+  none = augment.AugmentText(aug.augmenter, prob=0.0)
+  np.testing.assert_array_equal(epochs(1, augment=none)[0]["tokens"], plain[0]["tokens"])
+  it = task_lib.classification_batches(records, tok, augment=aug, **kw)
+  next(it)
+  state = it.get_state()
+  resumed = task_lib.classification_batches(records, tok, augment=aug, **kw)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)["tokens"], first[1]["tokens"])
+  with pytest.raises(ValueError, match=r"augment prob=1.5 must be in \[0, 1\]"):
+    augment.AugmentText(aug.augmenter, prob=1.5)

@@ -507,12 +507,21 @@ def test_phase_rules_select_the_last_layers():
 
 def test_config_validation_names_keys():
   config = make_config(schedule="sideways", **{"unfreeze.extra_frozen": "(", "task.seq_len": 3,
-                                               "checkpoint.keep_best": 0})
+                                               "checkpoint.keep_best": 0, "augment.prob": 1.5})
   with pytest.raises(configlib.ConfigError) as e:
     finetune.validate(config, num_devices=8, process_count=1)
   for text in ("schedule: 'sideways' is not one of", "unfreeze.extra_frozen: '(' is not a valid",
-               "task.seq_len: 3 must be >= 8", "checkpoint.keep_best"):
+               "task.seq_len: 3 must be >= 8", "checkpoint.keep_best", "augment.prob: 1.5"):
     assert text in str(e.value)
+
+
+def test_augmenter_follows_the_config():
+  config = make_config()
+  assert config.augment.prob == 0.0 and finetune.augmenter(config) is None  # off by default
+  config.augment.prob, config.augment.swap_prob = 0.5, 0.2
+  aug = finetune.augmenter(config)
+  assert aug.prob == 0.5 and aug.augmenter.config.swap_prob == 0.2
+  assert aug.augmenter.lexicon.synonyms("big")  # the shipped WordNet table
 
 
 # --------------------------------------------------------------------------------------------------

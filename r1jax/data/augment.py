@@ -93,6 +93,15 @@ class SynonymLexicon:
     """The English table shipped with the package (WordNet 3.0, most frequent sense)."""
     return cls.from_file(builtin.path("synonyms"))
 
+  @classmethod
+  def from_spec(cls, spec: str) -> "SynonymLexicon":
+    """Comma-separated sources merged: "wordnet" (the shipped table) and/or lexicon files."""
+    lexicon = cls({})
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+      lexicon = lexicon.merged(cls.wordnet() if item == "wordnet" else
+                               cls.from_file(os.path.expanduser(item)))
+    return lexicon
+
   def merged(self, other: "SynonymLexicon") -> "SynonymLexicon":
     table = {w: list(s) for w, s in self.table.items()}
     for w, s in other.table.items():
@@ -265,6 +274,27 @@ class AugmentRecord(grain.transforms.RandomMap):
     if not ops:
       out["_unchanged"] = True
     return out
+
+
+class AugmentText(grain.transforms.RandomMap):
+  """Record -> the record with its text augmented, with probability `prob`, else unchanged.
+
+  For training on the fly: placed after `repeat`, each epoch draws new operations for every
+  example (Grain seeds each element from its index, so the stream is deterministic and resumes
+  exactly). Padding records pass through."""
+
+  def __init__(self, augmenter: TextAugmenter, prob: float, text_field: str = "text"):
+    if not 0.0 <= prob <= 1.0:
+      raise ValueError(f"augment prob={prob} must be in [0, 1].")
+    self.augmenter = augmenter
+    self.prob = prob
+    self.text_field = text_field
+
+  def random_map(self, record, rng):
+    if record.get("_padding") or rng.random() >= self.prob:
+      return record
+    new, _ = self.augmenter.augment(record[self.text_field], rng)
+    return {**record, self.text_field: new}
 
 
 def augment_dataset(records: Sequence[dict[str, Any]], augmenter: TextAugmenter, *, seed: int = 0,

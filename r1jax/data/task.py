@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from r1jax import errors
+from r1jax.data import augment as augment_lib
 from r1jax.data import builtin
 from r1jax.data import grain_ops
 from r1jax.data import sources
@@ -291,7 +292,9 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
                            multi_label: bool = False, shuffle: bool = True, seed: int = 0,
                            num_epochs: int | None = None, drop_remainder: bool = True,
                            pad_final_batch: bool = False, process_index: int = 0,
-                           process_count: int = 1, worker_count: int = 0) -> grain.IterDataset:
+                           process_count: int = 1, worker_count: int = 0,
+                           augment: augment_lib.AugmentText | None = None
+                           ) -> grain.IterDataset:
   """Grain dataset of classification batches.
 
   Args:
@@ -306,6 +309,8 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
     pad_final_batch: pad the data with empty rows to a multiple of the global batch, and add
       `example_mask` bool [B] (False on padding): every process gets the same number of full
       batches, which multi-host evaluation needs.
+    augment: text augmentation applied on the fly (training), drawn afresh every epoch from
+      `seed`; None = the texts as they are.
   """
   local_batch, _ = grain_ops.local_rows(batch_size, process_index, process_count)
   if worker_count < 0:
@@ -336,6 +341,8 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
+  if augment is not None:
+    ds = ds.random_map(augment, seed=seed + 1)
   ds = ds.map(EncodeClassification(tokenizer, labels, seq_len, text_field, label_field,
                                    multi_label))
   if not pad_final_batch:

@@ -193,20 +193,11 @@ def _translator(config):
                                 bt.source_lang, bt.pivot_lang)
 
 
-def _synonyms(spec: str) -> augment.SynonymLexicon:
-  lexicon = augment.SynonymLexicon({})
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    part = (augment.SynonymLexicon.wordnet() if item == "wordnet" else
-            augment.SynonymLexicon.from_file(os.path.expanduser(item)))
-    lexicon = lexicon.merged(part)
-  return lexicon
-
-
 def _run_augmentation(config, clean_dir, out_dir, back):
   """-> (written, unchanged); `back`: the BackTranslator, or None."""
   a = config.augment
   records = sources.open_source(clean_dir)
-  aug = augment.TextAugmenter(_synonyms(a.synonyms), augment.AugmentConfig(
+  aug = augment.TextAugmenter(augment.SynonymLexicon.from_spec(a.synonyms), augment.AugmentConfig(
       synonym_prob=a.synonym_prob, insert_prob=a.insert_prob, delete_prob=a.delete_prob,
       swap_prob=a.swap_prob))
   writer = _ShardWriter(out_dir, config.data.shard_docs)

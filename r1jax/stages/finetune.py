@@ -54,6 +54,7 @@ from r1jax import configlib
 from r1jax import distributed
 from r1jax import eval as eval_lib
 from r1jax import run_dir
+from r1jax.data import augment as augment_lib
 from r1jax.data import task as task_lib
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import heads
@@ -123,6 +124,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.positive_int("report.latency_repeats")
     v.int_at_least("report.latency_warmup", 0)
     v.boolean("report.linear_baseline")
+    if config.get("augment") is not None:
+      for key in ("prob", "synonym_prob", "insert_prob", "delete_prob", "swap_prob"):
+        v.number_in(f"augment.{key}", 0.0, 1.0)
+      v.string("augment.synonyms")
   return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
                                      extra=extra)
 
@@ -264,6 +269,7 @@ class _Context:
   saved_shapes: dict[str, tuple[int, ...]]  # init_from's parameter shapes ({} from scratch)
   on_eval: Callable[[int, dict[str, float]], bool] | None = None  # loop.fit's hook, every phase
   started: float = 0.0                       # time.time() at the start (time budget's deadline)
+  augment: augment_lib.AugmentText | None = None  # training texts' augmentation, or None
 
 
 def _batches(ctx: _Context, records, *, train: bool, seed: int = 0, batch_size: int | None = None,
@@ -276,7 +282,19 @@ def _batches(ctx: _Context, records, *, train: bool, seed: int = 0, batch_size: 
       multi_label=ctx.task.multi_label, shuffle=train, seed=seed,
       num_epochs=None if train else 1, pad_final_batch=not train,
       process_index=0 if all_rows else jax.process_index(),
-      process_count=1 if all_rows else jax.process_count())
+      process_count=1 if all_rows else jax.process_count(),
+      augment=ctx.augment if train else None)
+
+
+def augmenter(config: ml_collections.ConfigDict) -> augment_lib.AugmentText | None:
+  """The training texts' on-the-fly augmentation (config.augment), or None when it is off."""
+  a = config.get("augment")
+  if a is None or not a.prob:
+    return None
+  ops = augment_lib.AugmentConfig(synonym_prob=a.synonym_prob, insert_prob=a.insert_prob,
+                                  delete_prob=a.delete_prob, swap_prob=a.swap_prob)
+  return augment_lib.AugmentText(
+      augment_lib.TextAugmenter(augment_lib.SynonymLexicon.from_spec(a.synonyms), ops), a.prob)
 
 
 def _init_params_fn(ctx: _Context):
@@ -502,7 +520,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh_lib.make_mesh(config.mesh)
   ctx = _Context(config=config, workdir=workdir, model=model, mcfg=mcfg, task=task, tok=tok,
                  seq_len=seq_len, mesh=mesh, abstract_params=abstract_params, total_steps=total,
-                 saved_shapes=saved_shapes, on_eval=on_eval, started=started)
+                 saved_shapes=saved_shapes, on_eval=on_eval, started=started,
+                 augment=augmenter(config))
 
   def step_rate() -> float:
     # The last phase trains the most parameters: its rate bounds every phase's.
