@@ -164,6 +164,8 @@ def eval_section(**values: Any) -> ml_collections.ConfigDict:
       every_steps=100,              # 0 disables periodic eval (the final eval still runs)
       num_batches=8,                # held-out batches per eval
       early_stopping_patience=3,    # evals without improvement before stopping; 0 disables
+      best_metric="loss",           # eval metric that picks the best checkpoint and drives the
+                                    # patience: loss/nll lower is better, accuracy/F1 higher
   ))
   section.update(values)
   return section

@@ -507,11 +507,13 @@ def test_phase_rules_select_the_last_layers():
 
 def test_config_validation_names_keys():
   config = make_config(schedule="sideways", **{"unfreeze.extra_frozen": "(", "task.seq_len": 3,
-                                               "checkpoint.keep_best": 0, "augment.prob": 1.5})
+                                               "checkpoint.keep_best": 0, "augment.prob": 1.5,
+                                               "eval.best_metric": "micro_f1"})
   with pytest.raises(configlib.ConfigError) as e:
     finetune.validate(config, num_devices=8, process_count=1)
   for text in ("schedule: 'sideways' is not one of", "unfreeze.extra_frozen: '(' is not a valid",
-               "task.seq_len: 3 must be >= 8", "checkpoint.keep_best", "augment.prob: 1.5"):
+               "task.seq_len: 3 must be >= 8", "checkpoint.keep_best", "augment.prob: 1.5",
+               "eval.best_metric: 'micro_f1' is not one of"):
     assert text in str(e.value)
 
 

@@ -71,7 +71,7 @@ def test_round_trip_is_exact(tmp_path):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2)
   data = {"step": 3, "cursor": [1, 2, 3]}
   meta = {"loop": {"window": {"loss": [0.1 + 0.2, 3.0]}, "best_eval_loss": 1.25}}
-  ckpt.save(state, data_state=data, meta=meta, eval_loss=1.25)
+  ckpt.save(state, data_state=data, meta=meta, score=1.25)
   ckpt.wait()
   restored = ckpt.restore(state_lib.abstract_like(state))
   assert restored.step == 3 and restored.skipped_steps == []
@@ -167,7 +167,7 @@ def test_keeps_last_n_plus_best(tmp_path):
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_best=1)
   losses = {2: 1.0, 4: 3.0, 6: 2.0}
   for step in range(1, 8):
-    ckpt.save(_advance(base, step), eval_loss=losses.get(step))
+    ckpt.save(_advance(base, step), score=losses.get(step))
   ckpt.close()
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2, 6, 7]
 

@@ -148,6 +148,26 @@ def test_early_stopping_after_patience_keeps_best(engine, tmp_path):
   ckpt.close()
 
 
+def test_best_metric_accuracy_picks_and_stops_by_accuracy(engine, tmp_path):
+  # The loss rises from step 4 on while the accuracy still climbs to step 8 (an over-confident
+  # classifier): by accuracy, the best step is 8 and patience counts from there.
+  evals = iter([(1.0, 0.5), (0.8, 0.6), (0.9, 0.65), (1.1, 0.7), (1.2, 0.69), (1.3, 0.6),
+                (1.4, 0.6), (0.1, 0.99)])
+  result, ckpt = _fit(engine, tmp_path, Batches(),
+                      evaluate=lambda p: dict(zip(("loss", "accuracy"), next(evals))),
+                      num_steps=100, eval_every=2, checkpoint_every=50, early_stopping_patience=3,
+                      best_metric="accuracy")
+  assert result.step == 14 and result.loop.stop_reason == "early_stopping"
+  assert result.loop.best_step == 8 and result.loop.best_score == -0.7
+  assert result.loop.best_eval_loss == 1.1  # the loss at the best step, for the record
+  assert ckpt.all_steps() == [8, 14]
+  ckpt.close()
+  assert loop.selection_score({"loss": 2.0}, "loss") == 2.0
+  assert loop.selection_score({"nll": 2.0, "micro_f1": 0.4}, "micro_f1") == -0.4
+  with pytest.raises(ValueError, match=r"eval.best_metric='f1' is not among .*\['loss'\]"):
+    loop.selection_score({"loss": 2.0}, "f1")
+
+
 def test_on_eval_hook_can_stop(engine, tmp_path):
   seen = []
 

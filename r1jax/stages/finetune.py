@@ -70,6 +70,7 @@ from r1jax.train import steps as steps_lib
 from r1jax.train.state import TrainState
 
 SCHEDULES = ("a_then_b", "head_only", "full", "progressive")
+EVAL_METRICS = ("loss", "nll", "accuracy")  # eval.best_metric choices (multi-label: + micro_f1)
 UNKNOWN_LABEL_POLICIES = ("error", "skip")
 HEAD = "cls_head"
 ALL_LAYERS = -1  # Phase.layers value: every backbone parameter trains
@@ -124,6 +125,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.positive_int("report.latency_repeats")
     v.int_at_least("report.latency_warmup", 0)
     v.boolean("report.linear_baseline")
+    v.choice("eval.best_metric", EVAL_METRICS + (("micro_f1",) if config.task.get("multi_label")
+                                                 else ()))
     if config.get("augment") is not None:
       for key in ("prob", "synonym_prob", "insert_prob", "delete_prob", "swap_prob"):
         v.number_in(f"augment.{key}", 0.0, 1.0)
@@ -389,6 +392,7 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
   options = loop_lib.LoopOptions(
       num_steps=end, log_every=cfg.train.log_every_steps, eval_every=cfg.eval.every_steps,
       checkpoint_every=cfg.checkpoint.every_steps, early_stopping_patience=phase.patience,
+      best_metric=cfg.eval.best_metric,
       skip_nonfinite=cfg.train.skip_nonfinite, progress_bar=cfg.train.progress_bar,
       sigterm_grace_secs=cfg.checkpoint.sigterm_grace_secs,
       deadline=loop_lib.deadline_of(cfg, ctx.started))
@@ -405,7 +409,8 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
                           list(range(ctx.mcfg.n_layer - phase.layers, ctx.mcfg.n_layer))),
       "start_step": start, "end_step": step, "planned_end_step": end,
       "best_step": loop.best_step if loop.best_step is not None else step,
-      "best_eval_loss": loop.best_eval_loss, "stopped_early": loop.stopped_early,
+      "best_eval_loss": loop.best_eval_loss, "best_score": loop.best_score,
+      "stopped_early": loop.stopped_early,
       "stopped_by": loop.stop_reason or None,
       "last_eval": loop.last_eval, "rules": [[p, v] for p, v in rules],
       "trainable_params": counts["trainable"], "frozen_params": counts["frozen"],
@@ -414,6 +419,12 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
   }
   run_dir.write_json(record_path, record)
   return record
+
+
+def _score(record: Mapping[str, Any]) -> float | None:
+  """A phase's best selection score (lower is better); phases recorded before scores existed
+  were chosen by their loss."""
+  return record.get("best_score", record["best_eval_loss"])
 
 
 def _check_plan(workdir: str, plan: list[Phase]) -> None:
@@ -564,12 +575,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     previous = run_phase(ctx, phase, start, previous)
     records.append(previous)
     start = previous["end_step"]
-  best = min(records, key=lambda r: (math.inf if r["best_eval_loss"] is None
-                                     else r["best_eval_loss"], -r["index"]))
+  best = min(records, key=lambda r: (math.inf if _score(r) is None else _score(r), -r["index"]))
   checkpoint = _save_final_checkpoint(workdir, best)
   params = restore_to_device(ctx, best["dir"], best["best_step"])
-  logging.info("Best dev loss %.4f at step %d (phase %s); evaluating on dev and test.",
-               best["best_eval_loss"], best["best_step"], best["name"])
+  logging.info("Best by dev %s: step %d (phase %s, dev loss %.4f); evaluating on dev and test.",
+               config.eval.best_metric, best["best_step"], best["name"],
+               math.nan if best["best_eval_loss"] is None else best["best_eval_loss"])
   results = finetune_report.evaluate_final(
       model, params, task,
       lambda records, bs: _batches(ctx, records, train=False, batch_size=bs, all_rows=True),
@@ -594,7 +605,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       "total_params": final["total_params"],
       "trainable_params": final["trainable_params"], "frozen_params": final["frozen_params"],
       "phases": records, "best_phase": best["name"], "best_step": best["best_step"],
-      "best_eval_loss": best["best_eval_loss"], "checkpoint": checkpoint,
+      "best_eval_loss": best["best_eval_loss"], "best_metric": config.eval.best_metric,
+      "checkpoint": checkpoint,
       "task": {"train": config.task.train, "dev": config.task.dev, "test": config.task.test,
                "multi_label": task.multi_label, "num_labels": len(task.labels),
                "labels": list(task.labels.names), "seq_len": seq_len},

@@ -117,7 +117,8 @@ def write_report(path: str, summary: Mapping[str, Any], confusion_png: str | Non
              for s, c in summary["data"].items()}
   if any(skipped.values()):
     lines.append(f"- skipped rows: {json.dumps({s: c for s, c in skipped.items() if c})}")
-  lines.append(f"- best checkpoint: phase `{summary['best_phase']}` step {summary['best_step']} "
+  lines.append(f"- best checkpoint (by dev {summary.get('best_metric', 'loss')}): phase "
+               f"`{summary['best_phase']}` step {summary['best_step']} "
                f"(dev loss {summary['best_eval_loss']:.4f})")
   lines += ["", "## Test results", ""]
   rows = [("accuracy" + (" (exact match)" if multi else ""), test["accuracy"], dev["accuracy"]),

@@ -242,8 +242,8 @@ def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
 class Checkpointer:
   """Orbax CheckpointManager with the items above, retention and verified restore with fallback.
 
-  Retention: the newest `max_to_keep` steps, plus the `keep_best` steps with the lowest eval loss
-  (steps saved with `eval_loss`).
+  Retention: the newest `max_to_keep` steps, plus the `keep_best` steps with the lowest selection
+  score (steps saved with `score`: the eval loss, or a negated accuracy; see loop.selection_score).
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, keep_best: int = 1,
@@ -270,7 +270,7 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, state: TrainState, *, data_state: Any = None, meta: Mapping[str, Any] | None = None,
-           eval_loss: float | None = None) -> int:
+           score: float | None = None) -> int:
     """Saves `state` at its step (async when enabled: returns once arrays are copied off-device)."""
     step = int(jax.device_get(state.step))
     params, train = _split(state)
@@ -281,7 +281,7 @@ class Checkpointer:
                  meta=ocp.args.JsonSave(meta))
     if data_state is not None:
       items["data"] = IteratorStateSave(data_state)
-    metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+    metrics = None if score is None else {"eval_loss": float(score)}  # key kept: older runs
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     return step
 

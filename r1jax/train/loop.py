@@ -57,6 +57,7 @@ class LoopOptions:
   max_pending: int = 50               # fetch metrics at least this often (bounds device memory)
   deadline: float = 0.0               # time.time() at which training stops (evaluated and
                                       # checkpointed, like early stopping); 0 = none
+  best_metric: str = "loss"           # eval metric that picks the best step and drives patience
 
   @classmethod
   def from_config(cls, config: Any, *, num_steps: int, flops_per_step: float = 0.0,
@@ -68,7 +69,18 @@ class LoopOptions:
                skip_nonfinite=config.train.skip_nonfinite, tokens_per_step=tokens_per_step,
                flops_per_step=flops_per_step, peak_flops=peak_flops,
                progress_bar=config.train.progress_bar,
-               sigterm_grace_secs=config.checkpoint.sigterm_grace_secs)
+               sigterm_grace_secs=config.checkpoint.sigterm_grace_secs,
+               best_metric=config.eval.get("best_metric", "loss"))
+
+
+def selection_score(result: Mapping[str, float], metric: str) -> float:
+  """An eval result's score for `metric`, lower is better: a loss as it is (names ending in loss,
+  nll or perplexity), any other metric (accuracy, F1) negated."""
+  if metric not in result:
+    raise ValueError(f"eval.best_metric={metric!r} is not among this stage's eval metrics "
+                     f"{sorted(result)}.")
+  value = float(result[metric])
+  return value if metric.endswith(("loss", "nll", "perplexity")) else -value
 
 
 @dataclasses.dataclass
@@ -76,7 +88,8 @@ class LoopState:
   """Host-side state saved with each checkpoint (JSON)."""
   window: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # name -> [sum, count]
   window_steps: int = 0
-  best_eval_loss: float | None = None
+  best_eval_loss: float | None = None  # eval loss at best_step
+  best_score: float | None = None      # selection_score at best_step (lower is better)
   best_step: int | None = None
   evals_without_improvement: int = 0
   nonfinite_skips: int = 0
@@ -177,12 +190,12 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
         loop.window_steps += 1
     pending.clear()
 
-  def save(eval_loss: float | None = None) -> None:
+  def save(score: float | None = None) -> None:
     nonlocal last_ckpt
     flush()  # never save past a NaN step unnoticed
     data_state = get_data_state() if get_data_state else None
     last_ckpt = checkpointer.save(state, data_state=data_state, meta={"loop": loop.to_json()},
-                                  eval_loss=eval_loss)
+                                  score=score)
 
   try:
     while step < options.num_steps and not loop.stopped_early:  # (a restored run may have stopped)
@@ -256,15 +269,17 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
         loop.window, loop.window_steps = {}, 0
         clock, clock_steps, clock_tokens, clock_slots = time.time(), 0, 0, 0
 
-      eval_loss = None
+      score = None
       if is_eval:
         result = evaluate(state.params)
-        eval_loss = result["loss"]
+        score = selection_score(result, options.best_metric)
         writer.write(step, "eval", result)
         loop.last_eval = dict(result, step=step)
-        improved = loop.best_eval_loss is None or eval_loss < loop.best_eval_loss
+        if loop.best_score is None and loop.best_eval_loss is not None:  # a run saved before
+          loop.best_score = loop.best_eval_loss                          # best_score existed
+        improved = loop.best_score is None or score < loop.best_score
         if improved:
-          loop.best_eval_loss, loop.best_step = eval_loss, step
+          loop.best_score, loop.best_eval_loss, loop.best_step = score, result["loss"], step
           loop.evals_without_improvement = 0
         else:
           loop.evals_without_improvement += 1
@@ -274,8 +289,10 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
           loop.stop_reason = "on_eval"
         patience = options.early_stopping_patience
         if patience and loop.evals_without_improvement >= patience:
-          logging.info("Early stopping at step %d: eval loss has not improved on %.4f (step %d) for "
-                       "%d evals.", step, loop.best_eval_loss, loop.best_step, patience)
+          logging.info("Early stopping at step %d: eval %s has not improved on %.4f (step %d) "
+                       "for %d evals.", step, options.best_metric,
+                       abs(loop.best_score) if loop.best_score is not None else math.nan,
+                       loop.best_step, patience)
           stop, loop.stop_reason = True, "early_stopping"
         if stop:
           loop.stopped_early = True
@@ -288,7 +305,7 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
                         "is spent.", step, options.num_steps)
         loop.stopped_early, loop.stop_reason = True, "time_budget"
       if is_ckpt or preempt:
-        save(eval_loss)
+        save(score)
         clock = time.time() if clock is not None else None
       if preempt:
         checkpointer.wait()
@@ -510,7 +527,9 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       "wall_secs": result.wall_secs,
       "final_train": loop.last_train,
       "final_eval": loop.last_eval,
-      "best_eval": ({"loss": loop.best_eval_loss, "step": loop.best_step}
+      "best_eval": ({"loss": loop.best_eval_loss, "step": loop.best_step,
+                     "metric": config.eval.get("best_metric", "loss"),
+                     "score": loop.best_score}
                     if loop.best_step is not None else None),
       "nonfinite_skips": loop.nonfinite_skips,
       "steps_per_call": getattr(engine, "steps_per_call", 1),
