@@ -1,7 +1,9 @@
 """Config helpers shared by every stage: common sections, `arg` parsing and up-front validation.
 
-Configs are `ml_collections.ConfigDict`s built by `configs/<stage>.py:get_config(arg)`. The command
-line locks them, so unknown keys and wrong types are already rejected by `ml_collections`; this module
+Configs are `ml_collections.ConfigDict`s built by `configs/<stage>.py:get_config(arg)`; the files ship
+in the package (`r1jax/configs/`, `CONFIG_DIR`), and `resolve_config` is the one place that turns what
+a user wrote (`configs/pretrain.py`, `pretrain`, a path of their own) into a file, for the command
+line and `load_config` alike. The command line locks them, so unknown keys and wrong types are already rejected by `ml_collections`; this module
 checks values and combinations (ranges, choices, mesh vs device count, batch vs data-parallel size)
 before anything is compiled, and reports every problem at once with the key and the fix:
 
@@ -77,9 +79,42 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+# The stage configs shipped in the package; a clone's `configs` links to this folder.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# The folders a config name may carry and still mean the shipped file when no such file exists
+# here: "configs/pretrain.py", the docs' spelling in a clone, runs from anywhere with a wheel.
+_SHIPPED_FOLDERS = ("", "configs", os.path.join("r1jax", "configs"))
+
+
+def shipped_configs() -> list[str]:
+  """The names of the configs shipped with r1jax: ["compare", "data", ..., "tune"]."""
+  return sorted(name[:-3] for name in os.listdir(CONFIG_DIR)
+                if name.endswith(".py") and not name.startswith("_"))
+
+
+def resolve_config(spec: str) -> str:
+  """The config file that `spec` ("PATH[:arg]", what `--config=` takes) names, as "file[:arg]".
+
+  PATH itself when that file exists (relative to the current directory, or absolute); else the
+  shipped config PATH names: "pretrain", "pretrain.py" and "configs/pretrain.py" all mean
+  r1jax/configs/pretrain.py. Raises InputNotFound, listing the shipped names, when neither exists.
+  """
+  path, sep, arg = spec.partition(":")
+  if os.path.isfile(os.path.expanduser(path)):
+    return os.path.expanduser(path) + sep + arg
+  folder, name = os.path.split(os.path.normpath(path))
+  name = name[:-3] if name.endswith(".py") else name
+  if folder in _SHIPPED_FOLDERS and name in shipped_configs():
+    return os.path.join(CONFIG_DIR, f"{name}.py") + sep + arg
+  raise errors.InputNotFound(
+      f"{path}: no such config file here ({os.getcwd()}), nor a config shipped with r1jax "
+      f"({', '.join(shipped_configs())}); e.g. --config=pretrain:variant=tiny.")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads "configs/pretrain.py[:arg]" like `--config=` does (for tests and notebooks)."""
-  path, _, arg = spec.partition(":")
+  """Loads "configs/pretrain.py[:arg]" (or "pretrain[:arg]", any `resolve_config` spelling) like
+  `--config=` does (for tests and notebooks)."""
+  path, _, arg = resolve_config(spec).partition(":")
   module_spec = importlib.util.spec_from_file_location(
       f"r1jax_config_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -100,6 +135,11 @@ def check_variant(variant: str) -> None:
   if variant not in transformer_xl.VARIANTS:
     raise ConfigError(f"variant={variant!r} is not one of {tuple(transformer_xl.VARIANTS)}; e.g. "
                       f"configs/pretrain.py:variant=tiny.")
+
+
+def variant_vocab_size(variant: str) -> int:
+  """The vocabulary of model variant `variant`: what a tokenizer trained for that model needs."""
+  return transformer_xl.get_variant(variant).vocab_size
 
 
 def model_section(variant: str, **overrides: Any) -> ml_collections.ConfigDict:

@@ -2,6 +2,10 @@ r"""Command line: flags and dispatch only.
 
     python -m r1jax.main --config=configs/pretrain.py:variant=tiny --workdir=/tmp/run \
         [--config.train.num_steps=100]
+    r1jax --config=pretrain:variant=tiny --workdir=/tmp/run   # the same (console script, cli())
+
+`--config` is a config file or the name of one shipped with r1jax (`configlib.resolve_config`), so
+an installed wheel runs the stage configs from any directory.
 
 `config.stage` names the module in `r1jax.stages` whose `run(config, workdir)` does the work; each
 stage validates its own config before anything is compiled.
@@ -22,7 +26,8 @@ from r1jax import errors
 from r1jax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Stage config file, e.g. configs/pretrain.py:variant=tiny.", lock_config=True)
+    "config", None, "Stage config: a file (configs/pretrain.py:variant=tiny) or the name of one "
+    "shipped with r1jax (pretrain:variant=tiny).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -44,11 +49,31 @@ def _has_key(config, path: str) -> bool:
     return False
 
 
+def _config_resolved(argv: list[str]) -> list[str]:
+  """`argv` with the --config file resolved (`configlib.resolve_config`): a shipped config's name,
+  or the clone's configs/ path, becomes the shipped file wherever the command runs."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg == "--":  # the rest are positional arguments
+      break
+    for flag in ("--config", "-config"):
+      if arg.startswith(flag + "="):
+        out[i] = flag + "=" + configlib.resolve_config(arg[len(flag) + 1:])
+      elif arg == flag and i + 1 < len(out):
+        out[i + 1] = configlib.resolve_config(out[i + 1])
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, its errors ended like the stages' (one message, exit 2): a config file's
-  get_config() refusing its argument (a UserError, e.g. an unknown variant) in its own words,
-  not in the traceback ml_collections folds into the flag error (the innermost UserError of the
-  chain is the original one), and an override of a key the config lacks by its flag."""
+  """absl's flag parsing, its errors ended like the stages' (one message, exit 2): a config file
+  that is neither here nor shipped, a config file's get_config() refusing its argument (a
+  UserError, e.g. an unknown variant) in its own words, not in the traceback ml_collections folds
+  into the flag error (the innermost UserError of the chain is the original one), and an override
+  of a key the config lacks by its flag."""
+  try:
+    argv = _config_resolved(argv)
+  except errors.InputNotFound as e:
+    _exit_with(e)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError):  # ml_collections: an override of a key the config lacks
@@ -75,11 +100,8 @@ def main(argv):
   config = _CONFIG.value
   try:
     stage = config.get("stage")
-  except OSError as e:  # ml_collections reports a config file it could not load on first use
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    _exit_with(errors.InputNotFound(f"--config={path}: no such config file; e.g. "
-                                    "--config=configs/pretrain.py:variant=tiny.")
-               if not os.path.exists(path) else e.__cause__ or e)
+  except OSError as e:  # ml_collections reports a config file it could not read on first use
+    _exit_with(e.__cause__ or e)
   if stage not in STAGES:
     raise app.UsageError(f"config.stage={stage!r} is not a known stage; choose one of {STAGES}.")
   distributed.maybe_initialize()

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "r1jax"
 
 # Top to bottom. A module may import modules of its own layer (without a cycle) or of a lower one.
 LAYERS = (
+    ("configs", ("r1jax.configs",)),  # loaded by path (configlib.load_config), imported by nothing
     ("entry", ("r1jax.main", "r1jax.tools", "r1jax.pipeline_report")),  # the last: a moved-to stub
     ("stages", ("r1jax.stages",)),
     ("compress", ("r1jax.compress",)),

@@ -1,5 +1,5 @@
 """Every config in configs/ loads and validates; bad values fail up front with a message naming the
-key and the fix."""
+key and the fix; a config is found by path or by the name of a shipped one."""
 import dataclasses
 import glob
 import importlib
@@ -10,10 +10,14 @@ import jax
 import pytest
 
 from r1jax import configlib
+from r1jax import errors
+from r1jax import main
 from r1jax.model import transformer_xl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+# The clone's configs/ (a link to the shipped r1jax/configs/), as the docs' commands name them.
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith("_"))
 VARIANTS = ("tiny", "small", "base")
 
 
@@ -38,6 +42,55 @@ def _validate(config, needs_dir=None):
 
 def test_there_are_configs():
   assert any(p.endswith("pretrain.py") for p in CONFIGS)
+
+
+def test_the_clone_configs_folder_is_the_shipped_one():
+  """`configs/x.py` in a clone and the package's configs are the same files (one copy to edit)."""
+  assert os.path.realpath(os.path.join(ROOT, "configs")) == os.path.realpath(configlib.CONFIG_DIR)
+  assert configlib.shipped_configs() == [os.path.basename(p)[:-3] for p in CONFIGS]
+
+
+@pytest.mark.parametrize("spelling", ["pretrain", "pretrain.py", "configs/pretrain.py",
+                                      "./configs/pretrain.py"])
+def test_a_shipped_config_is_found_by_name_from_any_directory(spelling, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ here: the name means the shipped file
+  shipped = os.path.join(configlib.CONFIG_DIR, "pretrain.py")
+  assert configlib.resolve_config(f"{spelling}:variant=tiny") == f"{shipped}:variant=tiny"
+  assert configlib.resolve_config(spelling) == shipped
+  config = configlib.load_config(f"{spelling}:variant=tiny")
+  assert config.stage == "pretrain" and config.model.variant == "tiny"
+
+
+def test_a_file_that_exists_wins_over_the_shipped_config(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "pretrain.py").write_text(
+      "import ml_collections\n\n"
+      "def get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict(dict(stage='mine', arg=arg or ''))\n")
+  assert configlib.load_config("configs/pretrain.py:variant=tiny").stage == "mine"
+  assert configlib.load_config(str(tmp_path / "configs" / "pretrain.py")).stage == "mine"
+  assert configlib.load_config("pretrain:variant=tiny").stage == "pretrain"  # no file "pretrain"
+
+
+def test_the_command_line_resolves_its_config_flag_the_same_way(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  shipped = os.path.join(configlib.CONFIG_DIR, "pretrain.py")
+  assert main._config_resolved(["r1jax", "--config=pretrain:variant=tiny", "--workdir=w",
+                                "--config.seed=1"]) == [
+      "r1jax", f"--config={shipped}:variant=tiny", "--workdir=w", "--config.seed=1"]
+  # The two-argument form; what follows "--" is positional, left as it is.
+  assert main._config_resolved(["r1jax", "--config", "configs/pretrain.py", "--", "--config=x"]) == [
+      "r1jax", "--config", shipped, "--", "--config=x"]
+
+
+@pytest.mark.parametrize("spec", ["pretrian:variant=tiny", "elsewhere/pretrain.py", "configs"])
+def test_a_config_neither_here_nor_shipped_is_refused_with_the_names(spec, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").mkdir()  # a folder is not a config file
+  with pytest.raises(errors.InputNotFound, match=r"no such config file here .*nor a config "
+                     r"shipped with r1jax \(compare, data, .*pretrain, .*tune\)"):
+    configlib.resolve_config(spec)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

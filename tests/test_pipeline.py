@@ -46,13 +46,17 @@ def _corpus(tmp_path, name, n):
 # Config and selection.
 
 
-def test_stage_configs_come_from_the_stage_files():
+def test_stage_configs_come_from_the_stage_files(tmp_path, monkeypatch):
   config = _config()
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("pipeline_config", PIPELINE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert tuple(module.STAGE_CONFIGS) == pipeline_stages.STAGES
+  # Its stage files are shipped beside it, so the pipeline loads from the package (a wheel) too.
+  assert set(module.STAGE_CONFIGS.values()) <= set(configlib.shipped_configs())
+  monkeypatch.chdir(tmp_path)
+  assert configlib.load_config("pipeline:variant=tiny").to_dict() == config.to_dict()
   assert tuple(config.pipeline) == tuple(sorted(pipeline_stages.STAGES))
   pretrain = configlib.load_config(os.path.join(ROOT, "configs", "pretrain.py:variant=tiny"))
   nested = config.pipeline.pretrain_general

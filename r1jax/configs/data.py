@@ -24,7 +24,6 @@ from r1jax import configlib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = configlib.parse_arg(arg, variant="base").variant
   configlib.check_variant(variant)
-  from r1jax.model import transformer_xl  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict()
   config.stage = "data"
   config.seed = 0                          # augmentation and tokenizer sampling
@@ -86,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.tokenizer = ml_collections.ConfigDict(dict(
       train=True,                 # train DIR/tokenizer.model on the cleaned documents
-      vocab_size=transformer_xl.get_variant(variant).vocab_size,  # = the model variant's vocab
+      vocab_size=configlib.variant_vocab_size(variant),  # = the model variant's vocab
       model_type="bpe",           # bpe (about a second on the embedded corpus) | unigram
       character_coverage=0.9995,  # characters covered by pieces; the rest fall back to bytes
       max_sentences=300_000,      # lines sampled for training

@@ -1,4 +1,4 @@
-"""Which code is under test: the checkout, or a snapshot of its r1jax/ and configs/.
+"""Which code is under test: the checkout, or a snapshot of its r1jax/ (the configs included).
 
 The campaign copies the code at its start (`snapshot_source`) so that edits made to the checkout
 while it runs (minutes) do not change what it tests; every subprocess gets the same root on its
@@ -18,17 +18,16 @@ SOURCE = {"root": ROOT}
 
 
 def config_path() -> str:
-  """configs/pretrain.py of the code under test."""
-  return os.path.join(SOURCE["root"], "configs", "pretrain.py")
+  """configs/pretrain.py of the code under test (shipped in r1jax/configs/)."""
+  return os.path.join(SOURCE["root"], "r1jax", "configs", "pretrain.py")
 
 
 def snapshot_source(directory: str) -> str:
-  """Copies r1jax/ and configs/ to `directory` and makes it the code under test (here and in the
-  subprocesses); call before anything imports r1jax."""
+  """Copies r1jax/ (the configs included) to `directory` and makes it the code under test (here
+  and in the subprocesses); call before anything imports r1jax."""
   ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-  for name in ("r1jax", "configs"):
-    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    shutil.copytree(os.path.join(ROOT, name), os.path.join(directory, name), ignore=ignore)
+  shutil.rmtree(os.path.join(directory, "r1jax"), ignore_errors=True)
+  shutil.copytree(os.path.join(ROOT, "r1jax"), os.path.join(directory, "r1jax"), ignore=ignore)
   SOURCE["root"] = directory
   sys.path.insert(0, directory)
   return directory
