@@ -58,6 +58,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from r1jax import configlib
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.data import sources
 from r1jax.data import task as task_lib
@@ -96,8 +97,9 @@ DIR_TOKEN = "$DIR"
 TASK_KEYS = ("train", "dev", "test", "text_field", "label_field")
 
 
-class PipelineError(ValueError):
-  """A stage selection or workdir state the pipeline cannot continue from; says how to fix it."""
+class PipelineError(errors.UserError, ValueError):
+  """A stage selection or workdir state the pipeline cannot continue from; says how to fix it
+  (a UserError: the command prints it in one message, without a traceback)."""
 
 
 # --------------------------------------------------------------------------------------------------
