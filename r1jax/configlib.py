@@ -1,11 +1,12 @@
 """Config helpers shared by every stage: common sections, `arg` parsing and up-front validation.
 
-Configs are `ml_collections.ConfigDict`s built by `configs/<stage>.py:get_config(arg)`; the files ship
-in the package (`r1jax/configs/`, `CONFIG_DIR`), and `resolve_config` is the one place that turns what
-a user wrote (`configs/pretrain.py`, `pretrain`, a path of their own) into a file, for the command
-line and `load_config` alike. The command line locks them, so unknown keys and wrong types are already rejected by `ml_collections`; this module
-checks values and combinations (ranges, choices, mesh vs device count, batch vs data-parallel size)
-before anything is compiled, and reports every problem at once with the key and the fix:
+Configs are `ml_collections.ConfigDict`s built by `configs/<stage>.py:get_config(arg)`; the files
+ship in the package (`r1jax/configs/`, `CONFIG_DIR`), and `resolve_config` is the one place that
+turns what a user wrote (`configs/pretrain.py`, `pretrain`, a path of their own) into a file, for
+the command line and `load_config` alike. The command line locks them, so unknown keys and wrong
+types are already rejected by `ml_collections`; this module checks values and combinations (ranges,
+choices, mesh vs device count, batch vs data-parallel size) before anything is compiled, and reports
+every problem at once with the key and the fix:
 
     problems = Validator(config)
     problems.positive_int("train.batch_size")

@@ -80,8 +80,8 @@ def test_the_command_line_resolves_its_config_flag_the_same_way(tmp_path, monkey
                                 "--config.seed=1"]) == [
       "r1jax", f"--config={shipped}:variant=tiny", "--workdir=w", "--config.seed=1"]
   # The two-argument form; what follows "--" is positional, left as it is.
-  assert main._config_resolved(["r1jax", "--config", "configs/pretrain.py", "--", "--config=x"]) == [
-      "r1jax", "--config", shipped, "--", "--config=x"]
+  argv = ["r1jax", "--config", "configs/pretrain.py", "--", "--config=x"]
+  assert main._config_resolved(argv) == ["r1jax", "--config", shipped, "--", "--config=x"]
 
 
 @pytest.mark.parametrize("spec", ["pretrian:variant=tiny", "elsewhere/pretrain.py", "configs"])
