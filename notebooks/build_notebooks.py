@@ -15,6 +15,14 @@ import nbformat
 from nbformat import v4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The project's git repository, where the install cell gets r1jax on a fresh Colab by default
+# (`R1JAX_SOURCE` in the parameters cell). Empty: no public URL is recorded yet. Set it (e.g.
+# "https://github.com/OWNER/r1jax.git") and rebuild, and the notebooks install from it unasked.
+REPOSITORY_URL = ""
+_SOURCE_DEFAULT = f"git+{REPOSITORY_URL}" if REPOSITORY_URL else ""
+# The parameters cells' line saying where r1jax comes from (its comment aligned with the others').
+SOURCE_PARAMETER = (f'R1JAX_SOURCE = "{_SOURCE_DEFAULT}"'.ljust(23)
+                    + "  # pip source when r1jax is not installed: git URL, wheel or checkout")
 
 # --------------------------------------------------------------------------------------------------
 # Cells both notebooks share.
@@ -32,9 +40,9 @@ INSTALL_MD = '''\
 
 On Colab, first pick **Runtime > Change runtime type > TPU** (or a GPU). The cell below installs r1jax
 with the JAX build for the accelerator it finds (`[tpu]` on a TPU VM) unless it is installed already:
-from `R1JAX_SOURCE` when set (a git URL or a path to a checkout), else from the checkout this notebook
-sits in. The `configs/` folder of a checkout is needed too (the notebook looks next to the installed
-package, then in the working directory and its parent).'''
+from `R1JAX_SOURCE` (the parameters cell: a git URL, a wheel or a checkout path; by default the
+project's repository when one is recorded), else from the checkout this notebook sits in. The stage
+configs ship inside the package (`r1jax/configs/`), so nothing else is needed.'''
 
 INSTALL = '''\
 import importlib.util
@@ -46,24 +54,23 @@ on_tpu_vm = (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
 if importlib.util.find_spec("r1jax") is None:
     extra = "[tpu]" if on_tpu_vm else ""
     checkout = os.path.abspath("..")
-    if R1JAX_SOURCE:
-        spec = [f"r1jax{extra} @ {R1JAX_SOURCE}" if "://" in R1JAX_SOURCE else R1JAX_SOURCE + extra]
+    if "://" in R1JAX_SOURCE:  # a repository: pip wants git+https://...
+        url = R1JAX_SOURCE if R1JAX_SOURCE.startswith("git+") else "git+" + R1JAX_SOURCE
+        spec = [f"r1jax{extra} @ {url}"]
+    elif R1JAX_SOURCE:  # a wheel or a checkout on this machine
+        spec = [R1JAX_SOURCE + extra]
     elif os.path.exists(os.path.join(checkout, "setup.cfg")):
         spec = ["-e", checkout + extra]
     else:
-        raise RuntimeError("r1jax is not installed: set R1JAX_SOURCE in the parameters cell to a git "
-                           "URL or a checkout path (e.g. after `git clone ...` in a cell).")
+        raise RuntimeError("r1jax is not installed and no repository URL is recorded: set "
+                           "R1JAX_SOURCE in the parameters cell to its git URL, a wheel or a "
+                           "checkout path (e.g. after `git clone ...` in a cell).")
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *spec])
     importlib.invalidate_caches()
 
 import r1jax
 
-candidates = [os.path.join(os.path.dirname(os.path.dirname(r1jax.__file__)), "configs"),
-              os.path.abspath("configs"), os.path.abspath(os.path.join("..", "configs"))]
-CONFIGS = next((c for c in candidates if os.path.exists(os.path.join(c, "pretrain.py"))), None)
-if CONFIGS is None:
-    raise RuntimeError(f"No r1jax configs/ folder in {candidates}; run from a checkout of the repo.")
-print("r1jax from", os.path.dirname(r1jax.__file__), "| configs:", CONFIGS)'''
+print("r1jax from", os.path.dirname(r1jax.__file__))'''
 
 DEVICES_MD = '''\
 ## Which accelerator?
@@ -118,7 +125,7 @@ def pretrain_tpu():
 # Pretraining a Transformer-XL on a Colab TPU with r1jax
 
 MLM + NSP pretraining (`r1jax.stages.pretrain.run`, the same function as
-`python -m r1jax.main --config=configs/pretrain.py`) on the embedded general corpus: install, find the
+`r1jax --config=pretrain`) on the embedded general corpus: install, find the
 TPU, lay the devices out as a `data x fsdp x tensor` mesh, train while the metrics plot updates,
 then look at the run in TensorBoard. Re-running the training cell resumes from the last checkpoint in
 `WORKDIR`; to keep checkpoints across Colab sessions, make `WORKDIR` a folder of a mounted Google
@@ -132,7 +139,7 @@ TINY = False             # True: tiny settings that finish on a CPU in a few min
 VARIANT = "small"        # model + config variant for the accelerator run: small | base
 NUM_STEPS = 3000         # optimizer steps
 WORKDIR = "runs/colab_pretrain"  # checkpoints, metrics.jsonl, tensorboard/ (a local or mounted path)
-R1JAX_SOURCE = ""        # pip source when r1jax is not installed: git URL or path to a checkout
+''' + SOURCE_PARAMETER + '''
 POLL_SECS = 10           # how often the live plot refreshes''', tags=("parameters",)),
       _code(SETTINGS + '''
 if TINY:
@@ -144,13 +151,14 @@ if TINY:
       _md('''\
 ## Config
 
-`configs/pretrain.py` with the chosen variant; any key can be changed here as on the command line
-(`--config.train.batch_size=...`). The config is validated before anything is compiled.'''),
+The shipped `pretrain` config (`configs/pretrain.py` in a clone) with the chosen variant; any key can
+be changed here as on the command line (`--config.train.batch_size=...`). The config is validated
+before anything is compiled.'''),
       _code('''\
 from r1jax import configlib
 from r1jax.stages import pretrain
 
-config = configlib.load_config(os.path.join(CONFIGS, f"pretrain.py:variant={VARIANT}"))
+config = configlib.load_config(f"pretrain:variant={VARIANT}")
 config.train.num_steps = NUM_STEPS
 config.train.progress_bar = False  # the live plot below shows progress
 if TINY:
@@ -262,8 +270,8 @@ else:
 
 - Domain adaptation and compression from this model: `notebooks/adapt_compress.ipynb` with
   `PRETRAIN_FROM = WORKDIR`.
-- The same run from a shell: `python -m r1jax.main --config=configs/pretrain.py:variant=small
-  --workdir=WORKDIR --config.train.num_steps=...`; on a pod slice `launch/tpu_pod.sh`.'''),
+- The same run from a shell: `r1jax --config=pretrain:variant=small --workdir=WORKDIR
+  --config.train.num_steps=...`; on a pod slice `launch/tpu_pod.sh`.'''),
   ])
 
 
@@ -277,7 +285,7 @@ def adapt_compress():
 # Domain adaptation and compression with r1jax
 
 The recipe after general pretraining, run by the pipeline stage (`r1jax.stages.pipeline.run`, the
-same as `python -m r1jax.main --config=configs/pipeline.py`): domain-adaptive pretraining on the
+same as `r1jax --config=pipeline`): domain-adaptive pretraining on the
 FOLDOC computing dictionary, finetuning a classifier (frozen backbone, then the last layers) from the
 general and from the adapted model, their comparison, then distillation, INT8 quantization and
 pruning of the adapted classifier, and the final report. Every stage writes `WORKDIR/<stage>/`;
@@ -285,13 +293,12 @@ re-running the pipeline cell skips finished stages and resumes an interrupted on
       _md("## Parameters"),
       _code('''\
 TINY = False             # True: tiny settings that finish on a CPU in a few minutes
-VARIANT = "small"        # tiny | small | base (configs/pipeline.py:variant=...)
+VARIANT = "small"        # tiny | small | base (the pipeline config's variant=...)
 WORKDIR = "runs/colab_pipeline"
 PRETRAIN_FROM = ""       # a finished pretraining workdir (e.g. from pretrain_tpu.ipynb) used instead
                          # of the pipeline's own general pretraining; "" = pretrain here
 RUN_TUNE = False         # also run the hyperparameter search stage
-R1JAX_SOURCE = ""        # pip source when r1jax is not installed: git URL or path to a checkout''',
-            tags=("parameters",)),
+''' + SOURCE_PARAMETER, tags=("parameters",)),
       _code(SETTINGS + '''
 if TINY:
     VARIANT = "tiny"'''),
@@ -302,7 +309,8 @@ if TINY:
       _md('''\
 ## Config
 
-`configs/pipeline.py`: every stage's own config under `config.pipeline.<stage>`, plus which stages
+The shipped `pipeline` config (`configs/pipeline.py` in a clone): every stage's own config under
+`config.pipeline.<stage>`, plus which stages
 run and what feeds the compression stages. The tiny settings below shorten every stage further so
 the notebook runs on a CPU in minutes (the default tiny pipeline takes 6 to 12 minutes on a
 shared 2-core CPU).'''),
@@ -310,7 +318,7 @@ shared 2-core CPU).'''),
 from r1jax import configlib
 from r1jax.stages import pipeline
 
-config = configlib.load_config(os.path.join(CONFIGS, f"pipeline.py:variant={VARIANT}"))
+config = configlib.load_config(f"pipeline:variant={VARIANT}")
 config.init_from = PRETRAIN_FROM
 config.run_tune = RUN_TUNE
 if TINY:
@@ -360,31 +368,42 @@ for key in ("loss_curves", "tradeoff"):
       _md('''\
 ## General vs adapted, and the trade-off, as tables
 
-The same numbers as data frames, read from the stages' `summary.json` files.'''),
+The same numbers as tables, read from the stages' `summary.json` files.'''),
       _code('''\
 import json
 
-import pandas as pd
+from IPython.display import Markdown, display
 
 def load(stage):
     with open(os.path.join(WORKDIR, stage, "summary.json")) as f:
         return json.load(f)
 
-cmp = load("compare")
-rows = {r["metric"]: r["values"] + r["differences"] for r in cmp["metrics"]}
-display(pd.DataFrame.from_dict(rows, orient="index",
-                               columns=cmp["names"] + [f"{cmp['names'][1]} - {cmp['names'][0]}"]))
+def cell(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-tradeoff = [dict(a, stage=s) for s in ("distill", "quantize", "prune") for a in load(s)["artifacts"]]
-display(pd.DataFrame(tradeoff)[["stage", "name", "params", "bytes", "size_pct", "accuracy", "macro_f1",
-                                "latency_ms_batch1", "latency_ms_batched", "speedup_batch1"]])'''),
+def table(header, rows):
+    """A Markdown table: one list of values per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return Markdown("\\n".join(lines))
+
+cmp = load("compare")
+display(table(["metric", *cmp["names"], f"{cmp['names'][1]} - {cmp['names'][0]}"],
+              [[r["metric"], *r["values"], *r["differences"]] for r in cmp["metrics"]]))
+
+columns = ["name", "params", "bytes", "size_pct", "accuracy", "macro_f1", "latency_ms_batch1",
+           "latency_ms_batched", "speedup_batch1"]
+display(table(["stage", *columns], [[s, *(a.get(c, "") for c in columns)]
+                                    for s in ("distill", "quantize", "prune")
+                                    for a in load(s)["artifacts"]]))'''),
       _md('''\
 ## Next
 
 - Open `WORKDIR/report.html` for the full report, or each stage's own `report.md`.
 - The compressed artifacts (`WORKDIR/quantize/artifact`, ...) load with `r1jax.compress.artifact`;
   with export on, `model.stablehlo` runs without r1jax.
-- From a shell: `python -m r1jax.main --config=configs/pipeline.py --workdir=WORKDIR`.'''),
+- From a shell: `r1jax --config=pipeline --workdir=WORKDIR` (in a clone also
+  `python -m r1jax.main --config=configs/pipeline.py --workdir=WORKDIR`).'''),
   ])
 
 

@@ -2,6 +2,7 @@
 parameters cell defaulting to the real settings, and (slow) run top to bottom with tiny settings
 on CPU through nbclient and a python3 kernel, selected once by injecting a cell after the
 parameters cell (the papermill convention) and once by the R1JAX_NOTEBOOK_TINY variable."""
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -9,6 +10,8 @@ import sys
 
 import nbformat
 import pytest
+
+import test_packaging  # pylint: disable=g-bad-import-order  (tests/: setup.cfg's declarations)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
@@ -45,6 +48,20 @@ def test_parameters_cell_defaults_to_real_settings(name):
   # The next cell honours the environment variable CI can set instead of injecting a cell.
   following = nb.cells[nb.cells.index(params[0]) + 1]
   assert 'os.environ.get("R1JAX_NOTEBOOK_TINY", "") == "1"' in following.source
+
+
+def test_notebooks_import_only_what_installing_r1jax_brings():
+  """A fresh Colab has the standard library, IPython (the kernel) and what `pip install r1jax`
+  installs: an import of anything else (pandas, say) would fail there."""
+  runtime, _ = test_packaging.declared(open(os.path.join(ROOT, "setup.cfg")).read())
+  distributions = importlib.metadata.packages_distributions()
+  for name in NAMES:
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for module, places in test_packaging.imports({name: code}).items():
+      dists = {test_packaging.normalize(d) for d in distributions.get(module, [])}
+      assert module == "IPython" or dists & runtime, (
+          f"{name} imports {module} ({sorted(places)[0]}), which installing r1jax does not bring")
 
 
 def _python3_kernel():

@@ -25,7 +25,7 @@ NEEDED_UNIMPORTED = {
 }
 
 
-def _normalize(name: str) -> str:
+def normalize(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -35,7 +35,7 @@ def declared(setup_cfg: str) -> tuple[set[str], dict[str, set[str]]]:
   parser.read_string(setup_cfg)
 
   def names(value: str) -> set[str]:
-    return {_normalize(Requirement(line).name) for line in value.splitlines() if line.strip()}
+    return {normalize(Requirement(line).name) for line in value.splitlines() if line.strip()}
   runtime = names(parser.get("options", "install_requires"))
   extras = {extra: names(value) for extra, value in parser.items("options.extras_require")}
   return runtime, extras
@@ -73,7 +73,7 @@ def problems(setup_cfg: str, sources: dict[str, str],
   optional = set().union(*extras.values())
   out, used = [], set()
   for name, places in sorted(imports(sources).items()):
-    dists = {_normalize(d) for d in distributions.get(name, [])}
+    dists = {normalize(d) for d in distributions.get(name, [])}
     if not dists:
       out.append(f"{name} (imported at {sorted(places)[0]}) is not installed here, so its "
                  f"distribution is unknown; install it and declare it in setup.cfg")
@@ -114,7 +114,7 @@ def test_ci_installs_what_the_tests_import():
   local = {p.stem for p in (ROOT / "tests").iterdir()}  # the tests' own modules and packages
   missing = {name: sorted(places)[0] for name, places in imports(sources).items()
              if name not in local
-             and not {_normalize(d) for d in distributions.get(name, [])} & installed}
+             and not {normalize(d) for d in distributions.get(name, [])} & installed}
   assert not missing, f"imported by tests but not in install_requires, test or reference: {missing}"
 
 
