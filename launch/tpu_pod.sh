@@ -51,7 +51,8 @@ Options (environment variable in brackets, then the default):
   --ref REF                commit, branch or tag to install [R1JAX_REF] (this checkout's HEAD)
   --copy                   install a copy of this checkout instead of cloning (uncommitted changes too)
   --python VERSION         Python version of the workers' venv [R1JAX_PYTHON] ($python_version)
-  --config CONFIG          r1jax config, relative to the repository [R1JAX_CONFIG] ($config)
+  --config CONFIG          r1jax config: a path relative to the repository or a shipped config's
+                           name (pretrain:variant=base) [R1JAX_CONFIG] ($config)
   --workdir WORKDIR        workdir shared by all workers and slices [R1JAX_WORKDIR] (required for
                            run and resume): gs://BUCKET/PATH (mounted with gcsfuse on the workers,
                            see run) or a path on a share mounted at the same place on every worker
