@@ -162,6 +162,13 @@ def test_best_metric_accuracy_picks_and_stops_by_accuracy(engine, tmp_path):
   assert result.loop.best_eval_loss == 1.1  # the loss at the best step, for the record
   assert ckpt.all_steps() == [8, 14]
   ckpt.close()
+  # A tie (an accuracy seen again) keeps the earlier step, in the loop and on disk.
+  evals = iter([0.5, 0.5])
+  result, ckpt = _fit(engine, tmp_path / "tie", Batches(),
+                      evaluate=lambda p: {"loss": 1.0, "accuracy": next(evals)},
+                      num_steps=4, eval_every=2, checkpoint_every=50, best_metric="accuracy")
+  assert result.loop.best_step == 2 and ckpt.all_steps() == [2, 4]
+  ckpt.close()
   assert loop.selection_score({"loss": 2.0}, "loss") == 2.0
   assert loop.selection_score({"nll": 2.0, "micro_f1": 0.4}, "micro_f1") == -0.4
   with pytest.raises(ValueError, match=r"eval.best_metric='f1' is not among .*\['loss'\]"):

@@ -253,7 +253,9 @@ class Checkpointer:
     console.quiet_library_logs()
     policies = [cm.LatestN(n=max_to_keep)]
     if keep_best:
-      policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
+      # Ties (an accuracy seen twice) keep the earlier step, as the loop's best_step does.
+      policies.append(cm.BestN(get_metric_fn=lambda m: (m["eval_loss"], m.get("step", 0)),
+                               reverse=True, n=keep_best,
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies),
@@ -281,7 +283,8 @@ class Checkpointer:
                  meta=ocp.args.JsonSave(meta))
     if data_state is not None:
       items["data"] = IteratorStateSave(data_state)
-    metrics = None if score is None else {"eval_loss": float(score)}  # key kept: older runs
+    metrics = (None if score is None else  # "eval_loss": the key older runs wrote
+               {"eval_loss": float(score), "step": step})
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     return step
 
