@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       labels="",                   # class names in id order, comma-separated; "" = from train data
       unknown_label="error",       # dev/test label never seen in train: error | skip (row, or code)
       seq_len=-1,                  # tokens per example incl. [CLS]/[SEP]; -1 = variant's segment
+      length_buckets=8,            # batches of similar length, cut to one of N widths <= seq_len; 0 = off
       tokenizer="",                # scratch runs only: tokenizer.model to use; "" = train one
       threshold=0.5,               # multi-label decision threshold on the sigmoid probability
   ))

@@ -3,12 +3,17 @@
 - `local_rows`: this process's share of a global batch (process sharding);
 - `worker_prefetch`: Grain worker processes, usable outside an absl app;
 - `FlattenIterDataset`: lists -> their items, checkpointable without asking an unstarted parent
-  (a multiprocessing prefetch) for its state.
+  (a multiprocessing prefetch) for its state;
+- `LengthGroupedShuffle`: a shuffle that puts rows of similar length in the same batches, and
+  `bucket_length` / `trim_to_length`: cut a batch's padding to a few fixed widths.
 """
-from typing import Any
+import functools
+import math
+from typing import Any, Mapping, Sequence
 
 from absl import flags
 import grain
+import numpy as np
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, range]:
@@ -95,3 +100,72 @@ class _FlattenIterator(grain.DatasetIterator):
       self._items = next(self._parent)
       self._parent_moved = True
       self._index = state["index"]
+
+
+class LengthGroupedShuffle(grain.MapDataset):
+  """A shuffle, reshuffled every epoch, whose consecutive `group` rows have similar lengths.
+
+  Epoch e (index // epoch length): the rows in a random order (seed, e), cut into windows of
+  `window_groups * group` rows, each window sorted by length and cut into groups of `group` rows,
+  and the groups shuffled within the window. Batches of `batch` rows (group = a multiple of it,
+  e.g. the rows of one jitted call of several steps) then hold rows of similar length, so
+  `trim_to_length` removes most of the padding. Each epoch leaves out `len(parent) % batch` rows
+  (a different random few each epoch, as `drop_remainder` would) so that every epoch starts a
+  batch. A pure index map: Grain's iterator state stays one index, and resume is exact. Place it
+  where `shuffle` would be, before `repeat`.
+  """
+
+  def __init__(self, parent: grain.MapDataset, lengths: Sequence[int], *, batch: int,
+               group: int, seed: int, window_groups: int = 8):
+    super().__init__(parent)
+    if len(lengths) != len(parent):
+      raise ValueError(f"{len(lengths)} lengths for {len(parent)} rows.")
+    if batch < 1 or group < batch or group % batch or window_groups < 1:
+      raise ValueError(f"batch={batch}, group={group}, window_groups={window_groups}: need "
+                       f"batch >= 1, group a multiple of batch, window_groups >= 1.")
+    self._lengths = np.asarray(lengths)
+    self._group = group
+    self._window = group * window_groups
+    self._seed = seed
+    self._epoch_len = len(parent) - len(parent) % batch
+
+  def __len__(self) -> int:
+    return self._epoch_len
+
+  def __str__(self) -> str:
+    return f"LengthGroupedShuffle(group={self._group})"
+
+  @functools.lru_cache(maxsize=2)
+  def _order(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, epoch])
+    rows = rng.permutation(len(self._lengths))[:self._epoch_len]
+    out = []
+    for start in range(0, len(rows), self._window):
+      window = rows[start:start + self._window]
+      window = window[np.argsort(self._lengths[window], kind="stable")]
+      groups = [window[i:i + self._group] for i in range(0, len(window), self._group)]
+      out.extend(groups[i] for i in rng.permutation(len(groups)))
+    return np.concatenate(out) if out else rows
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if not self._epoch_len:
+      raise IndexError(f"{len(self._lengths)} rows make no batch.")
+    epoch, position = divmod(index, self._epoch_len)
+    return self._parent[int(self._order(epoch)[position]) + epoch * len(self._parent)]
+
+
+def bucket_length(length: int, max_length: int, num_buckets: int) -> int:
+  """The width a batch whose longest row has `length` tokens is padded to: the smallest multiple
+  of ceil(max_length / num_buckets) that holds it, at most max_length (so at most `num_buckets`
+  widths, each compiled once)."""
+  if num_buckets <= 1:
+    return max_length
+  stride = math.ceil(max_length / num_buckets)
+  return min(max_length, max(1, math.ceil(length / stride)) * stride)
+
+
+def trim_to_length(batch: Mapping[str, Any], length: int, keys: Sequence[str]) -> dict[str, Any]:
+  """`batch` with the last axis of each of `keys` (where present) cut to `length` positions."""
+  return {k: (np.asarray(v)[..., :length] if k in keys else v) for k, v in batch.items()}

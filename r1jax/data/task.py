@@ -293,8 +293,8 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
                            num_epochs: int | None = None, drop_remainder: bool = True,
                            pad_final_batch: bool = False, process_index: int = 0,
                            process_count: int = 1, worker_count: int = 0,
-                           augment: augment_lib.AugmentText | None = None
-                           ) -> grain.IterDataset:
+                           augment: augment_lib.AugmentText | None = None,
+                           group_by_length: int = 0) -> grain.IterDataset:
   """Grain dataset of classification batches.
 
   Args:
@@ -311,6 +311,11 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
       batches, which multi-host evaluation needs.
     augment: text augmentation applied on the fly (training), drawn afresh every epoch from
       `seed`; None = the texts as they are.
+    group_by_length: 0 = off. Training (shuffle=True): rows per group of similar token length,
+      a multiple of the local batch (`grain_ops.LengthGroupedShuffle`; the rows of one jitted
+      call of several steps is a good choice), so that
+      `grain_ops.trim_to_length` can cut each batch's padding. Evaluation (shuffle=False): any
+      positive value orders the records by length.
   """
   local_batch, _ = grain_ops.local_rows(batch_size, process_index, process_count)
   if worker_count < 0:
@@ -332,13 +337,22 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
     labels = LabelVocab.from_names(labels)
   for r in records:  # fail before training starts, not at the first bad batch
     labels.encode(r[label_field], multi_label)
+  lengths = None
+  if group_by_length:
+    lengths = [min(seq_len, len(tokenizer.encode(r[text_field])) + 2) for r in records]
+    if not shuffle:
+      order = np.argsort(lengths, kind="stable")
+      records, lengths = [records[i] for i in order], [lengths[i] for i in order]
   if pad_final_batch:
     if num_epochs != 1:
       raise ValueError("pad_final_batch is for one evaluation pass: set num_epochs=1.")
     records = records + [{"_padding": True}] * (-len(records) % batch_size)
   ds = grain.MapDataset.source(records)
   ds = ds[process_index::process_count]
-  if shuffle:
+  if shuffle and group_by_length:
+    ds = grain_ops.LengthGroupedShuffle(ds, lengths[process_index::process_count],
+                                        batch=local_batch, group=group_by_length, seed=seed)
+  elif shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   if augment is not None:

@@ -114,6 +114,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
               "is empty; use e.g. ',' or ';'.")
     v.choice("task.unknown_label", UNKNOWN_LABEL_POLICIES)
     v.int_at_least("task.seq_len", 8, allow=(-1,))
+    v.int_at_least("task.length_buckets", 0)
     v.number_in("task.threshold", 0.0, 1.0, low_open=True, high_open=True)
     tok = config.task.get("tokenizer")
     if tok:
@@ -214,8 +215,12 @@ def _batches(ctx: _Context, records, *, train: bool, seed: int = 0, batch_size: 
              all_rows: bool = False):
   """Training batches (shuffled, endless), or one padded pass for evaluation. Batches hold this
   process's rows of each global batch, or with `all_rows` every row (single-device evaluation)."""
+  buckets = ctx.config.task.get("length_buckets", 0)
+  rows = (batch_size or ctx.config.train.batch_size) // (1 if all_rows else jax.process_count())
+  group = rows * loop_lib.steps_per_call(ctx.config) if train else 1
   return task_lib.classification_batches(
       task_lib.public_records(records), ctx.tok, seq_len=ctx.seq_len,
+      group_by_length=group if buckets else 0,
       batch_size=batch_size or ctx.config.train.batch_size, labels=ctx.task.labels,
       multi_label=ctx.task.multi_label, shuffle=train, seed=seed,
       num_epochs=None if train else 1, pad_final_batch=not train,
@@ -262,7 +267,8 @@ def _build_engine(ctx: _Context, phase: Phase, start: int, end: int):
                                             label_smoothing=cfg.train.label_smoothing,
                                             frozen=frozen),
       eval_loss_fn=losses.classification_loss_fn(model, multi_label=multi),
-      lr_schedule=lambda s: schedule(s - start))  # steps are global; the schedule is the phase's
+      lr_schedule=lambda s: schedule(s - start),  # steps are global; the schedule is the phase's
+      length_buckets=cfg.task.get("length_buckets", 0))
   return engine, rules, counts
 
 

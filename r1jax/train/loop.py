@@ -211,6 +211,8 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
       if not batches:
         logging.warning("Training data ran out at step %d of %d; stopping.", step, options.num_steps)
         break
+      # Cut the padding (engine.length_buckets); the throughput figures count what is computed.
+      batches = engine.trim(batches) if hasattr(engine, "trim") else batches
       if len(batches) > 1 and len(batches) == per_call:
         state, metrics = engine.train_steps(state, batches)
         step += len(batches)
@@ -433,10 +435,12 @@ def deadline_of(config: Any, started: float) -> float:
 def engine_for(config: Any, *, mesh: Any, tx: Any, init_params: Callable[[jax.Array], Any],
                loss_fn: Callable[..., Any], num_steps: int | None = None,
                init_extras: Callable[[], Any] = dict, eval_loss_fn: Callable[..., Any] | None = None,
-               lr_schedule: Callable[[Any], Any] | None = None) -> steps_lib.Engine:
+               lr_schedule: Callable[[Any], Any] | None = None,
+               length_buckets: int = 0) -> steps_lib.Engine:
   """A training stage's Engine: the model and loss are the stage's; the global batch, gradient
-  accumulation and steps per call come from `config.train`, the logical->mesh rules are the
-  defaults, and the learning-rate schedule (logged) is `train`'s over `num_steps` unless given.
+  accumulation and steps per call come from `config.train`, `length_buckets` cuts batches'
+  padding (`steps_lib.Engine`), the logical->mesh rules are the defaults, and the learning-rate
+  schedule (logged) is `train`'s over `num_steps` unless given.
   A warmup clamped to the run's `num_steps` (optim.warmup_steps) is logged here, once per run."""
   if num_steps is not None and optim.warmup_clamped(config.train, num_steps):
     logging.info("train.warmup_steps=%d is not shorter than this run's %d steps: warming up for %d "
@@ -448,7 +452,7 @@ def engine_for(config: Any, *, mesh: Any, tx: Any, init_params: Callable[[jax.Ar
       mesh=mesh, rules=axes.DEFAULT_RULES, tx=tx, init_params=init_params, init_extras=init_extras,
       batch_size=config.train.batch_size, accum_steps=config.train.grad_accum_steps,
       steps_per_call=steps_per_call(config), loss_fn=loss_fn, eval_loss_fn=eval_loss_fn,
-      lr_schedule=lr_schedule)
+      lr_schedule=lr_schedule, length_buckets=length_buckets)
 
 
 def checkpointer_for(config: Any, directory: str) -> ckpt_lib.Checkpointer:

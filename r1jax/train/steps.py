@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from r1jax.data import grain_ops
 from r1jax.model import losses
 from r1jax.model.losses import LossFn
 from r1jax.train import mesh as mesh_lib
@@ -213,18 +215,27 @@ class Engine:
       state, metrics = engine.train_step(state, local_batch)       # dispatch only, no host sync
       state, metrics = engine.train_steps(state, local_batches)    # steps_per_call steps, one call
       totals = engine.evaluate(state.params, batches)               # {name: value}, one host sync
+
+  With `length_buckets=n` (batches with a `token_mask [B, Q]`), `trim` cuts a batch, or a call's
+  batches together, to the smallest of n widths (multiples of Q/n) that holds the longest row, the
+  same width on every process: a batch of short texts does not pay for Q positions, and each width
+  compiles once. The training loop trims what it feeds; `evaluate` trims each batch. The loss must
+  not depend on Q (a classifier's does not).
   """
+
+  SEQUENCE_KEYS = ("tokens", "token_mask", "token_types")  # the keys with a position axis
 
   def __init__(self, *, mesh: Mesh, rules: Sequence[tuple[str, Any]], loss_fn: LossFn,
                tx: optax.GradientTransformation, init_params: Callable[[jax.Array], Any],
                init_extras: Callable[[], Any], batch_size: int, accum_steps: int = 1,
                lr_schedule: optax.Schedule | None = None, eval_loss_fn: LossFn | None = None,
-               steps_per_call: int = 1):
+               steps_per_call: int = 1, length_buckets: int = 0):
     if steps_per_call < 1:
       raise ValueError(f"steps_per_call={steps_per_call}: need >= 1 optimizer steps per call "
                        f"(train.steps_per_call = 0 picks it automatically).")
     self.mesh = mesh
     self.steps_per_call = steps_per_call
+    self.length_buckets = length_buckets
     self.rules = tuple(rules)
     self.tx = tx
     self.batch_size = batch_size
@@ -282,6 +293,20 @@ class Engine:
     with mesh_lib.mesh_context(self.mesh, self.rules):
       return self._new_extras()
 
+  def trim(self, local_batches: Sequence[Mapping[str, np.ndarray]]
+           ) -> list[Mapping[str, np.ndarray]]:
+    """`local_batches` cut to one bucket width (`length_buckets`; unchanged when it is 0)."""
+    if not self.length_buckets or "token_mask" not in local_batches[0]:
+      return list(local_batches)
+    width = np.asarray(local_batches[0]["token_mask"]).shape[-1]
+    longest = max(int(np.asarray(b["token_mask"]).sum(-1).max(initial=0)) for b in local_batches)
+    if jax.process_count() > 1:  # every process must compile and feed the same shape
+      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    length = grain_ops.bucket_length(longest, width, self.length_buckets)
+    if length == width:
+      return list(local_batches)
+    return [grain_ops.trim_to_length(b, length, self.SEQUENCE_KEYS) for b in local_batches]
+
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     return mesh_lib.global_batch(dict(local_batch), self.mesh)
 
@@ -316,7 +341,7 @@ class Engine:
     extras = self.new_extras()
     totals = None
     for batch in batches:
-      metrics, extras = self.eval_step(params, extras, batch)
+      metrics, extras = self.eval_step(params, extras, self.trim([batch])[0])
       totals = metrics if totals is None else add_metrics(totals, metrics)
     if totals is None:
       raise ValueError("evaluate() got no batches; check the eval data and eval.num_batches.")
