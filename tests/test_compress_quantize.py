@@ -13,6 +13,7 @@ from r1jax.compress import export as export_lib
 from r1jax.compress import quantize as quant_lib
 from r1jax.compress import source as source_lib
 from r1jax.compress import spec as spec_lib
+from r1jax.compress import weights as weights_lib
 from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 from r1jax.stages import quantize as quantize_stage
@@ -97,10 +98,10 @@ def test_int8_artifact_roundtrip_matches_in_memory(tiny, tmp_path):
   for mode in ("weights", "dynamic"):
     art = artifact_lib.save(str(tmp_path / mode), spec, qparams, kind="int8",
                             quantization={"mode": mode})
-    with np.load(os.path.join(art.path, artifact_lib.PARAMS_FILE)) as data:
-      for path in plans:
-        assert data[path + "::qvalue"].dtype == np.int8
-        assert path not in data.files  # no float copy of a quantized weight
+    data = weights_lib.load(os.path.join(art.path, artifact_lib.PARAMS_FILE))
+    for path in plans:
+      assert data[path + "::qvalue"].dtype == np.int8
+      assert path not in data  # no float copy of a quantized weight
     loaded = artifact_lib.load(art.path)
     assert loaded.kind == "int8" and loaded.kind_is_quantized
     assert quant_lib.is_quantized(loaded.params["backbone"]["layer_0"]["ff_in"]["kernel"])
@@ -163,7 +164,7 @@ def test_quantize_stage(classifier_dir, tmp_path):  # noqa: F811
   assert summary["checks"]["dynamic"]["roundtrip_max_abs_diff"] == 0.0
   for name in ("summary.json", "report.md", "tradeoff.png", "config.json", "labels.txt",
                "tokenizer.model", "artifact/artifact.json", "artifact/model.stablehlo",
-               "float/params.npz"):
+               "float/model.safetensors", "artifact/MODEL_CARD.md"):
     assert os.path.exists(os.path.join(workdir, name)), name
   art = artifact_lib.load(os.path.join(workdir, "artifact"))
   assert art.quantization["mode"] == "dynamic"

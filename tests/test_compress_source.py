@@ -18,6 +18,7 @@ from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import measure
 from r1jax.compress import source as source_lib
 from r1jax.compress import spec as spec_lib
+from r1jax.compress import weights as weights_lib
 from r1jax.data import builtin
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import heads
@@ -131,8 +132,8 @@ def test_float_artifact_roundtrip_and_measure(classifier_dir, tmp_path):
   src = source_lib.load(classifier_dir)
   art = artifact_lib.save(str(tmp_path / "float"), src.spec, src.params, kind="float")
   assert art.num_params == sum(x.size for x in jax.tree.leaves(src.params))
-  with np.load(os.path.join(art.path, artifact_lib.PARAMS_FILE)) as data:
-    assert all(data[k].dtype == np.float32 for k in data.files)
+  stored = weights_lib.load(os.path.join(art.path, artifact_lib.PARAMS_FILE))
+  assert stored and all(v.dtype == np.float32 for v in stored.values())
   batches = measure.eval_batches(art.spec, "test", batch_size=16, limit=2)
   assert batches[0]["tokens"].shape == (16, SEQ_LEN)
   model = heads.Classifier(src.spec.model, 10)
@@ -145,7 +146,7 @@ def test_float_artifact_roundtrip_and_measure(classifier_dir, tmp_path):
   for key in ("bytes", "params", "accuracy", "macro_f1", "latency_ms_batch1",
               "latency_ms_batched"):
     assert row[key] is not None and row[key] >= 0, key
-  assert row["bytes"] == os.path.getsize(os.path.join(art.path, "params.npz"))
+  assert row["bytes"] == os.path.getsize(os.path.join(art.path, "model.safetensors"))
   rows = measure.add_relative([row, dict(row, name="copy", bytes=row["bytes"] // 4)], "float")
   assert rows[1]["size_pct"] == pytest.approx(25.0, abs=0.1)
   assert rows[0]["retained_accuracy_pct"] in (100.0,) or np.isnan(rows[0]["retained_accuracy_pct"])

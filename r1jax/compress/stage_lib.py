@@ -190,7 +190,8 @@ def test_batches(config: ml_collections.ConfigDict, spec: spec_lib.ClassifierSpe
 def measure_all(config: ml_collections.ConfigDict, named: Sequence[tuple[str, Any]],
                 batches: Sequence[Mapping[str, np.ndarray]],
                 extras: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-  """Measures each (name, artifact) on the same batches; the first is the reference."""
+  """Measures each (name, artifact) on the same batches; the first is the reference. Each
+  artifact's row is recorded in its artifact.json and MODEL_CARD.md."""
   rows = []
   for name, art in named:
     logging.info("Measuring %s (%s) on %d test batches.", name, art.path, len(batches))
@@ -199,7 +200,13 @@ def measure_all(config: ml_collections.ConfigDict, named: Sequence[tuple[str, An
                                 warmup=config.report.latency_warmup,
                                 repeats=config.report.latency_repeats,
                                 extra=(extras or {}).get(name)))
-  return measure.add_relative(rows, reference=named[0][0])
+  rows = measure.add_relative(rows, reference=named[0][0])
+  if jax.process_index() == 0:
+    for (_, art), row in zip(named, rows):
+      if art.path:   # the table's numbers go into the artifact's card
+        artifact_lib.record_measurements(art.path, dict(
+            row, device=jax.devices()[0].platform, latency_repeats=config.report.latency_repeats))
+  return rows
 
 
 def maybe_export(config: ml_collections.ConfigDict, art: artifact_lib.Artifact) -> str | None:

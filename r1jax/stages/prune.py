@@ -143,9 +143,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   notes = [
       f"{sum(jax.tree.leaves(selected))} kernels pruned ({report['selected_params']:,} weights, "
       f"{schedule.scope} scope, {schedule.kind}): {100 * report['selected_sparsity']:.1f}% zeros; "
-      f"{100 * report['model_sparsity']:.1f}% of all parameters. Dense storage: the file size "
-      f"only drops when compressed ({row['bytes_compressed']:,} bytes zipped vs "
-      f"{rows[0]['bytes_compressed']:,}).",
+      f"{100 * report['model_sparsity']:.1f}% of all parameters. Stored sparse (bitmask + kept "
+      f"values in {art.weights_file}): {row['bytes']:,} bytes, {row['size_pct']:.1f}% of the "
+      f"dense float file.",
       stage_lib.targets_note(row["retained_accuracy_pct"], TARGET_RETAINED_PCT,
                              "% of dense accuracy kept"),
       "Per-layer sparsity: " + ", ".join(f"{k}: {100 * v:.1f}%"
