@@ -1,9 +1,11 @@
 """Tests for r1jax.data.task: classification batches and the label vocabulary."""
+import grain
 import numpy as np
 import pytest
 
 from r1jax.data import augment
 from r1jax.data import builtin
+from r1jax.data import grain_ops
 from r1jax.data import task as task_lib
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -116,20 +118,21 @@ def test_length_grouped_batches_cut_padding_and_resume(tok):
   def waste(batches):  # padding positions left after cutting each batch to its longest row
     return sum(longest(b) * len(b["tokens"]) - int(b["token_mask"].sum()) for b in batches)
 
-  epoch = len(records) // 8  # 25 batches; 3 rows left out of each epoch, as drop_remainder would
+  # 203 records: each epoch is 13 groups of 16 rows (5 records read twice), 26 batches.
+  epoch = 26
   grouped_it = task_lib.classification_batches(records, tok, group_by_length=16, **kw)
   grouped = [next(grouped_it) for _ in range(3 * epoch)]
   plain_it = task_lib.classification_batches(records, tok, **kw)
   plain = [next(plain_it) for _ in range(3 * epoch)]
   assert waste(grouped) < 0.3 * waste(plain)
-  # Each epoch holds 200 distinct records, a different order each epoch.
+  # Each epoch holds every record, a different order each epoch.
   texts = [[tok.decode(t) for t in b["tokens"]] for b in grouped]
-  firsts = [sum(texts[e * epoch:(e + 1) * epoch], []) for e in range(3)]
-  assert all(len(set(f)) == 200 for f in firsts) and firsts[0] != firsts[1]
-  # The first window (8 groups of 16 rows) sorted by length: both batches of a group hold a
-  # slice of it, so their longest rows are close.
-  for a, b in zip(grouped[0:16:2], grouped[1:16:2]):
-    assert abs(longest(a) - longest(b)) <= 16
+  epochs = [sum(texts[e * epoch:(e + 1) * epoch], []) for e in range(3)]
+  assert all(len(set(e)) == len(records) for e in epochs) and epochs[0] != epochs[1]
+  # Groups line up with pairs of batches in every epoch: a group is a slice of a window sorted by
+  # length, so its first batch's rows are all no longer than its second batch's.
+  for a, b in zip(grouped[0::2], grouped[1::2]):
+    assert longest(a) <= int(b["token_mask"].sum(-1).min())
   # Deterministic under the seed; a checkpointed iterator resumes the same stream.
   again = task_lib.classification_batches(records, tok, group_by_length=16, **kw)
   for _ in range(30):
@@ -143,12 +146,12 @@ def test_length_grouped_batches_cut_padding_and_resume(tok):
                                             pad_final_batch=True, group_by_length=1, **kw))
   lens = [int(m.sum()) for b in ev for m, e in zip(b["token_mask"], b["example_mask"]) if e]
   assert lens == sorted(lengths[r["text"]] for r in records)
-  with pytest.raises(ValueError, match="group a multiple of batch"):
-    task_lib.classification_dataset(records, tok, group_by_length=12, **kw)
+  with pytest.raises(ValueError, match="group=0"):
+    grain_ops.LengthGroupedShuffle(grain.MapDataset.source(records), [1] * len(records), group=0,
+                                   seed=0)
 
 
 def test_bucket_length_and_trim():
-  from r1jax.data import grain_ops
   assert [grain_ops.bucket_length(n, 256, 8) for n in (1, 32, 33, 200, 256)] == [32, 32, 64, 224,
                                                                                256]
   assert grain_ops.bucket_length(10, 100, 3) == 34 and grain_ops.bucket_length(70, 100, 3) == 100

@@ -107,27 +107,27 @@ class LengthGroupedShuffle(grain.MapDataset):
 
   Epoch e (index // epoch length): the rows in a random order (seed, e), cut into windows of
   `window_groups * group` rows, each window sorted by length and cut into groups of `group` rows,
-  and the groups shuffled within the window. Batches of `batch` rows (group = a multiple of it,
-  e.g. the rows of one jitted call of several steps) then hold rows of similar length, so
-  `trim_to_length` removes most of the padding. Each epoch leaves out `len(parent) % batch` rows
-  (a different random few each epoch, as `drop_remainder` would) so that every epoch starts a
-  batch. A pure index map: Grain's iterator state stays one index, and resume is exact. Place it
+  and the groups shuffled within the window. Batches cut from a group (a group is best the rows of
+  one jitted call of several steps) then hold rows of similar length, so `trim_to_length` removes
+  most of the padding. An epoch is rounded up to whole groups with rows drawn again from the same
+  epoch's order (as torch's DistributedSampler pads), so every epoch's groups line up with the
+  calls. A pure index map: Grain's iterator state stays one index, and resume is exact. Place it
   where `shuffle` would be, before `repeat`.
   """
 
-  def __init__(self, parent: grain.MapDataset, lengths: Sequence[int], *, batch: int,
-               group: int, seed: int, window_groups: int = 8):
+  def __init__(self, parent: grain.MapDataset, lengths: Sequence[int], *, group: int, seed: int,
+               window_groups: int = 8):
     super().__init__(parent)
     if len(lengths) != len(parent):
       raise ValueError(f"{len(lengths)} lengths for {len(parent)} rows.")
-    if batch < 1 or group < batch or group % batch or window_groups < 1:
-      raise ValueError(f"batch={batch}, group={group}, window_groups={window_groups}: need "
-                       f"batch >= 1, group a multiple of batch, window_groups >= 1.")
+    if group < 1 or window_groups < 1 or not len(parent):
+      raise ValueError(f"group={group}, window_groups={window_groups}, {len(parent)} rows: need "
+                       f"at least one row, group >= 1 and window_groups >= 1.")
     self._lengths = np.asarray(lengths)
     self._group = group
     self._window = group * window_groups
     self._seed = seed
-    self._epoch_len = len(parent) - len(parent) % batch
+    self._epoch_len = -(-len(parent) // group) * group
 
   def __len__(self) -> int:
     return self._epoch_len
@@ -138,20 +138,17 @@ class LengthGroupedShuffle(grain.MapDataset):
   @functools.lru_cache(maxsize=2)
   def _order(self, epoch: int) -> np.ndarray:
     rng = np.random.default_rng([self._seed, epoch])
-    rows = rng.permutation(len(self._lengths))[:self._epoch_len]
+    rows = np.resize(rng.permutation(len(self._lengths)), self._epoch_len)
     out = []
     for start in range(0, len(rows), self._window):
       window = rows[start:start + self._window]
-      window = window[np.argsort(self._lengths[window], kind="stable")]
-      groups = [window[i:i + self._group] for i in range(0, len(window), self._group)]
-      out.extend(groups[i] for i in rng.permutation(len(groups)))
-    return np.concatenate(out) if out else rows
+      groups = window[np.argsort(self._lengths[window], kind="stable")].reshape(-1, self._group)
+      out.append(groups[rng.permutation(len(groups))].reshape(-1))
+    return np.concatenate(out)
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    if not self._epoch_len:
-      raise IndexError(f"{len(self._lengths)} rows make no batch.")
     epoch, position = divmod(index, self._epoch_len)
     return self._parent[int(self._order(epoch)[position]) + epoch * len(self._parent)]
 

@@ -311,9 +311,9 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
       batches, which multi-host evaluation needs.
     augment: text augmentation applied on the fly (training), drawn afresh every epoch from
       `seed`; None = the texts as they are.
-    group_by_length: 0 = off. Training (shuffle=True): rows per group of similar token length,
-      a multiple of the local batch (`grain_ops.LengthGroupedShuffle`; the rows of one jitted
-      call of several steps is a good choice), so that
+    group_by_length: 0 = off. Training (shuffle=True): rows per group of similar token length
+      (`grain_ops.LengthGroupedShuffle`; best the rows of one jitted call of several steps), so
+      that
       `grain_ops.trim_to_length` can cut each batch's padding. Evaluation (shuffle=False): any
       positive value orders the records by length.
   """
@@ -351,7 +351,7 @@ def classification_dataset(records_or_path, tokenizer: tokenizer_lib.Tokenizer, 
   ds = ds[process_index::process_count]
   if shuffle and group_by_length:
     ds = grain_ops.LengthGroupedShuffle(ds, lengths[process_index::process_count],
-                                        batch=local_batch, group=group_by_length, seed=seed)
+                                        group=group_by_length, seed=seed)
   elif shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
