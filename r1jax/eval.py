@@ -391,24 +391,37 @@ def latency_summary(fn: Callable[[Any], Any], batch1: Any, batched: Any, *, warm
   examples, so a batched median above batch 1's is timing noise (the machine's load changed
   while measuring), not the model: `latency_batched_slower` flags it for the report.
   """
+  return latency_summaries({"": fn}, batch1, batched, warmup=warmup, repeats=repeats)[""]
+
+
+def latency_summaries(fns: Mapping[str, Callable[[Any], Any]], batch1: Any, batched: Any, *,
+                      warmup: int = 3, repeats: int = 20) -> dict[str, dict[str, Any]]:
+  """`latency_summary` of several functions (e.g. one model in two runtimes) timed in turn: each
+  repeat calls every function at batch 1 and batched before the next repeat, so the machine's
+  load falls on all alike. Returns {name: latency_summary's dict}."""
   if repeats < 1 or warmup < 0:
     raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
   sizes = {"batch1": _batch_size_of(batch1), "batched": _batch_size_of(batched)}
   batches = {"batch1": batch1, "batched": batched}
   for _ in range(warmup):
-    for name in batches:
-      jax.block_until_ready(fn(batches[name]))
-  times = {name: [] for name in batches}
+    for fn in fns.values():
+      for name in batches:
+        jax.block_until_ready(fn(batches[name]))
+  times = {key: {name: [] for name in batches} for key in fns}
   for _ in range(repeats):
-    for name, batch in batches.items():
-      times[name].append(_timed_ms(fn, batch) / sizes[name])
-  out: dict[str, Any] = {"latency_batch_size": sizes["batched"], "latency_repeats": repeats}
-  for name, values in times.items():
-    p10, median, p90 = (float(x) for x in np.percentile(values, [10, 50, 90]))
-    out.update({f"latency_ms_{name}": median, f"latency_ms_{name}_p10": p10,
-                f"latency_ms_{name}_p90": p90})
-  out["latency_batched_slower"] = out["latency_ms_batched"] > out["latency_ms_batch1"]
-  return out
+    for key, fn in fns.items():
+      for name, batch in batches.items():
+        times[key][name].append(_timed_ms(fn, batch) / sizes[name])
+  summaries = {}
+  for key in fns:
+    out: dict[str, Any] = {"latency_batch_size": sizes["batched"], "latency_repeats": repeats}
+    for name, values in times[key].items():
+      p10, median, p90 = (float(x) for x in np.percentile(values, [10, 50, 90]))
+      out.update({f"latency_ms_{name}": median, f"latency_ms_{name}_p10": p10,
+                  f"latency_ms_{name}_p90": p90})
+    out["latency_batched_slower"] = out["latency_ms_batched"] > out["latency_ms_batch1"]
+    summaries[key] = out
+  return summaries
 
 
 def latency_line(summary: Mapping[str, Any]) -> str:

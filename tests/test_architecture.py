@@ -20,6 +20,7 @@ LAYERS = (
     ("stages", ("r1jax.stages",)),
     ("compress", ("r1jax.compress",)),
     ("train", ("r1jax.train", "r1jax.eval")),
+    ("serve", ("r1jax.serve",)),  # the JAX-free runtime of exported models (compress.edge uses it)
     ("workdir/config", ("r1jax.run_dir", "r1jax.configlib")),
     ("model", ("r1jax.model",)),
     ("data", ("r1jax.data",)),
@@ -31,7 +32,7 @@ INDEPENDENT = (("r1jax.model", "r1jax.data"),)
 # Third-party modules that may be imported inside a function (heavy, optional or plotting-only),
 # each such line with a comment saying why.
 LAZY_ALLOWED = ("torch", "transformers", "tensorflow_datasets", "pyarrow", "matplotlib", "PIL",
-                "sklearn")
+                "sklearn", "onnx", "onnxruntime")
 MAX_LINES = 600
 
 

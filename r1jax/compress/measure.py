@@ -5,10 +5,11 @@
     rows = measure.add_relative(rows, reference="float")            # % retained, size %, speedup
     measure.write_tradeoff(workdir, rows, title="INT8 quantization")  # report.md + tradeoff.png
 
-Every entry has at least: name, kind, params, bytes (the weights file on disk), accuracy, macro_f1,
-latency_ms_batch1 (ms per example at batch 1), latency_ms_batched (ms per example at
-`latency_batch_size`), and, relative to the reference entry, retained_accuracy_pct,
-retained_macro_f1_pct, size_pct, speedup_batch1, speedup_batched. Latency is measured by
+Every entry has at least: name, kind, runtime ("jax"; "onnxruntime" for `edge`'s rows), params,
+bytes (the weights file on disk), accuracy, macro_f1, latency_ms_batch1 (ms per example at
+batch 1), latency_ms_batched (ms per example at `latency_batch_size`), and, relative to the
+reference entry, retained_accuracy_pct, retained_macro_f1_pct, size_pct, speedup_batch1,
+speedup_batched. Latency is measured by
 `r1jax.eval.measure_latency` (median of timed calls after warm-up) on real test rows, one call at a
 time, on the first device.
 """
@@ -101,7 +102,8 @@ def measure(art, batches: Sequence[Mapping[str, np.ndarray]], *, name: str,
   one = jax.device_put(_first_rows(batches, 1), device)
   many = jax.device_put(_first_rows(batches, latency_batch_size), device)
   latency = eval_lib.latency_summary(call, one, many, warmup=warmup, repeats=repeats)
-  row = {"name": name, "kind": art.kind, "path": art.path, "params": art.num_params,
+  row = {"name": name, "kind": art.kind, "runtime": "jax", "path": art.path,
+         "params": art.num_params,
          "bytes": art.file_bytes(),
          "bytes_compressed": _meta_bytes(art, "bytes_params_compressed"),
          "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
@@ -146,7 +148,7 @@ def add_relative(rows: Sequence[Mapping[str, Any]], reference: str) -> list[dict
 
 
 TABLE_COLUMNS = (
-    ("artifact", "name"), ("params", "params"), ("MB on disk", "bytes"),
+    ("artifact", "name"), ("runtime", "runtime"), ("params", "params"), ("MB on disk", "bytes"),
     ("size %", "size_pct"), ("accuracy", "accuracy"), ("macro-F1", "macro_f1"),
     ("% acc. kept", "retained_accuracy_pct"), ("% F1 kept", "retained_macro_f1_pct"),
     ("ms/ex batch 1", "latency_ms_batch1"), ("ms/ex batched", "latency_ms_batched"),

@@ -9,7 +9,9 @@ r"""Post-training INT8 quantization of a finetuned classifier (qwix; embeddings 
 Writes DIR/artifact/ (the `quant.primary` mode; loads back without the float weights), one
 DIR/int8_<mode>/ per other mode, DIR/float/ (the reference), DIR/summary.json ("artifacts": size,
 parameters, latency at batch 1 and batched, accuracy, macro-F1, % retained), DIR/report.md,
-DIR/tradeoff.png and DIR/artifact/model.stablehlo (jax.export). `variant` only sets defaults; the
+DIR/tradeoff.png, DIR/artifact/model.stablehlo (jax.export) and, with the [edge] extra,
+DIR/float/model.onnx + DIR/artifact/model.onnx (int8), runnable without JAX by
+`python -m r1jax.serve --model DIR/artifact "some text"`. `variant` only sets defaults; the
 model comes from init_from.
 """
 import ml_collections
@@ -41,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = stage_lib.task_section()
   config.report = stage_lib.report_section()
   config.export = stage_lib.export_section()
+  # model.onnx in DIR/float (float) and DIR/artifact (int8, onnxruntime's quantizer), measured in
+  # onnxruntime: "auto" = when the [edge] extra is installed, "on" = required, "off".
+  config.export.onnx = "auto"
   if variant == "tiny":
     config.quant.calibration_batches = 8
   return config

@@ -8,7 +8,9 @@ weight matmul and embedding table (`compress.quantize.plan`), quantizes them to 
 per-channel (per-row) scales, calibrates static activation ranges on the task's training split when
 the static mode is asked for, saves one artifact per mode, reloads each from disk and checks it
 against the in-memory quantized model, measures everything on the test split, exports the primary
-artifact with `jax.export`, and writes DIR/summary.json, DIR/report.md and DIR/tradeoff.png.
+artifact with `jax.export`, exports the float model and an int8 one to ONNX (DIR/float/model.onnx,
+DIR/artifact/model.onnx; `compress.edge`) and measures them in onnxruntime beside JAX, and writes
+DIR/summary.json, DIR/report.md and DIR/tradeoff.png.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from r1jax import configlib
 from r1jax.compress import artifact as artifact_lib
+from r1jax.compress import edge
 from r1jax.compress import measure
 from r1jax.compress import quantize as quant_lib
 from r1jax.compress import stage_lib
@@ -64,6 +67,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   v.number_in("quant.percentile", 0.0, 100.0, low_open=True)
   v.positive_int("quant.calibration_batches")
   v.positive_int("quant.calibration_batch_size")
+  v.choice("export.onnx", edge.ONNX_SETTINGS)
   v.raise_if_any("quantize config")
   return v
 
@@ -81,7 +85,21 @@ def _calibration_batches(config: ml_collections.ConfigDict, spec: Any, data: Any
           for b in itertools.islice(stream, config.quant.calibration_batches)]
 
 
+def _onnx_wanted(config: ml_collections.ConfigDict) -> bool:
+  """export.onnx: "on" needs the [edge] extra (refused before any work), "auto" uses it when
+  installed."""
+  if config.export.onnx == "on":
+    edge.require()
+    return True
+  if config.export.onnx == "auto" and not edge.available():
+    logging.info("No ONNX export: onnx / onnxruntime are not installed (pip install "
+                 "\"r1jax[edge]\"; export.onnx=off silences this).")
+    return False
+  return config.export.onnx == "auto"
+
+
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  onnx_wanted = _onnx_wanted(config)
   src = stage_lib.load_source(config)
   spec = stage_lib.prepare_workdir(workdir, src.spec)
   modes = modes_of(config)
@@ -140,6 +158,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                extras={f"int8-{m}": {"mode": m, **checks[m]} for m in modes})
   primary = dict(named)[f"int8-{config.quant.primary}"]
   exported = stage_lib.maybe_export(config, primary)
+  onnx_summary = None
+  if onnx_wanted:
+    # model.onnx beside DIR/float (float) and DIR/artifact (int8 by onnxruntime's quantizer),
+    # measured in onnxruntime and, in turn with them, the float model in JAX.
+    paths = edge.export_pair(reference, primary.path)
+    onnx_rows, timing = edge.measure(reference, paths, test,
+                                     latency_batch_size=config.report.latency_batch_size,
+                                     warmup=config.report.latency_warmup,
+                                     repeats=config.report.latency_repeats)
+    rows = measure.add_relative(list(rows) + onnx_rows, reference=stage_lib.REFERENCE)
+    onnx_targets = edge.targets(onnx_rows, timing, rows[0]["accuracy"])
+    onnx_summary = {"files": paths, "quantization": edge.QUANTIZATION, **timing,
+                    "targets": onnx_targets}
   by_name = {r["name"]: r for r in rows}
   targets = {}
   notes = []
@@ -157,11 +188,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  f"(target <= {TARGET_DROP_POINTS:g}), latency x{1 / r['speedup_batch1']:.2f} "
                  f"(batch 1) / x{1 / r['speedup_batched']:.2f} (batched) of float; roundtrip "
                  f"max |diff| {checks[mode]['roundtrip_max_abs_diff']:.2g}")
+  if onnx_summary:
+    notes += edge.notes(onnx_summary["targets"])
   notes.append(f"Quantized leaves: {len(plans)} (matmul kernels per output channel, embedding "
                f"tables per row); float leaves: {len(float_left)} (biases, LayerNorm, relative "
                f"position biases).")
   summary = {"source": src.path, "source_step": src.step, "modes": modes,
              "primary": config.quant.primary, "artifact": primary.path, "export": exported,
+             "onnx": onnx_summary,
              "quantized_leaves": {p: l.to_json() for p, l in plans.items()},
              "float_leaves": float_left, "checks": checks, "targets": targets,
              "calibration": ({"method": config.quant.calibration,
