@@ -42,9 +42,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _config_type(annotation: Any) -> type:
-  """The config type of a TransformerXLConfig field: int / float / bool, else str (dtypes are
-  given by name in configs). Annotations are strings under `from __future__ import annotations`."""
+  """The config type of a TransformerXLConfig field: int / float / bool / tuple (per-layer sizes),
+  else str (dtypes are given by name in configs). Annotations are strings under
+  `from __future__ import annotations`."""
   name = getattr(annotation, "__name__", str(annotation))
+  if name.startswith("tuple"):
+    return tuple
   return {"int": int, "float": float, "bool": bool}.get(name, str)
 
 

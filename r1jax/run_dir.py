@@ -47,7 +47,8 @@ FINISHED_STATUSES = ("complete", "stopped_early")
 # the others (dropout, dtype, remat, attention_impl, ...) are choices of the run that loads it.
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner",
                        "mem_len", "clamp_len", "same_length", "attention", "pre_lnorm",
-                       "activation", "layer_norm_eps", "untie_r", "n_token_types")
+                       "activation", "layer_norm_eps", "untie_r", "n_token_types", "layer_heads",
+                       "layer_d_inner")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +359,9 @@ def model_config_of(workdir: str, *, shapes: Mapping[str, tuple[int, ...]] | Non
   """The Transformer-XL config of the model saved in a training workdir: the one answer to "which
   model is here?".
 
-  Sizes (vocab, width, layers, heads, inner size, untied biases, token types) come from the newest
-  checkpoint's parameter shapes, which are authoritative; the other fields from DIR/config.json:
+  Sizes (vocab, width, layers, heads and inner size per layer, untied biases, token types) come
+  from the newest checkpoint's parameter shapes, which are authoritative; the other fields from
+  DIR/config.json:
   `resolved.model` where the stage recorded the full config, else the `model` section (variant +
   explicit overrides) over the variant's values. `prefix` selects a sub-model ("student/" in a
   distillation workdir); `shapes` saves re-reading them.
@@ -382,11 +384,14 @@ def model_config_of(workdir: str, *, shapes: Mapping[str, tuple[int, ...]] | Non
     raise ValueError(f"checkpoint backbone layers {layers} are not layer_0..layer_{{n-1}}.")
   _, _, n_head, d_head = shapes[b + "layer_0/attn/qkv/kernel"]
   fields.update(vocab_size=vocab, d_model=d_model, n_layer=len(layers), n_head=n_head,
-                d_head=d_head, d_inner=shapes[b + "layer_0/ff_in/kernel"][1],
-                untie_r=(b + "layer_0/attn/r_w_bias") in shapes,
+                d_head=d_head, d_inner=shapes[b + "layer_0/ff_in/kernel"][1], layer_heads=(),
+                layer_d_inner=(), untie_r=(b + "layer_0/attn/r_w_bias") in shapes,
                 n_token_types=(shapes[b + "type_emb/embedding"][0]
                                if (b + "type_emb/embedding") in shapes else 0))
-  return txl.TransformerXLConfig(**fields)
+  # Per-layer sizes differ after structured pruning.
+  return txl.TransformerXLConfig(**fields).with_layer_sizes(
+      [shapes[f"{b}layer_{i}/attn/qkv/kernel"][2] for i in layers],
+      [shapes[f"{b}layer_{i}/ff_in/kernel"][1] for i in layers])
 
 
 def architecture_of(workdir: str, **kwargs: Any) -> dict[str, Any]:

@@ -8,9 +8,11 @@ import optax
 import pytest
 
 from r1jax import configlib
+from r1jax import run_dir
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import prune as prune_lib
 from r1jax.compress import source as source_lib
+from r1jax.compress import structured
 from r1jax.stages import prune as prune_stage
 from test_compress_source import classifier_dir  # noqa: F401  (fixture)
 from test_compress_source import finetuned_dir  # noqa: F401  (fixture)
@@ -166,3 +168,47 @@ def test_prune_finetuned_half(finetuned_dir, tmp_path):  # noqa: F811
   summary = prune_stage.run(config, str(tmp_path / "p"))
   assert summary["sparsity"]["selected_sparsity"] == pytest.approx(0.5, abs=1e-3)
   assert summary["artifacts"][1]["retained_accuracy_pct"] > 90.0
+
+
+def test_structured_prune_stage_shrinks_and_reloads(classifier_dir, tmp_path):  # noqa: F811
+  workdir = str(tmp_path / "s")
+  config = _stage_config(classifier_dir, mode="structured", heads_fraction=0.5,
+                         ffn_fraction=0.25, score_batches=2)
+  summary = prune_stage.run(config, workdir)
+  names = [r["name"] for r in summary["artifacts"]]
+  assert names[0] == "float" and names[2] == "structured -50% heads -25% units"
+  assert names[1] == names[2] + " (no recovery)"
+  dense = source_lib.load(classifier_dir)
+  art = artifact_lib.load(os.path.join(workdir, "artifact"))
+  n = dense.spec.model.n_layer
+  assert art.spec.model.layer_heads == () and art.spec.model.n_head == 2   # uniform: 2 per layer
+  assert art.spec.model.d_inner == dense.spec.model.d_inner * 3 // 4
+  assert summary["structured"]["heads_kept"] == [2] * n
+  assert art.params["backbone"]["layer_0"]["attn"]["qkv"]["kernel"].shape[2] == 2
+  assert summary["artifacts"][2]["params"] < summary["artifacts"][0]["params"]
+  assert summary["artifacts"][2]["bytes"] < summary["artifacts"][0]["bytes"]
+  # The kept heads are the plan's, and the workdir is a valid init_from for the next stage.
+  plan = structured.Plan.from_json(run_dir.read_json(os.path.join(workdir, "structured_plan.json")))
+  assert all(len(h) == 2 for h in plan.heads)
+  before = artifact_lib.load(os.path.join(workdir, "unrecovered")).params
+  np.testing.assert_array_equal(
+      before["backbone"]["layer_1"]["attn"]["out"]["kernel"],
+      np.asarray(dense.params["backbone"]["layer_1"]["attn"]["out"]["kernel"])[list(plan.heads[1])])
+  again = source_lib.load(workdir)
+  assert again.spec.model == art.spec.model
+  card = open(os.path.join(workdir, "artifact", "MODEL_CARD.md")).read()
+  assert f"Structured pruning: {2 * n} attention heads" in card and "heads per layer [2, 2]" in card
+
+
+def test_structured_prune_refuses_emptying_a_layer_before_any_work(classifier_dir,  # noqa: F811
+                                                                    tmp_path):
+  workdir = tmp_path / "s"
+  with pytest.raises(structured.StructuredPruningError,
+                     match=r"heads_fraction=0.9 would remove all 4 attention heads of layer 0"):
+    prune_stage.run(_stage_config(classifier_dir, mode="structured", heads_fraction=0.9),
+                    str(workdir))
+  assert not workdir.exists()
+  with pytest.raises(configlib.ConfigError, match="prune.heads_fraction"):
+    prune_stage.validate(_stage_config(classifier_dir, mode="structured", heads_fraction=1.0))
+  with pytest.raises(configlib.ConfigError, match="prune.mode"):
+    prune_stage.validate(_stage_config(classifier_dir, mode="channels"))

@@ -115,6 +115,20 @@ def is_artifact_dir(path: str) -> bool:
   return os.path.exists(os.path.join(path, spec_lib.ARTIFACT_FILE))
 
 
+def model_config(path: str) -> txl.TransformerXLConfig:
+  """The model `load(path)` would return, from parameter shapes / artifact.json only (no weights
+  read): what a stage checks its settings against before doing any work."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, run_dir.CHECKPOINTS_DIR)):
+    shapes, _ = run_dir.saved_param_shapes(path)
+    prefix = "student/" if any(p.startswith("student/") for p in shapes) else ""
+    return run_dir.model_config_of(path, shapes=shapes, prefix=prefix)
+  for candidate in (path, os.path.join(path, spec_lib.ARTIFACT_SUBDIR)):
+    if is_artifact_dir(candidate):
+      return spec_lib.ClassifierSpec.from_json(artifact.read_meta(candidate)["spec"]).model
+  return load(path).spec.model   # raises the loader's own error
+
+
 def load(path: str, *, target_sharding: Any = None) -> Source:
   """Loads a float classifier from a training workdir or a float artifact directory.
 

@@ -29,6 +29,8 @@ from r1jax.compress import measure
 from r1jax.compress import source as source_lib
 from r1jax.compress import spec as spec_lib
 from r1jax.data import task as task_lib
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import loop as loop_lib
 
 FLOAT_DIR = "float"
 ARTIFACT_DIR = spec_lib.ARTIFACT_SUBDIR
@@ -174,6 +176,22 @@ def dev_evaluator(config: ml_collections.ConfigDict, spec: spec_lib.ClassifierSp
                               process_count=jax.process_count())
     return engine.evaluate(params, itertools.islice(batches, config.eval.num_batches))
   return evaluate
+
+
+def finetune_and_restore(config: ml_collections.ConfigDict, workdir: str, *, engine: Any,
+                         spec: spec_lib.ClassifierSpec, saved_spec: spec_lib.ClassifierSpec,
+                         data: Any, init_state: Callable[[], Any], num_steps: int
+                         ) -> tuple[dict[str, Any], Any, int]:
+  """Recovery finetuning of a pruned classifier (`loop.train_and_evaluate` on the task's training
+  batches, dev evaluation; resumable), then its final parameters restored on one device.
+  Returns (training summary, params shaped as `saved_spec`'s model, their step)."""
+  train_summary = loop_lib.train_and_evaluate(
+      config, workdir, engine=engine, train_iter=train_iterator(config, spec, data),
+      init_state=init_state, num_steps=num_steps,
+      evaluate=dev_evaluator(config, spec, data, engine))
+  params, step = ckpt_lib.restore_params(
+      workdir, ckpt_lib.on_one_device(spec_lib.abstract_params(saved_spec)))
+  return train_summary, params, step
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,10 +6,16 @@ r"""Magnitude pruning of a finetuned classifier's kernels, then recovery finetun
     # One global threshold, sparsity raised gradually over the first half of training:
     python -m r1jax.main --config=configs/prune.py --workdir=DIR --config.init_from=FT \
         --config.prune.scope=global --config.prune.schedule=gradual --config.prune.sparsity=0.4
+    # Structured: half of each layer's attention heads and feed-forward units removed (chosen by
+    # gradient x weight importance on training batches), then recovery finetuning:
+    python -m r1jax.main --config=configs/prune.py:variant=tiny --workdir=DIR \
+        --config.init_from=FT --config.prune.mode=structured --config.prune.heads_fraction=0.5 \
+        --config.prune.ffn_fraction=0.5
 
-Masks live in the optimizer state (last link of the optax chain), so pruned weights stay exactly
-zero through recovery finetuning and the masks resume with the checkpoints. Writes DIR/artifact/,
-DIR/float/ (reference), DIR/summary.json (with sparsity per layer), DIR/report.md,
+Magnitude: masks live in the optimizer state (last link of the optax chain), so pruned weights
+stay exactly zero through recovery finetuning and the masks resume with the checkpoints.
+Structured: the heads and units kept are chosen once (DIR/structured_plan.json) and the smaller
+model is finetuned. Writes DIR/artifact/, DIR/float/ (reference), DIR/summary.json, DIR/report.md,
 DIR/tradeoff.png, DIR/checkpoints/ (a valid init_from for the quantize stage).
 """
 import ml_collections
@@ -28,6 +34,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init_from = ""  # finetuning workdir of the classifier to prune
 
   config.prune = ml_collections.ConfigDict(dict(
+      mode="magnitude",                   # magnitude: zero single weights | structured: remove
+                                          # whole heads and feed-forward units (matrices shrink)
+      heads_fraction=0.5,                 # structured: share of each layer's heads removed, [0, 1)
+      ffn_fraction=0.5,                   # structured: share of each layer's FF units removed
+      score_batches=16,                   # structured: training batches the importance sums over
       sparsity=0.5,                       # target fraction of zeros in the selected kernels, [0, 1)
       scope="layer",                      # layer: each kernel to the target | global: one threshold
       schedule="one_shot",                # one_shot | gradual (cubic ramp, Zhu & Gupta 2017)

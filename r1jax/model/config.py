@@ -84,6 +84,9 @@ class TransformerXLConfig:
   ngram_buckets: int = 0          # classifier only: > 0 adds a bag of hashed token 1- and
                                   # 2-grams (this many embedding rows, fastText-style) with its
                                   # own linear path to the logits (wide & deep); 0 = none.
+  layer_heads: tuple[int, ...] = ()    # heads of each layer (structured pruning shrinks them);
+                                       # () = n_head in every layer. "4,2" is read as (4, 2).
+  layer_d_inner: tuple[int, ...] = ()  # feed-forward width of each layer; () = d_inner in all.
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner"):
@@ -120,6 +123,21 @@ class TransformerXLConfig:
         or self.head_groups < 0 or (self.head_groups and self.n_head % self.head_groups)):
       raise ValueError(f"TransformerXLConfig.head_groups={self.head_groups!r}: must be 0 (auto) "
                        f"or a divisor of n_head={self.n_head}.")
+    for name, default in (("layer_heads", self.n_head), ("layer_d_inner", self.d_inner)):
+      value = getattr(self, name)
+      if isinstance(value, str):
+        value = [v for v in value.replace(" ", "").split(",") if v]
+      try:
+        value = tuple(int(v) for v in value)
+      except (TypeError, ValueError):
+        value = None
+      if value is None or (value and (len(value) != self.n_layer or min(value) < 1)):
+        raise ValueError(f"TransformerXLConfig.{name}={getattr(self, name)!r}: must be empty "
+                         f"(every layer {default}) or n_layer={self.n_layer} positive integers.")
+      object.__setattr__(self, name, value)
+    if (self.layer_heads or self.layer_d_inner) and not self.untie_r:
+      raise ValueError("TransformerXLConfig.layer_heads/layer_d_inner need untie_r=True (the "
+                       "shared position biases have one row per head of every layer).")
     if self.same_length and self.attention != "causal":
       raise ValueError("TransformerXLConfig.same_length=True needs attention='causal' (got "
                        f"{self.attention!r}); bidirectional attention always sees all memory.")
@@ -153,6 +171,37 @@ class TransformerXLConfig:
       return self.attention_impl
     fused = (_on_cuda() and self.dtype in _FUSED_DTYPES and (deterministic or not self.dropatt))
     return "cudnn" if fused else "einsum"
+
+  def heads_of(self, layer: int) -> int:
+    """Attention heads of layer `layer`."""
+    return self.layer_heads[layer] if self.layer_heads else self.n_head
+
+  def d_inner_of(self, layer: int) -> int:
+    """Feed-forward width of layer `layer`."""
+    return self.layer_d_inner[layer] if self.layer_d_inner else self.d_inner
+
+  def with_layer_sizes(self, heads: Sequence[int], d_inner: Sequence[int]
+                       ) -> "TransformerXLConfig":
+    """This config with the given heads / feed-forward width per layer, in one normal form: n_head
+    and d_inner are layer 0's, layer_heads / layer_d_inner stay () where all layers agree (so a
+    config saved with a model and one read back from its parameter shapes are equal)."""
+    heads, d_inner = tuple(int(h) for h in heads), tuple(int(f) for f in d_inner)
+    return dataclasses.replace(
+        self, n_layer=len(heads), n_head=heads[0], d_inner=d_inner[0],
+        layer_heads=heads if len(set(heads)) > 1 else (),
+        layer_d_inner=d_inner if len(set(d_inner)) > 1 else (),
+        head_groups=(self.head_groups if self.head_groups
+                     and all(h % self.head_groups == 0 for h in heads) else 0))
+
+  def layer_config(self, layer: int) -> "TransformerXLConfig":
+    """The config layer `layer` is built from: n_head / d_inner are that layer's (head_groups
+    falls back to auto where it does not divide them); itself when the layers are uniform."""
+    if not (self.layer_heads or self.layer_d_inner):
+      return self
+    heads = self.heads_of(layer)
+    return dataclasses.replace(
+        self, n_head=heads, d_inner=self.d_inner_of(layer), layer_heads=(), layer_d_inner=(),
+        head_groups=self.head_groups if self.head_groups and heads % self.head_groups == 0 else 0)
 
   def attention_groups(self) -> int:
     """The number of head groups the einsum attention runs: `head_groups` with 0 resolved."""

@@ -441,7 +441,8 @@ class TransformerXL(nn.Module):
   """The Transformer-XL backbone: tokens (+ memory) -> hidden states (+ new memory).
 
   Parameters: `word_emb/embedding` [V, d], optional `type_emb/embedding` [n_token_types, d],
-  `r_w_bias`/`r_r_bias` [H, D] here when untie_r=False, and `layer_{i}/...` per layer.
+  `r_w_bias`/`r_r_bias` [H, D] here when untie_r=False, and `layer_{i}/...` per layer, whose
+  attention has `config.heads_of(i)` heads and feed-forward `config.d_inner_of(i)` units.
   """
   config: TransformerXLConfig
 
@@ -460,7 +461,7 @@ class TransformerXL(nn.Module):
     layer_cls = (nn.remat(TransformerXLLayer, static_argnums=(7,)) if cfg.remat
                  else TransformerXLLayer)
     for i in range(cfg.n_layer):
-      setattr(self, f"layer_{i}", layer_cls(cfg))
+      setattr(self, f"layer_{i}", layer_cls(cfg.layer_config(i)))
     self.drop = Dropout(cfg.dropout)
 
   def embedding_table(self) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Prune stage: magnitude pruning of a finetuned classifier, then recovery finetuning.
+"""Prune stage: magnitude or structured pruning of a finetuned classifier, then recovery finetuning.
 
     python -m r1jax.main --config=configs/prune.py --workdir=DIR --config.init_from=FINETUNE_DIR
 
@@ -8,7 +8,8 @@ finetuning engine with `compress.prune.masked_pruning` as the last link of the o
 (one-shot before the first step, or gradually), finetunes with `loop.train_and_evaluate`
 (resumable: the masks are in the optimizer state), checks the result's sparsity per layer, saves
 DIR/artifact/, measures it against the dense model on the test split, exports it with `jax.export`
-and writes DIR/summary.json, DIR/report.md and DIR/tradeoff.png.
+and writes DIR/summary.json, DIR/report.md and DIR/tradeoff.png. With prune.mode=structured,
+`stages.prune_structured` removes whole heads and feed-forward units instead.
 """
 from __future__ import annotations
 
@@ -26,16 +27,18 @@ from r1jax import configlib
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import measure
 from r1jax.compress import prune as prune_lib
-from r1jax.compress import spec as spec_lib
+from r1jax.compress import source as source_lib
 from r1jax.compress import stage_lib
+from r1jax.compress import structured
 from r1jax.model import heads
+from r1jax.stages import prune_structured
 from r1jax.model import losses
-from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
 
 TARGET_RETAINED_PCT = 98.0
+MODES = ("magnitude", "structured")
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
@@ -50,6 +53,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         prune_lib.check_sparsity(sparsity)
       except ValueError as e:
         v.add("prune.sparsity", str(e))
+    v.choice("prune.mode", MODES)
+    for key in ("prune.heads_fraction", "prune.ffn_fraction"):
+      v.number_in(key, 0.0, 1.0, high_open=True)
+    v.positive_int("prune.score_batches")
     v.choice("prune.scope", prune_lib.SCOPES)
     v.choice("prune.schedule", prune_lib.SCHEDULES)
     v.number_in("prune.ramp_fraction", 0.0, 1.0, low_open=True)
@@ -70,6 +77,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes, or returns the summary of a finished) pruning in `workdir`."""
   validate(config)
+  if config.prune.mode == "structured":
+    stage_lib.require_init_from(config)
+    # A fraction that would empty a layer is refused here, before the lock, loading or scoring.
+    structured.keep_counts(source_lib.model_config(config.init_from),
+                           config.prune.heads_fraction, config.prune.ffn_fraction)
+    return stage_lib.run_once(config, workdir, prune_structured.run_structured)
   return stage_lib.run_once(config, workdir, _run)
 
 
@@ -113,13 +126,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("Pruning %d kernels to sparsity %.2f (%s, %s), %d recovery steps.",
                sum(jax.tree.leaves(selected)), schedule.sparsity, schedule.scope, schedule.kind,
                num_steps)
-  train_summary = loop_lib.train_and_evaluate(
-      config, workdir, engine=engine, train_iter=stage_lib.train_iterator(config, spec, data),
-      init_state=init_state, num_steps=num_steps,
-      evaluate=stage_lib.dev_evaluator(config, spec, data, engine))
-
-  params, step = ckpt_lib.restore_params(
-      workdir, ckpt_lib.on_one_device(spec_lib.abstract_params(spec)))
+  train_summary, params, step = stage_lib.finetune_and_restore(
+      config, workdir, engine=engine, spec=spec, saved_spec=spec, data=data,
+      init_state=init_state, num_steps=num_steps)
   report = prune_lib.sparsity_report(params, selected)
   if report["selected_sparsity"] + 1e-6 < schedule.sparsity * 0.999:
     raise RuntimeError(f"pruned model has sparsity {report['selected_sparsity']:.4f} below the "
