@@ -132,8 +132,12 @@ def _workdir(path, config):
 
 def test_model_card_names_the_data_and_its_licences(tiny, tmp_path):
   model, params, spec, tokens, mask = tiny
+  # As the pipeline runs it: pretraining reads the data stage's cleaned output.
+  data_dir = _workdir(tmp_path / "data_general", {"stage": "data", "data": {
+      "inputs": "builtin:general"}})
+  os.makedirs(os.path.join(data_dir, "data", "clean"))
   general = _workdir(tmp_path / "general", {"stage": "pretrain", "data": {
-      "corpus": "builtin:general", "knowledge_file": ""}})
+      "corpus": os.path.join(data_dir, "data", "clean"), "knowledge_file": ""}})
   dapt = _workdir(tmp_path / "dapt", {"stage": "pretrain", "init_from": general, "data": {
       "corpus": "builtin:domain,notes/*.txt"}})
   ft = _workdir(tmp_path / "ft", {"stage": "finetune", "init_from": dapt, "task": {
@@ -145,6 +149,8 @@ def test_model_card_names_the_data_and_its_licences(tiny, tmp_path):
                "licence unknown to it", "`notes/*.txt`", "none (float32 weights)",
                "`networking`", "Not measured yet", "model.safetensors"):
     assert text in card, text
+  assert f"(made by {data_dir})" in card and "data_general/data/clean`" not in card.split(
+      "licence unknown")[1]
   for name in ("LICENSE.wordnet", "LICENSE.foldoc"):
     assert os.path.getsize(os.path.join(art.path, name)) > 1000
   # The stage's measurements land in artifact.json and the card.

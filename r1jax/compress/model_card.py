@@ -1,7 +1,7 @@
-"""MODEL_CARD.md for an artifact: what it classifies, how well, how big and fast, and from what data.
+"""MODEL_CARD.md of an artifact: what it classifies, how well, how big and fast, from what data.
 
-    data = model_card.training_data(spec.task, source="/tmp/ft_tiny")   # artifact.json "training_data"
-    model_card.write(artifact_dir, meta)                                # meta = artifact.json's dict
+    data = model_card.training_data(spec.task, source="/tmp/ft_tiny")  # -> "training_data"
+    model_card.write(artifact_dir, meta)                               # meta: artifact.json's
 
 The card is generated, never edited by hand: `artifact.save` writes it (task, labels, architecture,
 quantization mode, size, training data and licences) and the compression stages write it again
@@ -10,8 +10,9 @@ and batched, the device, the comparison with the float reference).
 
 Training data: the task splits the artifact was trained / calibrated / measured on, plus, walking
 the `init_from` chain of the source workdir's config.json files (and the `source` of an artifact
-directory), the corpora every earlier stage read (`data.corpus`, `data.knowledge_file`,
-`task.*`). Licences come from the LICENSE.* files shipped with the embedded corpus
+directory), the corpora every earlier stage read (`data.corpus`, `data.inputs`,
+`data.knowledge_file`, `task.*`), and, for a corpus that is another stage's output (the data
+stage's DIR/data/clean), what that stage read. Licences come from the LICENSE.* files shipped with the embedded corpus
 (r1jax/data/builtin/): each one's first paragraph names the files it covers (e.g. "domain.jsonl.gz,
 task_*.jsonl.gz ... are derived from ... FOLDOC"), and a builtin spec is matched to the licences
 that name its file; those LICENSE files are copied next to the card. Data the user supplied has
@@ -52,32 +53,56 @@ def _builtin_file(spec: str) -> str | None:
     return None
 
 
+def _made_by(spec: str) -> str:
+  """The r1jax stage workdir a local corpus path lies in (the data stage's DIR/data/clean: a
+  config.json naming a stage up to 3 levels above it), or ""."""
+  if spec.startswith(("builtin", "tfds:")):
+    return ""
+  path = os.path.abspath(os.path.expanduser(spec.split("*")[0].split("?")[0]))
+  if not os.path.exists(path):
+    return ""
+  for _ in range(4):
+    if (run_dir.read_json(os.path.join(path, run_dir.CONFIG_FILE)) or {}).get("stage"):
+      return path
+    path = os.path.dirname(path)
+  return ""
+
+
 def training_data(task: Mapping[str, Any], source: str = "") -> list[dict[str, str]]:
-  """[{"role", "spec", "stage", "workdir"}] of every dataset behind an artifact (see module doc)."""
-  out = [{"role": f"task {s}", "spec": str(task[s]), "stage": "this artifact", "workdir": ""}
-         for s in ("train", "dev", "test") if task.get(s)]
-  seen, path = set(), os.path.abspath(source) if source else ""
-  while path and path not in seen and len(seen) < _MAX_CHAIN:
+  """[{"role", "spec", "stage", "workdir", "made_by"}] of every dataset behind an artifact (see
+  the module docstring); "made_by" names the stage workdir that produced a corpus (then listed
+  too), "" for data from outside r1jax."""
+  out = [{"role": f"task {s}", "spec": str(task[s]), "stage": "this artifact", "workdir": "",
+          "made_by": ""} for s in ("train", "dev", "test") if task.get(s)]
+  seen: set[str] = set()
+  queue = [os.path.abspath(source)] if source else []
+  while queue and len(seen) < _MAX_CHAIN:
+    path = queue.pop(0)
+    if path in seen:
+      continue
     seen.add(path)
     art = run_dir.read_json(os.path.join(path, "artifact.json")) or {}
-    if art:   # an artifact directory: its own record, then its source
+    if art:   # an artifact directory: its own record of the data behind it
       out += [dict(d, stage=d.get("stage") or "artifact", workdir=d.get("workdir") or path)
               for d in art.get("training_data") or []]
-      break
+      continue
     config = run_dir.read_json(os.path.join(path, run_dir.CONFIG_FILE)) or {}
     stage = str(config.get("stage", "?"))
     data, task_section = config.get("data") or {}, config.get("task") or {}
-    for spec in _specs(data.get("corpus")):
-      out.append({"role": "corpus", "spec": spec, "stage": stage, "workdir": path})
+    found = [("corpus", spec) for key in ("corpus", "inputs") for spec in _specs(data.get(key))]
     if data.get("knowledge_file"):
-      out.append({"role": "knowledge", "spec": str(data["knowledge_file"]), "stage": stage,
-                  "workdir": path})
-    for split in ("train", "dev", "test"):
-      if isinstance(task_section, Mapping) and task_section.get(split):
-        out.append({"role": f"task {split}", "spec": str(task_section[split]), "stage": stage,
-                    "workdir": path})
-    parent = config.get("init_from") or ""
-    path = os.path.abspath(os.path.join(path, parent)) if parent else ""
+      found.append(("knowledge", str(data["knowledge_file"])))
+    if isinstance(task_section, Mapping):
+      found += [(f"task {s}", str(task_section[s])) for s in ("train", "dev", "test")
+                if task_section.get(s)]
+    for role, spec in found:
+      made_by = _made_by(spec)
+      out.append({"role": role, "spec": spec, "stage": stage, "workdir": path,
+                  "made_by": made_by})
+      if made_by:
+        queue.append(made_by)
+    if config.get("init_from"):
+      queue.append(os.path.abspath(os.path.join(path, config["init_from"])))
   unique, keys = [], set()
   for d in out:
     if (d["role"], d["spec"], d["stage"]) not in keys:
@@ -125,7 +150,8 @@ def render(meta: Mapping[str, Any]) -> str:
   m = meta.get("measurements") or {}
   data = meta.get("training_data") or []
   lines = [f"# Model card: {m.get('name') or meta['kind']} text classifier (r1jax artifact)", "",
-           "Generated by r1jax (`r1jax.compress.model_card`) from `artifact.json`; do not edit.", ""]
+           "Generated by r1jax (`r1jax.compress.model_card`) from `artifact.json`; do not edit.",
+           ""]
   heads = model.get("layer_heads") or [model["n_head"]] * model["n_layer"]
   inner = model.get("layer_d_inner") or [model["d_inner"]] * model["n_layer"]
   lines += ["## Model", "",
@@ -153,7 +179,8 @@ def render(meta: Mapping[str, Any]) -> str:
             f"text, {spec['seq_len']} SentencePiece tokens per text (`tokenizer.model`)",
             f"- Labels ({spec['num_classes']}, in class-id order): "
             + ", ".join(f"`{n}`" for n in spec["label_names"]),
-            "- Splits: " + ", ".join(f"{s} `{spec['task'].get(s)}`" for s in ("train", "dev", "test")),
+            "- Splits: " + ", ".join(f"{s} `{spec['task'].get(s)}`"
+                                     for s in ("train", "dev", "test")),
             ""]
   lines += ["## Metrics", ""]
   if m:
@@ -164,7 +191,8 @@ def render(meta: Mapping[str, Any]) -> str:
               "| accuracy | macro-F1 | % of reference accuracy | accuracy drop (points) |",
               "|---|---|---|---|",
               f"| {_fmt(m.get('accuracy'))} | {_fmt(m.get('macro_f1'))} | "
-              f"{_fmt(m.get('retained_accuracy_pct'))} | {_fmt(m.get('accuracy_drop_points'), 3)} |",
+              f"{_fmt(m.get('retained_accuracy_pct'))} | "
+              f"{_fmt(m.get('accuracy_drop_points'), 3)} |",
               ""]
   else:
     lines += ["Not measured yet (the compression stages measure every artifact they write).", ""]
@@ -183,14 +211,16 @@ def render(meta: Mapping[str, Any]) -> str:
               + (f"; speedup over the reference {_fmt(m['speedup_batch1'], 3)}x / "
                  f"{_fmt(m.get('speedup_batched'), 3)}x" if m.get("speedup_batch1") else "")]
   lines += ["", "## Training data", "", "| role | data | stage | workdir |", "|---|---|---|---|"]
-  lines += [f"| {d['role']} | `{d['spec']}` | {d['stage']} | {d['workdir'] or ''} |" for d in data]
+  lines += [f"| {d['role']} | `{d['spec']}`" + (f" (made by {d['made_by']})" if d.get("made_by")
+                                                  else "")
+            + f" | {d['stage']} | {d['workdir'] or ''} |" for d in data]
   lines += ["", "## Licences of the training data", ""]
   found = licences_for(data)
   texts = shipped_licences()
   for name, specs in found.items():
     lines += [f"- **{name}** (copied next to this card; covers "
               + ", ".join(f"`{s}`" for s in specs) + f"): {texts[name][0]}"]
-  own = [d["spec"] for d in data if not _builtin_file(d["spec"])]
+  own = [d["spec"] for d in data if not _builtin_file(d["spec"]) and not d.get("made_by")]
   if own:
     lines.append("- Not embedded in r1jax, licence unknown to it (check the data's own terms): "
                  + ", ".join(f"`{s}`" for s in dict.fromkeys(own)))
