@@ -12,11 +12,11 @@ Training data: the task splits the artifact was trained / calibrated / measured 
 the `init_from` chain of the source workdir's config.json files (and the `source` of an artifact
 directory), the corpora every earlier stage read (`data.corpus`, `data.inputs`,
 `data.knowledge_file`, `task.*`), and, for a corpus that is another stage's output (the data
-stage's DIR/data/clean), what that stage read. Licences come from the LICENSE.* files shipped with the embedded corpus
-(r1jax/data/builtin/): each one's first paragraph names the files it covers (e.g. "domain.jsonl.gz,
-task_*.jsonl.gz ... are derived from ... FOLDOC"), and a builtin spec is matched to the licences
-that name its file; those LICENSE files are copied next to the card. Data the user supplied has
-no licence r1jax can know, and the card says so.
+stage's DIR/data/clean), what that stage read. Licences come from the LICENSE.* files shipped
+with the embedded corpus (r1jax/data/builtin/): each one's first paragraph names the files it
+covers (e.g. "domain.jsonl.gz, task_*.jsonl.gz ... are derived from ... FOLDOC"), and a builtin
+spec is matched to the licences that name its file; those LICENSE files are copied next to the
+card. Data the user supplied has no licence r1jax can know, and the card says so.
 """
 from __future__ import annotations
 
