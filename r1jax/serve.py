@@ -62,6 +62,9 @@ def session(path: str, *, threads: int = 0) -> Any:
   options.log_severity_level = 3
   if threads:
     options.intra_op_num_threads = threads
+  # Idle worker threads sleep instead of spinning: on a CPU shared with other work (JAX timed in
+  # turn with this session, other processes) spinning steals the cores they need.
+  options.add_session_config_entry("session.intra_op.allow_spinning", "0")
   try:
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
   except Exception as e:  # onnxruntime raises its own pybind exception types

@@ -85,7 +85,9 @@ class _Builder:
 
   def op(self, op_type: str, inputs: Sequence[str], hint: str = "", **attrs) -> str:
     out = self.fresh(hint or op_type.lower())
-    self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+    # Only MatMuls are named (the quantizer's nodes_to_exclude names them); names cost file size.
+    name = out if op_type == "MatMul" else None
+    self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
     return out
 
   def dim(self, d: Any) -> str | int:
@@ -153,8 +155,11 @@ def _broadcasting(b: _Builder, eqn, ins) -> list[str]:
   out = tuple(eqn.outvars[0].aval.shape)
   full = [not (isinstance(x, _T) and x.expand) and _same(_shape_of(x), out) for x in ins]
   if not any(full):
-    first = next(i for i, x in enumerate(ins) if isinstance(x, _T))
-    _name(b, ins[first])
+    lazy = [i for i, x in enumerate(ins) if isinstance(x, _T)]
+    if lazy:
+      _name(b, ins[lazy[0]])
+    else:  # constants only (a result not folded, see _grows_at_most): one of them at full size
+      ins = [np.broadcast_to(ins[0], out).copy()] + list(ins[1:])
   return [x.name if isinstance(x, _T) else _name(b, x) for x in ins]
 
 
@@ -190,15 +195,27 @@ def _dot_general(b, eqn, ins):
   rf = [i for i in range(len(rs)) if i not in rc and i not in rb]
   k = int(np.prod([ls[i] for i in lc]))
   out_shape = eqn.outvars[0].aval.shape
-  if isinstance(rhs, np.ndarray) and not rb:
+  if not rb and (isinstance(rhs, np.ndarray) or isinstance(lhs, np.ndarray)):
     # Activation x weight: one 2-D initializer [K, N] (onnxruntime's quantizer finds it), and
     # MatMul's broadcasting over the leading axes: [..., K] @ [K, N] -> [..., N].
-    w = np.transpose(rhs, list(rc) + rf).reshape(k, -1)
-    x = _transpose(b, _name(b, lhs), lf + list(lc))
-    free = [ls[i] for i in lf]
-    x = _reshape_to(b, x, free + [k], free + [ls[i] for i in lc])
-    y = b.op("MatMul", [x, b.const(w.astype(eqn.invars[0].aval.dtype), "weight")])
-    return [_reshape_to(b, y, out_shape, free + [w.shape[1]])]
+    if isinstance(rhs, np.ndarray):
+      x, xs, xf, xc, w, wf, wc = lhs, ls, lf, lc, rhs, rf, rc
+    else:  # weight x activation: the same product with the operands' roles swapped
+      x, xs, xf, xc, w, wf, wc = rhs, rs, rf, rc, lhs, lf, lc
+    w2 = np.transpose(w, list(wc) + wf).reshape(k, -1).astype(eqn.outvars[0].aval.dtype)
+    if isinstance(x, np.ndarray):  # constant x weight, left to the graph (_grows_at_most):
+      x = b.op("Identity", [b.const(x)])  # onnxruntime's quantizer skips a constant input
+    free = [xs[i] for i in xf]
+    y = _transpose(b, _name(b, x), xf + list(xc))
+    y = _reshape_to(b, y, free + [k], free + [xs[i] for i in xc])
+    y = b.op("MatMul", [y, b.const(w2, "weight")])
+    wfree = [w.shape[i] for i in wf]
+    y = _reshape_to(b, y, free + wfree, free + [w2.shape[1]])
+    if isinstance(rhs, np.ndarray):
+      return [y]
+    # [rhs free..., lhs free...] -> [lhs free..., rhs free...]
+    nx, nw = len(free), len(wfree)
+    return [_transpose(b, y, list(range(nx, nx + nw)) + list(range(nx)))]
   # Batched product of two activations: [batch..., M, K] x [batch..., K, N].
   def arrange(v, perm):  # a constant is transposed here, a runtime tensor in the graph
     return np.transpose(v, perm) if isinstance(v, np.ndarray) else _transpose(b, _name(b, v), perm)
@@ -442,6 +459,18 @@ def _inner_jaxpr(eqn):
   raise errors.BadInput(f"ONNX export: cannot inline the JAX call '{eqn.primitive.name}'.")
 
 
+FOLD_MIN = 1024  # constant results up to this many elements are always stored as such
+
+
+def _grows_at_most(ins: Sequence[np.ndarray], outvars) -> bool:
+  """Whether storing an equation's result instead of computing it keeps the file as small: a
+  product of two weights (attention's projected position table: [H, D, P] from a [d, H, D]
+  kernel) or a broadcast is computed in the graph (onnxruntime folds it when it loads the model),
+  so that the weight stays a 2-D MatMul operand the quantizer makes int8."""
+  size = sum(int(np.prod(v.aval.shape)) for v in outvars)
+  return size <= max(FOLD_MIN, sum(x.size for x in ins))
+
+
 def _walk(b: _Builder, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
   env: dict[Any, Any] = {}
 
@@ -468,7 +497,8 @@ def _walk(b: _Builder, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> lis
       inner, inner_consts = _inner_jaxpr(eqn)
       outs = _walk(b, inner, inner_consts, ins)
     elif (all(isinstance(x, np.ndarray) for x in ins)
-          and all(_static(v.aval.shape) for v in eqn.outvars)):
+          and all(_static(v.aval.shape) for v in eqn.outvars)
+          and (_grows_at_most(ins, eqn.outvars) or name not in _HANDLERS and name not in _SIMPLE)):
       result = eqn.primitive.bind(*[jnp.asarray(x) for x in ins], **eqn.params)
       outs = [np.asarray(r) for r in (result if eqn.primitive.multiple_results else [result])]
     elif name in _HANDLERS or name in _SIMPLE:
