@@ -1,5 +1,7 @@
 """Tests for r1jax.compress.prune and the prune stage."""
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import optax
 import pytest
 
 from r1jax import configlib
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import prune as prune_lib
@@ -212,3 +215,17 @@ def test_structured_prune_refuses_emptying_a_layer_before_any_work(classifier_di
     prune_stage.validate(_stage_config(classifier_dir, mode="structured", heads_fraction=1.0))
   with pytest.raises(configlib.ConfigError, match="prune.mode"):
     prune_stage.validate(_stage_config(classifier_dir, mode="channels"))
+
+
+def test_structured_prune_refusal_is_one_line_from_the_command(classifier_dir,  # noqa: F811
+                                                               tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "r1jax.main", "--config=configs/prune.py:variant=tiny",
+       f"--workdir={tmp_path / 'w'}", f"--config.init_from={classifier_dir}",
+       "--config.prune.mode=structured", "--config.prune.heads_fraction=0.9"],
+      cwd=root, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == errors.EXIT_CODE and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("r1jax: prune.heads_fraction=0.9 would remove all 4 attention heads")
+  assert not (tmp_path / "w").exists()
