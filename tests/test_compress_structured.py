@@ -153,3 +153,28 @@ def test_per_layer_sizes_in_config_artifact_and_checkpoint_shapes(tiny, tmp_path
   got = run_dir.model_config_of(str(tmp_path), shapes=shapes)
   assert (got.layer_heads, got.layer_d_inner, got.n_head, got.d_inner) == (
       (3, 1), (2, 20), 3, 2)
+
+
+def test_global_scope_prunes_where_the_scores_are_lowest(tiny):
+  cfg = tiny[0]
+  # Layer 0's heads all matter; in layer 1 only head 2 does. Units: the reverse.
+  scores = structured.Scores(
+      heads=(np.array([5.0, 4.0, 6.0, 5.5]), np.array([0.1, 0.2, 9.0, 0.1])),
+      units=(np.r_[np.full(16, 0.01), np.ones(16)], np.ones(32)))
+  plan = structured.make_plan(cfg, scores, heads_fraction=0.5, ffn_fraction=0.25,
+                              scope="global")
+  # Normalised per layer, layer 1's three weak heads rank lowest, then layer 0's head 1.
+  assert plan.heads == ((0, 2, 3), (2,))
+  assert plan.units[0] == tuple(range(16, 32)) and plan.units[1] == tuple(range(32))
+  small = structured.pruned_config(cfg, plan)
+  assert small.layer_heads == (3, 1) and small.layer_d_inner == (16, 32)
+  # Never a layer without heads: with 6 of 8 heads to go, each layer keeps one.
+  keep = structured.make_plan(cfg, structured.Scores(
+      heads=(np.array([1.0, 1, 1, 1]), np.array([0.0, 0, 0, 0])), units=scores.units),
+      heads_fraction=0.75, ffn_fraction=0.0, scope="global")
+  assert [len(h) for h in keep.heads] == [1, 1]
+  with pytest.raises(structured.StructuredPruningError,
+                     match=r"would remove 7 of the 8 attention heads, leaving a layer with none"):
+    structured.check(cfg, 0.9, 0.0, "global")
+  with pytest.raises(structured.StructuredPruningError, match="structured_scope"):
+    structured.check(cfg, 0.5, 0.5, "net")

@@ -1,8 +1,8 @@
 """Structured pruning: whole attention heads and feed-forward units removed, so the matrices shrink.
 
-    structured.keep_counts(cfg, heads_fraction=0.5, ffn_fraction=0.5)   # refuses an emptied layer
+    structured.check(cfg, heads_fraction=0.5, ffn_fraction=0.5)   # refuses emptying a layer
     scores = structured.importance(loss_fn, params, batches)   # Scores: heads [L][H], units [L][F]
-    plan = structured.make_plan(scores, heads_fraction=0.5, ffn_fraction=0.5)
+    plan = structured.make_plan(cfg, scores, 0.5, 0.5, scope="layer")   # or "global"
     small_cfg = structured.pruned_config(cfg, plan)            # per-layer heads / d_inner
     small_params = structured.shrink(params, plan)             # fits heads.Classifier(small_cfg)
 
@@ -14,8 +14,11 @@ gradient x weight of that slice. The same holds for feed-forward unit j and its 
 kernel [d]. The score of a head or unit is |that sum| on each training batch, added over batches;
 no gate is added to the model.
 
-Each layer keeps its `1 - fraction` highest-scoring heads and units (the count rounded half up,
-the same in every layer of a uniform model), so removing is slicing: the head axis of
+With scope "layer" each layer keeps its `1 - fraction` highest-scoring heads and units (the count
+rounded half up, the same in every layer of a uniform model); with "global" the lowest-scoring
+`fraction` of all heads (units) go, scores divided by their layer's L2 norm to compare layers, and
+every layer keeps at least one, so layers end up with different sizes (`layer_heads`,
+`layer_d_inner` in the model config). Removing is slicing: the head axis of
 attn/qkv [d, 3, H, D], attn/r_net [d, H, D], attn/out [H, D, d] and the untied biases r_w_bias,
 r_r_bias [H, D]; the unit axis of ff_in's kernel [d, F] and bias [F] and ff_out's kernel [F, d].
 Removing head h gives exactly the function of the full model with W_o[h] = 0 (and unit j that
@@ -26,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,9 @@ import numpy as np
 
 from r1jax import errors
 from r1jax.model import transformer_xl as txl
+
+
+SCOPES = ("layer", "global")
 
 
 class StructuredPruningError(errors.UserError, ValueError):
@@ -158,8 +164,55 @@ def _top(scores: np.ndarray, keep: int) -> tuple[int, ...]:
   return tuple(sorted(int(i) for i in order[:keep]))
 
 
+def check(cfg: txl.TransformerXLConfig, heads_fraction: float, ffn_fraction: float,
+          scope: str = "layer") -> None:
+  """Raises StructuredPruningError (one line) if the request cannot work: run before any work."""
+  if scope not in SCOPES:
+    raise StructuredPruningError(f"prune.structured_scope={scope!r}: allowed values are "
+                                 f"{', '.join(SCOPES)}.")
+  if scope == "layer":
+    keep_counts(cfg, heads_fraction, ffn_fraction)
+    return
+  for name, fraction, sizes, what in (
+      ("heads_fraction", heads_fraction, [cfg.heads_of(i) for i in range(cfg.n_layer)],
+       "attention heads"),
+      ("ffn_fraction", ffn_fraction, [cfg.d_inner_of(i) for i in range(cfg.n_layer)],
+       "feed-forward units")):
+    fraction = check_fraction(name, fraction)
+    total, gone = sum(sizes), _remove(fraction, sum(sizes))
+    if gone > total - cfg.n_layer:
+      raise StructuredPruningError(
+          f"prune.{name}={fraction:g} would remove {gone} of the {total} {what}, leaving a layer "
+          f"with none (each of the {cfg.n_layer} layers keeps at least one); use prune.{name} "
+          f"<= {(total - cfg.n_layer) / total:.3f}.")
+
+
+def _global_keep(scores: Sequence[np.ndarray], fraction: float) -> tuple[tuple[int, ...], ...]:
+  """Kept indices per layer when the lowest `fraction` of all items go, ranked across layers by
+  their score over their layer's L2 norm (Michel et al.'s normalisation), each layer keeping at
+  least one."""
+  ranked = sorted((float(s[j]) / (float(np.linalg.norm(s)) or 1.0), i, j)
+                  for i, s in enumerate(scores) for j in range(len(s)))
+  left = [len(s) for s in scores]
+  gone: set[tuple[int, int]] = set()
+  todo = _remove(fraction, sum(left))
+  for _, i, j in ranked:
+    if len(gone) == todo:
+      break
+    if left[i] > 1:
+      left[i] -= 1
+      gone.add((i, j))
+  return tuple(tuple(j for j in range(len(s)) if (i, j) not in gone) for i, s in enumerate(scores))
+
+
 def make_plan(cfg: txl.TransformerXLConfig, scores: Scores, heads_fraction: float,
-              ffn_fraction: float) -> Plan:
+              ffn_fraction: float, scope: str = "layer") -> Plan:
+  """Layer scope: each layer keeps its best `1 - fraction`; global: the worst `fraction` of all
+  heads (units) go wherever they are, so layers end up with different sizes."""
+  check(cfg, heads_fraction, ffn_fraction, scope)
+  if scope == "global":
+    return Plan(_global_keep(scores.heads, heads_fraction),
+                _global_keep(scores.units, ffn_fraction))
   heads, units = keep_counts(cfg, heads_fraction, ffn_fraction)
   return Plan(tuple(_top(s, k) for s, k in zip(scores.heads, heads)),
               tuple(_top(s, k) for s, k in zip(scores.units, units)))

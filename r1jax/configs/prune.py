@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       heads_fraction=0.5,                 # structured: share of each layer's heads removed, [0, 1)
       ffn_fraction=0.5,                   # structured: share of each layer's FF units removed
       score_batches=16,                   # structured: training batches the importance sums over
+      structured_scope="layer",           # structured: layer (same share per layer) | global
+                                          # (worst heads/units anywhere; layers differ in size)
       sparsity=0.5,                       # target fraction of zeros in the selected kernels, [0, 1)
       scope="layer",                      # layer: each kernel to the target | global: one threshold
       schedule="one_shot",                # one_shot | gradual (cubic ramp, Zhu & Gupta 2017)

@@ -57,6 +57,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     for key in ("prune.heads_fraction", "prune.ffn_fraction"):
       v.number_in(key, 0.0, 1.0, high_open=True)
     v.positive_int("prune.score_batches")
+    v.choice("prune.structured_scope", structured.SCOPES)
     v.choice("prune.scope", prune_lib.SCOPES)
     v.choice("prune.schedule", prune_lib.SCHEDULES)
     v.number_in("prune.ramp_fraction", 0.0, 1.0, low_open=True)
@@ -80,8 +81,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.prune.mode == "structured":
     stage_lib.require_init_from(config)
     # A fraction that would empty a layer is refused here, before the lock, loading or scoring.
-    structured.keep_counts(source_lib.model_config(config.init_from),
-                           config.prune.heads_fraction, config.prune.ffn_fraction)
+    structured.check(source_lib.model_config(config.init_from), config.prune.heads_fraction,
+                     config.prune.ffn_fraction, config.prune.structured_scope)
     return stage_lib.run_once(config, workdir, prune_structured.run_structured)
   return stage_lib.run_once(config, workdir, _run)
 

@@ -6,8 +6,9 @@
 
 `run_structured(config, workdir)` (called by `stages.prune.run` inside the workdir protocol):
 scores every head and unit of the init_from classifier on `prune.score_batches` training batches
-(`compress.structured.importance`), keeps the best `1 - fraction` of each layer (the plan is saved
-as DIR/structured_plan.json, so a resumed run rebuilds the same shrunk model), slices the weights
+(`compress.structured.importance`), keeps the best `1 - fraction` of each layer or, with
+prune.structured_scope=global, of all layers together (the plan is saved as
+DIR/structured_plan.json, so a resumed run rebuilds the same shrunk model), slices the weights
 into a classifier whose layers have fewer heads and a narrower feed-forward block, finetunes it
 (`loop.train_and_evaluate`, resumable) and saves DIR/artifact/ (the shrunk shapes are in its
 spec, so it loads and runs as is). The trade-off table measures, on the test split, the float
@@ -60,7 +61,8 @@ def _plan(config: ml_collections.ConfigDict, workdir: str, src: Any, spec: spec_
                sum(spec.model.heads_of(i) for i in range(spec.model.n_layer)),
                sum(spec.model.d_inner_of(i) for i in range(spec.model.n_layer)), p.score_batches)
   scores = structured.importance(loss_fn, jax.device_get(src.params), batches)
-  plan = structured.make_plan(spec.model, scores, p.heads_fraction, p.ffn_fraction)
+  plan = structured.make_plan(spec.model, scores, p.heads_fraction, p.ffn_fraction,
+                              p.structured_scope)
   run_dir.write_json(path, dict(plan.to_json(),
                                 scores={"heads": [s.tolist() for s in scores.heads],
                                         "units": [s.tolist() for s in scores.units]}))
@@ -109,6 +111,7 @@ def run_structured(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   reference = stage_lib.float_reference(workdir, spec, src.params, src.path)
   meta = {"source": src.path, "structured": {
       **removed, "heads_fraction": p.heads_fraction, "ffn_fraction": p.ffn_fraction,
+      "scope": p.structured_scope,
       "importance": "|gradient x weight| of each head's / unit's output slice, summed over "
                     f"{p.score_batches} training batches"}}
   before = artifact_lib.save(os.path.join(workdir, UNRECOVERED_DIR), small_spec, shrunk,
