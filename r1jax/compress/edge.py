@@ -104,7 +104,7 @@ def export(art: Any, path: str) -> str:
   proto = onnx_graph.to_onnx(
       logits, [jax.ShapeDtypeStruct((1, q), jnp.int32), jax.ShapeDtypeStruct((1, q), jnp.bool_)],
       serve.INPUTS, [serve.OUTPUT], metadata=_metadata(art.spec, "float", ""))
-  return _save(proto, path)
+  return _save(_compact(proto), path)
 
 
 def quantize(float_path: str, path: str, spec: spec_lib.ClassifierSpec, *,
@@ -121,17 +121,42 @@ def quantize(float_path: str, path: str, spec: spec_lib.ClassifierSpec, *,
   # zero points of a batched [H, d, P] constant (attention's projected position table), which
   # stays float (a few thousand values per layer).
   float_model = onnx.load(float_path)
+  for i, node in enumerate(float_model.graph.node):
+    node.name = f"n{i}"  # nodes_to_exclude names nodes
   ranks = {i.name: len(i.dims) for i in float_model.graph.initializer}
   batched = [n.name for n in float_model.graph.node
              if n.op_type == "MatMul" and ranks.get(n.input[1], 2) != 2]
-  ort_quant.quantize_dynamic(float_path, tmp, weight_type=ort_quant.QuantType.QInt8,
+  onnx.save(float_model, tmp + ".in")
+  ort_quant.quantize_dynamic(tmp + ".in", tmp, weight_type=ort_quant.QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
                              nodes_to_exclude=batched)
-  model = onnx.load(tmp)
+  model = _compact(onnx.load(tmp))
   os.remove(tmp)
+  os.remove(tmp + ".in")
   del model.metadata_props[:]
   onnx.helper.set_model_props(model, _metadata(spec, "int8", QUANTIZATION))
   return _save(model, path)
+
+
+def _compact(model: Any) -> Any:
+  """The same graph with short tensor names and no node names or doc strings: the quantizer's
+  names ("<tensor>_quantized_scale", ...) are a few percent of a small int8 file."""
+  graph = model.graph
+  keep = {v.name for v in list(graph.input) + list(graph.output)}
+  names: dict[str, str] = {}
+
+  def short(name: str) -> str:
+    if not name or name in keep:
+      return name
+    return names.setdefault(name, format(len(names), "x"))
+  for init in graph.initializer:
+    init.name = short(init.name)
+  for node in graph.node:
+    node.name, node.doc_string = "", ""
+    node.input[:] = [short(n) for n in node.input]
+    node.output[:] = [short(n) for n in node.output]
+  del graph.value_info[:]
+  return model
 
 
 def export_pair(float_art: Any, int8_dir: str) -> dict[str, str]:

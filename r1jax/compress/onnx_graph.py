@@ -62,6 +62,7 @@ class _T:
 
   def __init__(self, name: str, aval: Any, expand: bool = False):
     self.name, self.aval, self.expand = name, aval, expand
+    self.mid = tuple(aval.shape)  # the stored tensor's shape while `expand`
 
 
 class _Builder:
@@ -85,9 +86,7 @@ class _Builder:
 
   def op(self, op_type: str, inputs: Sequence[str], hint: str = "", **attrs) -> str:
     out = self.fresh(hint or op_type.lower())
-    # Only MatMuls are named (the quantizer's nodes_to_exclude names them); names cost file size.
-    name = out if op_type == "MatMul" else None
-    self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
+    self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], **attrs))
     return out
 
   def dim(self, d: Any) -> str | int:
@@ -150,11 +149,17 @@ def _same(a: Sequence[Any], c: Sequence[Any]) -> bool:
 
 
 def _broadcasting(b: _Builder, eqn, ins) -> list[str]:
-  """Operand names for an elementwise op: broadcast values stay unexpanded when another operand
-  has the full output shape (ONNX's multidirectional broadcasting does the rest)."""
+  """Operand names for an elementwise op: broadcast values stay unexpanded when ONNX's
+  multidirectional broadcasting of the operands' stored shapes gives the output shape."""
   out = tuple(eqn.outvars[0].aval.shape)
-  full = [not (isinstance(x, _T) and x.expand) and _same(_shape_of(x), out) for x in ins]
-  if not any(full):
+  stored = [x.mid if isinstance(x, _T) and x.expand else _shape_of(x) for x in ins]
+  rank = max(len(s) for s in stored)
+  dims = []
+  for axis in range(rank):
+    sizes = [s[axis - rank + len(s)] for s in stored if axis - rank + len(s) >= 0]
+    big = [d for d in sizes if not (isinstance(d, (int, np.integer)) and d == 1)]
+    dims.append(big[0] if big else 1)
+  if not _same(dims, out):
     lazy = [i for i, x in enumerate(ins) if isinstance(x, _T)]
     if lazy:
       _name(b, ins[lazy[0]])
@@ -240,7 +245,9 @@ def _broadcast_in_dim(b, eqn, ins):
     y = b.const(x.reshape([int(m) for m in mid]))
   else:
     y = _reshape_to(b, x, mid)
-  return [_T(y, eqn.outvars[0].aval, expand=not _same(mid, shape))]
+  out = _T(y, eqn.outvars[0].aval, expand=not _same(mid, shape))
+  out.mid = tuple(mid)
+  return [out]
 
 
 def _gather(b, eqn, ins):
