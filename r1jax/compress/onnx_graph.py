@@ -11,12 +11,16 @@ How it works. `to_onnx(fn, example_args, input_names, output_names)` traces `fn`
 `jax.make_jaxpr` on arguments whose leading dimension is the symbolic `batch` (`jax.export`'s shape
 polymorphism), then walks the equations:
 - an equation whose inputs are all known constants (parameters closed over by `fn`, literals, and
-  everything computed from them alone: transposed or reshaped kernels, position tables) is
-  evaluated here with JAX and its result becomes a constant, so every weight reaches its MatMul or
-  Gather as an initializer (what onnxruntime's quantizer looks for);
-- call-like equations (jit, custom_vjp_call: the model's custom kernels) are inlined;
-- every other equation emits ONNX nodes; shapes that depend on the batch are computed in the graph
-  from `Shape(first input)[0]` (dimensions linear in the batch, as jax's shape polymorphism gives).
+  everything computed from them alone: transposed or reshaped kernels, masks) is evaluated here
+  with JAX and its result becomes a constant, so every weight reaches its MatMul or Gather as an
+  initializer (what onnxruntime's quantizer looks for), unless the result is larger than its
+  inputs (`_grows_at_most`: a product of two weights, a broadcast), which runs in the graph;
+- r1jax.model.kernels' LayerNorm and softmax (custom-VJP calls, recognised by name) become
+  LayerNormalization and Softmax; other call-like equations (jit, custom_vjp_call) are inlined;
+- every other equation emits ONNX nodes (broadcasts stay implicit where ONNX's broadcasting
+  gives the same shape; no-op reshapes and transposes are skipped); shapes that depend on the
+  batch are constants with -1 where one dimension does, else computed from `Shape(first input)[0]`
+  (dimensions linear in the batch, as jax's shape polymorphism gives).
 A primitive without a mapping raises `errors.BadInput` naming it; so does a form of gather or pad
 the mapping does not cover.
 
