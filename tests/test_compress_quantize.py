@@ -144,6 +144,7 @@ def _stage_config(init_from, **quant):
   config.report.latency_batch_size = 8
   config.report.test_limit_batches = 2
   config.quant.calibration_batches = 2
+  config.export.onnx = "off"  # tests/test_edge_export.py runs the stage with it
   for k, v in quant.items():
     config.quant[k] = v
   return config

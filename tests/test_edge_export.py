@@ -37,11 +37,8 @@ def _batch(spec, batch_size, seed=0):
   return {"tokens": tokens.astype(np.int32), "token_mask": mask}
 
 
-@pytest.fixture(scope="module", params=[("cls", 0), ("mean", 512)], ids=["cls", "mean+ngrams"])
-def float_art(request, classifier_dir, tmp_path_factory):  # noqa: F811
-  """A float artifact of the random tiny classifier, with either head (the pipeline's is
-  mean pooling + the hashed n-gram bag, whose uint32 hashing must survive the export)."""
-  pooling, buckets = request.param
+def _float_artifact(classifier_dir, directory, pooling, buckets):  # noqa: F811
+  """A float artifact of the random tiny classifier with the given head."""
   src = source_lib.load(classifier_dir)
   spec = src.spec.replace(model=dataclasses.replace(src.spec.model, pooling=pooling,
                                                    ngram_buckets=buckets))
@@ -49,8 +46,15 @@ def float_art(request, classifier_dir, tmp_path_factory):  # noqa: F811
   tokens = jnp.zeros((1, spec.seq_len), jnp.int32)
   params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(1), tokens)["params"])
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return artifact_lib.save(str(tmp_path_factory.mktemp("art") / "float"), spec,
-                           nn.unbox(params), kind="float")
+  return artifact_lib.save(directory, spec, nn.unbox(params), kind="float")
+
+
+@pytest.fixture(scope="module")
+def float_art(classifier_dir, tmp_path_factory):  # noqa: F811
+  """The pipeline's head: mean pooling + the hashed n-gram bag, whose uint32 hashing must survive
+  the export."""
+  return _float_artifact(classifier_dir, str(tmp_path_factory.mktemp("art") / "float"), "mean",
+                         512)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,13 @@ def test_float_export_matches_jax_at_any_batch(float_art, exported):
     got = run(batch)
     assert got.shape == (batch_size, float_art.spec.num_classes)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_cls_head_export_matches_jax(classifier_dir, tmp_path):  # noqa: F811
+  art = _float_artifact(classifier_dir, str(tmp_path / "float"), "cls", 0)
+  batch = _batch(art.spec, 3)
+  got = edge.runner(edge.export(art, str(tmp_path / "model.onnx")))(batch)
+  np.testing.assert_allclose(got, np.asarray(art.predict(batch)), atol=1e-4, rtol=0)
 
 
 def test_int8_export_is_int8_smaller_and_agrees(float_art, exported):
