@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from r1jax import configlib
+from r1jax import errors
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import edge
 from r1jax.compress import measure
@@ -162,15 +163,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if onnx_wanted:
     # model.onnx beside DIR/float (float) and DIR/artifact (int8 by onnxruntime's quantizer),
     # measured in onnxruntime and, in turn with them, the float model in JAX.
-    paths = edge.export_pair(reference, primary.path)
-    onnx_rows, timing = edge.measure(reference, paths, test,
-                                     latency_batch_size=config.report.latency_batch_size,
-                                     warmup=config.report.latency_warmup,
-                                     repeats=config.report.latency_repeats)
-    rows = measure.add_relative(list(rows) + onnx_rows, reference=stage_lib.REFERENCE)
-    onnx_targets = edge.targets(onnx_rows, timing, rows[0]["accuracy"])
-    onnx_summary = {"files": paths, "quantization": edge.QUANTIZATION, **timing,
-                    "targets": onnx_targets}
+    try:
+      paths = edge.export_pair(reference, primary.path)
+    except errors.BadInput as e:
+      if config.export.onnx == "on":
+        raise
+      # "auto": a model the converter cannot express keeps its JAX artifacts; the reason is kept.
+      logging.warning("No ONNX export (export.onnx=auto): %s", e)
+      onnx_summary = {"error": str(e)}
+    else:
+      onnx_rows, timing = edge.measure(reference, paths, test,
+                                       latency_batch_size=config.report.latency_batch_size,
+                                       warmup=config.report.latency_warmup,
+                                       repeats=config.report.latency_repeats)
+      rows = measure.add_relative(list(rows) + onnx_rows, reference=stage_lib.REFERENCE)
+      onnx_targets = edge.targets(onnx_rows, timing, rows[0]["accuracy"])
+      onnx_summary = {"files": paths, "quantization": edge.QUANTIZATION, **timing,
+                      "targets": onnx_targets}
   by_name = {r["name"]: r for r in rows}
   targets = {}
   notes = []
@@ -188,8 +197,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  f"(target <= {TARGET_DROP_POINTS:g}), latency x{1 / r['speedup_batch1']:.2f} "
                  f"(batch 1) / x{1 / r['speedup_batched']:.2f} (batched) of float; roundtrip "
                  f"max |diff| {checks[mode]['roundtrip_max_abs_diff']:.2g}")
-  if onnx_summary:
+  if onnx_summary and "targets" in onnx_summary:
     notes += edge.notes(onnx_summary["targets"])
+  elif onnx_summary:
+    notes.append(f"No ONNX export: {onnx_summary['error']}")
   notes.append(f"Quantized leaves: {len(plans)} (matmul kernels per output channel, embedding "
                f"tables per row); float leaves: {len(float_left)} (biases, LayerNorm, relative "
                f"position biases).")
