@@ -117,8 +117,13 @@ def gather(workdir: str, scratch: dict[str, Any]) -> dict[str, dict[str, float]]
   for stage, kind in (("distill", "distilled"), ("quantize", "int8")):
     summary = read(stage) or {}
     for artifact in summary.get("artifacts", [])[1:]:  # [0] is the float reference
-      name = kind if kind == "distilled" else f"int8 ({artifact['name'].split('-', 1)[-1]})"
-      rows[name] = {"accuracy": artifact["accuracy"], "macro_f1": artifact["macro_f1"]}
+      mode = artifact["name"].split("-", 1)[-1]
+      if artifact.get("runtime", "jax") != "jax":  # the ONNX files the quantize stage exports
+        name = f"{artifact['runtime']} ({mode})"
+      else:
+        name = kind if kind == "distilled" else f"int8 ({mode})"
+      if "accuracy" in artifact:
+        rows[name] = {"accuracy": artifact["accuracy"], "macro_f1": artifact["macro_f1"]}
   return rows
 
 
