@@ -178,3 +178,13 @@ def test_shipped_licences_name_the_files_they_cover():
   assert "general.jsonl.gz" in licences["LICENSE.wordnet"][1]
   found = model_card.licences_for([{"spec": "builtin:task:test"}, {"spec": "builtin"}])
   assert found == {"LICENSE.foldoc": ["builtin:task:test", "builtin"]}
+
+
+def test_model_card_accepts_a_corpus_file_path(tmp_path):
+  # A data stage fed a JSONL file: the file's directory is looked up, never FILE/config.json.
+  corpus = tmp_path / "domain.jsonl"
+  corpus.write_text('{"text": "x"}\n')
+  from r1jax.compress import model_card
+  assert model_card._made_by(str(corpus)) == ""
+  (tmp_path / "config.json").write_text('{"stage": "data"}')
+  assert model_card._made_by(str(corpus)) == str(tmp_path)

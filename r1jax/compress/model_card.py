@@ -61,6 +61,8 @@ def _made_by(spec: str) -> str:
   path = os.path.abspath(os.path.expanduser(spec.split("*")[0].split("?")[0]))
   if not os.path.exists(path):
     return ""
+  if not os.path.isdir(path):  # a corpus file: its directory may be the stage's
+    path = os.path.dirname(path)
   for _ in range(4):
     if (run_dir.read_json(os.path.join(path, run_dir.CONFIG_FILE)) or {}).get("stage"):
       return path
