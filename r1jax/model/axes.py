@@ -41,6 +41,8 @@ VOCAB = "vocab"            # vocabulary V
 NORM = "norm"              # LayerNorm scale/bias (width d, replicated)
 TYPES = "token_types"      # token-type (segment A/B) table rows
 CLASSES = "classes"        # classifier / NSP / knowledge outputs
+PATCH = "patch"            # pixels of one flattened image patch (P * P * channels)
+PATCHES = "patches"        # rows of the image patches' position table (one per patch)
 
 # Activation axes.
 BATCH = "activation_batch"        # B
@@ -65,6 +67,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     (NORM, None),
     (TYPES, None),
     (CLASSES, None),
+    (PATCH, None),
+    (PATCHES, None),
     # Activations.
     (BATCH, (DATA, FSDP)),
     (LENGTH, None),

@@ -13,7 +13,8 @@ reuses everything else:
 
 Loss functions: `pretrain_loss_fn` (MLM + NSP [+ knowledge]) and `causal_lm_loss_fn` (next token)
 for `heads.PretrainModel`, `classification_loss_fn` for `heads.Classifier`, and
-`distill_loss_fn` for a student `heads.Classifier` taught by a teacher one. Models are passed in
+`distill_loss_fn` for a student `heads.Classifier` taught by a teacher one,
+`multimodal_loss_fn` for a `vision.MultimodalClassifier`. Models are passed in
 and only called (`apply`), so this module depends on the backbone only: `heads` imports it (for
 `cross_entropy`), never the other way round.
 """
@@ -203,6 +204,36 @@ def classification_loss_fn(model: nn.Module, *, multi_label: bool, label_smoothi
                "micro_f1": metric(2 * tp, 2 * tp + fp + fn),
                "accuracy": metric((exact * weights).sum(), weights.sum())}
     return (loss * weights).sum() / rows, (metrics, extras)
+  return loss_fn
+
+
+def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
+                       label_smoothing: float = 0.0) -> LossFn:
+  """Single-label loss for a `vision.MultimodalClassifier` reading `modalities` of the batch.
+
+  batch: tokens/token_mask [B, Q] (read when "text" is in `modalities`), images [B, S, S, C]
+  (when "image" is), label int32 [B], optional example_mask bool [B]. The same batches train a
+  text-only, an image-only and a fused model, so the three are compared on the same rows.
+  Metrics: loss, nll, accuracy.
+  """
+  unknown = sorted(set(modalities) - {"text", "image"})
+  if unknown or not modalities:
+    raise ValueError(f"modalities={tuple(modalities)}: choose text, image or both.")
+  use_types = model.config.n_token_types > 0
+
+  def loss_fn(params, batch, extras, rng, deterministic):
+    inputs = {}
+    if "text" in modalities:
+      tokens = batch["tokens"]
+      inputs.update(tokens=tokens, token_mask=batch["token_mask"],
+                    token_types=jnp.zeros_like(tokens) if use_types else None)
+    if "image" in modalities:
+      inputs["images"] = batch["images"]
+    logits, _ = model.apply({"params": params}, **inputs, deterministic=deterministic,
+                            rngs={"dropout": rng})
+    weights = batch.get("example_mask", jnp.ones(logits.shape[:1], bool))
+    metrics = weighted_classification(logits, batch["label"], weights, label_smoothing)
+    return metrics["loss"][0] / jnp.maximum(metrics["loss"][1], 1.0), (metrics, extras)
   return loss_fn
 
 

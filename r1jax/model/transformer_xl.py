@@ -490,8 +490,30 @@ class TransformerXL(nn.Module):
     cfg = self.config
     memory = _resolve_memory(memory, mems)
     check_inputs(cfg, tokens, memory, token_mask, token_types)
+    h = self.embed(tokens, token_types, deterministic=deterministic)
+    return self.encode(h, memory, token_mask, deterministic=deterministic)
+
+  def embed(self, tokens: jax.Array, token_types: jax.Array | None = None, *,
+            deterministic: bool = True) -> jax.Array:
+    """tokens int [B, Q] (+ token_types) -> the first layer's input [B, Q, d]: the scaled word
+    embedding plus the token-type row, after embedding dropout. Other inputs (image patches,
+    `r1jax.model.vision`) build rows of the same width and join these before `encode`."""
+    cfg = self.config
     tokens = jnp.asarray(tokens)
-    batch, qlen = tokens.shape
+    h = self.word_emb(tokens) * jnp.asarray(math.sqrt(cfg.d_model), cfg.dtype)
+    if cfg.n_token_types:
+      types = jnp.zeros_like(tokens) if token_types is None else jnp.asarray(token_types)
+      h = h + _token_type_embedding(types, jnp.asarray(self.type_emb.embedding, cfg.dtype))
+    return axes.constrain(self.drop(h, deterministic=deterministic),
+                          (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+  def encode(self, h: jax.Array, memory: Memory | Sequence[jax.Array] | None = None,
+             token_mask: jax.Array | None = None, *, deterministic: bool = True
+             ) -> tuple[jax.Array, Memory]:
+    """The layers over embedded inputs h [B, Q, d] (from `embed`, or rows joined to them):
+    returns (hidden [B, Q, d], new Memory) as `__call__` does."""
+    cfg = self.config
+    batch, qlen = h.shape[:2]
     if memory is None:
       memory = Memory.empty(cfg.n_layer, batch, cfg.d_model, 0, cfg.dtype)
     elif not isinstance(memory, Memory):
@@ -501,12 +523,6 @@ class TransformerXL(nn.Module):
     token_mask = (jnp.ones((batch, qlen), bool) if token_mask is None
                   else jnp.asarray(token_mask, bool))
     act_axes = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
-
-    h = self.word_emb(tokens) * jnp.asarray(math.sqrt(cfg.d_model), cfg.dtype)
-    if cfg.n_token_types:
-      types = jnp.zeros_like(tokens) if token_types is None else jnp.asarray(token_types)
-      h = h + _token_type_embedding(types, jnp.asarray(self.type_emb.embedding, cfg.dtype))
-    h = axes.constrain(self.drop(h, deterministic=deterministic), act_axes)
 
     pos = relative_positions(klen, qlen, not cfg.is_causal, cfg.clamp_len)
     pos_emb = self.drop(sinusoid_table(pos, cfg.d_model).astype(cfg.dtype),
