@@ -32,7 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 STAGES = ("data", "pretrain", "finetune", "distill", "quantize", "prune", "tune", "pipeline", "compare",
-          "diagnose")
+          "diagnose", "continual")
 
 
 def _exit_with(error: Exception) -> None:
