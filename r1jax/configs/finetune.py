@@ -12,6 +12,9 @@ r"""Finetuning a pretrained Transformer-XL as a sequence classifier (domain adap
     # Other schedules: head_only | full | progressive (one more layer every K epochs or on plateau):
     ... --config.schedule=progressive --config.unfreeze.every_epochs=1 \
         --config.unfreeze.plateau_patience=2
+    # Images beside text (the embedded icon task; text-only, image-only and fused models compared):
+    python -m r1jax.main --config=configs/finetune.py:variant=tiny --workdir=/tmp/ft_icons \
+        --config.multimodal.enabled=True --config.image_augment.prob=1.0
     # Baseline without pretraining (init_from empty: trains from scratch and says so):
     python -m r1jax.main --config=configs/finetune.py:variant=tiny --workdir=/tmp/ft_scratch
 
@@ -63,6 +66,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       delete_prob=0.05,     # per word: deleted
       swap_prob=0.05,       # share of the words: two random words swapped
       synonyms="wordnet",   # synonym sources, comma-separated: wordnet (shipped) and/or files
+  ))
+  # Image+text tasks (r1jax/stages/finetune_multimodal.py): images beside text in one backbone.
+  config.multimodal = ml_collections.ConfigDict(dict(
+      enabled=False,        # True: image+text task (task.* at the text defaults: builtin:icons)
+      image_field="image",  # the image's field: a path (relative to its file) or base64:<bytes>
+      image_size=32,        # images scaled (short side) and centre-cropped to this many pixels
+      patch_size=8,         # ViT patch side in pixels: (image_size / patch_size)^2 image tokens
+      models="fused,text,image",  # models trained on the same batches (first = the stage's)
+  ))
+  # Augmentation of the training images (multimodal only), drawn afresh every epoch.
+  config.image_augment = ml_collections.ConfigDict(dict(
+      prob=0.0,             # chance that an image is augmented each time it is read (0 = off)
+      rotate_degrees=15.0,  # rotation drawn from [-x, x] degrees
+      crop_scale_min=0.6,   # random resized crop: least share of the image's area kept
+      flip_prob=0.5,        # horizontal flip
+      brightness=0.3,       # factor drawn from [1 - x, 1 + x]
+      contrast=0.3,         # factor drawn from [1 - x, 1 + x]
+      saturation=0.3,       # factor drawn from [1 - x, 1 + x]
+      hue=0.05,             # hue turned by up to +-x of a full turn
   ))
   # Which parameters train when: a_then_b | head_only | full | progressive.
   config.schedule = "a_then_b"

@@ -18,7 +18,8 @@ One Grain `RandomMap` over a whole batch of uint8 images, in numpy, each image w
 An image is left as it is with probability 1 - `prob`. Why per batch: at 32 x 32 pixels the
 per-call overhead of a Python transform per image dominates, and the pipeline has to outrun the
 training step many times over (bench/multimodal.py measures both); the draws and the colour
-operations are vectorized over the batch, only the resampling loops over images (in C). Grain seeds the generator from the dataset seed and the batch index, so the draws are
+operations are vectorized over the batch, only the resampling loops over images (in C). Grain
+seeds the generator from the dataset seed and the batch index, so the draws are
 the same on every run and after a resume from a checkpointed iterator state (a MapDataset's
 state is one index), whatever the worker count.
 """
@@ -40,13 +41,13 @@ _LUMA = _RGB_TO_YIQ[0]
 @dataclasses.dataclass(frozen=True)
 class ImageAugmentConfig:
   """How strongly each operation varies an image (0 turns one off)."""
-  prob: float = 1.0                          # chance that an image is augmented each time it is read
+  prob: float = 1.0                          # chance an image is augmented each time it is read
   rotate_degrees: float = 15.0               # rotation drawn from [-x, x] degrees
   crop_scale: tuple[float, float] = (0.6, 1.0)   # crop area as a share of the image's
   crop_ratio: tuple[float, float] = (0.75, 4 / 3)  # crop width / height (log-uniform)
   flip_prob: float = 0.5                     # horizontal flip
   brightness: float = 0.3                    # factor from [1 - x, 1 + x]
-  contrast: float = 0.3                      # factor from [1 - x, 1 + x] around the image's mean grey
+  contrast: float = 0.3                      # factor from [1 - x, 1 + x] around the mean grey
   saturation: float = 0.3                    # factor from [1 - x, 1 + x] around each pixel's grey
   hue: float = 0.05                          # rotation of the hue by up to +-x of a full turn
 

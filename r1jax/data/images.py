@@ -5,7 +5,7 @@
     report.counts   # {"rows": 120, "used": 117, "missing_file": 1, "truncated": 2, ...}
 
 A record's image reference (`image_ref`) is one of:
-  bytes                   the encoded file itself (PNG, JPEG, GIF, BMP, WebP, ... what Pillow reads);
+  bytes                   the encoded file itself (PNG, JPEG, GIF, BMP, WebP: what Pillow reads);
   "base64:<data>"         the same bytes in base64, for JSONL and CSV fields;
   "<path>"                a file; a relative path is read from `base_dir` (for a JSONL/CSV record,
                           the directory of the file it came from).

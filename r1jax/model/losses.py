@@ -207,6 +207,24 @@ def classification_loss_fn(model: nn.Module, *, multi_label: bool, label_smoothi
   return loss_fn
 
 
+def multimodal_inputs(batch: Mapping[str, Any], modalities: Sequence[str],
+                      n_token_types: int) -> dict[str, Any]:
+  """The keyword arguments of a `vision.MultimodalClassifier` call that reads `modalities` of a
+  batch: tokens / token_mask (+ zero token_types when the model has a type table) for "text",
+  images for "image"."""
+  unknown = sorted(set(modalities) - {"text", "image"})
+  if unknown or not modalities:
+    raise ValueError(f"modalities={tuple(modalities)}: choose text, image or both.")
+  inputs = {}
+  if "text" in modalities and "tokens" in batch:
+    tokens = batch["tokens"]
+    inputs.update(tokens=tokens, token_mask=batch["token_mask"],
+                  token_types=jnp.zeros_like(tokens) if n_token_types else None)
+  if "image" in modalities and "images" in batch:
+    inputs["images"] = batch["images"]
+  return inputs
+
+
 def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
                        label_smoothing: float = 0.0) -> LossFn:
   """Single-label loss for a `vision.MultimodalClassifier` reading `modalities` of the batch.
@@ -216,19 +234,10 @@ def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
   text-only, an image-only and a fused model, so the three are compared on the same rows.
   Metrics: loss, nll, accuracy.
   """
-  unknown = sorted(set(modalities) - {"text", "image"})
-  if unknown or not modalities:
-    raise ValueError(f"modalities={tuple(modalities)}: choose text, image or both.")
-  use_types = model.config.n_token_types > 0
+  multimodal_inputs({}, modalities, 0)  # refuses unknown modalities now, not when traced
 
   def loss_fn(params, batch, extras, rng, deterministic):
-    inputs = {}
-    if "text" in modalities:
-      tokens = batch["tokens"]
-      inputs.update(tokens=tokens, token_mask=batch["token_mask"],
-                    token_types=jnp.zeros_like(tokens) if use_types else None)
-    if "image" in modalities:
-      inputs["images"] = batch["images"]
+    inputs = multimodal_inputs(batch, modalities, model.config.n_token_types)
     logits, _ = model.apply({"params": params}, **inputs, deterministic=deterministic,
                             rngs={"dropout": rng})
     weights = batch.get("example_mask", jnp.ones(logits.shape[:1], bool))

@@ -60,6 +60,7 @@ from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import heads
 from r1jax.model import losses
 from r1jax.model import transformer_xl as txl
+from r1jax.stages import finetune_multimodal
 from r1jax.stages import finetune_phases
 from r1jax.stages import finetune_report
 from r1jax.stages.finetune_phases import ALL_LAYERS, Phase, phase_rules, plan_phases
@@ -133,6 +134,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       for key in ("prob", "synonym_prob", "insert_prob", "delete_prob", "swap_prob"):
         v.number_in(f"augment.{key}", 0.0, 1.0)
       v.string("augment.synonyms")
+    if config.get("multimodal") is not None:
+      finetune_multimodal.validate(v, config)
   return configlib.validate_training(config, num_devices=num_devices, process_count=process_count,
                                      extra=extra)
 
@@ -408,6 +411,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   returning True ends that phase early like early stopping; raising (e.g. optuna.TrialPruned)
   stops the whole run."""
   validate(config)
+  if config.get("multimodal") is not None and config.multimodal.enabled:
+    return run_dir.run_once(config, workdir, lambda c, w: finetune_multimodal.run(
+        c, w, model_config=model_config, prepare_tokenizer=prepare_tokenizer, on_eval=on_eval),
+                            requires=("test",))
   return run_dir.run_once(config, workdir, lambda c, w: _run(c, w, on_eval), requires=("test",))
 
 

@@ -1,0 +1,79 @@
+"""Finetuning on an image+text task (issue 28): the config switch, its validation, and (slow) the
+stage end to end on the embedded icon task with the three models compared on the same split."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from r1jax import configlib
+from r1jax.stages import finetune
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**multimodal):
+  config = configlib.load_config(os.path.join(REPO, "configs", "finetune.py:variant=tiny"))
+  config.multimodal.enabled = True
+  for key, value in multimodal.items():
+    config.multimodal[key] = value
+  return config
+
+
+def test_multimodal_keys_are_validated_together():
+  config = _config(image_size=30, patch_size=8, models="fused,audio")
+  config.image_augment.hue = 0.9
+  config.image_augment.crop_scale_min = 0.0
+  config.model.ngram_buckets = 64
+  with pytest.raises(configlib.ConfigError) as e:
+    finetune.validate(config, num_devices=8, process_count=1)
+  message = str(e.value)
+  for expected in ("multimodal.patch_size: 8 must divide multimodal.image_size=30",
+                   "multimodal.models: 'fused,audio'", "image_augment.hue: 0.9 must be in",
+                   "image_augment.crop_scale_min", "model.ngram_buckets: 64"):
+    assert expected in message
+  finetune.validate(_config(), num_devices=8, process_count=1)   # the defaults are valid
+
+
+def test_bad_multimodal_value_is_one_line_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "r1jax.main", "--config=configs/finetune.py:variant=tiny",
+       f"--workdir={tmp_path / 'w'}", "--config.multimodal.enabled=True",
+       "--config.multimodal.patch_size=5"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "multimodal.patch_size: 5 must divide multimodal.image_size=32" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # ~60 s: three tiny models compiled and trained
+def test_stage_trains_and_compares_three_models_on_icons(tmp_path):
+  config = _config(image_size=16, patch_size=8)
+  config.task.seq_len = 12
+  config.train.num_steps = 8
+  config.train.batch_size = 16
+  config.eval.every_steps = 4
+  config.checkpoint.every_steps = 4
+  config.train.progress_bar = False
+  config.image_augment.prob = 1.0
+  config.model.n_layer = 1
+  workdir = str(tmp_path / "mm")
+  summary = finetune.run(config, workdir)
+  assert summary["multimodal"] and summary["main_model"] == "fused"
+  assert list(summary["models"]) == ["fused", "text", "image"]
+  for name, model in summary["models"].items():
+    for split in ("dev", "test"):
+      assert 0.0 <= model[split]["accuracy"] <= 1.0
+    assert model["step"] == 8
+  assert summary["task"]["train"] == "builtin:icons:train"
+  assert summary["images"]["train"]["counts"] == {"rows": 465, "used": 465}
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "| fused | text+image |" in report and "| image | image |" in report
+  assert os.path.isdir(os.path.join(workdir, "checkpoints"))
+  for name in ("fused", "text", "image"):
+    records = [json.loads(line) for line in
+               open(os.path.join(workdir, "models", name, "metrics.jsonl"))]
+    assert {r["model"] for r in records} == {name}
+  # A finished stage is not redone: the same summary comes back.
+  assert finetune.run(config, workdir)["models"] == json.loads(json.dumps(summary["models"]))
