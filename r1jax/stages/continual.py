@@ -178,18 +178,17 @@ def _logits_fn(spec: spec_lib.ClassifierSpec):
   return jax.jit(lambda p, tokens, mask: model.apply({"params": p}, tokens, mask)[0])
 
 
-def test_tasks(ctx: _Context, spec: spec_lib.ClassifierSpec, params: Any,
-               tasks: Sequence[rounds_lib.Task]) -> dict[str, dict[str, float]]:
+def test_tasks(spec: spec_lib.ClassifierSpec, params: Any, tasks: Sequence[rounds_lib.Task], *,
+               batch_size: int) -> dict[str, dict[str, float]]:
   """{task: {"accuracy", "macro_f1", "num_examples"}} of `params` on each task's test rows, over
   every class the model has (a test row of an old class may be predicted as a new one)."""
   logits = _logits_fn(spec)
   out = {}
   for task in tasks:
-    batches = measure.batches(spec, task.test, batch_size=ctx.config.report.eval_batch_size)
     metrics = eval_lib.evaluate_classifier(
-        lambda b: logits(params, b["tokens"], b["token_mask"]), batches,
-        label_names=spec.label_names, multi_label=spec.multi_label,
-        threshold=float(spec.task.get("threshold", 0.5)))
+        lambda b: logits(params, b["tokens"], b["token_mask"]),
+        measure.batches(spec, task.test, batch_size=batch_size), label_names=spec.label_names,
+        multi_label=spec.multi_label, threshold=float(spec.task.get("threshold", 0.5)))
     out[task.name] = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                       "num_examples": metrics["num_examples"]}
   return out
@@ -390,7 +389,7 @@ def run_round(ctx: _Context, chain_dir: str, controls: Controls, index: int,
   final = jax.device_get(final["model"])
   after = buffer.added(task.train)
   run_dir.write_json(os.path.join(rdir, BUFFER_AFTER), after.to_json())
-  tests = test_tasks(ctx, spec, final, state.tasks + [task])
+  tests = test_tasks(spec, final, state.tasks + [task], batch_size=cfg.report.eval_batch_size)
   logging.info("Round %s done at step %d; test accuracy %s.", name, step,
                {k: round(v["accuracy"], 4) for k, v in tests.items()})
   record = {
@@ -489,7 +488,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stage_lib.write_config(config, workdir, spec, rounds=[[n, p] for n, p, _ in rounds],
                          controls=controls.to_json(), mesh=dict(ctx.mesh.shape))
   initial = jax.device_get(src.params)
-  initial_test = test_tasks(ctx, spec, initial, [task0])
+  initial_test = test_tasks(spec, initial, [task0], batch_size=config.report.eval_batch_size)
   logging.info("init_from %s: test accuracy %.4f on its own task (task0), %d classes; %d round(s).",
                src.path, initial_test["task0"]["accuracy"], spec.num_classes, len(rounds))
 
