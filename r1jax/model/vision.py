@@ -16,7 +16,8 @@ what a `heads.Classifier` with the same parameters computes (tests/test_multimod
 Parameters: `backbone/...` (a `TransformerXL`, the same tree a text checkpoint holds),
 `patch_embed/proj/{kernel [P*P*C, d], bias [d]}`, `patch_embed/pos_emb` [N, d],
 `patch_embed/image_type` [d], `cls_head/...` (a `heads.PooledHead` reading the mean of the
-real positions of both modalities).
+real positions; with both modalities, the average of the text's mean and the image's mean, so
+the N patches do not outweigh a short text).
 
 Pixels come in as values 0..255 ([B, S, S, C], uint8 from `r1jax.data.images`, any dtype) and are
 scaled to about [-2, 2] inside the model, so batches stay uint8 (a quarter of float32's bytes) on
@@ -176,8 +177,18 @@ class MultimodalClassifier(nn.Module):
       # The same for the image path in a text-only init.
       self.patch_embed(jnp.zeros((1, self.image.image_size, self.image.image_size,
                                   self.image.channels), jnp.uint8))
-    h = rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
-    mask = masks[0] if len(masks) == 1 else jnp.concatenate(masks, axis=1)
-    hidden, _ = self.backbone.encode(h, None, mask, deterministic=deterministic)
-    logits, pooled = self.cls_head(hidden, deterministic, mask)
+    if len(rows) == 1:
+      hidden, _ = self.backbone.encode(rows[0], None, masks[0], deterministic=deterministic)
+      logits, pooled = self.cls_head(hidden, deterministic, masks[0])
+      return logits, {"hidden": hidden, "pooled": pooled}
+    mask = jnp.concatenate(masks, axis=1)
+    hidden, _ = self.backbone.encode(jnp.concatenate(rows, axis=1), None, mask,
+                                     deterministic=deterministic)
+    # Each modality's mean, then their average: the N patches would otherwise outweigh a short
+    # text in one mean over all positions. A row without an image reads its text's mean.
+    q = tokens.shape[1]
+    text = heads.mean_pool(hidden[:, :q], masks[0])                            # [B, d]
+    image = heads.mean_pool(hidden[:, q:], masks[1])                           # [B, d]
+    summary = jnp.where(masks[1][:, :1], 0.5 * (text + image), text)
+    logits, pooled = self.cls_head(summary[:, None], deterministic)
     return logits, {"hidden": hidden, "pooled": pooled}
