@@ -1,5 +1,7 @@
 """The image path of the model: patch embedding shapes and axes, the three input kinds, and the
 text-only path left as it was (issue 28)."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -147,3 +149,22 @@ def test_loss_fn_reads_only_its_modalities(model_and_params):
   assert np.isfinite(image_only(params, no_text, {}, jax.random.key(0), True)[0])
   with pytest.raises(ValueError, match="modalities"):
     losses.multimodal_loss_fn(model, modalities=("audio",))
+
+
+def test_modality_dropout_hides_images_in_training_only(model_and_params):
+  _, params = model_and_params
+  params = nn.unbox(params)
+  model = vision.MultimodalClassifier(dataclasses.replace(CONFIG, dropout=0.0), IMAGE, 5)
+  tokens, mask, images = _inputs()
+  batch = {"tokens": tokens, "token_mask": mask, "images": images,
+           "label": np.array([0, 3, 4], np.int32)}
+  key = jax.random.key(5)
+  fused = losses.multimodal_loss_fn(model, modalities=("text", "image"))(
+      params, batch, {}, key, True)[0]
+  text = losses.multimodal_loss_fn(model, modalities=("text",))(params, batch, {}, key, True)[0]
+  almost_all = losses.multimodal_loss_fn(model, modalities=("text", "image"),
+                                         modality_dropout=0.999999)
+  np.testing.assert_allclose(almost_all(params, batch, {}, key, False)[0], text, rtol=1e-6)
+  np.testing.assert_allclose(almost_all(params, batch, {}, key, True)[0], fused, rtol=1e-6)
+  with pytest.raises(ValueError, match="modality_dropout=1.0"):
+    losses.multimodal_loss_fn(model, modalities=("text", "image"), modality_dropout=1.0)

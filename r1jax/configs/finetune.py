@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_size=32,        # images scaled (short side) and centre-cropped to this many pixels
       patch_size=8,         # ViT patch side in pixels: (image_size / patch_size)^2 image tokens
       models="fused,text,image",  # models trained on the same batches (first = the stage's)
+      modality_dropout=0.0,  # fused model: share of training rows whose image is hidden each step
   ))
   # Augmentation of the training images (multimodal only), drawn afresh every epoch.
   config.image_augment = ml_collections.ConfigDict(dict(

@@ -163,12 +163,16 @@ def augment_images(images: np.ndarray, rng: np.random.Generator,
   active = rng.random(n) < cfg.prob
   maps = _affine_maps(rng, n, s, cfg, active)
   brightness, contrast, mix = _colour_matrices(rng, n, cfg, active)
-  x = _warp(images, maps, _border_colours(images)).astype(np.float32)
-  x = x.reshape(n, s * s, 3) * brightness[:, None, None]
-  mean = (x @ _LUMA).mean(axis=1)[:, None, None]                              # [n, 1, 1]
-  x = (x - mean) * contrast[:, None, None] + mean
-  x = np.matmul(x, np.swapaxes(mix, 1, 2)).reshape(images.shape)
-  out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+  x = _warp(images, maps, _border_colours(images)).reshape(n, s * s, 3).astype(np.float32)
+  # brightness b, contrast c around the mean grey m of b * x, then the 3x3 `mix`, folded into one
+  # affine map per image: mix (c b x + (1 - c) m) = (c b mix) x + (1 - c) m mix 1.
+  grey = brightness * (x @ _LUMA).mean(axis=1)                                # [n]
+  scale = (contrast * brightness)[:, None, None] * mix                        # [n, 3, 3]
+  offset = ((1.0 - contrast) * grey)[:, None] * mix.sum(axis=2)              # [n, 3]
+  x = np.matmul(x, np.swapaxes(scale, 1, 2))
+  x += offset[:, None, :] + 0.5                                               # + 0.5: rounds
+  np.clip(x, 0.0, 255.0, out=x)
+  out = x.astype(np.uint8).reshape(images.shape)
   out[~active] = images[~active]
   return out
 

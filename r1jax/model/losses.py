@@ -226,18 +226,26 @@ def multimodal_inputs(batch: Mapping[str, Any], modalities: Sequence[str],
 
 
 def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
-                       label_smoothing: float = 0.0) -> LossFn:
+                       label_smoothing: float = 0.0, modality_dropout: float = 0.0) -> LossFn:
   """Single-label loss for a `vision.MultimodalClassifier` reading `modalities` of the batch.
 
   batch: tokens/token_mask [B, Q] (read when "text" is in `modalities`), images [B, S, S, C]
   (when "image" is), label int32 [B], optional example_mask bool [B]. The same batches train a
   text-only, an image-only and a fused model, so the three are compared on the same rows.
-  Metrics: loss, nll, accuracy.
+  Metrics: loss, nll, accuracy. `modality_dropout` (training, text and image read): the share
+  of rows whose image is hidden (`image_mask` False) at each step, so the model also learns to
+  classify from the text alone instead of leaning on the weaker modality.
   """
   multimodal_inputs({}, modalities, 0)  # refuses unknown modalities now, not when traced
+  if not 0.0 <= modality_dropout < 1.0:
+    raise ValueError(f"modality_dropout={modality_dropout}: must be in [0, 1).")
+  drops_images = modality_dropout > 0 and set(modalities) == {"text", "image"}
 
   def loss_fn(params, batch, extras, rng, deterministic):
     inputs = multimodal_inputs(batch, modalities, model.config.n_token_types)
+    if drops_images and not deterministic:
+      rng, key = jax.random.split(rng)
+      inputs["image_mask"] = jax.random.uniform(key, batch["label"].shape[:1]) >= modality_dropout
     logits, _ = model.apply({"params": params}, **inputs, deterministic=deterministic,
                             rngs={"dropout": rng})
     weights = batch.get("example_mask", jnp.ones(logits.shape[:1], bool))

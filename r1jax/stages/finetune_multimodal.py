@@ -69,6 +69,7 @@ def validate(v: configlib.Validator, config: ml_collections.ConfigDict) -> None:
   """The multimodal keys (called by the finetune stage's validation when the switch is on)."""
   mm = config.multimodal
   v.string("multimodal.image_field")
+  v.number_in("multimodal.modality_dropout", 0.0, 1.0, high_open=True)
   size, patch = v.positive_int("multimodal.image_size"), v.positive_int("multimodal.patch_size")
   if size and patch and size % patch:
     v.add("multimodal.patch_size", f"{patch} must divide multimodal.image_size={size} "
@@ -214,8 +215,9 @@ def _train_one(config, workdir, name, model, mesh, total, batches, data, init_fr
   tx = optim.build_optimizer(config.train, abstract, num_steps=total)
   engine = loop_lib.engine_for(
       config, mesh=mesh, tx=tx, init_params=init_params, num_steps=total,
-      loss_fn=losses.multimodal_loss_fn(model, modalities=modalities,
-                                        label_smoothing=config.train.label_smoothing),
+      loss_fn=losses.multimodal_loss_fn(
+          model, modalities=modalities, label_smoothing=config.train.label_smoothing,
+          modality_dropout=config.multimodal.get("modality_dropout", 0.0)),
       eval_loss_fn=losses.multimodal_loss_fn(model, modalities=modalities))
 
   def init_state():
