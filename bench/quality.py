@@ -104,7 +104,16 @@ def scratch_config(config: Any) -> Any:
 
 
 def _scores(summary: dict[str, Any]) -> dict[str, float]:
-  return {"accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["macro_f1"]}
+  """Test accuracy / macro-F1 and, where the stage reports it, dev accuracy (the chooser)."""
+  out = {"accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["macro_f1"]}
+  if "dev" in summary:
+    out["dev_accuracy"] = summary["dev"]["accuracy"]
+  return out
+
+
+def interval(accuracy: float, n: int) -> float:
+  """Half-width of the normal-approximation 95% interval of an accuracy measured on n rows."""
+  return 1.96 * (accuracy * (1 - accuracy) / max(n, 1)) ** 0.5
 
 
 def gather(workdir: str, scratch: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -112,7 +121,8 @@ def gather(workdir: str, scratch: dict[str, Any]) -> dict[str, dict[str, float]]
   read = lambda stage: run_dir.read_json(os.path.join(workdir, stage, run_dir.SUMMARY_FILE))
   general, adapted = read("finetune_general"), read("finetune_domain")
   rows = {"majority class": {k: adapted["majority_baseline"][k] for k in ("accuracy", "macro_f1")},
-          "TF-IDF + LR": dict(general["linear_baseline"]["test"]),
+          "TF-IDF + LR": dict(general["linear_baseline"]["test"],
+                              dev_accuracy=general["linear_baseline"]["dev"]["accuracy"]),
           "scratch": _scores(scratch), "general": _scores(general), "adapted": _scores(adapted)}
   for stage, kind in (("distill", "distilled"), ("quantize", "int8")):
     summary = read(stage) or {}
@@ -148,15 +158,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   minutes = (time.time() - started) / 60.0
   rows = gather(os.path.join(workdir, "pipeline"), scratch)
   base = rows["TF-IDF + LR"]
+  n_test = scratch["test"]["num_examples"]
   table = eval_lib.markdown_table(
-      ("model", "test accuracy", "test macro-F1", "accuracy - baseline", "macro-F1 - baseline"),
-      [(name, f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+      ("model", "dev accuracy", "test accuracy", "+-95%", "test macro-F1", "accuracy - baseline",
+       "macro-F1 - baseline"),
+      [(name, f"{r['dev_accuracy']:.4f}" if "dev_accuracy" in r else "", f"{r['accuracy']:.4f}",
+        f"{interval(r['accuracy'], n_test):.3f}", f"{r['macro_f1']:.4f}",
         f"{r['accuracy'] - base['accuracy']:+.4f}", f"{r['macro_f1'] - base['macro_f1']:+.4f}")
        for name, r in rows.items()])
   print(f"Task: {args.task or 'embedded FOLDOC subjects'}; variant {args.variant}; domain "
         f"{pipeline.domain_inputs(config)}; {minutes:.1f} minutes (resumed stages "
         f"count only the time of this run).\n")
   print(table)
+  print(f"\n+-95%: half-width of the normal-approximation interval of a test accuracy on "
+        f"{n_test} rows; dev accuracy is what chose each model's checkpoint and settings.")
   adapted = rows["adapted"]
   result = {"accuracy": adapted["accuracy"], "macro_f1": adapted["macro_f1"],
             "baseline_accuracy": base["accuracy"], "baseline_macro_f1": base["macro_f1"],

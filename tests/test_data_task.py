@@ -156,7 +156,28 @@ def test_bucket_length_and_trim():
                                                                                256]
   assert grain_ops.bucket_length(10, 100, 3) == 34 and grain_ops.bucket_length(70, 100, 3) == 100
   assert grain_ops.bucket_length(5, 64, 0) == 64
+  # Short rows: widths no closer than 32 (each width compiles once).
+  assert [grain_ops.bucket_length(n, 64, 8, 32) for n in (1, 9, 33, 64)] == [32, 32, 64, 64]
+  assert grain_ops.bucket_length(40, 256, 8, 32) == 64
   batch = {"tokens": np.ones((2, 8)), "token_mask": np.ones((2, 8), bool), "label": np.zeros(2)}
   cut = grain_ops.trim_to_length(batch, 3, ("tokens", "token_mask"))
   assert cut["tokens"].shape == (2, 3) and cut["token_mask"].shape == (2, 3)
   assert cut["label"] is batch["label"]
+
+
+def test_seq_len_from_the_data_covers_the_asked_share(tok):
+  lengths = np.array([10] * 80 + [60] * 15 + [500] * 5)
+  # 90% of the texts are <= 60 tokens: 62 with [CLS]/[SEP] -> the next multiple of 32.
+  assert task_lib.choose_seq_len(lengths, cover=0.9, cap=512) == 64
+  assert task_lib.choose_seq_len(lengths, cover=0.75, cap=512) == 32
+  assert task_lib.choose_seq_len(lengths, cover=1.0, cap=512) == 512
+  assert task_lib.choose_seq_len(lengths, cover=1.0, cap=300) == 288   # the cap, rounded down
+  assert task_lib.choose_seq_len(np.array([], np.int64), cover=0.9, cap=256) == 256
+  assert task_lib.truncated_share(lengths, 64) == pytest.approx(0.05)
+  assert task_lib.truncated_share(lengths, 32) == pytest.approx(0.20)
+  # Counted on the tokenizer's pieces, sampled when there are many texts.
+  records = [{"text": "alpha beta gamma " * k} for k in range(1, 31)]
+  full = task_lib.text_lengths(records, tok)
+  assert list(full) == [len(tok.encode(r["text"])) for r in records]
+  sample = task_lib.text_lengths(records, tok, limit=10, seed=3)
+  assert len(sample) == 10 and set(sample) <= set(full)

@@ -131,7 +131,11 @@ def synthetic_config(tmp_path, tokenizer_path, *, invert_dev=False, multi=False,
                "task.seq_len": 40, "task.multi_label": multi, "task.label_delimiter": ";",
                "train.batch_size": 16, "train.num_steps": 48, "train.warmup_steps": 2,
                "train.log_every_steps": 4, "eval.every_steps": 8, "checkpoint.every_steps": 8,
-               "model.dropout": 0.0, "report.latency_repeats": 2, "report.latency_warmup": 1}
+               "model.dropout": 0.0, "report.latency_repeats": 2, "report.latency_warmup": 1,
+               # The seed's two-stage schedule, picked by dev loss, on unaugmented text: what
+               # these tests check (the config's defaults are tested by test_default_recipe_*).
+               "schedule": "a_then_b", "eval.best_metric": "loss",
+               "eval.early_stopping_patience": 3, "augment.prob": 0.0}
   overrides.update(kw)
   return make_config(**overrides)
 
@@ -480,7 +484,8 @@ def test_label_names_of():
 
 
 def test_plan_phases():
-  config = make_config(**{"unfreeze.num_layers": 4})
+  config = make_config(schedule="a_then_b", **{"unfreeze.num_layers": 4,
+                                               "eval.early_stopping_patience": 3})
   plan = finetune.plan_phases(config, n_layer=2, total_steps=100, steps_per_epoch=10)
   assert [(p.name, p.layers, p.steps) for p in plan] == [("stage_a", 0, 50), ("stage_b", 2, None)]
   config.schedule = "progressive"
@@ -518,9 +523,10 @@ def test_config_validation_names_keys():
 
 
 def test_augmenter_follows_the_config():
-  config = make_config()
-  assert config.augment.prob == 0.0 and finetune.augmenter(config) is None  # off by default
-  config.augment.prob, config.augment.swap_prob = 0.5, 0.2
+  config = make_config(**{"augment.prob": 0.0})
+  assert finetune.augmenter(config) is None  # off
+  config = make_config(**{"augment.swap_prob": 0.2})
+  assert config.augment.prob == 0.5  # on by default: half the training texts each epoch
   aug = finetune.augmenter(config)
   assert aug.prob == 0.5 and aug.augmenter.config.swap_prob == 0.2
   assert aug.augmenter.lexicon.synonyms("big")  # the shipped WordNet table
@@ -607,3 +613,31 @@ def test_loss_ignores_padding_rows(multi):
   assert float(m_a["loss"][1]) == 2.0  # two real rows
   all_rows = dict(a, example_mask=np.ones(4, bool))
   assert float(loss_fn(params, all_rows, {}, key, True)[0]) != float(loss_a)
+
+
+def test_default_recipe_sizes_rows_from_the_data_and_trains_every_layer(tmp_path, tokenizer_path):
+  """configs/finetune.py's defaults, only smaller: seq_len -1 is chosen from the training texts
+  (and the cut share reported), every layer trains in one phase, the head has the mean-pooled and
+  the n-gram paths, and dev accuracy picks the checkpoint."""
+  rows = synthetic_rows(64, 0)
+  rows[0] = dict(rows[0], text=rows[0]["text"] + " the" * 200)  # one text longer than any row
+  path = write_jsonl(tmp_path / "train.jsonl", rows)
+  config = make_config(**SMALL_MODEL, **{
+      "task.train": path, "task.dev": path, "task.test": path, "task.tokenizer": tokenizer_path,
+      "train.batch_size": 16, "train.num_steps": 8, "eval.every_steps": 4,
+      "checkpoint.every_steps": 4, "report.latency_repeats": 2, "report.linear_baseline": False,
+      "model.ngram_buckets": 512})
+  defaults = make_config()
+  assert (defaults.task.seq_len, defaults.schedule, defaults.eval.best_metric,
+          defaults.model.pooling, defaults.model.ngram_buckets) == (
+              -1, "full", "accuracy", "mean", 16384)
+  summary = finetune.run(config, str(tmp_path / "run"))
+  lengths = task_lib.text_lengths(rows, tokenizer_lib.Tokenizer.load(tokenizer_path))
+  assert summary["task"]["seq_len"] == task_lib.choose_seq_len(lengths, cover=0.9, cap=256) == 32
+  assert summary["task"]["truncated"]["train"] == pytest.approx(1 / 64)
+  assert [p["name"] for p in summary["phases"]] == ["full"]
+  assert summary["best_metric"] == "accuracy" and summary["frozen_params"] == 0
+  params = read_params(os.path.join(summary["phases"][0]["dir"], "checkpoints"),
+                       summary["best_step"])
+  assert params["cls_head/ngram_emb"].shape == (512, 32)
+  assert "cls_head/ngram_out/kernel" in params

@@ -26,7 +26,7 @@ directories they write (DIR/<stage>/):
     data_domain       data.py      clean the domain corpus (same tokenizer)
     pretrain_general  pretrain.py  MLM + NSP pretraining on the cleaned general corpus
     pretrain_domain   pretrain.py  domain-adaptive pretraining from pretrain_general
-    finetune_general  finetune.py  classifier from pretrain_general (tiny: every layer trains)
+    finetune_general  finetune.py  classifier from pretrain_general (configs/finetune.py's recipe)
     finetune_domain   finetune.py  the same from pretrain_domain
     compare           compare.py   general vs domain-adapted table
     tune              tune.py      hyperparameter search (only with run_tune=True or when selected)
@@ -62,16 +62,6 @@ _COMMON = {
     # quoted for both models, so the second finetuning skips its ~30 s.
     "finetune_domain": {"report.linear_baseline": False},
 }
-# Every layer trains for up to 24 epochs, stopped after 6 evals without a better dev accuracy; the
-# head reads the mean of the real tokens' states, beside a bag of hashed token 1-2 grams with its
-# own linear path to the logits; 256 tokens per text (the first 64 lose 3.8 test points of the
-# linear baseline's); half the training texts EDA-augmented each epoch (bench/NOTES_quality.md,
-# sessions 11-13: dev accuracy 0.38 -> 0.58 -> 0.70 -> 0.75).
-_FINETUNE_TINY = {"schedule": "full", "train.num_steps": -1, "train.num_epochs": 24.0,
-                  "eval.every_steps": 64, "eval.early_stopping_patience": 6,
-                  "eval.best_metric": "accuracy", "train.log_every_steps": 16,
-                  "checkpoint.every_steps": 64, "task.seq_len": 256, "augment.prob": 0.5,
-                  "model.pooling": "mean", "model.ngram_buckets": 16384}
 _PRETRAIN_TINY = {"train.warmup_steps": 300, "train.log_every_steps": 100,
                   "eval.every_steps": 1000, "eval.num_batches": 8, "checkpoint.every_steps": 1000}
 _TINY = {
@@ -80,8 +70,6 @@ _TINY = {
     "pretrain_general": dict(_PRETRAIN_TINY, **{"train.num_steps": 6000}),
     "pretrain_domain": dict(_PRETRAIN_TINY, **{"train.num_steps": 4000, "train.warmup_steps": 200,
                                                "train.learning_rate": 1e-3}),
-    "finetune_general": _FINETUNE_TINY,
-    "finetune_domain": _FINETUNE_TINY,
     "distill": {"train.num_steps": 160, "eval.every_steps": 32, "train.log_every_steps": 16,
                 "checkpoint.every_steps": 64},
     "tune": {"n_trials": 4},

@@ -153,13 +153,18 @@ class LengthGroupedShuffle(grain.MapDataset):
     return self._parent[int(self._order(epoch)[position]) + epoch * len(self._parent)]
 
 
-def bucket_length(length: int, max_length: int, num_buckets: int) -> int:
+# Narrowest step between two bucket widths: each width compiles the training call once (seconds
+# to tens of seconds on a CPU), which finer steps on short rows would not win back.
+MIN_BUCKET_STRIDE = 32
+
+
+def bucket_length(length: int, max_length: int, num_buckets: int, min_stride: int = 1) -> int:
   """The width a batch whose longest row has `length` tokens is padded to: the smallest multiple
-  of ceil(max_length / num_buckets) that holds it, at most max_length (so at most `num_buckets`
-  widths, each compiled once)."""
+  of max(ceil(max_length / num_buckets), min_stride) that holds it, at most max_length (so at
+  most `num_buckets` widths, each compiled once)."""
   if num_buckets <= 1:
     return max_length
-  stride = math.ceil(max_length / num_buckets)
+  stride = max(min_stride, math.ceil(max_length / num_buckets))
   return min(max_length, max(1, math.ceil(length / stride)) * stride)
 
 

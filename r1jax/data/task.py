@@ -244,6 +244,38 @@ def public_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return [{"text": r["text"], "label": r["label"]} for r in records]
 
 
+
+# -------------------------------------------------------------------------------------------------
+# Sequence length from the data
+
+# Row widths are multiples of this (the length buckets' widths are seq_len / N).
+SEQ_LEN_MULTIPLE = 32
+
+
+def text_lengths(records: Sequence[dict[str, Any]], tokenizer, *, limit: int = 10_000,
+                 seed: int = 0) -> np.ndarray:
+  """Token counts (without [CLS]/[SEP]) int64 [n] of the records' texts, n = min(len, limit):
+  a fixed random sample when there are more than `limit` (shares are estimated from it)."""
+  idx = np.arange(len(records))
+  if len(idx) > limit:
+    idx = np.sort(np.random.default_rng(seed).choice(idx, limit, replace=False))
+  return np.array([len(tokenizer.encode(records[i]["text"])) for i in idx], np.int64)
+
+
+def choose_seq_len(lengths: np.ndarray, *, cover: float, cap: int) -> int:
+  """The smallest multiple of SEQ_LEN_MULTIPLE whose rows hold `cover` (0-1] of the texts whole
+  (each text plus [CLS] and [SEP]), at most `cap` (itself rounded down to a multiple)."""
+  cap = max(SEQ_LEN_MULTIPLE, cap // SEQ_LEN_MULTIPLE * SEQ_LEN_MULTIPLE)
+  if not len(lengths):
+    return cap
+  need = float(np.quantile(np.asarray(lengths) + 2, cover, method="higher"))
+  return int(min(cap, max(SEQ_LEN_MULTIPLE, math.ceil(need / SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE)))
+
+
+def truncated_share(lengths: np.ndarray, seq_len: int) -> float:
+  """Share of the texts (token counts without [CLS]/[SEP]) that rows of `seq_len` cut."""
+  return float(np.mean(np.asarray(lengths) > seq_len - 2)) if len(lengths) else 0.0
+
 # -------------------------------------------------------------------------------------------------
 # Classification batches
 

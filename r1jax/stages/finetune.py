@@ -49,6 +49,7 @@ from flax.core import meta
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from r1jax import configlib
 from r1jax import distributed
@@ -115,6 +116,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
               "is empty; use e.g. ',' or ';'.")
     v.choice("task.unknown_label", UNKNOWN_LABEL_POLICIES)
     v.int_at_least("task.seq_len", 8, allow=(-1,))
+    if config.task.get("seq_len") == -1:
+      v.number_in("task.seq_len_cover", 0.0, 1.0, low_open=True)
+      v.int_at_least("task.max_seq_len", task_lib.SEQ_LEN_MULTIPLE)
     v.int_at_least("task.length_buckets", 0)
     v.number_in("task.threshold", 0.0, 1.0, low_open=True, high_open=True)
     tok = config.task.get("tokenizer")
@@ -189,6 +193,29 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                  len(train_texts))
     return tokenizer_lib.Tokenizer.train(list(train_texts), vocab_size)
   return run_dir.provide_tokenizer(workdir, source=source, train=train)
+
+
+def choose_seq_len(config: ml_collections.ConfigDict, task: task_lib.TaskData,
+                   tok: tokenizer_lib.Tokenizer) -> tuple[int, dict[str, float]]:
+  """(tokens per row, {split: share of its texts cut}): task.seq_len, or with -1 the smallest
+  multiple of 32 that holds task.seq_len_cover of the training texts whole, at most
+  task.max_seq_len. Length buckets keep a long seq_len cheap on batches of short texts."""
+  lengths = {s.name: task_lib.text_lengths(s.records, tok, seed=config.seed)
+             for s in (task.train, task.dev, task.test)}
+  seq_len = config.task.seq_len
+  if seq_len <= 0:
+    cover, cap = config.task.seq_len_cover, config.task.max_seq_len
+    seq_len = task_lib.choose_seq_len(lengths["train"], cover=cover, cap=cap)
+    logging.info("task.seq_len=-1: %d tokens per row holds %.0f%% of the training texts whole "
+                 "(median %d tokens; asked for %.0f%%, at most %d).", seq_len,
+                 100 * (1 - task_lib.truncated_share(lengths["train"], seq_len)),
+                 int(np.median(lengths["train"])) if len(lengths["train"]) else 0, 100 * cover,
+                 cap)
+  truncated = {k: task_lib.truncated_share(v, seq_len) for k, v in lengths.items()}
+  if truncated["train"] > 0:
+    logging.info("seq_len %d cuts %s of the texts (the rest of each is not read).", seq_len,
+                 ", ".join(f"{100 * v:.1f}% of {k}" for k, v in truncated.items()))
+  return seq_len, truncated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,8 +465,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     logging.warning("init_from was pretrained with activation=%s; finetuning with %s changes the "
                     "backbone's function.", arch["activation"], mcfg.activation)
   model = heads.Classifier(mcfg, len(task.labels), multi_label=task.multi_label)
-  seq_len = (config.task.seq_len if config.task.seq_len > 0
-             else txl.SEGMENT_LEN[config.model.variant])
+  seq_len, truncated = choose_seq_len(config, task, tok)
   abstract_params = jax.eval_shape(
       lambda r: model.init({"params": r}, jnp.zeros((1, 8), jnp.int32), None,
                            jnp.zeros((1, 8), jnp.int32) if mcfg.n_token_types else None)["params"],
@@ -541,7 +567,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       "checkpoint": checkpoint,
       "task": {"train": config.task.train, "dev": config.task.dev, "test": config.task.test,
                "multi_label": task.multi_label, "num_labels": len(task.labels),
-               "labels": list(task.labels.names), "seq_len": seq_len},
+               "labels": list(task.labels.names), "seq_len": seq_len, "truncated": truncated},
       "data": {s.name: s.counts for s in (task.train, task.dev, task.test)},
       "dev": {k: v for k, v in results["dev"].items() if k not in ("confusion",)},
       "test": results["test"],

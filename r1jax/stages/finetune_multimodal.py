@@ -26,6 +26,7 @@ does not import it (it is imported by it).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
@@ -81,9 +82,6 @@ def validate(v: configlib.Validator, config: ml_collections.ConfigDict) -> None:
     if bad or not names or len(set(names)) != len(names):
       v.add("multimodal.models", f"{models!r}: list some of {', '.join(MODELS)} once each, "
             "comma-separated (the first is the stage's model).")
-  if mm.enabled and config.model.get("ngram_buckets"):
-    v.add("model.ngram_buckets", f"{config.model.ngram_buckets}: the multimodal classifier has "
-          "no n-gram path; set --config.model.ngram_buckets=0.")
   section = config.get("image_augment")
   if section is not None:
     try:
@@ -144,6 +142,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   texts = [r["text"] for r in data.train.records if r["text"]] or ["-"]
   tok = prepare_tokenizer(config, workdir, texts, model_config(config, pretrained=arch).vocab_size)
   mcfg = model_config(config, vocab_size=tok.vocab_size, pretrained=arch)
+  if mcfg.ngram_buckets:  # the text-only classifier's wide path (configs/finetune.py's default)
+    logging.info("model.ngram_buckets=%d: the multimodal classifier has no n-gram path; it runs "
+                 "without one.", mcfg.ngram_buckets)
+    mcfg = dataclasses.replace(mcfg, ngram_buckets=0)
   image = vision.ImageConfig(image_size=mm.image_size, patch_size=mm.patch_size)
   seq_len = config.task.seq_len if config.task.seq_len > 0 else txl.SEGMENT_LEN[
       config.model.variant]

@@ -302,7 +302,8 @@ class Engine:
     longest = max(int(np.asarray(b["token_mask"]).sum(-1).max(initial=0)) for b in local_batches)
     if jax.process_count() > 1:  # every process must compile and feed the same shape
       longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
-    length = grain_ops.bucket_length(longest, width, self.length_buckets)
+    length = grain_ops.bucket_length(longest, width, self.length_buckets,
+                                     grain_ops.MIN_BUCKET_STRIDE)
     if length == width:
       return list(local_batches)
     return [grain_ops.trim_to_length(b, length, self.SEQUENCE_KEYS) for b in local_batches]
