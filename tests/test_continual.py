@@ -4,6 +4,8 @@ compression stages can load), a killed round resumed bitwise, and bad streams re
 or skipped with a log line."""
 import json
 import os
+import shutil
+import types
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,7 @@ from r1jax import errors
 from r1jax.compress import source as source_lib
 from r1jax.data import builtin
 from r1jax.data import replay as replay_lib
+from r1jax.data import rounds as rounds_lib
 from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 from r1jax.stages import continual
@@ -84,8 +87,9 @@ def heads_pair():
   """A 4-class classifier (with the n-gram path: its head has two output layers), a 6-class
   model of the same backbone, and the 4-class weights grown to 6 classes."""
   old_model, old = _classifier(4, 0)
-  new_model, target = _classifier(6, 1)
-  grown, paths = continual_lib.grow_params(old, target, jax.random.PRNGKey(2))
+  new_model = heads.Classifier(old_model.config, 6)
+  target = jax.eval_shape(new_model.init, jax.random.PRNGKey(1), jnp.zeros((1, 10), jnp.int32))
+  grown, paths = continual_lib.grow_params(old, nn.unbox(target["params"]), jax.random.PRNGKey(2))
   return old_model, old, new_model, grown, paths
 
 
@@ -192,7 +196,8 @@ def stage_config(stream, **overrides):
   values = {"init_from": stream["init_from"], "stream.rounds": stream["rounds"],
             "train.num_steps": 8, "train.batch_size": 16, "train.warmup_steps": 1,
             "train.log_every_steps": 4, "eval.every_steps": 4, "eval.num_batches": 1,
-            "checkpoint.every_steps": 4, "replay.size": 24, "regularize.fisher_examples": 16,
+            "checkpoint.every_steps": 4, "replay.size": 24, "regularize.method": "ewc",
+            "regularize.weight": 1.0, "lwf.weight": 1.0, "regularize.fisher_examples": 16,
             "report.eval_batch_size": 16}
   values.update(overrides)
   return make_config("continual.py", **values)
@@ -244,6 +249,17 @@ def test_rounds_report_drift_and_naive_reference(finished, stream):
   assert src.step == 16
   # A rerun of the finished stage does nothing and returns the same summary.
   assert continual.run(stage_config(stream), workdir)["wall_secs"] == summary["wall_secs"]
+  # The stream grows by a round the classifier cannot take: refused in one line before anything
+  # trains, and the workdir keeps what it had.
+  grown = stream["base"] / "grown"
+  shutil.copytree(stream["rounds"], grown)
+  write_jsonl(grown / "d_week4.jsonl",
+              [{"text": "tree leaf", "label": ["forest", "river"]}] * 10)
+  before = open(os.path.join(workdir, "summary.json")).read()
+  with pytest.raises(errors.BadInput, match="rows carry several labels"):
+    continual.run(stage_config(stream, **{"stream.rounds": str(grown)}), workdir)
+  assert open(os.path.join(workdir, "summary.json")).read() == before
+  assert os.path.exists(os.path.join(workdir, "rounds", "03_c_week3", "round.json"))
 
 
 @pytest.mark.slow
@@ -251,7 +267,11 @@ def test_killed_round_resumes_bitwise_with_its_replay_buffer(finished, stream, t
   straight_dir, straight = finished
   workdir = str(tmp_path / "killed")
   config = stage_config(stream, **{"report.naive_reference": False})
-  ckpt_lib.request_preemption(at_step=10)  # inside round 3 (steps 8-16), between checkpoints
+  # Round 1 as the straight run left it (a finished round is read back, not rerun), then a kill
+  # inside round 3 (steps 8-16), between checkpoints.
+  shutil.copytree(os.path.join(straight_dir, "rounds", "01_a_week1"),
+                  os.path.join(workdir, "rounds", "01_a_week1"))
+  ckpt_lib.request_preemption(at_step=10)
   with pytest.raises(SystemExit):
     continual.run(config, workdir)
   rdir = os.path.join(workdir, "rounds", "03_c_week3")
@@ -273,38 +293,53 @@ def test_killed_round_resumes_bitwise_with_its_replay_buffer(finished, stream, t
 # Bad input: refused in one line before training, or skipped with a log line.
 
 
-def test_bad_streams_are_refused_before_anything_trains(stream, tmp_path):
+STREAM = types.SimpleNamespace(text_field="text", label_field="label", label_delimiter=",",
+                               holdout_every=5)
+
+
+def test_bad_rounds_are_refused_in_one_line_and_empty_ones_read_as_none(tmp_path):
   multi = write_jsonl(tmp_path / "multi.jsonl",
                       [{"text": "compiler syntax", "label": ["language", "forest"]}] * 10)
-  workdir = str(tmp_path / "w")
   with pytest.raises(errors.BadInput, match=r"10 of its 10 rows carry several labels .*, but "
                      r"init_from's classifier is single-label"):
-    continual.run(stage_config(stream, **{"stream.rounds": multi}), workdir)
-  assert not os.path.exists(os.path.join(workdir, "rounds"))  # nothing trained, nothing lost
+    rounds_lib.read_round("multi", multi, STREAM, multi_label=False)
+  # A multi-label classifier takes the same rows.
+  assert rounds_lib.read_round("multi", multi, STREAM, multi_label=True).train[0]["label"] == [
+      "language", "forest"]
   few = write_jsonl(tmp_path / "few.jsonl", rows(["forest"], 3, 0))
-  with pytest.raises(errors.BadInput, match="too few to hold out a dev and a test row"):
-    continual.run(stage_config(stream, **{"stream.rounds": few}), workdir)
+  with pytest.raises(errors.BadInput, match="too few to hold out a dev and a test row in every 5"):
+    rounds_lib.read_round("few", few, STREAM, multi_label=False)
   (tmp_path / "r").mkdir()
   write_jsonl(tmp_path / "r" / "train.jsonl", rows(["forest"], 8, 0))
   with pytest.raises(errors.InputNotFound, match="without dev/test file"):
-    continual.run(stage_config(stream, **{"stream.rounds": str(tmp_path / "r")}), workdir)
+    rounds_lib.read_round("r", str(tmp_path / "r"), STREAM, multi_label=False)
+  write_jsonl(tmp_path / "r" / "dev.jsonl", rows(["forest"], 4, 1))
+  write_jsonl(tmp_path / "r" / "test.jsonl", rows(["river"], 4, 2))
+  task = rounds_lib.read_round("r", str(tmp_path / "r"), STREAM, multi_label=False)
+  with pytest.raises(errors.BadInput, match=r"label\(s\) \['river'\] that neither its train rows"):
+    rounds_lib.new_labels(task, ["language"], False)
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
-  with pytest.raises(errors.BadInput, match="every round is empty"):
-    continual.run(stage_config(stream, **{"stream.rounds": str(empty)}), workdir)
+  assert rounds_lib.read_round("empty", str(empty), STREAM, multi_label=False) is None
   with pytest.raises(errors.InputNotFound, match="does not exist"):
-    continual.run(stage_config(stream, **{"stream.rounds": str(tmp_path / "nope.jsonl")}),
-                  workdir)
-  with pytest.raises(configlib.ConfigError, match="stream.rounds is empty"):
-    continual.run(stage_config(stream, **{"stream.rounds": ""}), workdir)
+    rounds_lib.round_specs(f"{empty},{tmp_path / 'nope.jsonl'}")
+  # A directory of rounds: its sorted entries; a round directory (with a train file) is one round.
+  assert [n for n, _ in rounds_lib.round_specs(str(tmp_path))] == [
+      "empty", "few", "multi", "r"]
+  assert rounds_lib.round_specs(str(tmp_path / "r")) == [("r", str(tmp_path / "r"))]
 
 
-def test_config_problems_name_the_key_and_the_fix(stream):
+def test_config_problems_name_the_key_and_the_fix():
+  config = make_config("continual.py", **{"replay.size": 0, "regularize.method": "sgd",
+                                          "lwf.temperature": 0.0})
   with pytest.raises(configlib.ConfigError) as e:
-    continual.validate(stage_config(stream, **{"replay.size": 0, "regularize.method": "sgd",
-                                               "lwf.temperature": 0.0}))
+    continual.validate(config)
   message = str(e.value)
   assert "replay.size: 0 with replay.enabled=True" in message
   assert "regularize.method" in message and "lwf.temperature" in message
   with pytest.raises(configlib.ConfigError, match="ewc estimates its Fisher on the replay"):
-    continual.validate(stage_config(stream, **{"replay.size": 0, "replay.enabled": False}))
+    continual.validate(make_config("continual.py", **{"replay.size": 0, "replay.enabled": False,
+                                                      "regularize.method": "ewc"}))
+  continual.validate(make_config("continual.py", **{"replay.size": 0, "replay.enabled": False}))
+  with pytest.raises(configlib.ConfigError, match="init_from is empty"):
+    continual.run(make_config("continual.py"), "/nonexistent/never-created")

@@ -32,7 +32,10 @@ tagged with its round.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import itertools
+import json
 import os
 import time
 from typing import Any, Sequence
@@ -121,7 +124,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "Invalid continual config: stream.rounds is empty; name the rounds with "
         "--config.stream.rounds=DIR (one file or train/dev/test directory per round) or "
         "FILE1,FILE2,...")
-  return run_dir.run_once(config, workdir, _run, requires=("rounds",))
+  # A stream that has grown since a finished run (a new file in the rounds directory) makes it
+  # unfinished: its rounds are read back and only the new ones train.
+  return run_dir.run_once(config, workdir, _run,
+                          requires=("rounds", stream_key(config.stream.rounds)))
+
+
+def stream_key(rounds: str) -> str:
+  """The summary key that records which rounds a finished run learned."""
+  specs = json.dumps(rounds_lib.round_specs(rounds))
+  return "stream_" + hashlib.sha256(specs.encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +186,14 @@ def _spec_for(ctx: _Context, labels: Sequence[str]) -> spec_lib.ClassifierSpec:
 
 
 def _logits_fn(spec: spec_lib.ClassifierSpec):
-  model = heads.Classifier(spec.model, spec.num_classes, spec.multi_label)
+  return _jitted_logits(spec.model, spec.num_classes, spec.multi_label)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_logits(model_config: Any, num_classes: int, multi_label: bool):
+  """One jitted forward per architecture and head size (the naive chain and the tests of every
+  round reuse its compilations)."""
+  model = heads.Classifier(model_config, num_classes, multi_label)
   return jax.jit(lambda p, tokens, mask: model.apply({"params": p}, tokens, mask)[0])
 
 
@@ -510,6 +529,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "init_from": src.path, "init_from_step": src.step, "controls": controls.to_json(),
       "labels": list(final.labels), "step": final.step, "checkpoint": checkpoint,
       "rounds": records, "naive_rounds": naive, "wall_secs": time.time() - started,
+      stream_key(config.stream.rounds): [[n, p] for n, p, _ in rounds],
       "tensorboard": metrics_lib.tensorboard_command(workdir)})
   continual_report.publish(workdir, summary)
   return summary
