@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tune = ml_collections.ConfigDict(dict(stage=stage))  # the stage each trial runs
   config.base = _stage_config(stage, variant)  # that stage's config; trials override `space`
   config.base.train.progress_bar = False
+  if stage == "finetune":
+    # TF-IDF + LR depends on the task only: finetune's own report has it, not every trial.
+    config.base.report.linear_baseline = False
 
   # Search space (the seed's defaults). For finetuning, the learning rate searched is the backbone's
   # (unfreeze.learning_rate, the seed's 1e-6 stage-B rate); the head keeps train.learning_rate.
