@@ -9,13 +9,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def quality():
-  spec = importlib.util.spec_from_file_location("r1jax_bench_quality",
-                                                os.path.join(REPO, "bench", "quality.py"))
+def _bench(name):
+  spec = importlib.util.spec_from_file_location(f"r1jax_bench_{name}",
+                                                os.path.join(REPO, "bench", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+  return _bench("quality")
 
 
 @pytest.fixture
@@ -73,3 +77,20 @@ def test_overrides_are_typed_and_checked(quality):
 def test_bad_task_directory_names_the_missing_files(quality, tmp_path):
   with pytest.raises(SystemExit, match="lacks .*train.jsonl.*dev.jsonl and test.jsonl"):
     quality.task_specs(str(tmp_path))
+
+
+def test_wordnet_task_is_short_glosses_kept_out_of_the_general_corpus(tmp_path, quality):
+  """bench/wordnet_task.py: the second task's splits are disjoint, hold the asked classes, and
+  none of its glosses is left in the general corpus it writes for pretraining."""
+  out = str(tmp_path / "wn")
+  written = _bench("wordnet_task").main(["--out", out, "--classes", "5", "--train", "300",
+                                         "--dev", "60", "--test", "60"])
+  splits = {s: [json.loads(l) for l in open(os.path.join(out, f"{s}.jsonl"))]
+            for s in ("train", "dev", "test")}
+  assert [len(splits[s]) for s in ("train", "dev", "test")] == [300, 60, 60]
+  texts = [r["text"] for rows in splits.values() for r in rows]
+  assert len({r["label"] for rows in splits.values() for r in rows}) == 5
+  general = [json.loads(l)["text"] for l in open(os.path.join(out, "general.jsonl"))]
+  left = {line.partition(": ")[2].strip() for doc in general for line in doc.split("\n")}
+  assert written["general_lines_dropped"] >= len(set(texts)) and not left & set(texts)
+  assert quality.task_specs(out)["test"].endswith("test.jsonl")  # a task directory quality.py takes
