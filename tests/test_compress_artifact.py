@@ -173,7 +173,8 @@ def test_model_card_names_the_data_and_its_licences(tiny, tmp_path):
 
 def test_shipped_licences_name_the_files_they_cover():
   licences = model_card.shipped_licences()
-  assert set(licences) == {"LICENSE.foldoc", "LICENSE.wordnet"}
+  assert set(licences) == {"LICENSE.adwaita", "LICENSE.foldoc", "LICENSE.wordnet"}
+  assert "icons_*.jsonl.gz" in licences["LICENSE.adwaita"][1]
   assert "task_*.jsonl.gz" in licences["LICENSE.foldoc"][1]
   assert "general.jsonl.gz" in licences["LICENSE.wordnet"][1]
   found = model_card.licences_for([{"spec": "builtin:task:test"}, {"spec": "builtin"}])

@@ -13,7 +13,8 @@ Writes, next to this script (or to --out):
                             "-symbolic", so an icon's full-colour and symbolic versions are in
                             the same split.
   icons_labels.txt          the contexts, one per line, in class-id order.
-  LICENSE.adwaita           the theme's copyright file (CC-BY-SA 3.0 or LGPL 3; "GNOME Project").
+  LICENSE.adwaita           what the files are derived from, then the theme's copyright file
+                            (CC-BY-SA 3.0 or LGPL 3; "GNOME Project").
 and prints the counts and the sha256 of each file's uncompressed contents (for README.txt).
 
 The `apps` context (one icon) and `legacy` (names kept for old programs, from every context) are
@@ -27,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 
 from PIL import Image
@@ -40,6 +40,14 @@ CONTEXTS = ("actions", "categories", "devices", "emblems", "emotes", "mimetypes"
 SPLIT_BUCKETS = (("test", 15), ("dev", 15))  # of 100; the rest is train
 SPLITS = ("train", "dev", "test")
 OUT = os.path.dirname(os.path.abspath(__file__))
+# The first paragraph names the files it covers (r1jax.compress.model_card reads it).
+LICENSE_HEAD = """\
+icons_*.jsonl.gz and icons_labels.txt are derived from the Adwaita icon theme of the GNOME
+Project, https://www.gnome.org (Debian package adwaita-icon-theme). They were modified: the
+32x32 icons laid on white and stored as RGB PNG, the file names turned into text, the icon
+contexts used as labels; see build_icons.py. They are distributed under the terms of either the
+GNU LGPL v3 or the Creative Commons Attribution-Share Alike 3.0 United States License, as the
+theme is. The Debian copyright notice follows."""
 
 
 def icon_name(filename: str) -> str:
@@ -115,7 +123,10 @@ def main(argv=None) -> int:
   with open(os.path.join(args.out, "icons_labels.txt"), "w", encoding="utf-8") as f:
     f.write("".join(c + "\n" for c in CONTEXTS))
   if os.path.isfile(args.copyright):
-    shutil.copyfile(args.copyright, os.path.join(args.out, "LICENSE.adwaita"))
+    with open(args.copyright, encoding="utf-8") as f:
+      notice = f.read()
+    with open(os.path.join(args.out, "LICENSE.adwaita"), "w", encoding="utf-8") as f:
+      f.write(LICENSE_HEAD + "\n\n" + notice)
   else:
     print(f"warning: {args.copyright} not found; LICENSE.adwaita not written", file=sys.stderr)
   return 0
