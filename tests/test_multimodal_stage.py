@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from r1jax import configlib
@@ -74,5 +76,18 @@ def test_stage_trains_and_compares_three_models_on_icons(tmp_path):
     records = [json.loads(line) for line in
                open(os.path.join(workdir, "models", name, "metrics.jsonl"))]
     assert {r["model"] for r in records} == {name}
+  # The fused model exported as StableHLO (symbolic batch) gives the stage's logits.
+  exported = jax.export.deserialize(bytearray(open(summary["export"], "rb").read()))
+  signature = json.load(open(os.path.join(workdir, "model.signature.json")))
+  assert list(signature["inputs"]) == ["tokens", "token_mask", "images"]
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (3, 12)).astype(np.int32)
+  images = rng.integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+  logits = np.asarray(exported.call(tokens, np.ones((3, 12), bool), images))
+  assert logits.shape == (3, 9) and np.all(np.isfinite(logits))
+  one = np.asarray(exported.call(tokens[:1], np.ones((1, 12), bool), images[:1]))
+  np.testing.assert_allclose(one[0], logits[0], rtol=1e-4, atol=1e-5)    # any batch size
+  other = np.asarray(exported.call(tokens, np.ones((3, 12), bool), 255 - images))
+  assert not np.allclose(other, logits)                                   # the images count
   # A finished stage is not redone: the same summary comes back.
   assert finetune.run(config, workdir)["models"] == json.loads(json.dumps(summary["models"]))

@@ -7,7 +7,8 @@ file serves batch 1 and batched requests. Any JAX installation can run it:
     exported = jax.export.deserialize(open("DIR/model.stablehlo", "rb").read())
     logits = exported.call(tokens, token_mask)
 
-`export.load(path)` does exactly that and checks the input shapes.
+`export.load(path)` does exactly that and checks the input shapes. `save_multimodal` exports a
+`vision.MultimodalClassifier` the same way, its inputs those of the modalities it reads.
 """
 from __future__ import annotations
 
@@ -55,6 +56,48 @@ def save(art, directory: str, *, platforms: Sequence[str] = ("cpu",)) -> str:
                "outputs": {"logits": ["batch", art.spec.num_classes, "float32"]},
                "label_names": list(art.spec.label_names), "platforms": list(platforms),
                "kind": art.kind, "tokenizer": "tokenizer.model ([CLS] text [SEP], pad id 0)"}
+  with open(os.path.join(directory, SIGNATURE_FILE), "w") as f:
+    json.dump(signature, f, indent=2)
+  return path
+
+
+def save_multimodal(model, params, directory: str, *, seq_len: int, modalities: Sequence[str],
+                    label_names: Sequence[str], platforms: Sequence[str] = ("cpu",)) -> str:
+  """DIR/model.stablehlo and DIR/model.signature.json of a `vision.MultimodalClassifier`.
+
+  The function takes, in this order, what `modalities` read: tokens int32 [B, Q] and token_mask
+  bool [B, Q] for "text", images uint8 [B, S, S, C] (pixel values 0..255) for "image"; it returns
+  logits float32 [B, C], with a symbolic batch size B and the weights embedded.
+  """
+  (b,) = jax.export.symbolic_shape("b")
+  image = model.image
+  names, specs = [], []
+  if "text" in modalities:
+    names += ["tokens", "token_mask"]
+    specs += [jax.ShapeDtypeStruct((b, seq_len), jnp.int32),
+              jax.ShapeDtypeStruct((b, seq_len), jnp.bool_)]
+  if "image" in modalities:
+    names.append("images")
+    specs.append(jax.ShapeDtypeStruct((b, image.image_size, image.image_size, image.channels),
+                                      jnp.uint8))
+  use_types = model.config.n_token_types > 0
+
+  def serve(*inputs):
+    kwargs = dict(zip(names, inputs))
+    if use_types and "tokens" in kwargs:
+      kwargs["token_types"] = jnp.zeros_like(kwargs["tokens"])
+    return model.apply({"params": params}, **kwargs, deterministic=True)[0]
+
+  exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*specs)
+  path = os.path.join(directory, EXPORT_FILE)
+  with open(path + ".tmp", "wb") as f:
+    f.write(exported.serialize())
+  os.replace(path + ".tmp", path)
+  signature = {"inputs": {n: ["batch", *s.shape[1:], str(s.dtype)] for n, s in zip(names, specs)},
+               "outputs": {"logits": ["batch", len(label_names), "float32"]},
+               "label_names": list(label_names), "platforms": list(platforms),
+               "kind": "multimodal", "modalities": list(modalities),
+               "tokenizer": "tokenizer.model ([CLS] text [SEP], pad id 0)"}
   with open(os.path.join(directory, SIGNATURE_FILE), "w") as f:
     json.dump(signature, f, indent=2)
   return path

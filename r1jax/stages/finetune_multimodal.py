@@ -19,7 +19,9 @@ compares them on the same split); the first is the stage's model (DIR/checkpoint
 Image augmentation (`image_augment.*`, training batches only, drawn from (seed, batch index))
 applies to every model that reads images. The best dev checkpoint of each model is evaluated on
 dev and test; DIR/summary.json holds each model's metrics and the images' counts by problem,
-DIR/report.md the comparison table. A rerun resumes each model where it stopped.
+DIR/report.md the comparison table; the stage's model is also exported as StableHLO
+(DIR/model.stablehlo, `compress.export.save_multimodal`; no quantization of the image path yet).
+A rerun resumes each model where it stopped.
 
 The text-task pieces (tokenizer, model config) come from `finetune` as arguments, so this module
 does not import it (it is imported by it).
@@ -39,6 +41,7 @@ import numpy as np
 from r1jax import configlib
 from r1jax import eval as eval_lib
 from r1jax import run_dir
+from r1jax.compress import export as export_lib
 from r1jax.data import image_augment
 from r1jax.data import multimodal as multimodal_data
 from r1jax.model import losses
@@ -178,13 +181,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   results = {}
   for name in names:
     results[name] = _train_one(config, workdir, name, model, mesh, total, batches, data,
-                               init_from, on_eval, main=name == names[0])
+                               init_from, on_eval, main=name == names[0], seq_len=seq_len)
   main = results[names[0]]
   summary = {
       "stage": "finetune", "multimodal": True, "status": main["status"],
       "step": main["step"], "num_steps": total, "config_num_steps": config.train.num_steps,
       "init_from": config.init_from, "model": config.model.variant, "main_model": names[0],
-      "checkpoint": main["checkpoint"],
+      "checkpoint": main["checkpoint"], "export": main.get("export"),
       "task": {"train": task_cfg.train, "dev": task_cfg.dev, "test": task_cfg.test,
                "num_labels": len(data.labels), "labels": list(data.labels.names),
                "seq_len": seq_len, "image_size": mm.image_size, "patch_size": mm.patch_size},
@@ -202,8 +205,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_one(config, workdir, name, model, mesh, total, batches, data, init_from,
-               on_eval, main) -> dict[str, Any]:
-  """Trains one of MODELS in DIR/models/<name>/ (resuming), then evaluates its best dev step."""
+               on_eval, main, seq_len) -> dict[str, Any]:
+  """Trains one of MODELS in DIR/models/<name>/ (resuming), then evaluates its best dev step;
+  the stage's model (`main`) is also exported to DIR/model.stablehlo."""
   modalities = MODELS[name]
   directory = os.path.join(workdir, "models", name)
   os.makedirs(directory, exist_ok=True)
@@ -261,6 +265,9 @@ def _train_one(config, workdir, name, model, mesh, total, batches, data, init_fr
     out[split.name] = {k: v for k, v in metrics.items() if k != "confusion"}
   if main and jax.process_index() == 0:
     _link_checkpoints(workdir, checkpoints)
+    out["export"] = export_lib.save_multimodal(
+        model, jax.device_put(params, jax.local_devices()[0]), workdir,
+        seq_len=seq_len, modalities=modalities, label_names=data.labels.names)
   return out
 
 
