@@ -213,8 +213,9 @@ def choose_seq_len(config: ml_collections.ConfigDict, task: task_lib.TaskData,
                  cap)
   truncated = {k: task_lib.truncated_share(v, seq_len) for k, v in lengths.items()}
   if truncated["train"] > 0:
-    logging.info("seq_len %d cuts %s of the texts (the rest of each is not read).", seq_len,
-                 ", ".join(f"{100 * v:.1f}% of {k}" for k, v in truncated.items()))
+    logging.info("seq_len %d cuts the texts longer than %d tokens (their ends are not read): %s.",
+                 seq_len, seq_len - 2, ", ".join(f"{100 * v:.1f}% of {k}" for k, v in
+                                                 truncated.items()))
   return seq_len, truncated
 
 
