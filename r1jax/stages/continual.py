@@ -118,7 +118,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes, or returns the summary of finished) continual rounds in `workdir`."""
   validate(config)
-  stage_lib.require_init_from(config)
+  if not config.init_from:
+    raise configlib.ConfigError(
+        "Invalid continual config: init_from is empty; name the finetuning workdir whose "
+        "classifier the rounds update with --config.init_from=DIR (configs/finetune.py makes one).")
   if not config.stream.rounds:
     raise configlib.ConfigError(
         "Invalid continual config: stream.rounds is empty; name the rounds with "
