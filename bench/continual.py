@@ -58,7 +58,8 @@ FINETUNE = {"schedule": "full", "train.num_steps": -1, "train.num_epochs": 8.0,
             "eval.best_metric": "accuracy", "train.log_every_steps": 32,
             "checkpoint.every_steps": 64, "task.seq_len": 64, "model.pooling": "mean",
             "model.ngram_buckets": 16384, "report.linear_baseline": False,
-            "report.latency_repeats": 2, "report.latency_warmup": 1}
+            "report.latency_repeats": 2, "report.latency_warmup": 1,
+            "augment.prob": 0.0}  # as measured in bench/NOTES_continual.md (no EDA augmentation)
 # The continual rounds: as many epochs per round over the round's rows + the replayed ones.
 CONTINUAL = {"train.num_epochs": 4.0, "eval.every_steps": 64, "train.log_every_steps": 32,
              "checkpoint.every_steps": 64, "report.eval_batch_size": 64}
