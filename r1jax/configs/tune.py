@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.base.report.linear_baseline = False
 
   # Search space (the seed's defaults). For finetuning, the learning rate searched is the backbone's
-  # (unfreeze.learning_rate, the seed's 1e-6 stage-B rate); the head keeps train.learning_rate.
+  # (unfreeze.learning_rate; the seed's stage-B rate was 1e-6); the head keeps train.learning_rate.
   config.space = ml_collections.ConfigDict(dict(
       learning_rate=_param("unfreeze.learning_rate" if stage == "finetune" else
                            "train.learning_rate", "float", 1e-6, 1e-4, log=True),
