@@ -41,9 +41,10 @@ def _command(workdir: str, tokenizer: str, num_steps: int) -> list[str]:
           "--config.checkpoint.every_steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
 
 
-def _run_two_processes(workdir: str, tokenizer: str, num_steps: int) -> None:
+def _run_two_processes(command: list[str]) -> None:
+  """Runs `command` as processes 0 and 1 of one JAX job (2 CPU devices each); both must pass."""
   port = _free_port()
-  procs = [subprocess.Popen(_command(workdir, tokenizer, num_steps), stdout=subprocess.PIPE,
+  procs = [subprocess.Popen(command, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env=_env(2, R1JAX_COORDINATOR=f"127.0.0.1:{port}",
                                      R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
@@ -64,7 +65,7 @@ def test_two_processes_match_one_and_share_checkpoints(tmp_path):
   done = subprocess.run(_command(single, tokenizer, 6), env=_env(4), capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-4000:]
-  _run_two_processes(multi, tokenizer, 6)
+  _run_two_processes(_command(multi, tokenizer, 6))
 
   # Same global batch (rows split by process), same 2x2 mesh: same losses up to reduction order.
   one = metrics.read_metrics(single)
@@ -81,7 +82,7 @@ def test_two_processes_match_one_and_share_checkpoints(tmp_path):
       "process_0-of-2.json", "process_1-of-2.json"]
 
   # Continue to step 8: both processes restore step 6 together, then train on.
-  _run_two_processes(multi, tokenizer, 8)
+  _run_two_processes(_command(multi, tokenizer, 8))
   with open(os.path.join(multi, "summary.json")) as f:
     summary = json.load(f)
   assert summary["resumed_from_step"] == 6 and summary["step"] == 8
@@ -107,14 +108,7 @@ def test_two_processes_finetune_on_length_buckets(tmp_path):
              "--config.checkpoint.every_steps=6", "--config.train.progress_bar=False",
              "--config.report.linear_baseline=False", "--config.report.latency_repeats=2",
              "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
-  port = _free_port()
-  procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(2, R1JAX_COORDINATOR=f"127.0.0.1:{port}",
-                                     R1JAX_NUM_PROCESSES="2", R1JAX_PROCESS_ID=str(i)))
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  _run_two_processes(command)
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["step"] == 12
   # The task's texts fill under a third of 512 positions; cut batches hold mostly real tokens.

@@ -328,10 +328,10 @@ def test_length_buckets_cut_padding_without_changing_a_classifier():
   cfg = txl.get_variant("tiny", vocab_size=V, d_model=32, n_layer=2, n_head=2, d_head=16,
                         d_inner=64, dropout=0.0, pooling="mean", ngram_buckets=64)
   model = heads.Classifier(cfg, 3)
-  q = 32
+  q = 128
   rng = np.random.default_rng(0)
-  lens = rng.integers(3, 9, (4, B))  # every row fits the first bucket (width 8 of q=32 / 4)...
-  lens[3, 0] = 20                     # ...but one batch, whose longest row needs width 24
+  lens = rng.integers(3, 9, (4, B))  # every row fits the first bucket (width 32 of q=128 / 4)...
+  lens[3, 0] = 40                     # ...but one batch, whose longest row needs width 64
 
   def batch(i):
     mask = np.arange(q)[None, :] < lens[i][:, None]
@@ -351,8 +351,8 @@ def test_length_buckets_cut_padding_without_changing_a_classifier():
                         loss_fn=losses.classification_loss_fn(model, multi_label=False))
 
   full, cut = engine(0), engine(4)
-  assert [b["tokens"].shape[1] for b in cut.trim(data[:3])] == [8, 8, 8]
-  assert [b["tokens"].shape[1] for b in cut.trim(data[2:])] == [24, 24]
+  assert [b["tokens"].shape[1] for b in cut.trim(data[:3])] == [32, 32, 32]
+  assert [b["tokens"].shape[1] for b in cut.trim(data[2:])] == [64, 64]
   assert [b["tokens"].shape[1] for b in full.trim(data)] == [q] * 4
   state = full.init_state(jax.random.PRNGKey(1))
   np.testing.assert_allclose(
