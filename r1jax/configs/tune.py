@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if stage == "finetune":
     # TF-IDF + LR depends on the task only: finetune's own report has it, not every trial.
     config.base.report.linear_baseline = False
+    # Trials pick their checkpoint by dev loss, as before finetune's default became accuracy: a
+    # killed trial resumed under accuracy lost its best checkpoint to retention (open bug).
+    config.base.eval.best_metric = "loss"
 
   # Search space (the seed's defaults). For finetuning, the learning rate searched is the backbone's
   # (unfreeze.learning_rate; the seed's stage-B rate was 1e-6); the head keeps train.learning_rate.
