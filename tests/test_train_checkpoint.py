@@ -172,6 +172,21 @@ def test_keeps_last_n_plus_best(tmp_path):
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2, 6, 7]
 
 
+def test_best_step_survives_a_restart(tmp_path):
+  """A resumed run still knows the scores saved before the restart: the best step, older than the
+  newest `max_to_keep`, is kept (Orbax writes the scores to disk only when told to track them)."""
+  base = _make_state()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_best=1)
+  for step, score in [(2, -0.5), (4, -0.8), (6, -0.7)]:  # negated accuracies: step 4 is best
+    ckpt.save(_advance(base, step), score=score)
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_best=1)
+  for step, score in [(8, -0.7), (10, -0.8), (11, None)]:  # 10 ties 4: the earlier step stays
+    ckpt.save(_advance(base, step), score=score)
+  ckpt.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [4, 10, 11]
+
+
 def test_restore_params_subtree_from_workdir(tmp_path, caplog):
   caplog.set_level(logging.WARNING)
   state = _advance(_make_state(), 5)

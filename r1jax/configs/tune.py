@@ -63,9 +63,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if stage == "finetune":
     # TF-IDF + LR depends on the task only: finetune's own report has it, not every trial.
     config.base.report.linear_baseline = False
-    # Trials pick their checkpoint by dev loss, as before finetune's default became accuracy: a
-    # killed trial resumed under accuracy lost its best checkpoint to retention (open bug).
-    config.base.eval.best_metric = "loss"
 
   # Search space (the seed's defaults). For finetuning, the learning rate searched is the backbone's
   # (unfreeze.learning_rate; the seed's stage-B rate was 1e-6); the head keeps train.learning_rate.
@@ -78,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.objective = ml_collections.ConfigDict(dict(
       # An eval metric of the stage (finetune: accuracy | loss | nll [| micro_f1 multi-label];
       # pretrain: loss | mlm_accuracy | mlm_loss | nsp_accuracy | nsp_loss [| kg_*]). A trial's
-      # value is this metric at the model the stage delivers (finetune: the best-dev-loss step;
+      # value is this metric at the model the stage delivers (finetune: the step eval.best_metric chose;
       # pretrain: the last step); every eval reports it to the pruner.
       metric="accuracy" if stage == "finetune" else "mlm_accuracy",
       direction="maximize",  # maximize | minimize

@@ -53,7 +53,9 @@ class _BenignOrbaxNotices(std_logging.Filter):
   printed 136 of them; every other Orbax message still gets through."""
   BENIGN = ("was found in the checkpoint, but could not be restored",
             "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0",
-            "Given directory is read only=")
+            "Given directory is read only=",
+            # Steps saved without a score (final and preemption saves) are kept by LatestN only.
+            "Requested `tracked_metric`; did not provide metrics.")
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     message = record.getMessage()
@@ -252,12 +254,17 @@ class Checkpointer:
     self.read_only = read_only
     console.quiet_library_logs()
     policies = [cm.LatestN(n=max_to_keep)]
+    score = None
     if keep_best:
       # Ties (an accuracy seen twice) keep the earlier step, as the loop's best_step does.
-      policies.append(cm.BestN(get_metric_fn=lambda m: (m["eval_loss"], m.get("step", 0)),
-                               reverse=True, n=keep_best,
+      score = lambda m: (m["eval_loss"], m.get("step", 0))  # pylint: disable=unnecessary-lambda-assignment
+      policies.append(cm.BestN(get_metric_fn=score, reverse=True, n=keep_best,
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
+        # Orbax writes a step's metrics to disk (and reads them back when a resumed run opens the
+        # directory) only when `best_fn` is set: without it, BestN saw no score for the steps saved
+        # before a restart and deleted the best one.
+        best_fn=score, best_mode="min",
         preservation_policy=cm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
         read_only=read_only, create=not read_only)
