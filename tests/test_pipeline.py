@@ -16,6 +16,7 @@ from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.stages import pipeline
 from r1jax.stages import pipeline_report
+from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,18 +195,18 @@ def test_budget_shares_the_time_left_among_the_stages_still_to_run():
   config = _config(budget_minutes=30.0)
   order = pipeline.selected_stages(config)
   rest = order[order.index("pretrain_general"):]
-  weights = sum(pipeline.BUDGET_WEIGHTS[s] for s in rest)
-  first = pipeline.stage_minutes(config, "pretrain_general", 60.0, rest)
-  assert first == pytest.approx(29.0 * pipeline.BUDGET_WEIGHTS["pretrain_general"] / weights)
+  weights = sum(pipeline_schedule.BUDGET_WEIGHTS[s] for s in rest)
+  first = pipeline_schedule.stage_minutes(config, "pretrain_general", 60.0, rest)
+  assert first == pytest.approx(29.0 * pipeline_schedule.BUDGET_WEIGHTS["pretrain_general"] / weights)
   # A stage that starts late gets its share of what is left, never of the whole budget.
-  late = pipeline.stage_minutes(config, "finetune_domain", 25 * 60.0, order[-4:])
-  assert late < 5.0 * pipeline.BUDGET_WEIGHTS["finetune_domain"] / sum(
-      pipeline.BUDGET_WEIGHTS[s] for s in order[-4:]) + 1e-9
-  assert pipeline.stage_minutes(config, "finetune_domain", 40 * 60.0, order[-4:]) == 0.05
+  late = pipeline_schedule.stage_minutes(config, "finetune_domain", 25 * 60.0, order[-4:])
+  assert late < 5.0 * pipeline_schedule.BUDGET_WEIGHTS["finetune_domain"] / sum(
+      pipeline_schedule.BUDGET_WEIGHTS[s] for s in order[-4:]) + 1e-9
+  assert pipeline_schedule.stage_minutes(config, "finetune_domain", 40 * 60.0, order[-4:]) == 0.05
   # Stages that do not size their training, and runs without a budget, get none.
-  assert pipeline.stage_minutes(config, "quantize", 60.0, ["quantize"]) is None
-  assert pipeline.stage_minutes(config, "data_general", 0.0, order) is None
-  assert pipeline.stage_minutes(_config(), "pretrain_general", 0.0, order) is None
+  assert pipeline_schedule.stage_minutes(config, "quantize", 60.0, ["quantize"]) is None
+  assert pipeline_schedule.stage_minutes(config, "data_general", 0.0, order) is None
+  assert pipeline_schedule.stage_minutes(_config(), "pretrain_general", 0.0, order) is None
 
 
 def test_init_from_replaces_general_pretraining(tmp_path):

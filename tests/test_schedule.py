@@ -59,3 +59,50 @@ def test_forced_plateau_leaves_the_stage_at_the_right_eval(engine, tmp_path):  #
   assert controller.decisions[3].gain_per_kstep == pytest.approx(125.0)
   assert controller.decisions[4].gain_per_kstep == 0.0
   assert result.loop.best_step == 12  # the best checkpoint is still the one the stage keeps
+
+
+def test_adaptive_policy_leaves_under_a_fraction_of_the_best_rate():
+  # Window 1, evals every 100 steps; best loss 10 -> 6 -> 4 -> 3.5 -> 3.3: rates 40, 20, 5, 2.
+  controller = schedule.PlateauController(metric="loss", window=1, policy="adaptive",
+                                          relative=0.25, min_gain_per_kstep=100.0)
+  answers = [controller(s, {"loss": v}) for s, v in
+             ((100, 10.0), (200, 6.0), (300, 4.0), (400, 3.5), (500, 3.3))]
+  # 40 is its own best (threshold 10); 20 >= 10; 5 < 0.25 x 40 = 10: leave at step 400. The rule's
+  # minimum (100) would have left at the first rate.
+  assert answers == [False, False, False, True, True]
+  assert [d.threshold for d in controller.decisions][1:4] == pytest.approx([10.0, 10.0, 10.0])
+  assert controller.decisions[3].policy == "adaptive" and controller.left_at == 400
+  assert "0.25 x the best rate 40" in controller.decisions[3].reason
+  # A stage that has not gained anything yet falls back to the rule's minimum.
+  flat = schedule.PlateauController(metric="accuracy", window=1, policy="adaptive",
+                                    min_gain_per_kstep=0.5)
+  assert [flat(s, {"accuracy": 0.5}) for s in (10, 20)] == [False, True]
+  assert flat.decisions[1].policy == "rule" and flat.decisions[1].threshold == 0.5
+  with pytest.raises(ValueError, match="policy='bandit'"):
+    schedule.PlateauController(policy="bandit")
+
+
+def test_decision_log_resumes_with_the_same_decisions(tmp_path):
+  evals = [(s, {"loss": 4.0 / (1 + s / 10)}) for s in range(10, 110, 10)]
+  evals[6:] = [(s, {"loss": evals[5][1]["loss"] - 0.0001 * i}) for i, (s, _) in
+               enumerate(evals[6:])]
+  kw = dict(metric="loss", window=2, policy="adaptive", relative=0.3, stage="pretrain_general")
+  reference = schedule.PlateauController(**kw)
+  for s, m in evals:
+    if reference(s, m):
+      break
+  path = str(tmp_path / "log.json")
+  first = schedule.PlateauController(log_path=path, **kw)
+  for s, m in evals[:6]:  # killed after the eval at step 60; its last checkpoint was step 40
+    first(s, m)
+  assert [d["step"] for d in schedule.read_log(path)["decisions"]] == [10, 20, 30, 40, 50, 60]
+  resumed = schedule.PlateauController(log_path=path, **kw)
+  assert len(resumed.decisions) == 6
+  for s, m in evals[4:]:  # the resumed run evaluates again from step 50
+    if resumed(s, m):
+      break
+  assert resumed.to_json() == reference.to_json()
+  assert resumed.left_at == reference.left_at is not None
+  log = schedule.read_log(path)
+  assert log["decisions"] == reference.to_json() and log["left_at"] == reference.left_at
+  assert log["settings"]["policy"] == "adaptive"

@@ -14,6 +14,8 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
         --config.pipeline.data_general.data.inputs=corpus/*.jsonl
     # Everything within 30 minutes (steps and epochs sized from the measured step rates):
     ... --config.budget_minutes=30
+    # Each pretraining / finetuning stage left when its eval metric plateaus, not at a step count:
+    ... --config.schedule=auto [--config.auto.policy=rule --config.auto.finetune.min_gain=0.05]
     # Quantize the distilled student instead of the finetuned model:
     ... --config.sources.quantize=distill
 
@@ -130,6 +132,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # what is left when it starts and sizes its steps from its step rate measured at start-up
   # (train.time_budget_minutes); stages finished before keep their results.
   config.budget_minutes = 0.0
+  # How long pretrain_general, pretrain_domain and the finetunings train. fixed: their configs'
+  # steps / epochs and early stopping. auto: those as ceilings, and each stage is left as soon as
+  # its eval metric gains too little per 1000 steps (auto.*); every decision, with the numbers
+  # behind it, in DIR/pipeline_state/<stage>.schedule.json, summary.json and report.md.
+  config.schedule = "fixed"
+  config.auto = ml_collections.ConfigDict(dict(
+      # adaptive: leave a stage when its gain per 1000 steps falls under `relative` x the best
+      # rate it has shown (one setting for a loss and an accuracy); rule: under `min_gain`, which
+      # adaptive also uses until the stage has gained anything.
+      policy="adaptive",
+      window=2,  # a gain compares the best eval score with the best `window` evals earlier
+      # Per kind of stage: the eval metric (pretrain: loss | mlm_loss | mlm_accuracy | nsp_*;
+      # finetune: accuracy | loss | nll), the rule's minimum gain per 1000 steps in the metric's
+      # units, and adaptive's fraction of the best rate (pretraining's loss falls off slowly,
+      # finetuning's dev accuracy turns flat at a knee; bench/NOTES_auto_schedule.md).
+      pretrain=ml_collections.ConfigDict(dict(metric="mlm_loss", min_gain=0.05, relative=0.5)),
+      finetune=ml_collections.ConfigDict(dict(metric="accuracy", min_gain=0.02, relative=0.1)),
+  ))
   # Which earlier stage each compression stage starts from (its init_from).
   config.sources = ml_collections.ConfigDict(dict(
       tune="pretrain_domain",      # the pretraining run whose finetuning is tuned

@@ -30,9 +30,11 @@ existing pretraining workdir):
 Pipeline-level keys fill the stage configs: `task.*` (every stage that reads the task),
 `domain_corpus` and `tapt` (data_domain's inputs: the domain text plus the task's train and dev
 splits, never test), `domain_vocab` (data_general's tokenizer also learns from that text), and
-`budget_minutes` (`stage_minutes`: each budgeted stage's share of the time left, as its
-`train.time_budget_minutes`; the stage record keeps the planned config). The task and the
-domain text are read and checked before any stage runs.
+`budget_minutes` (`pipeline_schedule.stage_minutes`: each budgeted stage's share of the time
+left, as its `train.time_budget_minutes`; the stage record keeps the planned config), and
+`schedule=auto` (`pipeline_schedule`: each pretraining and finetuning stage is left when its eval
+metric plateaus, every decision logged in DIR/pipeline_state/<stage>.schedule.json, summary.json
+and the report). The task and the domain text are read and checked before any stage runs.
 
 "Same config" ignores keys that do not change results (progress bars, worker counts, the mesh,
 async checkpointing), so a run can be resumed on another machine or slice.
@@ -63,6 +65,7 @@ from r1jax import run_dir
 from r1jax.data import sources
 from r1jax.data import task as task_lib
 from r1jax.stages import pipeline_report
+from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
 
 OPTIONAL = ("tune",)  # not in the default selection unless config.run_tune
@@ -76,22 +79,6 @@ SOURCE_CHOICES = {
 # Flattened config keys (fnmatch patterns) that do not change a stage's results.
 IGNORED_KEYS = ("*progress_bar", "*worker_count", "mesh.*", "checkpoint.async_save",
                 "checkpoint.sigterm_grace_secs")
-# budget_minutes: each stage's weight in sharing the time left when it starts. Training stages get
-# their share as train.time_budget_minutes; the others' weights keep time for them.
-BUDGET_WEIGHTS = {"data_general": 0.02, "data_domain": 0.02, "pretrain_general": 0.33,
-                  "pretrain_domain": 0.25, "finetune_general": 0.12, "finetune_domain": 0.12,
-                  "compare": 0.01, "tune": 0.2, "distill": 0.06, "quantize": 0.03, "prune": 0.04}
-# The stages whose training honours train.time_budget_minutes (prune's sparsity ramp needs all
-# of its steps; tune's trials have their own count).
-BUDGETED = ("pretrain_general", "pretrain_domain", "finetune_general", "finetune_domain",
-            "distill")
-# Under a budget these train for their whole share (more pretraining keeps helping); the others
-# keep their step counts or early stopping, cut to their share when it is too small.
-FILL_BUDGET = ("pretrain_general", "pretrain_domain")
-BUDGET_FILL_STEPS = 10_000_000
-# The least budget per selected stage: start-up, compilation, evaluation and reports (measured on
-# the 2-core CPU: 10-40 s per stage at the tiny size).
-MIN_STAGE_MINUTES = 0.5
 DIR_TOKEN = "$DIR"
 # The pipeline-level task keys (config.task.*) applied to every stage that reads the task.
 TASK_KEYS = ("train", "dev", "test", "text_field", "label_field")
@@ -268,6 +255,16 @@ def fingerprint_dict(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return run_dir.json_ready(out)
 
 
+def stage_fingerprint(config: ml_collections.ConfigDict, name: str,
+                      cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`fingerprint_dict` of stage `name`'s config plus, under schedule=auto, the controller
+  settings that end it (`auto.*`): a stage finished under another schedule is not reused."""
+  out = fingerprint_dict(cfg, workdir)
+  auto = pipeline_schedule.settings(config, name)
+  out.update({f"schedule_auto.{k}": v for k, v in (auto or {}).items()})
+  return out
+
+
 def _sha(data: Any) -> str:
   return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -293,23 +290,6 @@ def _problems(message: str) -> list[str]:
   if lines and lines[0].startswith("Invalid ") and len(lines) > 1:
     return [line.strip() for line in lines[1:] if line.strip()]
   return [f"config: {message}"]
-
-
-def stage_minutes(config: ml_collections.ConfigDict, name: str, elapsed_secs: float,
-                  to_run: Sequence[str]) -> float | None:
-  """Minutes of `config.budget_minutes` for training stage `name` when it starts `elapsed_secs`
-  into the run: its weight's share of the time left among the stages still `to_run` (itself
-  included). None without a budget or for a stage outside BUDGETED."""
-  budget = float(config.get("budget_minutes", 0.0) or 0.0)
-  if budget <= 0 or name not in BUDGETED:
-    return None
-  left = budget * 60.0 - elapsed_secs
-  weights = sum(BUDGET_WEIGHTS[s] for s in to_run)
-  minutes = max(left, 0.0) / 60.0 * BUDGET_WEIGHTS[name] / weights
-  if minutes < 0.05:
-    logging.warning("Only %.1f s of budget_minutes=%.1f are left for %s: it trains for a few "
-                    "seconds.", left, budget, name)
-  return max(minutes, 0.05)
 
 
 def _check_data(config: ml_collections.ConfigDict, chosen: Sequence[str],
@@ -373,11 +353,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.add("stages", str(e))
     v.raise_if_any("pipeline config")
   _check_data(config, chosen, v)
+  pipeline_schedule.validate(config, v, chosen)
   if budget:
-    least = MIN_STAGE_MINUTES * len(chosen)
-    v.require(budget >= least, "budget_minutes",
+    each = pipeline_schedule.MIN_STAGE_MINUTES
+    v.require(budget >= each * len(chosen), "budget_minutes",
               f"{budget:g} is too small to train anything: the {len(chosen)} selected stages need "
-              f"at least {least:g} minutes ({MIN_STAGE_MINUTES:g} each for start-up, compilation, "
+              f"at least {each * len(chosen):g} minutes ({each:g} each for start-up, compilation, "
               "evaluation and reports); raise it or select fewer stages with --config.stages.")
   v.raise_if_any("pipeline config")
   kwargs = {k: x for k, x in (("num_devices", num_devices), ("process_count", process_count))
@@ -471,7 +452,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
                           for s in _downstream(config, name, finished_here)]
     how = (f"Delete {', '.join(redo)} to redo {'them' if len(redo) > 1 else 'it'} with the new "
            "settings, or use a new --workdir.")
-    old, new = state.get("config", {}), fingerprint_dict(cfg, workdir)
+    old, new = state.get("config", {}), stage_fingerprint(config, name, cfg, workdir)
     # A key only one side has counts as None there: a config field added since (a placeholder
     # left at None, e.g. a new model override) does not make a finished stage stale.
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -526,12 +507,15 @@ def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str,
   inputs = {d: _file_sha(os.path.join(stage_dir(config, d, workdir), run_dir.SUMMARY_FILE))
             for d in needs(config, item.name)}
   started = time.perf_counter()
-  summary = _module(item.name).run(run_config or item.config, item.directory)
+  on_eval = pipeline_schedule.controller(config, item.name, workdir)  # schedule=auto
+  summary = _module(item.name).run(run_config or item.config, item.directory,
+                                   **({"on_eval": on_eval} if on_eval else {}))
   wall = time.perf_counter() - started
   _sync(f"r1jax_pipeline_{item.name}")
   state = {"stage": item.name, "status": "finished", "attempts": attempts,
            "finished_at": _now(), "wall_secs": wall,
-           "config": fingerprint_dict(item.config, workdir), "inputs": inputs,
+           "config": stage_fingerprint(config, item.name, item.config, workdir),
+           "inputs": inputs,
            "summary_sha": _file_sha(os.path.join(item.directory, run_dir.SUMMARY_FILE))}
   run_dir.write_json(path, state)
   _sync(f"r1jax_pipeline_{item.name}_state")
@@ -564,14 +548,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logging.info("[%d/%d] %s: skipped, %s (%s).", i, len(planned), item.name, item.reason,
                    item.directory)
       continue
-    minutes = stage_minutes(config, item.name, time.perf_counter() - started,
+    minutes = pipeline_schedule.stage_minutes(config, item.name, time.perf_counter() - started,
                             [p.name for p in planned[i - 1:] if p.action == "run"])
     run_config = None
     if minutes is not None:  # the stage's config as it runs; its record keeps the planned one
       run_config = copy.deepcopy(item.config)
       run_config.train.time_budget_minutes = minutes
-      if item.name in FILL_BUDGET:  # as many steps as its share holds
-        run_config.train.num_steps = max(int(run_config.train.num_steps), BUDGET_FILL_STEPS)
+      if item.name in pipeline_schedule.FILL_BUDGET:  # as many steps as its share holds
+        run_config.train.num_steps = max(int(run_config.train.num_steps),
+                                         pipeline_schedule.BUDGET_FILL_STEPS)
       logging.info("%s: %.2f minutes of budget_minutes=%g.", item.name, minutes,
                    config.budget_minutes)
     logging.info("[%d/%d] %s: %s; %s -> %s", i, len(planned), item.name,
@@ -586,7 +571,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     stages[item.name] = {"directory": item.directory, "action": item.action,
                          "wall_secs": state.get("wall_secs"), "attempts": state.get("attempts")}
   summary = {"stage": "pipeline", "status": "complete", "variant": config.variant,
-             "stages": stages, "ran": ran, "wall_secs_this_run": wall}
+             "stages": stages, "ran": ran, "wall_secs_this_run": wall,
+             "schedule": config.get("schedule", "fixed")}
+  if pipeline_schedule.is_auto(config):
+    summary["schedule_decisions"] = pipeline_schedule.summary(workdir)
   if jax.process_index() == 0:
     paths = pipeline_report.write_report(workdir, config=config, device=_device_line())
     summary.update(report=paths["markdown"], report_html=paths.get("html"),

@@ -8,7 +8,8 @@ metrics.jsonl, DIR/data_*/data/report.json, DIR/pipeline_state/<stage>.json), so
 rebuilt at any time and shows every stage that has finished in DIR, whichever run finished it.
 The stages are those of `pipeline_stages`; this module does not import the pipeline that runs them.
 
-Sections: the stages (what each did, its headline result, steps, wall time, attempts), the data
+Sections: the stages (what each did, its headline result, steps, wall time, attempts), the
+stage transitions of schedule=auto (`pipeline_schedule`: each decision and its numbers), the data
 report counts, loss curves (DIR/loss_curves.png: train and held-out loss per training stage),
 pretraining results, the general vs domain-adapted classifier table (with differences), the
 compression trade-off table (every artifact of distill / quantize / prune against its float
@@ -29,7 +30,9 @@ from typing import Any, Mapping, Sequence
 from r1jax import configlib
 from r1jax import eval as eval_lib
 from r1jax import run_dir
+from r1jax.train import schedule as schedule_lib
 from r1jax.stages import compare as compare_lib
+from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
 from r1jax.stages.pipeline_document import cell
 from r1jax.stages.pipeline_document import Document
@@ -331,6 +334,37 @@ def _pretrain_section(doc: Document, workdir: str, stages: Mapping[str, StageInf
                "MLM accuracy", "NSP accuracy", "tokens/s", "status"], rows)
 
 
+def _schedule_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo]) -> None:
+  """schedule=auto: where each stage was left and every decision with its numbers."""
+  logs = pipeline_schedule.read_logs(workdir)
+  if not logs:
+    return
+  doc.heading(2, "Stage transitions (schedule=auto)")
+  doc.para("Each pretraining and finetuning stage was left when its eval metric gained too "
+           "little per 1000 steps (its configured steps are the ceiling); one decision per eval, "
+           "with the numbers behind it (`pipeline_state/<stage>.schedule.json`).")
+  for name, log in logs.items():
+    info, cfg = stages[name], log.get("settings") or {}
+    s = info.summary or {}
+    planned, ran = s.get("num_steps"), s.get("step")
+    left = log.get("left_at")
+    if left is not None and planned and left < planned:
+      how = (f"left at step {left}, {1 - left / planned:.0%} of its planned {cell(planned)} "
+             "steps saved")
+    elif left is not None:
+      how = f"trained to its ceiling ({cell(ran)} steps; its last eval found a plateau too)"
+    elif s.get("stopped_by"):
+      how = f"not left by the schedule (stopped by {s['stopped_by']} at step {cell(ran)})"
+    else:
+      how = f"trained to its ceiling ({cell(ran)} steps)" if ran else "not finished"
+    doc.heading(3, name)
+    doc.para(f"{how}; policy {cfg.get('policy')} on `{cfg.get('metric')}`, window "
+             f"{cfg.get('window')} evals, relative {cell(cfg.get('relative'))}, rule minimum "
+             f"{cell(cfg.get('min_gain_per_kstep'))} per 1000 steps.")
+    headers, rows = schedule_lib.decision_rows(log["decisions"], cfg.get("metric", "metric"))
+    doc.table(headers, rows)
+
+
 def _compare_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo]) -> None:
   result = _compare_result(stages)
   if not result:
@@ -468,6 +502,7 @@ def build(workdir: str, config: Mapping[str, Any] | None = None, *, max_points: 
            "evaluation included); attempts > 1 means earlier attempts were interrupted (or "
            "failed) and the stage was resumed.")
 
+  _schedule_section(doc, workdir, stages)
   _data_section(doc, workdir, stages)
   if loss_png:
     doc.heading(2, "Loss curves")

@@ -1,7 +1,8 @@
-"""Stage transitions decided by the run (issue #26, part 2, its rule-based piece): leave a stage
-when its eval metric stops paying for the compute.
+"""Stage transitions decided by the run (issue #26, part 2): leave a stage when its eval metric
+stops paying for the compute.
 
-    controller = schedule.PlateauController(metric="loss", window=2, min_gain_per_kstep=0.05)
+    controller = schedule.PlateauController(metric="loss", window=2, min_gain_per_kstep=0.05,
+                                            policy="adaptive", relative=0.25, log_path=PATH)
     finetune.run(config, workdir, on_eval=controller)   # any stage that takes loop.fit's on_eval
     controller.decisions                                # one Decision per eval, with its numbers
     controller.table()                                  # the same as a markdown table
@@ -9,31 +10,46 @@ when its eval metric stops paying for the compute.
 At each eval the controller takes the selection score (`loop.selection_score`: lower is better,
 an accuracy negated) and compares the best score so far with the best score `window` evals
 earlier: gain = (best then - best now) per 1000 optimizer steps between those evals. A gain under
-`min_gain_per_kstep` is a plateau per unit of compute: the controller answers True, which ends
-the stage like early stopping (`loop.fit`, stop_reason "on_eval"), and every eval's decision
-(continue or leave) is kept with the numbers that caused it. Early stopping (eval patience) waits
-for no improvement at all; this leaves when improvements are too small for what they cost.
+the threshold is a plateau per unit of compute: the controller answers True, which ends the stage
+like early stopping (`loop.fit`, stop_reason "on_eval"), and every eval's decision (continue or
+leave) is kept with the numbers that caused it. Early stopping (eval patience) waits for no
+improvement at all; this leaves when improvements are too small for what they cost.
 
-What is not here yet: the pipeline's `--config.schedule=auto` wiring, the learned (bandit) policy
-over more actions (run DAPT or not, unfreeze, lower the learning rate) and its benchmark.
+The threshold, by `policy`:
+- "rule": a fixed `min_gain_per_kstep` in the metric's own units (the rule-based fallback).
+- "adaptive": `relative` x the highest gain per 1000 steps this stage has shown so far, so one
+  setting serves a masked-LM loss and a dev accuracy alike: a stage leaves once it gains less than
+  a quarter (say) of what it gained at its best. While the stage has shown no positive gain yet
+  (its first rate, or a metric that never improved), the rule's threshold decides.
+
+Resumable: with `log_path` every decision is written (atomically) as it is made, and a controller
+built on an existing log takes its decisions back. A run killed after its last checkpoint resumes
+from that checkpoint and evaluates again from there, so at its first eval the controller drops the
+logged decisions from that step on (they belong to the lost steps) and decides them afresh: with
+exact resumption (`loop.fit`) the same metrics give the same decisions, as metrics.jsonl is cut
+back to the checkpoint by `metrics.MetricsWriter`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping
 
 from absl import logging
 
 from r1jax import eval as eval_lib
+from r1jax import run_dir
 from r1jax.train import loop as loop_lib
 
 CONTINUE, LEAVE = "continue", "leave_stage"
+POLICIES = ("adaptive", "rule")
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """One eval's decision and the numbers behind it (gain None until `window` evals exist)."""
+  """One eval's decision and the numbers behind it (gain None until `window` evals exist;
+  threshold: the gain per 1000 steps it was compared with)."""
   step: int
   action: str
   metric: str
@@ -41,6 +57,8 @@ class Decision:
   best: float
   gain_per_kstep: float | None
   reason: str
+  threshold: float | None = None
+  policy: str = "rule"
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -48,52 +66,135 @@ class Decision:
 
 class PlateauController:
   """`loop.fit`'s on_eval hook: True (leave the stage) once the best eval score has improved by
-  less than `min_gain_per_kstep` per 1000 steps over the last `window` evals."""
+  less than the policy's threshold per 1000 steps over the last `window` evals."""
 
   def __init__(self, *, metric: str = "loss", window: int = 2, min_gain_per_kstep: float = 0.01,
-               stage: str = ""):
+               stage: str = "", policy: str = "rule", relative: float = 0.25,
+               log_path: str | None = None):
     if window < 1:
       raise ValueError(f"window={window}: compare with at least the previous eval (>= 1).")
     if not min_gain_per_kstep >= 0:
       raise ValueError(f"min_gain_per_kstep={min_gain_per_kstep}: must be >= 0.")
+    if policy not in POLICIES:
+      raise ValueError(f"policy={policy!r}: one of {POLICIES}.")
+    if not 0.0 < relative < 1.0:
+      raise ValueError(f"relative={relative}: a fraction of the best rate, in (0, 1).")
     self.metric, self.window, self.min_gain = metric, window, float(min_gain_per_kstep)
-    self.stage = stage
+    self.stage, self.policy, self.relative = stage, policy, float(relative)
+    self.log_path = log_path
     self.decisions: list[Decision] = []
     self._history: list[tuple[int, float]] = []  # (step, best score so far) per eval
+    self._resumed = False
+    if log_path:
+      self._load(log_path)
+
+  def settings(self) -> dict[str, Any]:
+    return {"metric": self.metric, "window": self.window, "min_gain_per_kstep": self.min_gain,
+            "policy": self.policy, "relative": self.relative}
+
+  def _load(self, path: str) -> None:
+    saved = run_dir.read_json(path)
+    if not saved or not saved.get("decisions"):
+      return
+    if saved.get("settings") != self.settings():
+      logging.warning("Schedule log %s was written with settings %s, not %s: its decisions are "
+                      "kept in the file's history but not used.", path, saved.get("settings"),
+                      self.settings())
+      return
+    for d in saved["decisions"]:
+      self._append(Decision(**{k: (None if v in ("nan", "inf") and k == "gain_per_kstep" else v)
+                               for k, v in d.items()}))
+    self._resumed = True
+    logging.info("Schedule%s: %d earlier decisions taken back from %s.", self._label(),
+                 len(self.decisions), path)
+
+  def _label(self) -> str:
+    return f" ({self.stage})" if self.stage else ""
+
+  def _append(self, decision: Decision) -> None:
+    sign = loop_lib.selection_score({self.metric: 1.0}, self.metric)
+    self.decisions.append(decision)
+    self._history.append((decision.step, sign * decision.best))
+
+  def _peak_rate(self, gain: float) -> float | None:
+    """The highest gain per 1000 steps so far, this eval's included; None if none is positive."""
+    peak = max([gain] + [d.gain_per_kstep for d in self.decisions
+                         if d.gain_per_kstep is not None])
+    return peak if peak > 0 else None
 
   def __call__(self, step: int, metrics: Mapping[str, float]) -> bool:
+    step = int(step)
+    if self._resumed:  # the first eval after a resume: what was decided from here on is redone
+      dropped = [d for d in self.decisions if d.step >= step]
+      if dropped:
+        logging.info("Schedule%s: resumed before step %d; its %d logged decisions from there on "
+                     "are made again.", self._label(), dropped[0].step, len(dropped))
+        keep = self.decisions[:len(self.decisions) - len(dropped)]
+        self.decisions, self._history = [], []
+        for d in keep:
+          self._append(d)
+      self._resumed = False
     score = loop_lib.selection_score(metrics, self.metric)
     best = min(score, self._history[-1][1]) if self._history else score
-    self._history.append((int(step), best))
     sign = loop_lib.selection_score({self.metric: 1.0}, self.metric)  # report in its own terms
-    gain, action = None, CONTINUE
-    if len(self._history) <= self.window:
+    gain, threshold, action, policy = None, None, CONTINUE, self.policy
+    if len(self._history) < self.window:
       reason = f"fewer than {self.window + 1} evals: no rate yet"
     else:
-      then_step, then_best = self._history[-1 - self.window]
+      then_step, then_best = self._history[-self.window]
       gain = (then_best - best) / max(step - then_step, 1) * 1000.0
-      if gain < self.min_gain:
+      peak = self._peak_rate(gain) if self.policy == "adaptive" else None
+      if peak is not None:
+        threshold = self.relative * peak
+        why = f"{self.relative:g} x the best rate {peak:.4g}"
+      else:  # the rule, or adaptive before the stage has shown any gain
+        threshold, policy = self.min_gain, "rule"
+        why = "the rule's minimum" + (" (no gain yet)" if self.policy == "adaptive" else "")
+      if gain < threshold:
         action = LEAVE
         reason = (f"best {self.metric} improved {then_best - best:.4g} over steps {then_step}-"
-                  f"{step}: {gain:.4g} per 1000 steps < {self.min_gain:g}")
+                  f"{step}: {gain:.4g} per 1000 steps < {threshold:.4g} ({why})")
       else:
-        reason = f"{gain:.4g} per 1000 steps >= {self.min_gain:g}"
-    decision = Decision(step=int(step), action=action, metric=self.metric,
+        reason = f"{gain:.4g} per 1000 steps >= {threshold:.4g} ({why})"
+    decision = Decision(step=step, action=action, metric=self.metric,
                         value=float(metrics[self.metric]), best=sign * best,
-                        gain_per_kstep=gain, reason=reason)
-    self.decisions.append(decision)
+                        gain_per_kstep=gain, reason=reason, threshold=threshold, policy=policy)
+    self._append(decision)
+    if self.log_path:
+      self.save(self.log_path)
     if action == LEAVE:
-      logging.info("Schedule%s: leaving the stage at step %d (%s).",
-                   f" ({self.stage})" if self.stage else "", step, reason)
+      logging.info("Schedule%s: leaving the stage at step %d (%s).", self._label(), step, reason)
     return action == LEAVE
+
+  def save(self, path: str) -> None:
+    """The decision log as JSON: {"stage", "settings", "decisions", "left_at"}."""
+    run_dir.write_json(path, {"stage": self.stage, "settings": self.settings(),
+                              "decisions": self.to_json(), "left_at": self.left_at})
+
+  @property
+  def left_at(self) -> int | None:
+    """The step at which the controller ended the stage (None: it has not)."""
+    return next((d.step for d in self.decisions if d.action == LEAVE), None)
 
   def to_json(self) -> list[dict[str, Any]]:
     return [d.to_json() for d in self.decisions]
 
   def table(self) -> str:
     """Every decision as a markdown table (for a stage's report)."""
-    rows = [(d.step, d.action, d.value, d.best,
-             math.nan if d.gain_per_kstep is None else d.gain_per_kstep, d.reason)
-            for d in self.decisions]
-    return eval_lib.markdown_table(("step", "decision", self.metric, f"best {self.metric}",
-                                    "gain / 1000 steps", "why"), rows)
+    return eval_lib.markdown_table(*decision_rows(self.to_json(), self.metric))
+
+
+def decision_rows(decisions: list[Mapping[str, Any]], metric: str
+                  ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+  """(headers, rows) of a decision log (`PlateauController.to_json()` or its saved file)."""
+  def num(x):
+    return math.nan if x is None or isinstance(x, str) else x
+  rows = [(d["step"], d["action"], d["value"], d["best"], num(d.get("gain_per_kstep")),
+           num(d.get("threshold")), d["reason"]) for d in decisions]
+  return (("step", "decision", metric, f"best {metric}", "gain / 1000 steps", "threshold",
+           "why"), rows)
+
+
+def read_log(path: str) -> dict[str, Any] | None:
+  """A saved decision log ({"stage", "settings", "decisions", "left_at"}), None if absent."""
+  return run_dir.read_json(path) if os.path.exists(path) else None

@@ -1,0 +1,156 @@
+"""How long each training stage of the pipeline trains: its share of `budget_minutes`, and with
+`schedule=auto` the controller that ends it when its eval metric plateaus (issue #26, part 2).
+
+    minutes = pipeline_schedule.stage_minutes(config, "pretrain_general", elapsed, to_run)
+    controller = pipeline_schedule.controller(config, "pretrain_domain", DIR)  # None: fixed
+    pipeline_schedule.read_logs(DIR)   # {stage: its decision log}, for summary.json and the report
+
+`schedule=fixed` trains every stage for its configured steps (epochs and early stopping for
+finetuning). `schedule=auto` keeps those as ceilings and gives each pretraining and finetuning
+stage a `train.schedule.PlateauController` as its `on_eval` hook: the pipeline moves on from
+general pretraining to domain pretraining to finetuning as soon as the stage's eval metric
+(`auto.<kind>.metric`) gains less per 1000 steps than the policy's threshold (`auto.policy`:
+adaptive, a fraction `auto.<kind>.relative` of the stage's own best rate; or rule, a fixed
+`auto.<kind>.min_gain`). Each decision is written as it is made to
+DIR/pipeline_state/<stage>.schedule.json with the numbers behind it; a killed pipeline resumes
+with the same decisions (the controller takes its log back and redoes only the decisions after
+the checkpoint the stage resumes from), and summary.json and report.md show every one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import ml_collections
+
+from r1jax import configlib
+from r1jax import run_dir
+from r1jax.stages import pipeline_stages
+from r1jax.stages import tune as tune_lib
+from r1jax.train import schedule as schedule_lib
+
+SCHEDULES = ("fixed", "auto")
+# The stages schedule=auto controls, and the `auto.<kind>` section that sets each one.
+CONTROLLED = {"pretrain_general": "pretrain", "pretrain_domain": "pretrain",
+              "finetune_general": "finetune", "finetune_domain": "finetune"}
+LOG_SUFFIX = ".schedule.json"
+
+# budget_minutes: each stage's weight in sharing the time left when it starts. Training stages get
+# their share as train.time_budget_minutes; the others' weights keep time for them.
+BUDGET_WEIGHTS = {"data_general": 0.02, "data_domain": 0.02, "pretrain_general": 0.33,
+                  "pretrain_domain": 0.25, "finetune_general": 0.12, "finetune_domain": 0.12,
+                  "compare": 0.01, "tune": 0.2, "distill": 0.06, "quantize": 0.03, "prune": 0.04}
+# The stages whose training honours train.time_budget_minutes (prune's sparsity ramp needs all
+# of its steps; tune's trials have their own count).
+BUDGETED = ("pretrain_general", "pretrain_domain", "finetune_general", "finetune_domain",
+            "distill")
+# Under a budget these train for their whole share (more pretraining keeps helping); the others
+# keep their step counts or early stopping, cut to their share when it is too small.
+FILL_BUDGET = ("pretrain_general", "pretrain_domain")
+BUDGET_FILL_STEPS = 10_000_000
+# The least budget per selected stage: start-up, compilation, evaluation and reports (measured on
+# the 2-core CPU: 10-40 s per stage at the tiny size).
+MIN_STAGE_MINUTES = 0.5
+
+
+def stage_minutes(config: ml_collections.ConfigDict, name: str, elapsed_secs: float,
+                  to_run: Sequence[str]) -> float | None:
+  """Minutes of `config.budget_minutes` for training stage `name` when it starts `elapsed_secs`
+  into the run: its weight's share of the time left among the stages still `to_run` (itself
+  included). None without a budget or for a stage outside BUDGETED."""
+  budget = float(config.get("budget_minutes", 0.0) or 0.0)
+  if budget <= 0 or name not in BUDGETED:
+    return None
+  left = budget * 60.0 - elapsed_secs
+  weights = sum(BUDGET_WEIGHTS[s] for s in to_run)
+  minutes = max(left, 0.0) / 60.0 * BUDGET_WEIGHTS[name] / weights
+  if minutes < 0.05:
+    logging.warning("Only %.1f s of budget_minutes=%.1f are left for %s: it trains for a few "
+                    "seconds.", left, budget, name)
+  return max(minutes, 0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule=auto.
+
+
+def is_auto(config: ml_collections.ConfigDict) -> bool:
+  return config.get("schedule", "fixed") == "auto"
+
+
+def log_path(workdir: str, name: str) -> str:
+  """DIR/pipeline_state/<name>.schedule.json: stage `name`'s decision log."""
+  return os.path.join(workdir, pipeline_stages.STATE_DIR, name + LOG_SUFFIX)
+
+
+def settings(config: ml_collections.ConfigDict, name: str) -> dict[str, Any] | None:
+  """The controller settings of stage `name` (None: the stage trains its configured steps).
+  Part of the stage's fingerprint, so a stage finished under other settings is not reused."""
+  if not is_auto(config) or name not in CONTROLLED:
+    return None
+  kind = config.auto[CONTROLLED[name]]
+  return {"metric": kind.metric, "window": int(config.auto.window),
+          "min_gain_per_kstep": float(kind.min_gain), "policy": config.auto.policy,
+          "relative": float(kind.relative)}
+
+
+def controller(config: ml_collections.ConfigDict, name: str, workdir: str
+               ) -> schedule_lib.PlateauController | None:
+  """Stage `name`'s on_eval hook under schedule=auto (its decisions logged in `log_path`), or
+  None when the stage trains its configured steps."""
+  values = settings(config, name)
+  if values is None:
+    return None
+  return schedule_lib.PlateauController(stage=name, log_path=log_path(workdir, name), **values)
+
+
+def validate(config: ml_collections.ConfigDict, v: configlib.Validator,
+             chosen: Sequence[str]) -> None:
+  """schedule and auto.*: adds every problem to `v` (one error for the whole config)."""
+  if v.choice("schedule", SCHEDULES) != "auto":
+    return
+  v.choice("auto.policy", schedule_lib.POLICIES)
+  v.positive_int("auto.window")
+  for kind in sorted(set(CONTROLLED.values())):
+    v.string(f"auto.{kind}.metric")
+    v.number_in(f"auto.{kind}.min_gain", 0.0, 1e9)
+    v.number_in(f"auto.{kind}.relative", 0.0, 1.0, low_open=True, high_open=True)
+  v.raise_if_any("pipeline config")
+  for kind in sorted(set(CONTROLLED.values())):
+    names = [n for n in chosen if CONTROLLED.get(n) == kind]
+    metric = config.auto[kind].metric
+    lacking = [n for n in names if metric not in tune_lib.eval_metrics(kind, config.pipeline[n])]
+    if lacking:
+      metrics = tune_lib.eval_metrics(kind, config.pipeline[lacking[0]])
+      v.add(f"auto.{kind}.metric", f"{metric!r} is not among the eval metrics {list(metrics)} "
+            f"that {' and '.join(lacking)} report{'s' if len(lacking) == 1 else ''}; "
+            "schedule=auto decides from one of them.")
+    for name in names:
+      every = config.pipeline[name].eval.every_steps
+      v.require(int(every) > 0, f"pipeline.{name}.eval.every_steps", f"{every}: schedule=auto "
+                f"decides at each eval of {name}; give it an eval period (> 0).")
+
+
+def read_logs(workdir: str) -> dict[str, dict[str, Any]]:
+  """{stage: its decision log} for every stage of `workdir` that has one."""
+  out = {}
+  for name in CONTROLLED:
+    log = schedule_lib.read_log(log_path(workdir, name))
+    if log:
+      out[name] = log
+  return out
+
+
+def summary(workdir: str) -> dict[str, Any]:
+  """summary.json's "schedule" entry: per controlled stage, where it left (None: it trained to
+  its ceiling or stopped otherwise), how many decisions, and the decisive one's reason."""
+  out = {}
+  for name, log in read_logs(workdir).items():
+    leave = next((d for d in log["decisions"] if d["action"] == schedule_lib.LEAVE), None)
+    stage_summary = run_dir.read_json(os.path.join(workdir, name, run_dir.SUMMARY_FILE)) or {}
+    out[name] = {"left_at": log.get("left_at"), "decisions": len(log["decisions"]),
+                 "planned_steps": stage_summary.get("num_steps"),
+                 "reason": leave["reason"] if leave else None, "log": log_path(workdir, name),
+                 "settings": log.get("settings")}
+  return out
