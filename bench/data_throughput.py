@@ -1,7 +1,7 @@
 r"""Data pipeline throughput: Grain (0, 1 and 2 workers) beside plain pandas, on the embedded corpus.
 
     python bench/data_throughput.py [--workers 1,2] [--repeats 3] [--docs 0] [--steps 500]
-                                    [--out result.json]
+                                    [--sections cleaning,examples,beam] [--out result.json]
 
 Prints, in one run on the same documents, every configuration `--repeats` times in rotating order
 (each run on its own line, with the load average at its start), then the medians:
@@ -21,6 +21,13 @@ Prints, in one run on the same documents, every configuration `--repeats` times 
   cpu        per document / row: CPU of the main process and of the workers (from /proc) over
              the steady part, and the workers' start-up CPU: figures that other jobs' load
              barely moves.
+  beam       (section `beam`, the [beam] extra) the same cleaning as an Apache Beam pipeline on its
+             local runner with 2 worker processes, beside Grain with 0 and 2 workers, on the
+             embedded corpus and on a generated messy one (duplicates, near duplicates, invalid
+             UTF-8, terminal escapes, mojibake): wall-clock documents/s end to end (start-up
+             included), CPU seconds of every process (this one and its children, from getrusage)
+             and documents per CPU-second ("per core"); kept documents and reports must be equal
+             (checked). bench/NOTES_cleaning_scale.md has the figures.
   training   rows/s the training step consumes, for scale: 8,254 tokens/s, r1jax's d_model 256,
              4-layer, batch 32 x 128 MLM+NSP step on this 2-core machine (bench/train_throughput.py,
              2 threads, 2026-11-28), i.e. about 64 rows/s of 128 tokens.
@@ -307,6 +314,103 @@ def bench_examples(worker_counts, steps, seq_len, batch_size, repeats):
   return runs
 
 
+def messy_corpus(path, n_docs, seed=0):
+  """Writes a JSONL corpus of about n_docs documents drawn from the embedded corpus, with exact
+  duplicates (5%), near duplicates (one word changed, 5%), invalid UTF-8 (2%), terminal colour codes
+  (2%, half without their ESC), mojibake and HTML entities (2%); returns the path."""
+  rng = np.random.default_rng(seed)
+  texts = builtin.texts("general") + builtin.texts("domain")
+  lines, written = [], []
+  for i in range(n_docs):
+    u = rng.random()
+    if u < 0.05 and written:
+      text = written[int(rng.integers(len(written)))].upper()
+    elif u < 0.10 and written:
+      words = written[int(rng.integers(len(written)))].split()
+      words[int(rng.integers(len(words)))] = "changed"
+      text = " ".join(words)
+    else:
+      text = texts[i % len(texts)] + ("" if i < len(texts) else f" Part {i // len(texts)}.")
+      written.append(text)
+    v = rng.random()
+    if v < 0.02:
+      line = json.dumps({"text": text, "id": i}).encode().replace(b'"text": "', b'"text": "\xff', 1)
+    elif v < 0.03:
+      line = json.dumps({"text": f"\x1b[1;3{i % 8}m{text}\x1b[0m", "id": i}).encode()
+    elif v < 0.04:
+      line = json.dumps({"text": f"[37;1m{text}[;m[33m", "id": i}).encode()
+    elif v < 0.06:
+      line = json.dumps({"text": text.replace(" a ", " cafÃ© &amp; "), "id": i}).encode()
+    else:
+      line = json.dumps({"text": text, "id": i}, ensure_ascii=False).encode()
+    lines.append(line)
+  with open(path, "wb") as f:
+    f.write(b"\n".join(lines) + b"\n")
+  return path
+
+
+def _cpu_all():
+  """CPU seconds of this process and of its finished children (Grain and Beam workers)."""
+  me = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def engine_run(spec, config, engine, workers, tmp):
+  """One cleaning pass end to end: -> (kept public records in order, report dict, stats)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from r1jax.data import clean_beam  # pylint: disable=g-import-not-at-top
+  load, start, cpu = _load(), time.perf_counter(), _cpu_all()
+  src = sources.open_source(spec)
+  if engine == "grain":
+    report = clean.CleaningReport(clean.rule_names(config))
+    kept = [sources.public_fields(r) for r in map(report.add, clean.cleaning_dataset(
+        src, config, worker_count=workers)) if not r.get("_drop")]
+  else:
+    out = os.path.join(tmp, f"beam-{time.time_ns()}")
+    report = clean_beam.clean_with_beam(src, config, out, num_workers=workers,
+                                        reopen=functools.partial(sources.open_source, spec))
+    kept = [sources.public_fields(r) for r in clean_beam.records_in_order(out)]
+  seconds, cpu = time.perf_counter() - start, _cpu_all() - cpu
+  n = report.documents_in
+  return kept, report.to_dict(), {"engine": engine, "workers": workers, "seconds": seconds,
+                                  "docs_per_sec": n / seconds, "cpu_s": cpu,
+                                  "docs_per_cpu_s": n / cpu, "load": load, "documents": n}
+
+
+def bench_beam(repeats, messy_docs):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  results = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    corpora = {"embedded": "builtin:general,builtin:domain",
+               "messy": messy_corpus(os.path.join(tmp, "messy.jsonl"), messy_docs)}
+    config = clean.CleanConfig()
+    for name, spec in corpora.items():
+      runs, outputs = [], set()
+      for _, (engine, w) in _rotations([("grain", 0), ("grain", 2), ("beam", 2)], repeats):
+        kept, report, stats = engine_run(spec, config, engine, w, tmp)
+        outputs.add(json.dumps([kept, report], sort_keys=True))
+        stats["kept"] = report["documents_out"]
+        runs.append(stats)
+        print(f"    run  {name:8s} {engine}_workers_{w}  {stats['docs_per_sec']:7.0f} docs/s   "
+              f"cpu {stats['cpu_s']:6.1f} s   {stats['docs_per_cpu_s']:6.0f} docs/cpu-s   kept "
+              f"{stats['kept']}   load {stats['load']:.2f}", flush=True)
+      assert len(outputs) == 1, f"{name}: kept documents or reports differ between engines"
+      results[name] = runs
+      print(f"  {name}: kept documents and reports identical across engines "
+            f"({runs[0]['documents']} in, {runs[0]['kept']} kept; dropped "
+            f"{ {k: v for k, v in json.loads(outputs.pop())[1]['dropped'].items() if v} })")
+      for key, label in (("docs_per_sec", "docs/s"), ("docs_per_cpu_s", "docs/cpu-s")):
+        by = {}
+        for r in runs:
+          by.setdefault(f"{r['engine']}_workers_{r['workers']}", []).append(r[key])
+        med = {k: float(np.median(v)) for k, v in by.items()}
+        ratio = med["beam_workers_2"] / med["grain_workers_0"]
+        print(f"  {name} {label:10s} " + "   ".join(f"{k} {v:7.0f}" for k, v in med.items()) +
+              f"   beam/grain_0 x{ratio:.2f}")
+  return results
+
+
 def _name(w):
   return "pandas" if w == "pandas" else f"grain_workers_{w}"
 
@@ -347,8 +451,13 @@ def main():
   parser.add_argument("--steps", type=int, default=500, help="example batches to time")
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--sections", default="cleaning,examples",
+                      help="cleaning, examples, beam (comma-separated)")
+  parser.add_argument("--messy_docs", type=int, default=20000,
+                      help="documents of the generated messy corpus (section beam)")
   parser.add_argument("--out", default="", help="also write the numbers as JSON here")
   args = parser.parse_args()
+  sections = set(args.sections.split(","))
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
   worker_counts = [0] + sorted({int(w) for w in args.workers.split(",") if int(w) > 0})
@@ -356,42 +465,52 @@ def main():
   print(f"{os.cpu_count()} CPUs; load average at start {_load():.2f}; rates exclude worker "
         "start-up (spawn + imports + first chunk or batch) and shutdown, shown separately; "
         "end-to-end includes them")
-  n, warmup, clean_runs = bench_cleaning(worker_counts, args.docs, args.repeats)
-  rates = summarize(clean_runs, "docs_per_sec")
-  e2e = summarize(clean_runs, "end_to_end_docs_per_sec")
-  startup = summarize(clean_runs, "startup_s")
-  shutdown = summarize(clean_runs, "shutdown_s")
-  print(f"cleaning ({n} documents; steady rate over documents {warmup + 1}-{n}; median of "
-        f"{args.repeats} runs)")
-  for w, rate in rates.items():
-    extra = f"   x{rate / rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
-    print(f"  {_name(w):18s} {rate:9.0f} docs/s   start-up {startup[w]:4.2f} s   shutdown "
-          f"{shutdown[w]:4.2f} s   end-to-end {e2e[w]:6.0f} docs/s{extra}")
-  ex_runs = bench_examples(worker_counts, args.steps, args.seq_len, args.batch_size, args.repeats)
-  ex_rates = summarize(ex_runs, "rows_per_sec")
-  ex_startup = summarize(ex_runs, "startup_s")
-  train_rows = TRAIN_STEP_TOKENS_PER_SEC / args.seq_len
-  print(f"MLM+NSP examples (seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} batches "
-        f"after the first; median of {args.repeats} runs)")
-  for w, rate in ex_rates.items():
-    extra = f"   x{rate / ex_rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
-    print(f"  {_name(w):18s} {rate:9.0f} rows/s   start-up {ex_startup[w]:4.2f} s   "
-          f"({rate / train_rows:.0f}x the training step){extra}")
-  print(f"  training step      {train_rows:9.0f} rows/s   (bench/train_throughput.py: "
-        f"{TRAIN_STEP_TOKENS_PER_SEC} tokens/s)")
+  result = {"cpus": os.cpu_count()}
+  rates = ex_rates = {}
+  if "cleaning" in sections:
+    n, warmup, clean_runs = bench_cleaning(worker_counts, args.docs, args.repeats)
+    rates = summarize(clean_runs, "docs_per_sec")
+    e2e = summarize(clean_runs, "end_to_end_docs_per_sec")
+    startup = summarize(clean_runs, "startup_s")
+    shutdown = summarize(clean_runs, "shutdown_s")
+    print(f"cleaning ({n} documents; steady rate over documents {warmup + 1}-{n}; median of "
+          f"{args.repeats} runs)")
+    for w, rate in rates.items():
+      extra = f"   x{rate / rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
+      print(f"  {_name(w):18s} {rate:9.0f} docs/s   start-up {startup[w]:4.2f} s   shutdown "
+            f"{shutdown[w]:4.2f} s   end-to-end {e2e[w]:6.0f} docs/s{extra}")
+    for r in clean_runs:
+      r.pop("report", None)
+    result.update(cleaning_runs=clean_runs, cleaning=rates, documents=n, warmup_documents=warmup)
+  if "examples" in sections:
+    ex_runs = bench_examples(worker_counts, args.steps, args.seq_len, args.batch_size,
+                             args.repeats)
+    ex_rates = summarize(ex_runs, "rows_per_sec")
+    ex_startup = summarize(ex_runs, "startup_s")
+    train_rows = TRAIN_STEP_TOKENS_PER_SEC / args.seq_len
+    print(f"MLM+NSP examples (seq_len {args.seq_len}, batch {args.batch_size}, {args.steps} "
+          f"batches after the first; median of {args.repeats} runs)")
+    for w, rate in ex_rates.items():
+      extra = f"   x{rate / ex_rates[0]:.2f} vs 0 workers" if w not in (0, "pandas") else ""
+      print(f"  {_name(w):18s} {rate:9.0f} rows/s   start-up {ex_startup[w]:4.2f} s   "
+            f"({rate / train_rows:.0f}x the training step){extra}")
+    print(f"  training step      {train_rows:9.0f} rows/s   (bench/train_throughput.py: "
+          f"{TRAIN_STEP_TOKENS_PER_SEC} tokens/s)")
+    result.update(examples_runs=ex_runs, examples=ex_rates, train_rows_per_sec=train_rows)
   best = max((w for w in rates if w not in (0, "pandas")), key=rates.get, default=None)
   best_ex = max((w for w in ex_rates if w not in (0, "pandas")), key=ex_rates.get, default=None)
-  if best is not None:
+  if best is not None and best_ex is not None:
     print(f"best measured worker count: cleaning {best} (x{rates[best] / rates[0]:.2f}), "
           f"examples {best_ex} (x{ex_rates[best_ex] / ex_rates[0]:.2f}); load average at end "
           f"{_load():.2f}")
+  if "beam" in sections:
+    print(f"cleaning engines end to end (Beam DirectRunner, 2 worker processes; median of "
+          f"{args.repeats} runs)")
+    result["beam_runs"] = bench_beam(args.repeats, args.messy_docs)
+    print(f"load average at end {_load():.2f}")
   if args.out:
-    for r in clean_runs:
-      r.pop("report", None)
     with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"cleaning_runs": clean_runs, "cleaning": rates, "examples_runs": ex_runs,
-                 "examples": ex_rates, "train_rows_per_sec": train_rows, "documents": n,
-                 "warmup_documents": warmup, "cpus": os.cpu_count()}, f, indent=2, default=str)
+      json.dump(result, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

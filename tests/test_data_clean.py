@@ -24,7 +24,12 @@ def _drop(step, text, **record):
 
 def test_repairs_english_and_chinese():
   assert _fix(clean_steps.NormalizeUnicode(), "ＡＢＣ１２３ ﬁle") == "ABC123 file"
-  assert _fix(clean_steps.NormalizeUnicode(), "中文，全角！") == "中文,全角!"
+  # NFKC turns "，！" into ",!" but has no ASCII "。": sentence punctuation after a CJK character is
+  # written full width, whichever form it came in, and stays ASCII in Latin context.
+  nfkc = clean_steps.NormalizeUnicode()
+  assert _fix(nfkc, "中文，全角！") == "中文，全角！"
+  assert _fix(nfkc, "我们,今天去公园。对吗?好:走;") == "我们，今天去公园。对吗？好：走；"
+  assert _fix(nfkc, "ＡＢＣ，ｄｅｆ！ 1，000 中文。") == "ABC,def! 1,000 中文。"
   assert _fix(clean_steps.RemoveControlChars(), "a\x00b\x07c\u200bd\ufeff\te\nf") == "abcd\te\nf"
   assert _fix(clean_steps.RemoveControlChars(), "中\u200b文\x1b测试") == "中文测试"
   ws = clean_steps.NormalizeWhitespace()
@@ -144,8 +149,8 @@ def test_pipeline_counts_are_exact():
   dropped = {k: v for k, v in report["dropped"].items() if v}
   assert dropped == {"duplicate": 1, "near_duplicate": 1, "low_quality:meaningless": 1,
                      "too_short": 1, "low_quality:phrases": 1}
-  # NFKC: the full-width line, and the full-width commas of ZH_GOOD and of its near duplicate.
-  assert report["repaired"] == {"nfkc": 3, "whitespace": 1}
+  # NFKC: the full-width line (ZH_GOOD's full-width commas stay: CJK context).
+  assert report["repaired"] == {"nfkc": 1, "whitespace": 1}
   assert [s["line"] for s in report["samples"]["duplicate"]] == [5]
   assert "same as <memory>:1" in report["samples"]["duplicate"][0]["detail"]
   assert kept[-1]["text"] == "FULL width text that is long enough to keep"
@@ -175,3 +180,49 @@ def test_bad_config():
     clean.CleanConfig(max_url_fraction=2.0).validate()
   with pytest.raises(ValueError, match="num_perm"):
     clean.CleanConfig(num_perm=10).validate()
+
+
+def test_ftfy_repairs_terminal_escapes_mojibake_and_entities():
+  fix = clean_steps.FixText()
+  assert _fix(fix, "\x1b[37;1m3.关于本文档\x1b[;m\x1b[33m 正文") == "3.关于本文档 正文"
+  # The residue a tool leaves after removing ESC alone (the console capture).
+  assert _fix(fix, "[37;1m3.关于本文档[;m[33m 正文") == "3.关于本文档 正文"
+  assert _fix(fix, "The cafÃ© serves crÃ¨me brÃ»lÃ©e") == "The café serves crème brûlée"
+  assert _fix(fix, "Tom &amp; Jerry &lt;3") == "Tom & Jerry <3"
+  assert _fix(fix, "code: a[m] = b[m] + “quoted”") == "code: a[m] = b[m] + “quoted”"
+  assert _fix(fix, EN_GOOD) == EN_GOOD and _fix(fix, ZH_GOOD) == ZH_GOOD
+  _, report = clean.clean_records(["\x1b[1;31mError:\x1b[0m the build failed on every platform",
+                                   EN_GOOD])
+  assert report["repaired"]["ftfy"] == 1 and report["documents_out"] == 2
+
+
+def test_language_filter_keeps_listed_languages_and_counts_all():
+  records = [EN_GOOD, ZH_GOOD, "Die Speicherverwaltung des Betriebssystems teilt den Prozessen "
+             "Seiten zu und lagert selten benutzte aus."]
+  kept, report = clean.clean_records(records, clean.CleanConfig(languages=("en", "zh")))
+  assert [r["text"] for r in kept] == records[:2]
+  assert report["dropped"]["language"] == 1 and report["languages"] == {"en": 1, "zh": 1, "de": 1}
+  assert "language de" in report["samples"]["language"][0]["detail"]
+  _, report = clean.clean_records(records)  # default: no keep-list, no detection
+  assert "language" not in report["dropped"] and "languages" not in report
+  with pytest.raises(ValueError, match="ISO 639"):
+    clean.CleanConfig(languages=("English",)).validate()
+
+
+def test_quality_classifier_from_examples():
+  good = [EN_GOOD, ZH_GOOD, "Segment recurrence lets the model attend beyond a fixed context.",
+          "The compiler lowers the graph to kernels and fuses adjacent elementwise operations.",
+          "操作系统负责管理内存、进程和文件，并为应用程序提供统一的接口。"]
+  bad = ["BEST PRICE!!! cheap watches click http://x.biz now now now",
+         "win win win $$$ free free free call 555 0000", "哈哈哈哈 加微信 领红包 快快快 免费免费",
+         "lorem ipsum dolor sit amet lorem ipsum", "asdf qwer zxcv asdf qwer zxcv 1234"]
+  scorer = clean_steps.QualityClassifier.train(good, bad)
+  assert scorer(good[0]) > 0.5 > scorer(bad[0])
+  config = clean.CleanConfig(min_quality=0.5)
+  texts = ["Attention over cached segments extends the context the model can use.",
+           "cheap cheap watches free free click now $$$ win"]
+  kept, report = clean.clean_records(texts, config, quality_scorer=scorer)
+  assert [r["text"] for r in kept] == texts[:1]
+  assert report["dropped"]["low_quality:model"] == 1
+  with pytest.raises(ValueError, match="good and bad"):
+    clean_steps.QualityClassifier.train(good, [])

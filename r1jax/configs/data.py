@@ -40,11 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_chars=1_000_000,        # longer rows are dropped as too_long
       shard_docs=20_000,          # documents per output JSONL shard
       worker_count=0,             # Grain worker processes for the per-document steps (0: in-process)
+      engine="grain",             # cleaning engine: grain (this machine) | beam (Apache Beam: the
+                                  # [beam] extra; same rules, same output; runner in `beam`)
       progress_bar=True,          # tqdm bar with documents per second
   ))
 
   config.clean = ml_collections.ConfigDict(dict(
-      nfkc=True,                  # Unicode NFKC normalization
+      fix_text=True,              # ftfy: terminal escapes, mojibake, HTML entities
+      nfkc=True,                  # Unicode NFKC normalization; ,!?:; after CJK stay full width
       remove_control_chars=True,  # drop control/format characters (not newline/tab)
       normalize_whitespace=True,  # collapse spaces, strip lines, no spaces between CJK characters
       impute_missing=True,        # CSV/Parquet metadata: median (numeric) / mode (other); never labels
@@ -57,6 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       extra_phrases="",           # more spam phrases: comma-separated, or a file with one per line
       default_phrases=True,       # use the built-in English and Chinese phrase list too
       meaningless_replies=True,   # drop filler replies ("ok", "+1", "顶", "沙发")
+      languages="",               # keep-list of ISO 639 codes ("en,zh") or a file; "" keeps all
+      quality_good="",            # example texts of good quality (input spec) for the classifier
+      quality_bad="",             # example texts of bad quality (input spec); both or neither
+      min_quality=0.5,            # keep a classifier score (P(good)) >= this (-1: no lower bound)
+      max_quality=-1.0,           # and <= this (-1: no upper bound)
       domain_lexicon="",          # in-domain terms: comma-separated or a file; "" = no domain filter
       min_domain_score=1.0,       # lexicon hits per 100 words needed to keep a document
       dedup_exact=True,           # drop exact duplicates (case- and whitespace-insensitive)
@@ -64,6 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_perm=64,                # MinHash permutations (multiple of 4)
       shingle_size=5,             # words (CJK: characters) per shingle
       max_samples=5,              # dropped examples kept per rule in report.json
+  ))
+
+  config.beam = ml_collections.ConfigDict(dict(
+      runner="DirectRunner",      # DirectRunner (local processes) | DataflowRunner | FlinkRunner |
+                                  # SparkRunner | PortableRunner | PrismRunner
+      num_workers=2,              # DirectRunner worker processes (0: in this process)
+      options="",                 # Beam flags passed through, e.g. "--project=P --region=R
+                                  # --temp_location=gs://B/tmp --setup_file=./setup.py"
   ))
 
   config.augment = ml_collections.ConfigDict(dict(

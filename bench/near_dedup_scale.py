@@ -1,0 +1,160 @@
+r"""Near-duplicate removal at scale: recall and precision on planted near duplicates, time, memory.
+
+    python bench/near_dedup_scale.py [--docs 1000000] [--engines grain,beam] [--workers 2]
+                                     [--near_fraction 0.1] [--out result.json]
+
+Generates `--docs` documents (a JSONL file in a temporary directory): random texts of 150-300
+words from a 20,000-word vocabulary, and, with probability `--near_fraction`, a planted near
+duplicate instead: an earlier original with 1 or 2 words replaced (true Jaccard similarity of
+5-word shingles 0.87-0.97, above the default threshold 0.8; the bench prints the lowest one among
+the first 2,000 documents). Originals share no
+shingle with each other by construction of the vocabulary draw (a 5-word run repeats with
+probability ~1e-21), so a dropped original is a false positive.
+
+Cleaning runs with `CleanConfig` defaults except the per-text quality filters (off: random words
+would trip the repetition and symbol rules): exact and near deduplication, the repairs, NFKC.
+Engines: `grain` (clean.cleaning_dataset, 0 workers: the near-duplicate index in one process) and
+`beam` (clean_beam on the local runner with `--workers` processes). Printed per engine: seconds,
+documents/s, CPU seconds (this process and its children), peak resident memory of this process and
+of the largest child, near-duplicate recall (planted ones dropped as near_duplicate) and precision
+(dropped as near_duplicate that were planted), and whether the engines' kept documents agree.
+"""
+import argparse
+import functools
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from r1jax.data import clean  # pylint: disable=wrong-import-position
+from r1jax.data import sources  # pylint: disable=wrong-import-position
+
+VOCAB = 20_000
+SHINGLE = 5
+
+
+def _jaccard(a, b):
+  sa = {tuple(a[i:i + SHINGLE]) for i in range(len(a) - SHINGLE + 1)}
+  sb = {tuple(b[i:i + SHINGLE]) for i in range(len(b) - SHINGLE + 1)}
+  return len(sa & sb) / len(sa | sb)
+
+
+def generate(path, n_docs, near_fraction, seed=0):
+  """Writes the corpus; -> (is_planted bool [n_docs], the lowest true Jaccard of a planted pair)."""
+  rng = np.random.default_rng(seed)
+  words = [f"w{i}" for i in range(VOCAB)]
+  planted = np.zeros(n_docs, bool)
+  originals = []
+  lowest = 1.0
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(n_docs):
+      if originals and rng.random() < near_fraction:
+        base = originals[int(rng.integers(len(originals)))]
+        doc = list(base)
+        for _ in range(int(rng.integers(1, 3))):
+          doc[int(rng.integers(len(doc)))] = f"x{int(rng.integers(1_000_000))}"
+        if i < 2000:  # spot-check the planted pairs' true similarity
+          lowest = min(lowest, _jaccard(base, doc))
+        planted[i] = True
+      else:
+        doc = [words[k] for k in rng.integers(0, VOCAB, int(rng.integers(150, 301)))]
+        if len(originals) < 200_000:
+          originals.append(doc)
+        else:
+          originals[int(rng.integers(len(originals)))] = doc
+      f.write(json.dumps({"text": " ".join(doc), "id": i}) + "\n")
+  return planted, lowest
+
+
+def config():
+  return clean.CleanConfig(min_chars=None, max_url_fraction=None, max_contact_density=None,
+                           max_symbol_fraction=None, max_repetition=None, max_phrase_hits=None,
+                           meaningless_replies=())
+
+
+def _usage():
+  me = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+          me.ru_maxrss / 1024, kids.ru_maxrss / 1024)
+
+
+def run(engine, path, workers, tmp):
+  """-> (kept bool [n] by document id, report dict, stats)."""
+  cfg = config()
+  start, (cpu, _, _) = time.perf_counter(), _usage()
+  src = sources.open_source(path)
+  kept = np.zeros(len(src), bool)
+  if engine == "grain":
+    report = clean.CleaningReport(clean.rule_names(cfg), max_samples=0)
+    for r in map(report.add, clean.cleaning_dataset(src, cfg)):
+      if not r.get("_drop"):
+        kept[r["id"]] = True
+  else:
+    from r1jax.data import clean_beam  # pylint: disable=g-import-not-at-top
+    out = os.path.join(tmp, "beam")
+    report = clean_beam.clean_with_beam(src, cfg, out, num_workers=workers,
+                                        reopen=functools.partial(sources.open_source, path),
+                                        max_samples=0)
+    for r in clean_beam.records_in_order(out):
+      kept[r["id"]] = True
+  seconds = time.perf_counter() - start
+  cpu2, rss_self, rss_kids = _usage()
+  return kept, report.to_dict(), {
+      "engine": engine, "seconds": seconds, "docs_per_sec": len(kept) / seconds,
+      "cpu_s": cpu2 - cpu, "peak_rss_main_mb": rss_self, "peak_rss_child_mb": rss_kids}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--docs", type=int, default=1_000_000)
+  parser.add_argument("--engines", default="grain,beam")
+  parser.add_argument("--workers", type=int, default=2, help="Beam local worker processes")
+  parser.add_argument("--near_fraction", type=float, default=0.1)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()
+  results = {"docs": args.docs, "cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "corpus.jsonl")
+    start = time.perf_counter()
+    planted, lowest = generate(path, args.docs, args.near_fraction)
+    print(f"{args.docs} documents, {planted.sum()} planted near duplicates (lowest true Jaccard "
+          f"of the first 2,000 documents' planted pairs {lowest:.3f}); generated in "
+          f"{time.perf_counter() - start:.0f} s; {os.path.getsize(path) / 1e6:.0f} MB; load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    kept_by = {}
+    for engine in args.engines.split(","):
+      # Each engine in a fresh process would isolate peak memory; here the engines run one after
+      # another, so the second engine's main-process peak is at least the first's.
+      kept, report, stats = run(engine, path, args.workers, tmp)
+      dropped = ~kept
+      hit = (dropped & planted).sum()
+      stats.update(recall=hit / max(1, planted.sum()), precision=hit / max(1, dropped.sum()),
+                   dropped={k: v for k, v in report["dropped"].items() if v},
+                   kept=int(kept.sum()), load=os.getloadavg()[0])
+      kept_by[engine] = kept
+      results[engine] = stats
+      print(f"  {engine:6s} {stats['seconds']:7.1f} s  {stats['docs_per_sec']:7.0f} docs/s  cpu "
+            f"{stats['cpu_s']:7.1f} s  peak RSS main {stats['peak_rss_main_mb']:6.0f} MB, largest "
+            f"child {stats['peak_rss_child_mb']:6.0f} MB  recall {stats['recall']:.4f}  precision "
+            f"{stats['precision']:.4f}  dropped {stats['dropped']}  load {stats['load']:.2f}",
+            flush=True)
+    if len(kept_by) > 1:
+      same = len({k.tobytes() for k in kept_by.values()}) == 1
+      results["engines_agree"] = same
+      print(f"  kept documents identical across engines: {same}")
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+  main()
