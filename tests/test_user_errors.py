@@ -70,6 +70,9 @@ CASES = [  # (config, overrides with {root} for the inputs, packages made missin
     pytest.param("pretrain.py:variant=tiny", ["--config.train.batch_size=eight"], "",
                  "flag --config.train.batch_size=eight: invalid literal for int()", id="bad-type"),
     pytest.param("nowhere.py", [], "", "nowhere.py: no such config file", id="missing-config"),
+    pytest.param("tune.py:variant=tiny", ["--config.storage=postgresql://me:secret@127.0.0.1:1/db"],
+                 "", "Cannot open the study database postgresql://me:***@127.0.0.1:1/db: "
+                 "connection failed:", id="unreachable-database"),
     pytest.param("pipeline.py", ["--config.stages=finetune_domain,quantize"], "",
                  "Cannot run the selected stages:\n  finetune_domain needs the output of "
                  "pretrain_domain", id="pipeline-refusal"),

@@ -10,8 +10,9 @@ r"""Bayesian hyperparameter search (optuna) over short finetuning or pretraining
     # Tune pretraining instead (objective: held-out MLM accuracy):
     python -m r1jax.main --config=configs/tune.py:variant=tiny,stage=pretrain --workdir=DIR
     # Several workers (processes or machines) on one study: start the same command several times
-    # with the same --workdir (SQLite/journal in DIR), or give every worker the same database URL:
-    ... --config.storage=postgresql://user:pass@host/db     # or sqlite:///path, journal:/path/file
+    # with the same --workdir (SQLite/journal in DIR), or give every worker, each with its own
+    # --workdir, the same PostgreSQL URL (pip install "r1jax[postgres]"):
+    ... --config.storage=postgresql://user:pass@host:5432/db   # or sqlite:///path, journal:/path
     # Run the best configuration found on its own:
     python -m r1jax.main --config=DIR/best_config.py --workdir=BEST
 
@@ -96,7 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       reduction_factor=3,    # hyperband
   ))
   # "" = sqlite:///DIR/study.db; "journal" = DIR/study.journal; "journal:PATH"; or any SQLAlchemy
-  # database URL (postgresql://..., mysql://..., sqlite:///PATH) shared by several workers.
+  # database URL (postgresql://... with the [postgres] extra, sqlite:///PATH) several workers
+  # share; with PostgreSQL the budget's lock is in the database, so workers need no shared DIR.
   config.storage = ""
   config.study_name = "tune"
   config.heartbeat_secs = 60  # database storages: a RUNNING trial silent 3x this long is retried

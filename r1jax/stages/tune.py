@@ -30,10 +30,10 @@ metric at that eval step; pretraining delivers the last step. Pruned trials keep
 reported value (optuna's rule) but never become the best trial.
 
 Resuming and several workers (`tune_storage`). The budget is checked and the next trial is created
-while holding the lock DIR/study.lock (`tune_storage.StudyLock`), so workers sharing DIR (SQLite or
-journal file) never overrun the budget; workers on other machines with their own DIR and a shared
-database URL can overrun it by at most one trial per extra worker. Each trial records its worker
-(host, pid, process start time). A trial left RUNNING by a killed worker is detected on this host
+while holding the study's lock: DIR/study.lock for workers sharing DIR (SQLite or journal file), an
+advisory lock in the database for workers anywhere that share a PostgreSQL URL; neither overruns
+the budget. (Other database URLs keep the lock in DIR: workers with their own DIR may overrun it by
+one trial each.) Each trial records its worker (host, pid, process start time, trial workdir). A trial left RUNNING by a killed worker is detected on this host
 at once (its process is gone) and elsewhere by the database heartbeat (`heartbeat_secs`); it is
 marked FAILED (user attr `fail_reason`) and re-queued as a new trial with the same parameters and
 user attr `retry_of`, which takes over the killed trial's workdir and so resumes from its last
@@ -170,9 +170,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   storage = v.string("storage")
   if storage is not None:
     try:
-      tune_storage.storage_spec(storage, "DIR")
+      kind, where = tune_storage.storage_spec(storage, "DIR")
     except ValueError as e:
       v.add("storage", str(e))
+    else:
+      problem = tune_storage.url_problem(where) if kind == "rdb" else None
+      if problem:
+        v.add("storage", problem)
   name = v.string("study_name")
   v.require(bool(name), "study_name", "is empty; name the study, e.g. 'tune'.")
   v.int_at_least("heartbeat_secs", 0)
@@ -351,7 +355,7 @@ class _Search:
   workdir: str
   params: list[tune_space.Param]
   module: Any
-  lock: tune_storage.StudyLock
+  lock: tune_storage.StudyLock | tune_storage.DatabaseLock
 
   @property
   def stage(self) -> str:
@@ -368,23 +372,24 @@ def _adopt_workdir(study: optuna.Study, trial: optuna.Trial, tdir: str) -> list[
   retry_of = trial.user_attrs.get("retry_of")
   if retry_of is None:
     return []
-  old = trial_dir(os.path.dirname(os.path.dirname(tdir)), retry_of)
+  previous = {t.number: t for t in study.get_trials(deepcopy=False)}
+  old = (previous[retry_of].user_attrs.get("worker", {}).get("workdir") if retry_of in previous
+         else None) or trial_dir(os.path.dirname(os.path.dirname(tdir)), retry_of)
   if os.path.isdir(old) and not os.path.exists(tdir):
-    os.rename(old, tdir)
+    shutil.move(old, tdir)  # another worker's workdir may be on another file system
     logging.info("Trial %d continues trial %d's run (moved %s -> %s).", trial.number, retry_of,
                  old, tdir)
-  previous = {t.number: t for t in study.get_trials(deepcopy=False)}
   return list(previous[retry_of].intermediate_values) if retry_of in previous else []
 
 
 def _objective(search: _Search, study: optuna.Study, trial: optuna.Trial) -> float:
+  tdir = trial_dir(search.workdir, trial.number)
   try:
-    trial.set_user_attr("worker", run_dir.process_info())
+    trial.set_user_attr("worker", {**run_dir.process_info(), "workdir": os.path.abspath(tdir)})
   finally:
     search.lock.release()  # the trial is RUNNING and recorded: other workers may go on
   values = {p.field: p.suggest(trial) for p in search.params}
   trial.set_user_attr("config_values", values)
-  tdir = trial_dir(search.workdir, trial.number)
   reported = _adopt_workdir(study, trial, tdir)
   cfg = trial_config(search.config, values)
   logging.info("Trial %d: %s -> %s", trial.number,
@@ -460,7 +465,9 @@ def write_outputs(search: _Search, study: optuna.Study, *, storage_desc: str, se
   and, once a trial completed, best_config.py/.json."""
   config, workdir = search.config, search.workdir
   trials = study.get_trials(deepcopy=False)
-  rows = tune_report.trial_rows(trials, search.values_of, lambda n: trial_dir(workdir, n))
+  dirs = {t.number: (t.user_attrs.get("worker") or {}).get("workdir") or trial_dir(workdir, t.number)
+          for t in trials}  # a trial run by a worker with another DIR is there
+  rows = tune_report.trial_rows(trials, search.values_of, dirs.__getitem__)
   best = _best_trial(study)
   summary: dict[str, Any] = {
       "stage": "tune", "study_name": config.study_name, "storage": storage_desc,
@@ -477,7 +484,7 @@ def write_outputs(search: _Search, study: optuna.Study, *, storage_desc: str, se
   if best is not None:
     values = search.values_of(best)
     summary["best"] = {"number": best.number, "value": best.value, "params": dict(best.params),
-                       "config_values": values, "workdir": trial_dir(workdir, best.number),
+                       "config_values": values, "workdir": dirs[best.number],
                        "result": best.user_attrs.get("result")}
     summary.update(tune_report.write_best_config(workdir, trial_config(config, values), summary))
   summary.update(tune_report.write_report(workdir, study, summary, rows))
@@ -537,43 +544,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise configlib.ConfigError(
         f"pruner.name={config.pruner.name!r}: r1jax.stages.{config.tune.stage}.run does not accept "
         f"on_eval, so trials cannot report to a pruner; set --config.pruner.name=none.")
-  os.makedirs(os.path.join(workdir, TRIALS_DIR), exist_ok=True)
   params = tune_space.parse_space(config, configlib.Validator(config))
-  configlib.write_config_json(config, workdir, space={p.field: p.describe() for p in params},
-                              metrics=list(eval_metrics(config.tune.stage, config.base)))
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   kind, where = tune_storage.storage_spec(config.storage, workdir)
-  storage_desc = where if kind == "rdb" else f"journal:{where}"
+  storage_desc = tune_storage.masked(where) if kind == "rdb" else f"journal:{where}"
   pruner = make_pruner(config)
-  lock = tune_storage.StudyLock(workdir)
+  lock = tune_storage.make_lock(config, workdir)
   search = _Search(config=config, workdir=workdir, params=params, module=module, lock=lock)
+  # Opening the study comes first: an unreachable database stops the run before it writes a file.
   with lock:  # workers starting together must not create the tables or the study twice
     storage = tune_storage.make_storage(config, workdir)
     study = _open_study(config, storage, params, pruner)
     failed = tune_storage.recover_trials(study)
     trials = study.get_trials(deepcopy=False)
+  os.makedirs(os.path.join(workdir, TRIALS_DIR), exist_ok=True)
+  configlib.write_config_json(config, workdir, space={p.field: p.describe() for p in params},
+                              metrics=list(eval_metrics(config.tune.stage, config.base)))
   search_desc = describe_search(config, pruner)
   logging.info("Study %r in %s: %d trial(s) so far (%d counted of the budget of %d)%s. %s.",
                config.study_name, storage_desc, len(trials), tune_storage.budget_used(trials),
                config.n_trials,
                f"; re-queued the killed trial(s) {failed}" if failed else "", search_desc)
-  started, ran = time.time(), 0
-  while True:
-    if config.timeout_secs and time.time() - started > config.timeout_secs:
-      logging.info("timeout_secs=%g reached; starting no more trials.", config.timeout_secs)
-      break
-    lock.acquire()
-    try:
-      tune_storage.recover_trials(study)
-      used = tune_storage.budget_used(study.get_trials(deepcopy=False))
-      if used >= config.n_trials:
-        break
-      study.optimize(lambda t: _objective(search, study, t), n_trials=1,
-                     catch=(loop_lib.NonFiniteError,), gc_after_trial=True,
-                     callbacks=[lambda s, t: _after_trial(search, s, t)])
-      ran += 1
-    finally:
-      lock.release()
+  started = time.time()
+  ran = tune_storage.run_trials(
+      study, lock, config.n_trials, lambda t: _objective(search, study, t),
+      timeout_secs=config.timeout_secs, catch=(loop_lib.NonFiniteError,),
+      callbacks=[lambda s, t: _after_trial(search, s, t)])
   with lock:
     summary = write_outputs(search, study, storage_desc=storage_desc, search_desc=search_desc,
                             wall_secs=time.time() - started, ran=ran)
