@@ -201,8 +201,8 @@ def _check_shapes(saved: Any, target: Any, what: str, step: int) -> None:
   if problems:
     raise CheckpointShapeError(
         f"Checkpoint step {step} ({what}) does not fit the model: {len(problems)} leaf/leaves "
-        f"differ:\n  " + "\n  ".join(problems[:20]) + "\nUse the same model config as the run "
-        f"that wrote it, or a new workdir.")
+        "differ:\n  " + "\n  ".join(problems[:20]) + "\nUse the same model config as the run "
+        "that wrote it, or a new workdir.")
 
 
 @dataclasses.dataclass
