@@ -15,8 +15,8 @@ Cleaning runs with `CleanConfig` defaults except the per-text quality filters (o
 would trip the repetition and symbol rules): exact and near deduplication, the repairs, NFKC.
 Engines: `grain` (clean.cleaning_dataset, 0 workers: the near-duplicate index in one process) and
 `beam` (clean_beam on the local runner with `--workers` processes). Printed per engine: seconds,
-documents/s, CPU seconds (this process and its children), peak resident memory of this process and
-of the largest child, near-duplicate recall (planted ones dropped as near_duplicate) and precision
+documents/s, CPU seconds (the engine's process and its children), peak resident memory of the
+engine's process (each engine runs in a fresh Python) and of its largest child (Beam's workers), near-duplicate recall (planted ones dropped as near_duplicate) and precision
 (dropped as near_duplicate that were planted), and whether the engines' kept documents agree.
 """
 import argparse
@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,10 +106,29 @@ def run(engine, path, workers, tmp):
     for r in clean_beam.records_in_order(out):
       kept[r["id"]] = True
   seconds = time.perf_counter() - start
-  cpu2, rss_self, rss_kids = _usage()
-  return kept, report.to_dict(), {
-      "engine": engine, "seconds": seconds, "docs_per_sec": len(kept) / seconds,
-      "cpu_s": cpu2 - cpu, "peak_rss_main_mb": rss_self, "peak_rss_child_mb": rss_kids}
+  return kept, report.to_dict(), {"engine": engine, "seconds": seconds,
+                                  "docs_per_sec": len(kept) / seconds, "cpu_s": _usage()[0] - cpu}
+
+
+def run_in_child(engine, path, workers, tmp):
+  """`run` in a fresh Python: its peak memory is the engine's alone (not the generator's)."""
+  out = os.path.join(tmp, f"{engine}.npz")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--run", engine, "--corpus",
+                         path, "--workers", str(workers), "--result", out],
+                        capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+  result = np.load(out, allow_pickle=True)
+  return result["kept"], result["report"].item(), result["stats"].item()
+
+
+def _child(args):
+  with tempfile.TemporaryDirectory() as tmp:
+    kept, report, stats = run(args.run, args.corpus, args.workers, tmp)
+  _, rss_self, rss_kids = _usage()
+  stats.update(peak_rss_main_mb=rss_self, peak_rss_child_mb=rss_kids)
+  np.savez(args.result, kept=kept, report=np.array(report, dtype=object),
+           stats=np.array(stats, dtype=object))
 
 
 def main():
@@ -118,9 +138,15 @@ def main():
   parser.add_argument("--workers", type=int, default=2, help="Beam local worker processes")
   parser.add_argument("--near_fraction", type=float, default=0.1)
   parser.add_argument("--out", default="")
+  parser.add_argument("--run", default="", help=argparse.SUPPRESS)  # child: one engine
+  parser.add_argument("--corpus", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--result", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
+  if args.run:
+    _child(args)
+    return
   results = {"docs": args.docs, "cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "corpus.jsonl")
@@ -132,9 +158,7 @@ def main():
           f"{os.getloadavg()[0]:.2f}", flush=True)
     kept_by = {}
     for engine in args.engines.split(","):
-      # Each engine in a fresh process would isolate peak memory; here the engines run one after
-      # another, so the second engine's main-process peak is at least the first's.
-      kept, report, stats = run(engine, path, args.workers, tmp)
+      kept, report, stats = run_in_child(engine, path, args.workers, tmp)
       dropped = ~kept
       hit = (dropped & planted).sum()
       stats.update(recall=hit / max(1, planted.sum()), precision=hit / max(1, dropped.sum()),

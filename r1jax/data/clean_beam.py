@@ -25,7 +25,9 @@ report (counts, repairs, languages, and the first samples of each rule) equal th
 Records travel in batches: a block of BLOCK_DOCS source records is read, cleaned and split by
 output shard in one element, and the dedup keys, band keys and signatures move as lists per
 partition (a stable hash of the key), so the runner's per-element cost is paid per batch, and no
-worker holds more than one partition: memory per worker does not grow with the corpus.
+worker holds more than one partition: memory per worker does not grow with the corpus. The texts
+themselves do not travel through the runner at all: each block's cleaned records are written to
+`out_dir/_blocks/` and read back by the worker that writes their output shard (removed at the end).
 
 Output: `out_dir/part-NNNNN.jsonl` holds the kept documents of source records
 [NNNNN * shard_docs, (NNNNN + 1) * shard_docs) in source order (a range with none kept writes no
@@ -52,6 +54,7 @@ PARTITION_DOCS = 8192  # documents per dedup partition (keys, bands, signatures)
 RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner",
            "PortableRunner")
 _REPORT_FILE = "_report.pickle"
+_SPILL_DIR = "_blocks"  # cleaned records by source block and shard, until the shards are written
 
 
 def _beam():
@@ -70,13 +73,16 @@ def _part(key: bytes, n: int) -> int:
 class _CleanBlock:
   """Reads records [start, start + BLOCK_DOCS), runs the per-document steps on them.
 
-  Outputs (main) (shard, [records of this block in that shard]) with the dedup fields removed,
+  The cleaned records (dedup fields removed) are written to a file per output shard in
+  `spill_dir`, and only that file's name travels: the texts never go through the runner's
+  shuffle. Outputs (main) (shard, file name),
   ("keys") (partition, [(dedup key, index, file, line, signature)]) of the live documents when
   exact dedup is on, else ("survivors") [(index, file, line, signature)].
   """
 
-  def __init__(self, source, steps, shard_docs, n_parts, exact, reopen=None):
+  def __init__(self, source, steps, shard_docs, n_parts, exact, spill_dir, reopen=None):
     self.source = source
+    self.spill_dir = spill_dir
     self.reopen = reopen
     self.steps = clean.ForEachRecord(steps)
     self.shard_docs = shard_docs
@@ -111,7 +117,12 @@ class _CleanBlock:
         keys[_part(key, self.n_parts)].append((key,) + entry)
       elif sig is not None:
         survivors.append(entry)
-    yield from shards.items()
+    from apache_beam.io import filesystems  # pylint: disable=g-import-not-at-top
+    for shard, shard_records in shards.items():
+      path = filesystems.FileSystems.join(self.spill_dir, f"block-{start:012d}-{shard:06d}.pickle")
+      with filesystems.FileSystems.create(path) as f:  # a retried block rewrites the same file
+        f.write(pickle.dumps(shard_records, protocol=pickle.HIGHEST_PROTOCOL))
+      yield shard, path
     for part, entries in keys.items():
       yield beam.pvalue.TaggedOutput("keys", (part, entries))
     if survivors:
@@ -289,7 +300,8 @@ def _near_decision(shard_docs):
 
 
 class _WriteShard:
-  """(shard, {"records", "decisions"}) -> writes out_dir/part-{shard}.jsonl; -> (shard, report)."""
+  """(shard, {"records": block files, "decisions"}) -> writes out_dir/part-{shard}.jsonl;
+  -> (shard, report)."""
 
   def __init__(self, out_dir, rules, max_samples):
     self.out_dir = out_dir
@@ -300,8 +312,11 @@ class _WriteShard:
     from apache_beam.io import filesystems  # pylint: disable=g-import-not-at-top
     shard, groups = shard_groups
     decisions = {index: (rule, detail) for index, rule, detail in groups["decisions"]}
-    records = sorted((r for batch in groups["records"] for r in batch),
-                     key=lambda r: r["_index"])
+    records = []
+    for path in groups["records"]:
+      with filesystems.FileSystems.open(path) as f:
+        records.extend(pickle.loads(f.read()))
+    records.sort(key=lambda r: r["_index"])
     report = clean.CleaningReport(self.rules, max_samples=self.max_samples)
     lines = []
     for r in records:
@@ -381,12 +396,15 @@ def clean_with_beam(source, config: clean.CleanConfig, out_dir: str, *,
   if n == 0:
     return clean.CleaningReport(rules, max_samples=max_samples)
   report_path = FileSystems.join(out_dir, _REPORT_FILE)
+  spill_dir = FileSystems.join(out_dir, _SPILL_DIR)
+  if not FileSystems.exists(spill_dir):
+    FileSystems.mkdirs(spill_dir)
 
   with beam.Pipeline(options=opts) as p:
     cleaned = (p | "Blocks" >> beam.Create(list(range(0, n, BLOCK_DOCS)))
                | "Spread" >> beam.Reshuffle()
                | "Clean" >> beam.FlatMap(_CleanBlock(source, steps, shard_docs, n_parts, exact,
-                                                          reopen))
+                                                          spill_dir, reopen))
                .with_outputs("keys", "survivors", main="records"))
     decisions = []
     survivors = cleaned.survivors
@@ -422,7 +440,7 @@ def clean_with_beam(source, config: clean.CleanConfig, out_dir: str, *,
 
   with FileSystems.open(report_path) as f:
     report = pickle.loads(f.read())
-  FileSystems.delete([report_path])
+  FileSystems.delete([report_path, spill_dir])
   return report
 
 
