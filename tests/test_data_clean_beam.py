@@ -163,3 +163,18 @@ def test_stage_beam_with_two_worker_processes_matches_grain(corpus, tmp_path):
     results.append((kept, report, summary["documents_out"]))
   assert results[0] == results[1]
   assert results[0][1]["dropped"]["low_quality:model"] >= 1
+
+
+@pytest.mark.slow
+def test_near_dedup_scale_bench_at_a_tiny_size(tmp_path):
+  """bench/near_dedup_scale.py end to end at 3,000 documents: both engines find the planted near
+  duplicates, drop nothing else, and keep the same documents."""
+  out = tmp_path / "scale.json"
+  script = os.path.join(os.path.dirname(__file__), "..", "bench", "near_dedup_scale.py")
+  proc = subprocess.run([sys.executable, script, "--docs", "3000", "--out", str(out)],
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["engines_agree"]
+  for engine in ("grain", "beam"):
+    assert result[engine]["recall"] >= 0.95 and result[engine]["precision"] >= 0.99, result
