@@ -7,11 +7,14 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from r1jax import configlib
+from r1jax import errors
 from r1jax.data import pretraining
+from r1jax.data import shards
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import data as data_stage
@@ -121,6 +124,10 @@ def test_stage_end_to_end(inputs, tmp_path):
   batch = next(pretraining.pretrain_iterator(os.path.join(workdir, "data", "clean"), tok,
                                              seq_len=32, batch_size=2))
   assert batch["tokens"].shape == (2, 32)
+  # The same documents tokenized into ArrayRecord shards for pretraining to stream.
+  tokenized = shards.TokenizedCorpus(summary["tokenized_dir"])
+  assert len(tokenized) == 35 and tokenized.num_tokens == summary["tokens"]
+  np.testing.assert_array_equal(tokenized.tokens(3), tok.encode(clean[3]["text"]))
   assert not os.path.exists(os.path.join(workdir, "data", "augmented"))
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["stage"] == "data"
@@ -131,6 +138,14 @@ def test_stage_end_to_end(inputs, tmp_path):
   assert os.path.getmtime(os.path.join(workdir, "summary.json")) == stamp
   with pytest.raises(ValueError, match="different config"):
     data_stage.run(_config(inputs, **{"clean.min_chars": 20}), workdir)
+  # A damaged shard: the rerun rewrites it from the cleaned JSONL.
+  shard = os.path.join(summary["tokenized_dir"], "part-00000.array_record")
+  with open(shard, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(errors.BadInput, match="part-00000.array_record"):
+    shards.TokenizedCorpus(summary["tokenized_dir"])
+  assert data_stage.run(_config(inputs), workdir) == summary
+  assert len(shards.TokenizedCorpus(summary["tokenized_dir"])) == 35
 
 
 def test_tokenizer_extra_inputs_shape_the_vocabulary_only(inputs, tmp_path):

@@ -1,5 +1,6 @@
 """Multi-host: two local processes (jax.distributed, gloo collectives on CPU, 2 devices each) train
-the tiny model like one process with 4 devices, then save and restore a checkpoint together.
+the tiny model like one process with 4 devices, then save and restore a checkpoint together; two
+processes stream tokenized shards, each reading its own documents.
 
 Slow: three JAX processes start and compile (about a minute on 2 cores).
 """
@@ -12,6 +13,8 @@ import sys
 import pytest
 
 from r1jax.data import builtin
+from r1jax.data import shards
+from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.train import metrics
 
@@ -114,3 +117,48 @@ def test_two_processes_finetune_on_length_buckets(tmp_path):
   # The task's texts fill under a third of 512 positions; cut batches hold mostly real tokens.
   train = [r for r in metrics.read_metrics(workdir, "train") if "real_token_fraction" in r]
   assert train and all(r["real_token_fraction"] > 0.5 for r in train)
+
+
+# Each process opens the shards and notes the documents its rows read in epoch 0 (see
+# test_data_shards.epoch_zero_reads), with jax.process_index() / process_count() as pretraining
+# passes them.
+_READS = """
+import json, sys
+import jax
+from r1jax import distributed
+from r1jax.data import pretraining, shards, tokenizer
+import test_data_shards
+distributed.maybe_initialize()
+pretraining._DOC_CACHE_SIZE = 0
+docs = shards.TokenizedCorpus(sys.argv[1])
+reads = test_data_shards.epoch_zero_reads(docs, tokenizer.Tokenizer.load(sys.argv[2]),
+                                          jax.process_index(), jax.process_count(), batch_size=8)
+with open(f"{sys.argv[3]}/reads_{jax.process_index()}.json", "w") as f:
+  json.dump({"reads": reads, "count": jax.process_count(), "documents": len(docs)}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_shard_records_covering_an_epoch(tmp_path):
+  clean = tmp_path / "clean"
+  clean.mkdir()
+  texts = builtin.texts("domain")[:150]
+  for i, part in enumerate((texts[:60], texts[60:])):
+    with open(clean / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps({"text": t}) + "\n" for t in part)
+  tokenizer = str(tmp_path / "tokenizer.model")
+  tokenizer_lib.Tokenizer.train(texts, 600).save(tokenizer)
+  out = str(tmp_path / "tokenized")
+  shards.write_shards(sources.expand_spec(str(clean)), tokenizer, out, worker_count=0,
+                      progress=False)
+  env_path = os.path.join(ROOT, "tests")
+  _run_two_processes([sys.executable, "-c", f"import sys; sys.path.insert(0, {env_path!r})\n" +
+                      _READS, out, tokenizer, str(tmp_path)])
+  parts = []
+  for p in range(2):
+    with open(tmp_path / f"reads_{p}.json") as f:
+      result = json.load(f)
+    assert result["count"] == 2 and result["documents"] == 150
+    parts.append(set(result["reads"]))
+  assert parts[0] and parts[1] and not parts[0] & parts[1]
+  assert parts[0] | parts[1] == set(range(150))

@@ -14,6 +14,8 @@ import pytest
 from r1jax import configlib
 from r1jax import run_dir
 from r1jax.data import builtin
+from r1jax.data import shards
+from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import pretrain
 from r1jax.train import checkpoint as ckpt_lib
@@ -254,6 +256,41 @@ def test_sigkill_then_rerun_resumes_bitwise(tokenizer_path, tmp_path):
   assert os.path.exists(os.path.join(killed_dir, ".lock"))  # stale: taken over by the rerun
   subprocess.run(_command(killed_dir, tok, *SUBPROCESS_OVERRIDES), env=_env(), check=True,
                  capture_output=True)
+  with open(os.path.join(killed_dir, "summary.json")) as f:
+    assert json.load(f)["resumed_from_step"] in (8, 16, 24, 32, 40, 48, 56)
+  assert _records(killed_dir) == _records(straight_dir)
+  _assert_params_equal(_final_params(killed_dir), _final_params(straight_dir))
+
+
+@pytest.mark.slow
+def test_sigkill_on_tokenized_shards_resumes_bitwise_like_the_texts(tokenizer_path, tmp_path):
+  """A data stage's layout (clean JSONL, tokenized shards beside it): straight from the texts in
+  memory vs killed with SIGKILL while streaming the shards, then rerun: the same losses and final
+  parameters, so a resume continues at the same record and the two inputs are interchangeable."""
+  clean = tmp_path / "data" / "clean"
+  clean.mkdir(parents=True)
+  texts = builtin.texts("general")
+  for i in range(2):
+    with open(clean / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i * 3000:(i + 1) * 3000])
+  shards.write_shards(sources.expand_spec(str(clean)), tokenizer_path,
+                      str(tmp_path / "data" / "tokenized"), worker_count=0, progress=False)
+  common = (f"--config.data.tokenizer={tokenizer_path}", f"--config.data.corpus={clean}",
+            *SUBPROCESS_OVERRIDES)
+  straight_dir, killed_dir = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run(_command(straight_dir, "--config.data.input=memory", *common), env=_env(),
+                 check=True, capture_output=True)
+  command = _command(killed_dir, "--config.data.input=shards", *common)
+  proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  killed_at = _wait_for_step(killed_dir, 13, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert killed_at < 60 and not os.path.exists(os.path.join(killed_dir, "summary.json"))
+  subprocess.run(command, env=_env(), check=True, capture_output=True)
+  for workdir, expected in ((straight_dir, "memory"), (killed_dir, "shards")):
+    with open(os.path.join(workdir, "config.json")) as f:
+      assert json.load(f)["resolved"]["input"] == expected
   with open(os.path.join(killed_dir, "summary.json")) as f:
     assert json.load(f)["resumed_from_step"] in (8, 16, 24, 32, 40, 48, 56)
   assert _records(killed_dir) == _records(straight_dir)

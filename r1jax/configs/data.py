@@ -8,9 +8,11 @@ r"""Data stage: clean the corpus, optionally augment it, train the tokenizer.
 
 Writes DIR/data/clean/part-*.jsonl ({"text": ..., <metadata>} per line), DIR/data/report.json
 (documents_in = documents_out + sum(dropped), samples of every drop with file and line),
-DIR/data/augmented/part-*.jsonl when augmentation is on, DIR/tokenizer.model, DIR/config.json and
-DIR/summary.json. Rerunning on a finished workdir does nothing. Use the result in pretraining with
---config.data.corpus=DIR/data/clean --config.data.tokenizer=DIR/tokenizer.model.
+DIR/data/augmented/part-*.jsonl when augmentation is on, DIR/tokenizer.model, DIR/data/tokenized/
+(the cleaned documents as token ids: ArrayRecord shards + manifest.json), DIR/config.json and
+DIR/summary.json. Rerunning on a finished workdir does nothing (but rewrite damaged shards). Use the
+result in pretraining with --config.data.corpus=DIR/data/clean (it reads the tokenized shards
+beside it) --config.data.tokenizer=DIR/tokenizer.model.
 
 `variant` picks the tokenizer vocabulary of the model variant it is for: tiny (1000), small (8000),
 base (50000); tiny also reads only the domain corpus, to be quick.
@@ -107,6 +109,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_sentences=300_000,      # lines sampled for training
       extra_inputs="",            # more text for the vocabulary only (input specs, comma-separated;
                                   # read as they are): e.g. the domain and task text
+  ))
+
+  config.shards = ml_collections.ConfigDict(dict(
+      enabled=True,               # tokenize the cleaned corpus into DIR/data/tokenized (ArrayRecord)
+                                  # for pretraining to stream (needs tokenizer.train)
+      worker_count=-1,            # processes tokenizing shards in parallel (-1: one per CPU core)
   ))
 
   if variant == "tiny":

@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(dict(
       corpus="builtin:general",  # path / glob / builtin:general|domain / tfds:NAME/SPLIT, or a list
+      input="auto",              # auto | shards | memory: stream the data stage's tokenized shards
+                                 # (corpus = its DIR/data/clean or DIR/data/tokenized) or read and
+                                 # tokenize the texts here; auto: shards when they exist and fit
       tokenizer="",              # tokenizer.model to use; "" = init_from's, else train one here
       tokenizer_type="bpe",      # when training one: bpe | unigram (vocab = model.vocab_size)
       seq_len=-1,                # tokens per row and step; -1 = the variant's segment length

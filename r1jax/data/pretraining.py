@@ -51,6 +51,13 @@ otherwise takes most of the positions: `bench/NOTES_quality.md` measures the rea
 
 Process sharding: process p of n builds rows [p * B/n, (p + 1) * B/n) of the global batch; the
 document order is computed from the seed alone, so all processes agree without communicating.
+Stream position g is document `index_shuffle(g % N)` of epoch g // N (Grain's O(1)-memory
+permutation), and row r takes the positions g with g % B == r: within an epoch the processes read
+disjoint sets of documents that together cover the corpus once (NSP's random B segments are the
+exception: any document). From tokenized shards (`shards.TokenizedCorpus`, written by the data
+stage) a process reads only those records, through Grain's ArrayRecord source, and resident memory
+does not grow with the corpus; from texts, every process holds all texts. Both give bitwise the
+same batches.
 Workers: `worker_count > 0` builds rows in Grain worker processes (`mp_prefetch`); worker w builds the
 rows w, w + workers, ... of this process, so the output is identical for any worker count. A worker
 sends its rows of several consecutive steps per message (at least MESSAGE_ROWS rows): finished
@@ -71,6 +78,7 @@ import numpy as np
 from r1jax import errors
 from r1jax.data import grain_ops
 from r1jax.data import knowledge as knowledge_lib
+from r1jax.data import shards
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -100,12 +108,11 @@ def resolve_texts(docs_or_paths) -> list[str]:
     texts, skipped = [], collections.Counter()
     for i in range(len(source)):
       record = source[i]
-      if record.get("_error"):
-        skipped[record["_error"]] += 1
-      elif isinstance(record.get("text"), str) and record["text"].strip():
-        texts.append(record["text"])
+      text = shards.document_text(record)
+      if text is not None:
+        texts.append(text)
       else:
-        skipped["empty"] += 1
+        skipped[record.get("_error") or "empty"] += 1
     logging.info("Corpus %s: %d documents, read as %s%s.", spec, len(texts), source.describe(),
                  f"; rows skipped: {dict(skipped)}" if skipped else "")
     return texts
@@ -123,16 +130,20 @@ def resolve_texts(docs_or_paths) -> list[str]:
 
 
 class _DocStore:
-  """Texts of the corpus and an LRU cache of their token ids and entity-unit spans."""
+  """The corpus's documents and an LRU cache of their token ids and entity-unit spans.
 
-  def __init__(self, texts, tokenizer, knowledge):
-    self.texts = texts
+  `docs`: texts (tokenized here, on first use) or `shards.TokenizedDocuments` (ids read from the
+  shards; no knowledge: entity mentions are found in the text)."""
+
+  def __init__(self, docs, tokenizer, knowledge):
+    self.docs = docs
+    self.tokenized = isinstance(docs, shards.TokenizedDocuments)
     self.tokenizer = tokenizer
     self.knowledge = knowledge
     self._cache = collections.OrderedDict()
 
   def __len__(self):
-    return len(self.texts)
+    return len(self.docs)
 
   def get(self, doc: int):
     """-> (ids int32 [N], entity_id int32 [N]: -1 or the index of the mention covering a token)."""
@@ -140,11 +151,14 @@ class _DocStore:
     if hit is not None:
       self._cache.move_to_end(doc)
       return hit
-    text = self.texts[doc]
-    if self.knowledge is None:
-      ids = np.asarray(self.tokenizer.encode(text), np.int32)
+    if self.tokenized:
+      ids = self.docs.tokens(doc)
+      entity = np.full(len(ids), -1, np.int32)
+    elif self.knowledge is None:
+      ids = np.asarray(self.tokenizer.encode(self.docs[doc]), np.int32)
       entity = np.full(len(ids), -1, np.int32)
     else:
+      text = self.docs[doc]
       ids, starts, ends = self.tokenizer.encode_with_offsets(text)
       anchors = np.maximum(starts, ends - 1)  # "▁Ada" starts at the space: use its last character
       entity = np.full(len(ids), -1, np.int32)
@@ -207,10 +221,10 @@ class _PretrainRowIterator(grain.DatasetIterator):
     super().__init__()
     self._ds = ds
     self._opt = ds.options
-    self._store = _DocStore(ds.texts, ds.tokenizer, ds.knowledge)
+    self._store = _DocStore(ds.docs, ds.tokenizer, ds.knowledge)
     self._word_start = ds.tokenizer.word_start_table() if self._opt.whole_word else None
     self._vocab_size = ds.tokenizer.vocab_size
-    self._perms = collections.OrderedDict()
+    self._epoch_seeds = {}
     self._triples = (knowledge_lib.TripleExamples(ds.knowledge, ds.tokenizer, self._opt.kg_seq_len)
                      if ds.knowledge is not None else None)
     rows = ds.rows
@@ -234,17 +248,23 @@ class _PretrainRowIterator(grain.DatasetIterator):
 
   # --- document order ----------------------------------------------------------------------------
   def _doc_of(self, row: int, k: int) -> tuple[int, int]:
-    """(document index, epoch) of the k-th document of global row `row`."""
+    """(document index, epoch) of the k-th document of global row `row`.
+
+    Position g of the endless document stream is position g % n of epoch g // n's shuffle, a
+    permutation computed one index at a time (Grain's index_shuffle): no per-epoch array, so
+    memory does not grow with the corpus.
+    """
     n_docs = len(self._store)
     g = k * self._opt.global_batch_size + row
     epoch = g // n_docs
-    perm = self._perms.get(epoch)
-    if perm is None:
-      perm = np.random.default_rng([self._opt.seed, epoch, 0x5EED]).permutation(n_docs)
-      self._perms[epoch] = perm
-      if len(self._perms) > 4:
-        self._perms.popitem(last=False)
-    return int(perm[g % n_docs]), epoch
+    seed = self._epoch_seeds.get(epoch)
+    if seed is None:
+      seed = int(np.random.default_rng([self._opt.seed, epoch, 0x5EED]).integers(1 << 32))
+      if len(self._epoch_seeds) > 8:
+        self._epoch_seeds.clear()
+      self._epoch_seeds[epoch] = seed
+    doc = grain.experimental.index_shuffle(g % n_docs, max_index=n_docs - 1, seed=seed, rounds=4)
+    return doc, epoch
 
   # --- one step ----------------------------------------------------------------------------------
   def __next__(self):
@@ -414,11 +434,11 @@ class PretrainRowDataset(grain.IterDataset):
   w, w + workers, ...; `_InterleaveRows` puts the workers' parts back in row order.
   """
 
-  def __init__(self, texts: Sequence[str], tokenizer: tokenizer_lib.Tokenizer,
-               options: PretrainOptions, rows: Sequence[int],
+  def __init__(self, docs: "Sequence[str] | shards.TokenizedDocuments",
+               tokenizer: tokenizer_lib.Tokenizer, options: PretrainOptions, rows: Sequence[int],
                knowledge: knowledge_lib.KnowledgeBase | None = None):
     super().__init__()
-    self.texts = texts
+    self.docs = docs
     self.tokenizer = tokenizer
     self.options = options
     self.rows = tuple(rows)
@@ -432,7 +452,7 @@ class PretrainRowDataset(grain.IterDataset):
     return _PretrainRowIterator(self)
 
   def __str__(self):
-    return f"PretrainRowDataset(rows={len(self.rows)}, docs={len(self.texts)})"
+    return f"PretrainRowDataset(rows={len(self.rows)}, docs={len(self.docs)})"
 
 
 # Rows per message from a worker (at least): a group of steps of one worker's rows.
@@ -475,7 +495,8 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   """An endless Grain dataset of pretraining batches (see module docstring for the layout).
 
   Args:
-    docs_or_paths: corpus in any form `resolve_texts` accepts.
+    docs_or_paths: corpus in any form `resolve_texts` accepts, or `shards.TokenizedDocuments`
+      (a tokenized corpus or its split: ids read from ArrayRecord shards, never tokenized here).
     tokenizer: the project's Tokenizer.
     seq_len: Q, tokens per row including [CLS]/[SEP].
     batch_size: the GLOBAL batch size; this process yields batch_size // process_count rows.
@@ -498,14 +519,21 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   options.validate()
   local_batch, rows = grain_ops.local_rows(batch_size, process_index, process_count)
   _check_workers(worker_count, local_batch)
-  texts = resolve_texts(docs_or_paths)
-  if not texts:
+  if isinstance(docs_or_paths, shards.TokenizedDocuments):
+    docs = docs_or_paths
+    docs.check_tokenizer(tokenizer, "the tokenizer given")
+    if knowledge_path:
+      raise ValueError("Whole-entity masking finds mentions in the text: pass the texts, not "
+                       "tokenized shards, with knowledge_path.")
+  else:
+    docs = resolve_texts(docs_or_paths)
+  if not len(docs):
     raise errors.BadInput("The pretraining corpus has no non-empty documents.")
-  if nsp and len(texts) < 2:
+  if nsp and len(docs) < 2:
     raise errors.BadInput("NSP needs at least 2 documents to draw random next segments; got 1. "
                           "Pass nsp=False or more documents.")
   knowledge = knowledge_lib.KnowledgeBase.from_file(knowledge_path) if knowledge_path else None
-  ds = PretrainRowDataset(texts, tokenizer, options, rows, knowledge)
+  ds = PretrainRowDataset(docs, tokenizer, options, rows, knowledge)
   if worker_count:
     # Worker w builds rows w, w + k, ... and sends `group` consecutive steps of them per message
     # (one message per step cost the main process more than assembling the batch); k consecutive
@@ -521,9 +549,45 @@ def pretrain_iterator(docs_or_paths, tokenizer, **kwargs) -> grain.DatasetIterat
   return iter(pretrain_dataset(docs_or_paths, tokenizer, **kwargs))
 
 
-def split_documents(texts: list[str], every_nth: int) -> tuple[list[str], list[str]]:
+class EveryNth(shards.TokenizedDocuments):
+  """The training (held_out=False) or held-out documents of a tokenized corpus under
+  `split_documents`' rule, as an index map: document j of the split is document
+  `index(j)` of the corpus."""
+
+  def __init__(self, docs: shards.TokenizedDocuments, every_nth: int, held_out: bool):
+    self._docs, self._n, self._held = docs, every_nth, held_out
+    for name in ("tokenizer_sha256", "tokenizer_path", "source_dir", "directory"):
+      setattr(self, name, getattr(docs, name))
+    held = len(docs) // every_nth
+    self._len = held if held_out else len(docs) - held
+
+  def index(self, j: int) -> int:
+    if self._held:
+      return j * self._n + self._n - 1
+    return j + j // (self._n - 1)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def tokens(self, i: int) -> np.ndarray:
+    if not 0 <= i < self._len:
+      raise IndexError(i)
+    return self._docs.tokens(self.index(i))
+
+  def token_counts(self):
+    start = 0
+    for counts in self._docs.token_counts():
+      held = (np.arange(start, start + len(counts)) % self._n) == self._n - 1
+      yield counts[held if self._held else ~held]
+      start += len(counts)
+
+
+def split_documents(docs, every_nth: int):
   """(train, held-out): document i is held out when i % every_nth == every_nth - 1 (pretraining's
-  eval split; the diagnose stage measures the same held-out documents)."""
-  held = [t for i, t in enumerate(texts) if i % every_nth == every_nth - 1]
-  train = [t for i, t in enumerate(texts) if i % every_nth != every_nth - 1]
+  eval split; the diagnose stage measures the same held-out documents). Lists of texts give lists;
+  a tokenized corpus gives two `EveryNth` views of it."""
+  if isinstance(docs, shards.TokenizedDocuments):
+    return EveryNth(docs, every_nth, held_out=False), EveryNth(docs, every_nth, held_out=True)
+  held = [t for i, t in enumerate(docs) if i % every_nth == every_nth - 1]
+  train = [t for i, t in enumerate(docs) if i % every_nth != every_nth - 1]
   return train, held

@@ -4,7 +4,10 @@ r"""Data stage: sources -> cleaning -> (augmentation) -> tokenizer, as Grain pip
 
 Outputs (see configs/data.py): DIR/data/clean/part-NNNNN.jsonl, DIR/data/report.json,
 DIR/data/augmented/part-NNNNN.jsonl (augmentation on), DIR/tokenizer.model, DIR/config.json,
-DIR/summary.json. The cleaned shards are written to DIR/data/clean.tmp and renamed at the end, so
+DIR/summary.json, and DIR/data/tokenized/ (shards.enabled with a trained tokenizer: the cleaned
+documents as token ids in ArrayRecord shards with manifest.json, `r1jax.data.shards`; written in
+parallel, resumable shard by shard, and checked again, damaged shards rewritten, when a finished
+stage is rerun). The cleaned shards are written to DIR/data/clean.tmp and renamed at the end, so
 an interrupted run leaves no half-written corpus; rerunning an interrupted run starts over, and
 rerunning a finished one with the same config returns its summary without doing anything.
 
@@ -37,6 +40,7 @@ from r1jax.data import augment
 from r1jax.data import clean
 from r1jax.data import clean_beam
 from r1jax.data import clean_steps
+from r1jax.data import shards
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -107,6 +111,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   v.positive_int("tokenizer.max_sentences")
   if "extra_inputs" in config.get("tokenizer", {}):
     v.string("tokenizer.extra_inputs")
+  if "shards" in config:
+    v.boolean("shards.enabled")
+    v.int_at_least("shards.worker_count", 0, allow=(-1,))
   v.raise_if_any("data config")
 
 
@@ -291,6 +298,30 @@ def _iter_texts(paths):
         yield json.loads(line)["text"]
 
 
+def _write_tokenized(config, clean_dir: str, tokenizer_path: str, out_dir: str) -> dict[str, Any]:
+  """DIR/data/tokenized from the cleaned JSONL (shards already written are kept)."""
+  paths = sources.expand_spec(clean_dir)
+  logging.info("Tokenizing %d cleaned shards into %s", len(paths), out_dir)
+  start = time.perf_counter()
+  manifest = shards.write_shards(paths, tokenizer_path, out_dir,
+                                 worker_count=config.shards.worker_count,
+                                 progress=config.data.progress_bar)
+  seconds = time.perf_counter() - start
+  logging.info("Tokenized %d documents, %d tokens, in %d shards (%.1f s, %.0f tokens/s): %s",
+               manifest["documents"], manifest["tokens"], len(manifest["shards"]), seconds,
+               manifest["tokens"] / max(seconds, 1e-9), os.path.join(out_dir, shards.MANIFEST))
+  return manifest
+
+
+def _tokenized_damaged(out_dir: str) -> bool:
+  try:
+    shards.TokenizedCorpus(out_dir)
+  except errors.BadInput as e:
+    logging.warning("%s Rewriting the damaged shards.", e)
+    return True
+  return False
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the data stage in `workdir` (see module docstring); returns the summary.
 
@@ -326,7 +357,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise errors.BadInput(f"{workdir} holds a finished data stage with a different config; "
                               "use a new --workdir (or delete this one) to run with the new "
                               "settings.")
-      logging.info("Data stage in %s already complete; nothing to do.", workdir)
+      if summary.get("tokenized_dir") and _tokenized_damaged(summary["tokenized_dir"]):
+        _write_tokenized(config, summary["clean_dir"], summary["tokenizer"],
+                         summary["tokenized_dir"])
+      else:
+        logging.info("Data stage in %s already complete; nothing to do.", workdir)
       return summary
   configlib.write_config_json(config, workdir)
 
@@ -387,6 +422,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokenizer_path = tok.save(os.path.join(workdir, TOKENIZER_FILE))
     vocab_size = tok.vocab_size
 
+  tokenized_dir, tokens = None, None
+  if tokenizer_path and config.get("shards", {}).get("enabled"):
+    tokenized_dir = os.path.join(data_dir, "tokenized")
+    tokens = _write_tokenized(config, clean_dir, tokenizer_path, tokenized_dir)["tokens"]
+  elif config.get("shards", {}).get("enabled"):
+    logging.info("No tokenized shards: tokenizer.train is off (pretraining tokenizes the cleaned "
+                 "text with its own tokenizer).")
+
   report_dict.update(augmented=augmented, augment_unchanged=unchanged, inputs=d.inputs,
                      seconds=round(clean_seconds, 3),
                      docs_per_sec=round(report.documents_in / max(clean_seconds, 1e-9), 1))
@@ -400,6 +443,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "vocab_size": vocab_size,
       "vocab_size_requested": config.tokenizer.vocab_size if config.tokenizer.train else None,
       "tokenizer_extra_inputs": ",".join(extra) or None,
+      "tokenized_dir": tokenized_dir, "tokens": tokens,
       "docs_per_sec": report_dict["docs_per_sec"],
       "seconds": round(time.perf_counter() - started, 3),
   }

@@ -11,25 +11,33 @@ DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/summary.json.
 
 Held-out data: every `data.eval_every_nth_doc`-th document of the corpus (by position, so the split
 does not move with the seed) is kept out of training and streamed the same way for eval.
+
+Input (`data.input`, see `open_corpus`): the data stage's tokenized shards (DIR/data/tokenized,
+found from data.corpus=DIR/data/clean or named directly), streamed from ArrayRecord without
+tokenizing, each process reading only its rows' documents; or the texts, read into memory and
+tokenized as rows need them. Both give the same batches; one log line says which was used and why.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from r1jax import configlib
 from r1jax import errors
 from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.data import pretraining
+from r1jax.data import shards
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import heads
 from r1jax.model import losses
@@ -67,6 +75,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       v.add("data.pack", "True needs data.nsp=False (a packed row holds several documents, so "
             "there are no next-segment pairs); set --config.data.nsp=False.")
     v.string("data.corpus")
+    v.choice("data.input", INPUTS)
     v.choice("data.tokenizer_type", tokenizer_lib.MODEL_TYPES)
     tok = v.string("data.tokenizer")
     if tok:
@@ -127,11 +136,14 @@ def knowledge_path(config: ml_collections.ConfigDict) -> str | None:
 
 
 def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
-                      train_texts: list[str]) -> tokenizer_lib.Tokenizer:
-  """DIR/tokenizer.model: kept if present, else copied (data.tokenizer, init_from) or trained."""
+                      train_texts: list[str] | None, default_source: str = ""
+                      ) -> tokenizer_lib.Tokenizer:
+  """DIR/tokenizer.model: kept if present, else copied (data.tokenizer, init_from, else
+  `default_source`: the tokenized shards' tokenizer) or trained on `train_texts`."""
   source = config.data.tokenizer or ""
   if not source and config.init_from:
     source = run_dir.tokenizer_of(config.init_from)
+  source = source or default_source
 
   def train() -> tokenizer_lib.Tokenizer:
     vocab = model_config(config).vocab_size
@@ -141,17 +153,104 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return run_dir.provide_tokenizer(workdir, source=source, train=train)
 
 
-def estimate_steps_per_epoch(texts: list[str], tok: tokenizer_lib.Tokenizer, *, seq_len: int,
+def estimate_steps_per_epoch(token_counts: Iterable[np.ndarray], *, seq_len: int,
                              batch_size: int, nsp: bool, pack: bool = False) -> int:
-  """Steps for one pass over `texts`: each row takes one document at a time, ~0.75 (NSP: a true
-  pair consumes A and B, a random pair only A) or all of its seq_len - 2 content slots per step;
-  packed rows fill those slots with documents and one separator after each."""
-  lengths = [len(ids) for ids in tok.sp.encode(texts)]
-  if pack:
-    return max(1, math.ceil(sum(n + 1 for n in lengths) / (seq_len - 2) / batch_size))
+  """Steps for one pass over documents of these token counts (arrays, e.g. one per shard): each
+  row takes one document at a time, ~0.75 (NSP: a true pair consumes A and B, a random pair only
+  A) or all of its seq_len - 2 content slots per step; packed rows fill those slots with documents
+  and one separator after each."""
   per_step = 0.75 * (seq_len - 3) if nsp else seq_len - 2
-  row_steps = sum(max(1, math.ceil(n / per_step)) for n in lengths)
+  slots = row_steps = 0
+  for counts in token_counts:
+    counts = np.asarray(counts, np.int64)
+    slots += int((counts + 1).sum())
+    row_steps += int(np.maximum(1, np.ceil(counts / per_step)).sum())
+  if pack:
+    return max(1, math.ceil(slots / (seq_len - 2) / batch_size))
   return max(1, math.ceil(row_steps / batch_size))
+
+
+INPUTS = ("auto", "shards", "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """What pretraining reads: the training and held-out documents (texts, or views of tokenized
+  shards), the run's tokenizer, and which input was chosen ("shards" | "memory")."""
+  train: Any
+  held_out: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  input: str
+
+  def token_counts(self) -> Iterable[np.ndarray]:
+    """The training documents' lengths in tokens (read from the shards, or tokenized now)."""
+    if self.input == "shards":
+      return self.train.token_counts()
+    return [np.asarray([len(ids) for ids in self.tokenizer.sp.encode(self.train)])]
+
+
+def _split(docs, every: int, spec: str):
+  train, held = pretraining.split_documents(docs, every)
+  if len(train) < 2 or not len(held):
+    raise errors.BadInput(f"data.corpus={spec!r} has {len(docs)} documents; need enough for a "
+                          f"training set and every {every}-th as held-out.")
+  return train, held
+
+
+def open_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
+  """The corpus, split, with the run's tokenizer (DIR/tokenizer.model, see prepare_tokenizer).
+
+  data.input=auto streams tokenized shards when data.corpus has them (DIR/data/tokenized, or
+  DIR/data/clean beside it), no knowledge file is used (entity mentions are found in the text)
+  and the run's tokenizer is the one they were made with; "shards" requires all that and says
+  what is missing; "memory" always reads the texts. A damaged shard or manifest is an error in
+  both auto and shards modes (the fix: rerun the data stage, or data.input=memory).
+  """
+  d = config.data
+  every = d.eval_every_nth_doc
+  manifest = shards.find_manifest(d.corpus)
+  if manifest is None and d.input == "shards":
+    raise errors.InputNotFound(
+        f"data.input=shards, but data.corpus={d.corpus!r} has no tokenized shards (the data "
+        "stage's DIR/data/tokenized/manifest.json, found from DIR/data/clean or named directly). "
+        "Run the data stage with shards.enabled=True, or set --config.data.input=auto.")
+  text_spec, tokenized, tokenizer_default = d.corpus, None, ""
+  if manifest is not None:
+    tokenized_dir = os.path.dirname(os.path.abspath(manifest))
+    tokenizer_default = os.path.join(tokenized_dir, shards.TOKENIZER_FILE)
+    named = os.path.abspath(os.path.expanduser(str(d.corpus).strip().rstrip("/")))
+    if named in (tokenized_dir, os.path.abspath(manifest)):
+      text_spec = shards.source_of(manifest)  # the corpus names the shards: texts are their source
+    if d.input != "memory":
+      tokenized = shards.TokenizedCorpus(manifest)
+
+  if d.input == "memory":
+    why = "data.input=memory"
+  elif tokenized is None:
+    why = f"no tokenized shards at data.corpus={d.corpus!r}"
+  elif knowledge_path(config):
+    why = "data.knowledge_file finds entity mentions in the text, which the shards do not keep"
+    if d.input == "shards":
+      raise errors.BadInput(f"data.input=shards cannot be used with data.knowledge_file: {why}. "
+                            "Set --config.data.input=memory.")
+  else:
+    tok = prepare_tokenizer(config, workdir, None, default_source=tokenizer_default)
+    if d.input == "shards":
+      tokenized.check_tokenizer(tok, os.path.join(workdir, run_dir.TOKENIZER_FILE))
+    if shards.tokenizer_sha256(tok) == tokenized.tokenizer_sha256:
+      train, held = _split(tokenized, every, d.corpus)
+      logging.info("Pretraining input: tokenized shards %s (%d documents, %d tokens); no "
+                   "tokenizing at start, each process reads only its rows' documents.",
+                   tokenized.directory, len(tokenized), tokenized.num_tokens)
+      return Corpus(train, held, tok, "shards")
+    why = (f"the tokenized shards in {tokenized.directory} were made with another tokenizer "
+           f"than this run's ({tokenized.tokenizer_path})")
+  texts = pretraining.resolve_texts(text_spec)
+  train, held = _split(texts, every, d.corpus)
+  tok = prepare_tokenizer(config, workdir, train, default_source=tokenizer_default)
+  logging.info("Pretraining input: texts in memory (%d documents, tokenized as rows need them): "
+               "%s.", len(texts), why)
+  return Corpus(train, held, tok, "memory")
 
 
 def _batches(config, texts, tok, *, seq_len, seed, knowledge):
@@ -179,13 +278,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
          on_eval: Callable[[int, dict[str, float]], bool] | None) -> dict[str, Any]:
   started = time.time()
   seq_len = seq_len_of(config)
-  texts = pretraining.resolve_texts(config.data.corpus)
-  train_texts, eval_texts = pretraining.split_documents(texts, config.data.eval_every_nth_doc)
-  if len(train_texts) < 2 or not eval_texts:
-    raise errors.BadInput(f"data.corpus={config.data.corpus!r} has {len(texts)} documents; need "
-                          f"enough for a training set and every "
-                          f"{config.data.eval_every_nth_doc}-th as held-out.")
-  tok = prepare_tokenizer(config, workdir, train_texts)
+  corpus = open_corpus(config, workdir)
+  train_texts, eval_texts, tok = corpus.train, corpus.held_out, corpus.tokenizer
   mcfg = model_config(config, vocab_size=tok.vocab_size)
   knowledge = knowledge_path(config)
   model = heads.PretrainModel(mcfg, num_kg_labels=2 if knowledge else 0)
@@ -194,7 +288,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   num_steps = config.train.num_steps
   steps_per_epoch = None
   if num_steps == -1:
-    steps_per_epoch = estimate_steps_per_epoch(train_texts, tok, seq_len=seq_len,
+    steps_per_epoch = estimate_steps_per_epoch(corpus.token_counts(), seq_len=seq_len,
                                                batch_size=batch_size, nsp=config.data.nsp,
                                                pack=config.data.get("pack", False))
     num_steps = max(1, int(round(config.train.num_epochs * steps_per_epoch)))
@@ -256,7 +350,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     configlib.write_config_json(config, workdir, num_steps=num_steps, seq_len=seq_len,
                                 steps_per_epoch=steps_per_epoch, vocab_size=tok.vocab_size,
                                 mesh=dict(mesh.shape), num_params=n_params, budget=budget,
-                                train_docs=len(train_texts), eval_docs=len(eval_texts))
+                                train_docs=len(train_texts), eval_docs=len(eval_texts),
+                                input=corpus.input)
   logging.info("Pretraining %s model (%d params, vocabulary %d) for %d steps on mesh %s: %d "
                "training documents, %d held out (every %d-th).", config.model.variant, n_params,
                mcfg.vocab_size, num_steps, dict(mesh.shape), len(train_texts), len(eval_texts),
