@@ -29,6 +29,17 @@ from r1jax.train.state import TrainState
 SEQ_LEN = 24
 
 
+def write_checkpoint(path, params):
+  """DIR/checkpoints/1 holding `params` as a training run saves them."""
+  state = TrainState(step=jnp.asarray(1, jnp.int32), params=params, opt_state=jnp.zeros(()),
+                     rng=jax.random.key_data(jax.random.PRNGKey(0)), extras=jnp.zeros(()),
+                     nonfinite_skips=jnp.zeros((), jnp.int32))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), max_to_keep=1,
+                                       keep_best=0, async_save=False)
+  checkpointer.save(state)
+  checkpointer.close()
+
+
 def make_classifier_workdir(path, *, n_layer=2, seq_len=SEQ_LEN, pretrain=False, seed=0):
   """A finetuning-like workdir holding a random tiny classifier (or a pretraining model)."""
   os.makedirs(path, exist_ok=True)
@@ -45,14 +56,7 @@ def make_classifier_workdir(path, *, n_layer=2, seq_len=SEQ_LEN, pretrain=False,
   params = jax.tree.map(lambda x: x, model.init(jax.random.PRNGKey(seed),
                                                 jnp.zeros((1, 8), jnp.int32))["params"])
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  params = nn.unbox(params)
-  state = TrainState(step=jnp.asarray(1, jnp.int32), params=params, opt_state=jnp.zeros(()),
-                     rng=jax.random.key_data(jax.random.PRNGKey(0)), extras=jnp.zeros(()),
-                     nonfinite_skips=jnp.zeros((), jnp.int32))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), max_to_keep=1,
-                                       keep_best=0, async_save=False)
-  checkpointer.save(state)
-  checkpointer.close()
+  write_checkpoint(path, nn.unbox(params))
   with open(os.path.join(path, "labels.txt"), "w") as f:
     f.write("".join(n + "\n" for n in labels))
   model_json = {"variant": "tiny", "n_layer": n_layer, "dropout": 0.0}

@@ -43,7 +43,6 @@ from r1jax.compress import model_card
 from r1jax.compress import quantize as quant_lib
 from r1jax.compress import spec as spec_lib
 from r1jax.compress import weights as weights_lib
-from r1jax.model import heads
 
 FORMAT = "r1jax.compress.artifact"
 VERSION = 2
@@ -125,24 +124,25 @@ class Artifact:
 
   @functools.cached_property
   def model(self) -> nn.Module:
-    model = heads.Classifier(self.spec.model, self.spec.num_classes, self.spec.multi_label)
+    model = spec_lib.classifier_module(self.spec)
     if self.quantization is None:
       return model
     return quant_lib.quantized_model(model, self.quantization["mode"],
                                      self.quantization.get("act_scales") or None)
 
-  def logits(self, params: Any, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
-    """Pure: (params, tokens int [B, Q], token_mask bool [B, Q]) -> logits float32 [B, C]."""
-    return self.model.apply({"params": params}, tokens, token_mask)[0]
+  def logits(self, params: Any, *inputs: jax.Array) -> jax.Array:
+    """Pure: (params, *inputs in spec.input_names order) -> logits float32 [B, C]; for a text
+    classifier the inputs are tokens int [B, Q] and token_mask bool [B, Q]."""
+    return spec_lib.apply_logits(self.model, self.spec, params, *inputs)
 
   @functools.cached_property
   def _jitted(self):
     return jax.jit(self.logits)
 
   def predict(self, batch: Mapping[str, Any]) -> jax.Array:
-    """batch {"tokens", "token_mask"} (numpy or jax) -> logits [B, C]."""
-    return self._jitted(self.params, jnp.asarray(batch["tokens"]),
-                        jnp.asarray(batch["token_mask"], bool))
+    """batch {"tokens", "token_mask"} (+ "images" uint8 [B, S, S, C] for a model that reads
+    images; numpy or jax) -> logits [B, C]."""
+    return self._jitted(self.params, *self.spec.inputs_of(batch))
 
   @property
   def num_params(self) -> int:

@@ -16,7 +16,8 @@ the float graph. An int8 artifact given to `export` is refused with that fix.
 
 Both files carry the label names, sequence length and kind in their metadata (`r1jax.serve`
 reads them), and take tokens int32 [B, Q] + token_mask bool [B, Q] to logits float32 [B, C] with
-a symbolic batch B.
+a symbolic batch B; a multimodal classifier's take the inputs of its modalities (tokens,
+token_mask and/or images uint8 [B, S, S, C]) and also carry its modalities and image size.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from r1jax import errors
@@ -35,8 +35,8 @@ from r1jax import eval as eval_lib
 from r1jax import run_dir
 from r1jax import serve
 from r1jax.compress import onnx_graph
+from r1jax.compress import measure as measure_lib
 from r1jax.compress import spec as spec_lib
-from r1jax.model import heads
 
 MODES = ("dynamic",)
 ONNX_SETTINGS = ("auto", "on", "off")
@@ -63,17 +63,19 @@ def require() -> None:
     raise errors.missing_extra(e, extra="edge", what="ONNX export (export.onnx)") from e
 
 
-def inference_model(spec: spec_lib.ClassifierSpec) -> heads.Classifier:
+def inference_model(spec: spec_lib.ClassifierSpec) -> Any:
   """The classifier as the export traces it: projections as einsums over the kernels' own shapes
   and attention heads in one group (same parameters and results as training's layout; fewer,
   larger ONNX nodes, where onnxruntime pays per node)."""
   config = dataclasses.replace(spec.model, flat_matmuls=False, head_groups=1,
                                attention_impl="einsum", dropout=0.0, dropatt=0.0)
-  return heads.Classifier(config, spec.num_classes, spec.multi_label)
+  return spec_lib.classifier_module(spec, config)
 
 
 def _metadata(spec: spec_lib.ClassifierSpec, kind: str, quantization: str) -> dict[str, str]:
-  return {serve.META_LABELS: json.dumps(list(spec.label_names)),
+  image = ({serve.META_MODALITIES: json.dumps(list(spec.modalities)),
+            serve.META_IMAGE_SIZE: str(spec.image.image_size)} if spec.multimodal else {})
+  return {**image, serve.META_LABELS: json.dumps(list(spec.label_names)),
           serve.META_SEQ_LEN: str(spec.seq_len),
           serve.META_MULTI_LABEL: "true" if spec.multi_label else "false",
           serve.META_THRESHOLD: str(float(spec.task.get("threshold", 0.5))),
@@ -98,12 +100,11 @@ def export(art: Any, path: str) -> str:
   model = inference_model(art.spec)
   params = art.params
 
-  def logits(tokens, token_mask):
-    return model.apply({"params": params}, tokens, token_mask)[0]
-  q = art.spec.seq_len
+  def logits(*inputs):
+    return spec_lib.apply_logits(model, art.spec, params, *inputs)
   proto = onnx_graph.to_onnx(
-      logits, [jax.ShapeDtypeStruct((1, q), jnp.int32), jax.ShapeDtypeStruct((1, q), jnp.bool_)],
-      serve.INPUTS, [serve.OUTPUT], metadata=_metadata(art.spec, "float", ""))
+      logits, art.spec.input_specs(1), art.spec.input_names, [serve.OUTPUT],
+      metadata=_metadata(art.spec, "float", ""))
   return _save(_compact(proto), path)
 
 
@@ -171,12 +172,14 @@ def export_pair(float_art: Any, int8_dir: str) -> dict[str, str]:
 
 
 def runner(path: str, *, threads: int = 0):
-  """batch {"tokens", "token_mask"} -> logits numpy [B, C], in onnxruntime."""
+  """batch {"tokens", "token_mask"} (+ "images" for a multimodal model: the inputs the file
+  declares) -> logits numpy [B, C], in onnxruntime."""
   sess = serve.session(path, threads=threads)
+  names = [i.name for i in sess.get_inputs()]
 
   def run(batch: Mapping[str, Any]) -> np.ndarray:
-    return sess.run([serve.OUTPUT], {serve.INPUTS[0]: np.asarray(batch["tokens"], np.int32),
-                                     serve.INPUTS[1]: np.asarray(batch["token_mask"], bool)})[0]
+    return sess.run([serve.OUTPUT], {n: np.asarray(batch[n], serve.INPUT_DTYPES[n])
+                                     for n in names})[0]
   return run
 
 
@@ -201,7 +204,7 @@ def measure(float_art: Any, paths: Mapping[str, str], batches: Sequence[Mapping[
   jax_float = jax.jit(float_art.logits)
 
   def jax_run(batch):
-    return jax_float(float_art.params, batch["tokens"], batch["token_mask"])
+    return jax_float(float_art.params, *float_art.spec.inputs_of(batch))
   reference = np.concatenate([np.asarray(jax_run(b)) for b in batches])
   for name, run in runs.items():
     metrics = eval_lib.evaluate_classifier(
@@ -215,9 +218,7 @@ def measure(float_art: Any, paths: Mapping[str, str], batches: Sequence[Mapping[
                  "bytes_compressed": None, "accuracy": metrics["accuracy"],
                  "macro_f1": metrics["macro_f1"], "num_examples": metrics["num_examples"],
                  **{f"vs_jax_float_{k}": v for k, v in checks[name].items()}})
-  rows_np = {k: np.concatenate([b[k] for b in batches]) for k in ("tokens", "token_mask")}
-  reps = -(-latency_batch_size // rows_np["tokens"].shape[0])
-  many = {k: np.concatenate([v] * reps)[:latency_batch_size] for k, v in rows_np.items()}
+  many = measure_lib.first_rows(batches, latency_batch_size, float_art.spec.input_names)
   one = {k: v[:1] for k, v in many.items()}
   # Every runtime gets the same numpy batch (the JAX call includes its host-to-device copy, as
   # onnxruntime's includes its own input handling).

@@ -1,7 +1,8 @@
 """Serialized StableHLO of an artifact's inference function (`jax.export`), servable without r1jax.
 
 The exported function is `(tokens int32 [B, Q], token_mask bool [B, Q]) -> logits float32 [B, C]`
-with the weights embedded as constants (int8 ones stay int8) and a symbolic batch size B, so one
+(a multimodal artifact's takes its spec's inputs: + images uint8 [B, S, S, C]) with the weights
+embedded as constants (int8 ones stay int8) and a symbolic batch size B, so one
 file serves batch 1 and batched requests. Any JAX installation can run it:
 
     exported = jax.export.deserialize(open("DIR/model.stablehlo", "rb").read())
@@ -33,14 +34,13 @@ def export(art, *, platforms: Sequence[str] = ("cpu",),
     platforms: lowering platforms ("cpu", "cuda", "rocm", "tpu"); one file can hold several.
     batch_size: a fixed batch size, or None for a symbolic one.
   """
-  q = art.spec.seq_len
   (b,) = jax.export.symbolic_shape("b") if batch_size is None else (batch_size,)
   params = art.params
 
-  def serve(tokens, token_mask):
-    return art.logits(params, tokens, token_mask)
+  def serve(*inputs):
+    return art.logits(params, *inputs)
 
-  specs = (jax.ShapeDtypeStruct((b, q), jnp.int32), jax.ShapeDtypeStruct((b, q), jnp.bool_))
+  specs = art.spec.input_specs(b)   # tokens, token_mask (+ images uint8 for a multimodal model)
   return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*specs)
 
 
@@ -51,11 +51,13 @@ def save(art, directory: str, *, platforms: Sequence[str] = ("cpu",)) -> str:
   with open(path + ".tmp", "wb") as f:
     f.write(exported.serialize())
   os.replace(path + ".tmp", path)
-  signature = {"inputs": {"tokens": ["batch", art.spec.seq_len, "int32"],
-                          "token_mask": ["batch", art.spec.seq_len, "bool"]},
+  signature = {"inputs": {n: ["batch", *s.shape[1:], str(s.dtype)] for n, s in
+                          zip(art.spec.input_names, art.spec.input_specs(1))},
                "outputs": {"logits": ["batch", art.spec.num_classes, "float32"]},
                "label_names": list(art.spec.label_names), "platforms": list(platforms),
                "kind": art.kind, "tokenizer": "tokenizer.model ([CLS] text [SEP], pad id 0)"}
+  if art.spec.multimodal:
+    signature["modalities"] = list(art.spec.modalities)
   with open(os.path.join(directory, SIGNATURE_FILE), "w") as f:
     json.dump(signature, f, indent=2)
   return path
@@ -109,6 +111,10 @@ def load(path: str) -> Callable[[np.ndarray, np.ndarray], jax.Array]:
     path = os.path.join(path, EXPORT_FILE)
   with open(path, "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
+  if len(exported.in_avals) != 2:
+    raise ValueError(f"{path} takes {len(exported.in_avals)} inputs (a multimodal export: "
+                     "call jax.export.deserialize(...).call(tokens, token_mask, images)); "
+                     "export.load reads text classifiers.")
   seq_len = exported.in_avals[0].shape[1]
 
   def call(tokens, token_mask):

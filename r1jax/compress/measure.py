@@ -20,12 +20,14 @@ import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 from r1jax import eval as eval_lib
 from r1jax.compress import spec as spec_lib
+from r1jax.data import multimodal as multimodal_data
 from r1jax.data import task as task_lib
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -37,6 +39,14 @@ def task_data(spec: spec_lib.ClassifierSpec) -> task_lib.TaskData:
   """The task's splits as the finetuning stage reads them (`task_lib.load_task`: same label
   parsing, unknown-label policy and dev fallback), with the spec's class names in id order."""
   task = dict(spec.task)
+  if spec.multimodal:
+    data = multimodal_data.load_image_task(
+        ml_collections.ConfigDict(dict(task, labels=",".join(spec.label_names))),
+        spec.image.image_size)
+    for split in (data.train, data.dev, data.test):
+      if split.report.dropped:
+        logging.warning("%s split: %s.", split.name, split.report.summary())
+    return data
   if not any("," in n for n in spec.label_names):
     task["labels"] = ",".join(spec.label_names)
   data = task_lib.load_task(ml_collections.ConfigDict(task))
@@ -52,6 +62,12 @@ def batches(spec: spec_lib.ClassifierSpec, records: Sequence[Mapping[str, Any]],
   """Classification batches of `records`: shuffled and endless (train), or one pass whose final
   batch is padded and marked in `example_mask`."""
   tok = tokenizer_lib.Tokenizer.load(spec.tokenizer)
+  if spec.multimodal:
+    return multimodal_data.image_text_dataset(
+        records, tok, labels=task_lib.LabelVocab(tuple(spec.label_names)), seq_len=spec.seq_len,
+        batch_size=batch_size, image_size=spec.image.image_size, shuffle=train, seed=seed,
+        num_epochs=None if train else 1, pad_final_batch=not train, process_index=process_index,
+        process_count=process_count)
   return task_lib.classification_batches(
       task_lib.public_records(records), tok, seq_len=spec.seq_len,
       batch_size=batch_size, labels=spec.label_names, multi_label=spec.multi_label,
@@ -73,10 +89,13 @@ def eval_batches(spec: spec_lib.ClassifierSpec, split: str = "test", *, batch_si
   return out
 
 
-def _first_rows(batches: Sequence[Mapping[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
-  rows = {k: np.concatenate([b[k] for b in batches])[:n] for k in ("tokens", "token_mask")}
-  if rows["tokens"].shape[0] < n:
-    reps = math.ceil(n / rows["tokens"].shape[0])
+def first_rows(batches: Sequence[Mapping[str, np.ndarray]], n: int,
+               keys: Sequence[str] = ("tokens", "token_mask")) -> dict[str, np.ndarray]:
+  """The first n rows of `keys` over the batches, repeated when they hold fewer (latency inputs)."""
+  rows = {k: np.concatenate([b[k] for b in batches])[:n] for k in keys}
+  have = next(iter(rows.values())).shape[0]
+  if have < n:
+    reps = math.ceil(n / have)
     rows = {k: np.concatenate([v] * reps)[:n] for k, v in rows.items()}
   return rows
 
@@ -98,9 +117,10 @@ def measure(art, batches: Sequence[Mapping[str, np.ndarray]], *, name: str,
   fn = jax.jit(art.logits)
 
   def call(batch):
-    return fn(params, batch["tokens"], batch["token_mask"])
-  one = jax.device_put(_first_rows(batches, 1), device)
-  many = jax.device_put(_first_rows(batches, latency_batch_size), device)
+    return fn(params, *art.spec.inputs_of(batch))
+  keys = art.spec.input_names
+  one = jax.device_put(first_rows(batches, 1, keys), device)
+  many = jax.device_put(first_rows(batches, latency_batch_size, keys), device)
   latency = eval_lib.latency_summary(call, one, many, warmup=warmup, repeats=repeats)
   row = {"name": name, "kind": art.kind, "runtime": "jax", "path": art.path,
          "params": art.num_params,

@@ -35,7 +35,7 @@ parameters); `plan` logs any kernel it still leaves float.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import logging
 import flax
@@ -306,12 +306,17 @@ def is_quantized(x: Any) -> bool:
 
 def calibrate(model: nn.Module, qparams: Any, batches: Iterable[Mapping[str, np.ndarray]], *,
               method: str = "absmax", percentile: float = 99.99,
-              apply_kwargs: Sequence[str] = ("tokens", "token_mask")) -> dict[str, float]:
+              apply_kwargs: Sequence[str] = ("tokens", "token_mask"),
+              inputs_fn: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+              ) -> dict[str, float]:
   """Per-tensor input scales for mode "static", from calibration batches (the train split).
 
   Each weight matmul's input statistic (|x| max, or the `percentile` of |x| with
   method="percentile") is computed per batch and averaged over batches (averaging per-batch maxima
   is less sensitive to one outlier batch than the overall max).
+
+  The model is called with the batch's `apply_kwargs` as keywords, or with `inputs_fn(batch)`
+  (keyword arguments) when given.
 
   Returns {"<module path>/<op key>": scale}, where int8 = round(x * 127 / scale).
   """
@@ -322,17 +327,18 @@ def calibrate(model: nn.Module, qparams: Any, batches: Iterable[Mapping[str, np.
   qmodel = quantized_model(model, "weights", record=True,
                            percentile=percentile if method == "percentile" else None)
 
+  inputs_fn = inputs_fn or (lambda batch: {k: batch[k] for k in apply_kwargs})
+
   @jax.jit
   def stats(qp, batch):
-    _, state = qmodel.apply({"params": qp}, *(batch[k] for k in apply_kwargs),
-                            mutable=[STATS_COLLECTION])
+    _, state = qmodel.apply({"params": qp}, **inputs_fn(batch), mutable=[STATS_COLLECTION])
     return state[STATS_COLLECTION]
 
   totals: dict[str, float] = {}
   n = 0
   for batch in batches:
     flat = flax.traverse_util.flatten_dict(jax.device_get(stats(
-        qparams, {k: batch[k] for k in apply_kwargs})), sep="/")
+        qparams, batch)), sep="/")
     for key, values in flat.items():
       totals[key] = totals.get(key, 0.0) + float(np.max(np.asarray(values)))
     n += 1

@@ -33,6 +33,7 @@ from r1jax.compress import artifact
 from r1jax.compress import spec as spec_lib
 from r1jax.data import task as task_lib
 from r1jax.model import transformer_xl as txl
+from r1jax.model import vision
 from r1jax.train import checkpoint as ckpt_lib
 
 
@@ -96,6 +97,26 @@ def _label_names(workdir: str, config: Mapping[str, Any], task: Mapping[str, Any
     raise ValueError(f"{workdir} has no {run_dir.LABELS_FILE}, and the {len(names)} labels of its training "
                      f"split {task['train']!r} do not match the head's {num_classes} outputs.")
   return names
+
+
+def _image_path(shapes: Mapping[str, tuple], config: Mapping[str, Any], prefix: str
+                ) -> tuple[vision.ImageConfig | None, tuple[str, ...]]:
+  """(image config, modalities) of a multimodal classifier checkpoint (it has a patch embedding),
+  else (None, ("text",)). The image size comes from the config, the patch size and channels from
+  the patch projection's shape [P * P * C, d] and the position table's [N, d]."""
+  kernel = shapes.get(f"{prefix}patch_embed/proj/kernel")
+  if kernel is None:
+    return None, ("text",)
+  num_patches = int(shapes[f"{prefix}patch_embed/pos_emb"][0])
+  section = config.get("multimodal") or {}
+  size = int(section.get("image_size", 32))
+  patch = size // max(1, int(round(num_patches ** 0.5)))
+  image = vision.ImageConfig(image_size=size, patch_size=patch,
+                             channels=int(kernel[0]) // (patch * patch))
+  models = (config.get("resolved") or {}).get("models") or [
+      m.strip() for m in str(section.get("models", "fused")).split(",") if m.strip()]
+  modalities = vision.MODELS.get(models[0] if models else "fused", ("text", "image"))
+  return image, modalities
 
 
 def _seq_len(config: Mapping[str, Any], variant: str) -> int:
@@ -163,10 +184,15 @@ def load(path: str, *, target_sharding: Any = None) -> Source:
   task = _task(config)
   variant = (config.get("model") or {}).get("variant", "tiny")
   tokenizer = run_dir.tokenizer_of(path)
+  image, modalities = _image_path(shapes, config, prefix)
+  if image is not None:   # finetune's multimodal mode: the image task's own fields and no n-grams
+    model = dataclasses.replace(model, ngram_buckets=0)
+    section = (config.get("resolved") or {}).get("task") or config.get("task") or {}
+    task["image_field"] = section.get("image_field", "image")
   spec = spec_lib.ClassifierSpec(model=model, num_classes=num_classes,
                         label_names=_label_names(path, config, task, num_classes),
                         seq_len=_seq_len(config, variant), multi_label=bool(task["multi_label"]),
-                        tokenizer=tokenizer, task=task)
+                        tokenizer=tokenizer, task=task, image=image, modalities=modalities)
   abstract = spec_lib.abstract_params(spec)
   target = target_sharding(abstract) if target_sharding else ckpt_lib.on_one_device(abstract)
   if prefix:

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from r1jax import configlib
+from r1jax import errors
 from r1jax import run_dir
 from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import export as export_lib
@@ -106,9 +107,15 @@ def require_init_from(config: ml_collections.ConfigDict) -> None:
 # Source and workdir.
 
 
-def load_source(config: ml_collections.ConfigDict, **kwargs: Any) -> source_lib.Source:
-  """The init_from classifier, with task splits overridden by config.task where set."""
+def load_source(config: ml_collections.ConfigDict, *, multimodal: bool = False,
+                **kwargs: Any) -> source_lib.Source:
+  """The init_from classifier, with task splits overridden by config.task where set. A multimodal
+  classifier (image path) is refused in one line unless the stage takes one (`multimodal`)."""
   src = source_lib.load(os.path.expanduser(config.init_from), **kwargs)
+  if src.spec.multimodal and not multimodal:
+    raise errors.BadInput(
+        f"init_from={config.init_from!r} holds a multimodal ({src.spec.kind}) classifier; the "
+        f"{config.stage} stage takes text classifiers only (the quantize stage takes both).")
   task = dict(src.spec.task)
   for split in ("train", "dev", "test"):
     if config.task.get(split):

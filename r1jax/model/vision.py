@@ -36,6 +36,8 @@ from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 
 MODALITIES = ("text", "image")
+# The multimodal models a task trains and compares, by name -> the modalities each reads.
+MODELS = {"fused": ("text", "image"), "text": ("text",), "image": ("image",)}
 # Pixel scaling: 0..255 -> (x / 255 - 0.5) / 0.25, so a mid-grey pixel is 0.
 _PIXEL_CENTER = 0.5
 _PIXEL_SCALE = 0.25

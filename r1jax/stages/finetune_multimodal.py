@@ -52,8 +52,8 @@ from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
 
-# Model name -> the modalities it reads; the first is the stage's own model.
-MODELS = {"fused": ("text", "image"), "text": ("text",), "image": ("image",)}
+# Model name -> the modalities it reads; the first listed is the stage's own model.
+MODELS = vision.MODELS
 TEXT_TASK_SPECS = {"train": "builtin:task:train", "dev": "builtin:task:dev",
                    "test": "builtin:task:test"}
 
@@ -113,6 +113,12 @@ def _task_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return task
 
 
+def load_task(config: ml_collections.ConfigDict) -> multimodal_data.ImageTaskData:
+  """The image+text task a finetune config with multimodal.enabled trains on (its splits read,
+  images decoded); raises BadInput / ValueError / OSError on a task it cannot learn from."""
+  return multimodal_data.load_image_task(_task_section(config), config.multimodal.image_size)
+
+
 def _predict_fn(model: vision.MultimodalClassifier, params: Any, modalities: tuple[str, ...]):
   """batch -> logits numpy [B, C] on one device, reading only `modalities`."""
   params = jax.device_put(params, jax.local_devices()[0])
@@ -139,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   init_from = os.path.expanduser(config.init_from) if config.init_from else ""
   arch = run_dir.architecture_of(init_from) if init_from else {}
   task_cfg = _task_section(config)
-  data = multimodal_data.load_image_task(task_cfg, mm.image_size)
+  data = load_task(config)
   for split in (data.train, data.dev, data.test):
     logging.info("%s split: %s.", split.name, split.report.summary())
   texts = [r["text"] for r in data.train.records if r["text"]] or ["-"]

@@ -3,7 +3,9 @@
     python -m r1jax.main --config=configs/quantize.py --workdir=DIR --config.init_from=FINETUNE_DIR
 
 `run(config, workdir)`: validates the config, loads the float classifier of `init_from` (refusing a
-checkpoint without a classification head), writes it as the float reference artifact, finds every
+checkpoint without a classification head; a multimodal classifier of finetune's multimodal mode
+is taken too, measured on its image+text task, its ONNX files reading tokens, token_mask and
+images), writes it as the float reference artifact, finds every
 weight matmul and embedding table (`compress.quantize.plan`), quantizes them to int8 with
 per-channel (per-row) scales, calibrates static activation ranges on the task's training split when
 the static mode is asked for, saves one artifact per mode, reloads each from disk and checks it
@@ -30,8 +32,8 @@ from r1jax.compress import artifact as artifact_lib
 from r1jax.compress import edge
 from r1jax.compress import measure
 from r1jax.compress import quantize as quant_lib
+from r1jax.compress import spec as spec_lib
 from r1jax.compress import stage_lib
-from r1jax.model import heads
 
 # Targets of the issue, reported in the summary (met or not).
 TARGET_SIZE_PCT = 26.0
@@ -101,16 +103,17 @@ def _onnx_wanted(config: ml_collections.ConfigDict) -> bool:
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   onnx_wanted = _onnx_wanted(config)
-  src = stage_lib.load_source(config)
+  src = stage_lib.load_source(config, multimodal=True)
   spec = stage_lib.prepare_workdir(workdir, src.spec)
   modes = modes_of(config)
   stage_lib.write_config(config, workdir, spec, source=src.path, source_step=src.step)
   data = measure.task_data(spec)
   reference = stage_lib.float_reference(workdir, spec, src.params, src.path)
 
-  model = heads.Classifier(spec.model, spec.num_classes, spec.multi_label)
-  sample = (jnp.zeros((1, spec.seq_len), jnp.int32), jnp.ones((1, spec.seq_len), bool))
-  plans = quant_lib.plan(model, *sample, embeddings=config.quant.embeddings,
+  model = spec_lib.classifier_module(spec)
+  sample = spec_lib.model_inputs(spec, *(jnp.zeros(s.shape, s.dtype)
+                                         for s in spec.input_specs(1)))
+  plans = quant_lib.plan(model, **sample, embeddings=config.quant.embeddings,
                          min_size=config.quant.min_size)
   qparams = jax.jit(lambda p: quant_lib.quantize_params(p, plans))(src.params)
   float_left = sorted(p for p in artifact_lib._flatten(src.params)  # pylint: disable=protected-access
@@ -121,13 +124,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   act_scales = None
   if "static" in modes:
     calib = _calibration_batches(config, spec, data)
-    act_scales = quant_lib.calibrate(model, qparams, calib, method=config.quant.calibration,
-                                     percentile=config.quant.percentile)
+    act_scales = quant_lib.calibrate(
+        model, qparams, calib, method=config.quant.calibration,
+        percentile=config.quant.percentile,
+        inputs_fn=lambda b: spec_lib.model_inputs(spec, *spec.inputs_of(b)))
     logging.info("Calibrated %d activation ranges on %d training batches.", len(act_scales),
                  len(calib))
 
   test = stage_lib.test_batches(config, spec, data)
-  probe = {k: jnp.asarray(test[0][k]) for k in ("tokens", "token_mask")}
+  probe = {k: jnp.asarray(test[0][k]) for k in spec.input_names}
   float_logits = reference.predict(probe)
   named = [(stage_lib.REFERENCE, reference)]
   checks = {}
@@ -145,8 +150,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         metadata={"source": src.path, "float_leaves": float_left})
     # The artifact as loaded from disk must compute what the in-memory quantized model computes.
     qmodel = quant_lib.quantized_model(model, mode, scales)
-    live = jax.jit(lambda p, t, m, qm=qmodel: qm.apply({"params": p}, t, m)[0])(
-        qparams, probe["tokens"], probe["token_mask"])
+    live = jax.jit(lambda p, *xs, qm=qmodel: spec_lib.apply_logits(qm, spec, p, *xs))(
+        qparams, *spec.inputs_of(probe))
     loaded = art.predict(probe)
     checks[mode] = {
         "roundtrip_max_abs_diff": float(jnp.max(jnp.abs(loaded - live))),
