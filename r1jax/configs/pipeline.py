@@ -16,6 +16,8 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
     ... --config.budget_minutes=30
     # Each pretraining / finetuning stage left when its eval metric plateaus, not at a step count:
     ... --config.schedule=auto [--config.auto.policy=rule --config.auto.finetune.min_gain=0.05]
+    # The image+text task (embedded icons): fused, text-only and image-only models compared:
+    ... --config.multimodal.enabled=True
     # Quantize the distilled student instead of the finetuned model:
     ... --config.sources.quantize=distill
 
@@ -119,6 +121,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text_field="",   # field holding the text; "" = "text"
       label_field="",  # field holding the label; "" = "label"
   ))
+  # Image+text task: finetune_general and finetune_domain train the fused, text-only and image-only
+  # models of configs/finetune.py's multimodal mode (the embedded icon task, or your image+text
+  # task.*; their other keys: --config.pipeline.<stage>.multimodal.*), compare and the report show
+  # all three per finetuning, quantize takes the fused model; distill, prune and tune (text
+  # classifiers only) are left out.
+  config.multimodal = ml_collections.ConfigDict(dict(enabled=False))
   # Unlabelled domain text for data_domain / pretrain_domain (path, glob, directory; comma-separated
   # for several). "" = the embedded FOLDOC corpus with the embedded task, none with your own task.
   config.domain_corpus = ""

@@ -5,7 +5,8 @@ r"""Puts several finetuned workdirs side by side, like the seed's general-vs-ada
 Rows are metrics (accuracy, macro-F1, micro-F1 for multi-label, latency at batch 1 and batched,
 trainable / total parameters, best dev loss), columns the workdirs, then one difference column per
 non-reference workdir (value minus the reference's; for latency also the ratio). A second table
-gives per-class F1. Runs must be on the same task (same label set) to be compared; the majority
+gives per-class F1. A multimodal finetuning workdir (finetune's multimodal mode) gives a column per
+model it trained: fused, text-only, image-only. Runs must be on the same task (same label set) to be compared; the majority
 baseline of the reference is quoted when it has one, and so is its linear baseline (TF-IDF +
 logistic regression, `eval.linear_baseline`) with every workdir's difference to it.
 """
@@ -82,9 +83,24 @@ def _get(summary: dict[str, Any], where: Sequence[str], split: str) -> Any:
   return node if isinstance(node, (int, float)) else None
 
 
+def per_model(summaries: Sequence[dict[str, Any]], names: Sequence[str]
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+  """A multimodal finetuning summary as one column per model it trained ("NAME (fused)",
+  "NAME (text)", "NAME (image)"), each with that model's dev and test metrics; others as given."""
+  out, out_names = [], []
+  for summary, name in zip(summaries, names):
+    models = summary.get("models") if summary.get("multimodal") else None
+    for model, m in (models or {None: None}).items():
+      out.append(summary if m is None else dict(summary, dev=m["dev"], test=m["test"]))
+      out_names.append(name if m is None else f"{name} ({model})")
+  return out, out_names
+
+
 def compare(summaries: Sequence[dict[str, Any]], names: Sequence[str], split: str = "test"
             ) -> dict[str, Any]:
-  """{"metrics": [{"metric", "values": [...], "differences": [...], ...}], "per_class": ...}."""
+  """{"metrics": [{"metric", "values": [...], "differences": [...], ...}], "per_class": ...}.
+  A multimodal finetuning workdir gives one column per model (`per_model`)."""
+  summaries, names = per_model(summaries, names)
   labels = [tuple(s["task"]["labels"]) for s in summaries]
   if len(set(labels)) > 1:
     raise errors.BadInput(f"The workdirs were trained on different label sets "

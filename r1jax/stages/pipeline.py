@@ -34,7 +34,8 @@ splits, never test), `domain_vocab` (data_general's tokenizer also learns from t
 left, as its `train.time_budget_minutes`; the stage record keeps the planned config), and
 `schedule=auto` (`pipeline_schedule`: each pretraining and finetuning stage is left when its eval
 metric plateaus, every decision logged in DIR/pipeline_state/<stage>.schedule.json, summary.json
-and the report). The task and the domain text are read and checked before any stage runs.
+and the report); `multimodal.enabled`: the finetunings run the image+text task (tune, distill,
+prune: text only, not selected). The task and the domain text are checked before any stage runs.
 
 "Same config" ignores keys that do not change results (progress bars, worker counts, the mesh,
 async checkpointing), so a run can be resumed on another machine or slice.
@@ -64,6 +65,7 @@ from r1jax import errors
 from r1jax import run_dir
 from r1jax.data import sources
 from r1jax.data import task as task_lib
+from r1jax.stages import finetune_multimodal
 from r1jax.stages import pipeline_report
 from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
@@ -108,6 +110,7 @@ def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
   spec = str(config.stages).strip()
   if spec in ("", "all"):
     chosen = [s for s in pipeline_stages.STAGES if s not in OPTIONAL or config.run_tune]
+    chosen = [s for s in chosen if s not in pipeline_stages.left_out(config)]
     if config.init_from:
       chosen.remove("pretrain_general")
   else:
@@ -120,6 +123,9 @@ def selected_stages(config: ml_collections.ConfigDict) -> list[str]:
     if config.init_from and "pretrain_general" in chosen:
       raise configlib.ConfigError("stages: pretrain_general is selected but init_from="
                                   f"{config.init_from!r} replaces it; drop one of the two.")
+    if bad := [s for s in chosen if s in pipeline_stages.left_out(config)]:
+      raise configlib.ConfigError(f"stages: {', '.join(bad)} take text classifiers only; drop "
+                                  "them with multimodal.enabled.")
   # Stable topological order: the canonical order, but inputs (config.sources) first.
   order, placed = [], set()
 
@@ -166,6 +172,7 @@ def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str, *,
   task = task_overrides(config)
   if name in ("finetune_general", "finetune_domain"):
     cfg.task.update(task)
+    cfg.multimodal.enabled = cfg.multimodal.enabled or pipeline_stages.multimodal(config)
   elif name == "tune" and "task" in cfg.base:
     cfg.base.task.update(task)
   elif name == "data_domain":
@@ -314,7 +321,9 @@ def _check_data(config: ml_collections.ConfigDict, chosen: Sequence[str],
                 f"{text_field!r}); name a file with text, or drop it and rely on tapt=True.")
   if any(n in chosen for n in ("finetune_general", "finetune_domain", "tune")):
     try:
-      task_lib.load_task(effective_task(config))
+      # The image+text task is read as the finetuning stages read it.
+      (finetune_multimodal.load_task(stage_config(config, "finetune_domain", "", stand_in="."))
+       if pipeline_stages.multimodal(config) else task_lib.load_task(effective_task(config)))
     except (ValueError, OSError) as e:
       v.add("task", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
@@ -333,6 +342,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   v.positive_int("report.max_points")
   for name, choices in SOURCE_CHOICES.items():
     v.choice(f"sources.{name}", choices)
+  v.boolean("multimodal.enabled")
+  v.require(not pipeline_stages.multimodal(config)
+            or config.sources.quantize.startswith("finetune_"), "sources.quantize",
+            f"{config.sources.quantize!r}: with multimodal.enabled, name finetune_general or "
+            "finetune_domain (their fused model).")
   for key in TASK_KEYS:
     v.string(f"task.{key}")
   stray = [k for k in TASK_KEYS[1:] if (config.get("task") or {}).get(k)]

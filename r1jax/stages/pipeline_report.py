@@ -138,7 +138,7 @@ def headline(info: StageInfo) -> str:
     parts = []
     for metric in ("accuracy", "macro-F1"):
       if metric in rows and rows[metric]["differences"]:
-        parts.append(f"{metric} {signed(rows[metric]['differences'][0])}")
+        parts.append(f"{metric} {signed(rows[metric]['differences'][-1])}")
     names = s.get("names") or ["general", "adapted"]
     return f"{names[-1]} - {names[0]}: " + ", ".join(parts) if parts else ""
   if module == "tune":
@@ -373,7 +373,10 @@ def _compare_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo
   doc.heading(2, "General vs domain-adapted model")
   doc.para(f"Both classifiers were finetuned the same way on the same task "
            f"({result.get('split', 'test')} split shown); the only difference is the pretrained "
-           "model they started from. Differences are adapted minus general.")
+           "model they started from. " + ("Differences are adapted minus general." if len(names)
+                                          == 2 else "Each finetuning trained a fused "
+           "(text+image), a text-only and an image-only model on the same batches "
+           f"(multimodal.enabled); differences are each column minus {names[0]}."))
   headers = ["metric", *names] + [f"{n} - {names[0]}" for n in names[1:]]
   rows = []
   for r in result["metrics"]:

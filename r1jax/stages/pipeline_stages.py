@@ -19,6 +19,7 @@ class StageSpec:
   module: str           # r1jax.stages.<module>
   description: str
   needs: tuple[str, ...] = ()  # fixed inputs; tune and the compression stages add config.sources
+  text_only: bool = False      # takes text classifiers only (left out under multimodal.enabled)
 
 
 SPECS = (
@@ -37,16 +38,26 @@ SPECS = (
               ("pretrain_domain",)),
     StageSpec("compare", "compare", "general vs domain-adapted classifier table",
               ("finetune_general", "finetune_domain")),
-    StageSpec("tune", "tune", "hyperparameter search"),
-    StageSpec("distill", "distill", "distilled a smaller student classifier"),
+    StageSpec("tune", "tune", "hyperparameter search", text_only=True),
+    StageSpec("distill", "distill", "distilled a smaller student classifier", text_only=True),
     StageSpec("quantize", "quantize", "INT8 post-training quantization"),
-    StageSpec("prune", "prune", "magnitude pruning with recovery finetuning"),
+    StageSpec("prune", "prune", "magnitude pruning with recovery finetuning", text_only=True),
 )
 SPEC = {s.name: s for s in SPECS}
 STAGES = tuple(s.name for s in SPECS)
 STATE_DIR = "pipeline_state"
 # summary.json "status" values of a stage whose final checkpoint is usable (compare writes none).
 FINISHED = ("complete", "stopped_early", "data_exhausted")
+
+
+def multimodal(config) -> bool:
+  """Whether the pipeline `config` runs the image+text task (`multimodal.enabled`)."""
+  return bool((config.get("multimodal") or {}).get("enabled", False))
+
+
+def left_out(config) -> tuple[str, ...]:
+  """The stages the pipeline `config` cannot run: the text-only ones under multimodal.enabled."""
+  return tuple(s.name for s in SPECS if s.text_only) if multimodal(config) else ()
 
 
 def stage_dir(workdir: str, name: str, init_from: str = "") -> str:
