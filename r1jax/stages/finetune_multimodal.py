@@ -20,7 +20,8 @@ Image augmentation (`image_augment.*`, training batches only, drawn from (seed, 
 applies to every model that reads images. The best dev checkpoint of each model is evaluated on
 dev and test; DIR/summary.json holds each model's metrics and the images' counts by problem,
 DIR/report.md the comparison table; the stage's model is also exported as StableHLO
-(DIR/model.stablehlo, `compress.export.save_multimodal`; no quantization of the image path yet).
+(DIR/model.stablehlo, `compress.export.save_multimodal`); the quantize stage takes the workdir
+(int8, ONNX: `compress.spec.ClassifierSpec.image`).
 A rerun resumes each model where it stopped.
 
 The text-task pieces (tokenizer, model config) come from `finetune` as arguments, so this module
