@@ -12,7 +12,9 @@ parameters, latency at batch 1 and batched, accuracy, macro-F1, % retained), DIR
 DIR/tradeoff.png, DIR/artifact/model.stablehlo (jax.export) and, with the [edge] extra,
 DIR/float/model.onnx + DIR/artifact/model.onnx (int8), runnable without JAX by
 `python -m r1jax.serve --model DIR/artifact "some text"`. `variant` only sets defaults; the
-model comes from init_from.
+model comes from init_from. A multimodal finetuning workdir (finetune's multimodal.enabled) is
+quantized the same way, measured on its image+text task; its ONNX files take tokens, token_mask
+and images (`r1jax.serve --model DIR/artifact --image icon.png "its text"`).
 """
 import ml_collections
 
