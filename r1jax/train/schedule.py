@@ -44,6 +44,7 @@ from r1jax.train import loop as loop_lib
 
 CONTINUE, LEAVE = "continue", "leave_stage"
 POLICIES = ("adaptive", "rule")
+_NUMBERS = ("value", "best", "gain_per_kstep", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,8 @@ class PlateauController:
                       "kept in the file's history but not used.", path, saved.get("settings"),
                       self.settings())
       return
-    for d in saved["decisions"]:
-      self._append(Decision(**{k: (None if v in ("nan", "inf") and k == "gain_per_kstep" else v)
+    for d in saved["decisions"]:  # run_dir.json_ready wrote NaN / inf as strings
+      self._append(Decision(**{k: float(v) if k in _NUMBERS and isinstance(v, str) else v
                                for k, v in d.items()}))
     self._resumed = True
     logging.info("Schedule%s: %d earlier decisions taken back from %s.", self._label(),
@@ -188,7 +189,7 @@ def decision_rows(decisions: list[Mapping[str, Any]], metric: str
                   ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
   """(headers, rows) of a decision log (`PlateauController.to_json()` or its saved file)."""
   def num(x):
-    return math.nan if x is None or isinstance(x, str) else x
+    return math.nan if x is None else float(x)
   rows = [(d["step"], d["action"], d["value"], d["best"], num(d.get("gain_per_kstep")),
            num(d.get("threshold")), d["reason"]) for d in decisions]
   return (("step", "decision", metric, f"best {metric}", "gain / 1000 steps", "threshold",
