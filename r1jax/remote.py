@@ -102,6 +102,9 @@ def check_bucket(url: str, *, write: bool) -> None:
       reason = f"no such bucket or path ({reason})"
     elif isinstance(e, PermissionError):
       reason = f"access denied ({reason})"
+    elif isinstance(e, OSError) and "connect" in str(e).lower():
+      endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
+      reason = f"cannot reach {endpoint} ({reason})"
     raise errors.InputNotFound(f"Cannot {'write to' if write else 'read'} {url}: {reason}. "
                                f"{_fix(url)}") from None
 
