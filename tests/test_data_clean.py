@@ -218,6 +218,8 @@ def test_quality_classifier_from_examples():
          "lorem ipsum dolor sit amet lorem ipsum", "asdf qwer zxcv asdf qwer zxcv 1234"]
   scorer = clean_steps.QualityClassifier.train(good, bad)
   assert scorer(good[0]) > 0.5 > scorer(bad[0])
+  for text in (good[0], bad[0]):  # the hand-written probability is the pipeline's
+    assert scorer(text) == pytest.approx(scorer.model.predict_proba([text])[0, 1], abs=1e-9)
   config = clean.CleanConfig(min_quality=0.5)
   texts = ["Attention over cached segments extends the context the model can use.",
            "cheap cheap watches free free click now $$$ win"]

