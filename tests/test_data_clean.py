@@ -7,6 +7,7 @@ import pytest
 
 from r1jax.data import clean
 from r1jax.data import clean_steps
+from r1jax.data import dedup
 from r1jax.data import sources
 
 EN_GOOD = ("Transformer-XL keeps a memory of hidden states from earlier segments, so attention can "
@@ -100,7 +101,7 @@ def test_missing_values_median_and_mode():
 
 
 def test_minhash_near_duplicates_english_and_chinese():
-  sig = clean_steps.MinHashSignature(num_perm=128, shingle_size=3)
+  sig = dedup.MinHashSignature(num_perm=128, shingle_size=3)
   a = sig.signature("the quick brown fox jumps over the lazy dog near the river bank today")
   b = sig.signature("the quick brown fox jumps over the lazy dog near the river bank tonight")
   c = sig.signature("completely different words about compilers and memory and networks")
@@ -111,7 +112,7 @@ def test_minhash_near_duplicates_english_and_chinese():
 
 
 def test_near_dedup_buckets_shared_by_several_kept_texts():
-  near = clean_steps.NearDedup(threshold=0.8, num_perm=64)
+  near = dedup.NearDedup(threshold=0.8, num_perm=64)
   rows = 64 // near.bands
   base = np.arange(64, dtype=np.uint32)
   other = base + 1000
@@ -125,9 +126,9 @@ def test_near_dedup_buckets_shared_by_several_kept_texts():
 
 
 def test_exact_dedup_with_and_without_the_precomputed_key():
-  key_step, dedup = clean_steps.DedupKey(), clean_steps.ExactDedup()
-  first = dedup.map(key_step.map({"text": "Same  Text"}))
-  second = dedup.map({"text": "same text"})  # no _dedup_key: hashed in place
+  key_step, exact = dedup.DedupKey(), dedup.ExactDedup()
+  first = exact.map(key_step.map({"text": "Same  Text"}))
+  second = exact.map({"text": "same text"})  # no _dedup_key: hashed in place
   assert first.get("_drop") is None and second["_drop"] == "duplicate"
   assert "_dedup_key" not in first
 

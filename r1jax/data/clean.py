@@ -1,7 +1,8 @@
 r"""Cleaning: small Grain transforms with one job each, and an exact report of what they did.
 
 This module is the pipeline (which steps run, in which order, where) and its report; the steps
-themselves (one transform per rule, and the text measures they share) are in `clean_steps.py`.
+themselves (one transform per rule, and the text measures they share) are in `clean_steps.py`,
+the deduplication steps in `dedup.py`.
 
     steps = clean.CleanConfig(min_chars=10, near_dup_threshold=0.8)
     ds = clean.cleaning_dataset(sources.open_source("corpus/*.jsonl"), steps, worker_count=2)
@@ -72,6 +73,7 @@ from typing import Any, Callable, Sequence
 import grain
 
 from r1jax.data import clean_steps
+from r1jax.data import dedup
 from r1jax.data import grain_ops
 from r1jax.data import sources
 
@@ -190,9 +192,9 @@ def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None
                                           domain_scorer))
   # Per-document halves of deduplication: hashing here, the stateful lookups in sequential_steps.
   if config.dedup_exact:
-    steps.append(clean_steps.DedupKey())
+    steps.append(dedup.DedupKey())
   if config.near_dup_threshold is not None:
-    steps.append(clean_steps.MinHashSignature(config.num_perm, config.shingle_size, config.seed))
+    steps.append(dedup.MinHashSignature(config.num_perm, config.shingle_size, config.seed))
   return steps
 
 
@@ -200,9 +202,9 @@ def sequential_steps(config: CleanConfig) -> list[grain.transforms.Map]:
   """The stateful steps (deduplication), run in the main process in record order."""
   steps = []
   if config.dedup_exact:
-    steps.append(clean_steps.ExactDedup())
+    steps.append(dedup.ExactDedup())
   if config.near_dup_threshold is not None:
-    steps.append(clean_steps.NearDedup(config.near_dup_threshold, config.num_perm))
+    steps.append(dedup.NearDedup(config.near_dup_threshold, config.num_perm))
   return steps
 
 
@@ -212,7 +214,7 @@ def rule_names(config: CleanConfig, with_domain: bool = False,
   names = list(SOURCE_ERRORS)
   quality = (lambda text: 0.0) if with_quality else None
   for step in parallel_steps(config, quality_scorer=quality) + sequential_steps(config):
-    if isinstance(step, (clean_steps.Rule, clean_steps.ExactDedup, clean_steps.NearDedup)):
+    if isinstance(step, (clean_steps.Rule, dedup.ExactDedup, dedup.NearDedup)):
       names.append(step.name)
   if with_domain and "off_domain" not in names:
     names.append("off_domain")

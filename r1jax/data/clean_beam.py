@@ -46,7 +46,7 @@ import numpy as np
 
 from r1jax import errors
 from r1jax.data import clean
-from r1jax.data import clean_steps
+from r1jax.data import dedup
 from r1jax.data import sources
 
 BLOCK_DOCS = 1024  # source records read and cleaned per element
@@ -149,7 +149,7 @@ class _ExactGroups:
       for key, index, file, line, sig in batch:
         keeper = first[key]
         if index != keeper[0]:
-          detail = clean_steps.exact_detail(keeper[1], keeper[2])
+          detail = dedup.exact_detail(keeper[1], keeper[2])
           yield beam.pvalue.TaggedOutput(
               "decisions", (index // self.shard_docs, (index, "duplicate", detail)))
     survivors = [entry for entry in first.values() if entry[3] is not None]
@@ -294,7 +294,7 @@ def _near_decision(shard_docs):
   def decide(j_matches):
     j, matches = j_matches
     sim, _, file, line = max(matches, key=lambda m: (m[0], -m[1]))
-    return j // shard_docs, (j, "near_duplicate", clean_steps.near_detail(sim, file, line))
+    return j // shard_docs, (j, "near_duplicate", dedup.near_detail(sim, file, line))
 
   return decide
 
@@ -415,7 +415,7 @@ def clean_with_beam(source, config: clean.CleanConfig, out_dir: str, *,
       decisions.append(groups.decisions)
       survivors = groups.survivors
     if near:
-      bands = clean_steps.lsh_bands(config.near_dup_threshold, config.num_perm)
+      bands = dedup.lsh_bands(config.near_dup_threshold, config.num_perm)
       banded = (survivors | "Bands" >> beam.FlatMap(
           _BandKeys(bands, config.num_perm, n_parts, PARTITION_DOCS))
           .with_outputs("signatures", main="bands"))

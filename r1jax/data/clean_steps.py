@@ -7,23 +7,19 @@ and counts what they did. The contract every step keeps:
   `record["_detail"]` (the score that decided); every step passes marked records through untouched,
   so each record is counted once, under the first rule that dropped it;
 - a per-record step holds no cross-document state (it may run in a Grain worker, on a copy);
-  `ExactDedup` and `NearDedup` hold the only state and run in the main process, in record order,
-  on the keys `DedupKey` and `MinHashSignature` computed in parallel.
+  the deduplication steps (`r1jax.data.dedup`) hold the only state and run in the main process.
 Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 of one.
 """
 import collections
-import hashlib
 import math
 import re
 import statistics
 import sys
 import unicodedata
-import zlib
 from typing import Any, Callable, Iterable, Sequence
 
 import ftfy
 import grain
-import numpy as np
 
 
 # -------------------------------------------------------------------------------------------------
@@ -53,6 +49,11 @@ _SPACE_RE = re.compile(r"\s")
 _SYMBOL_RE = re.compile("[^\\w\\s" + re.escape("".join(sorted(_PROSE_PUNCT))) + "]|_")
 _CJK_SPACE_RE = re.compile(f"(?<=[{_CJK}]) (?=[{_CJK}])")
 _BLANK_LINES_RE = re.compile(r"\n{3,}")
+
+
+def shingle_units(text: str) -> list[str]:
+  """Latin/digit words and single CJK characters: the units that near-dedup shingles."""
+  return _UNIT_RE.findall(text)
 
 
 def word_count(text: str) -> float:
@@ -536,177 +537,3 @@ class QualityClassifier:
     x = vectorizer.transform([text])
     z = float(x.data @ regression.coef_[0][x.indices]) + float(regression.intercept_[0])
     return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-
-
-# -------------------------------------------------------------------------------------------------
-# Deduplication (stateful: runs in the main process, after the parallel steps)
-
-
-def _dedup_key(text):
-  return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=12).digest()
-
-
-class DedupKey(grain.transforms.Map):
-  """Adds `_dedup_key`: a 12-byte hash of the lowercased, whitespace-collapsed text.
-
-  Pure per-record work, so it runs in the parallel part of the pipeline (in Grain workers when
-  there are any); ExactDedup in the main process then only looks the key up.
-  """
-
-  def map(self, record):
-    if not record.get("_drop"):
-      record["_dedup_key"] = _dedup_key(record["text"])
-    return record
-
-
-class ExactDedup(grain.transforms.Map):
-  """Drops a text identical (after lowercasing and whitespace collapsing) to an earlier one.
-
-  Uses `_dedup_key` from DedupKey when present (and removes it), else hashes the text itself.
-  """
-  name = "duplicate"
-
-  def __init__(self):
-    self._seen = {}
-
-  def map(self, record):
-    key = record.pop("_dedup_key", None)
-    if record.get("_drop"):
-      return record
-    if key is None:
-      key = _dedup_key(record["text"])
-    first = self._seen.get(key)
-    if first is None:
-      self._seen[key] = (record.get("_file"), record.get("_line"))
-    else:
-      record["_drop"] = self.name
-      record["_detail"] = exact_detail(*first)
-    return record
-
-
-_PRIME = np.uint64((1 << 31) - 1)  # a < p and h < p keep a * h + b below 2^63: no overflow
-
-
-class MinHashSignature(grain.transforms.Map):
-  """Adds `_minhash`: MinHash of the text's shingles (n consecutive units), uint32 [num_perm] as bytes
-  (bytes rather than an array, so Grain workers pass it back without a shared-memory block each).
-
-  Units are lowercased Latin/digit words and single CJK characters, so the same code works for
-  English and Chinese. Shingles are hashed with CRC32; permutations are (a * h + b) mod (2^31 - 1).
-  Pure numpy; runs in the parallel part of the pipeline.
-  """
-
-  def __init__(self, num_perm: int = 64, shingle_size: int = 5, seed: int = 0):
-    rng = np.random.default_rng([seed, 0x4D48])
-    self.a = rng.integers(1, int(_PRIME), num_perm, dtype=np.uint64)
-    self.b = rng.integers(0, int(_PRIME), num_perm, dtype=np.uint64)
-    self.shingle_size = shingle_size
-
-  def signature(self, text: str) -> np.ndarray:
-    units = _UNIT_RE.findall(text.lower())
-    n = self.shingle_size
-    if len(units) < n:
-      shingles = {" ".join(units)}
-    else:
-      shingles = {" ".join(units[i:i + n]) for i in range(len(units) - n + 1)}
-    h = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in shingles), np.uint64, len(shingles))
-    h %= _PRIME
-    values = (self.a[:, None] * h[None, :] + self.b[:, None]) % _PRIME  # [num_perm, shingles]
-    return values.min(axis=1).astype(np.uint32)
-
-  def map(self, record):
-    if not record.get("_drop"):
-      record["_minhash"] = self.signature(record["text"]).tobytes()
-    return record
-
-
-class NearDedup(grain.transforms.Map):
-  """Drops a text whose MinHash estimate of Jaccard similarity with an earlier text is >= threshold.
-
-  "Earlier" is any text that reached this step before (kept or itself a near duplicate), so the
-  decision for a text depends only on the texts before it in source order, never on which of them
-  were kept: a chain A ~ B ~ C keeps A and drops B and C, and the Beam pipeline
-  (`clean_beam`), which sees the texts in no particular order, decides exactly the same from the
-  similar pairs alone (each text against the earliest-best of its earlier partners).
-
-  Locality-sensitive hashing with `bands` bands of num_perm / bands rows finds candidates; the
-  signature agreement decides. Needs `_minhash` (bytes) from MinHashSignature. This step holds the
-  only cross-document state, so it runs in the main process: it works on the signature's bytes
-  directly (band keys are byte slices, no array per record) and decodes signatures to arrays only
-  for the rare candidates.
-  """
-  name = "near_duplicate"
-
-  def __init__(self, threshold: float, num_perm: int = 64):
-    self.threshold = threshold
-    self.bands = lsh_bands(threshold, num_perm)
-    self.rows = num_perm // self.bands
-    self._band_bytes = band_slices(num_perm, self.bands)
-    self._buckets = [dict() for _ in range(self.bands)]
-    self._seen = []  # (signature bytes, (file, line)) of every text indexed, by doc id
-
-  def map(self, record):
-    sig = record.pop("_minhash", None)
-    if record.get("_drop") or sig is None:
-      return record
-    keys = [sig[a:b] for a, b in self._band_bytes]
-    candidates = set()
-    for bucket, key in zip(self._buckets, keys):
-      hit = bucket.get(key)
-      if hit is not None:
-        if isinstance(hit, list):
-          candidates.update(hit)
-        else:
-          candidates.add(hit)
-    if candidates:
-      best, best_id = best_match(sig, ((c, self._seen[c][0]) for c in sorted(candidates)))
-      if best >= self.threshold:
-        record["_drop"] = self.name
-        where = self._seen[best_id][1]
-        record["_detail"] = near_detail(best, where[0], where[1])
-    doc_id = len(self._seen)
-    self._seen.append((sig, (record.get("_file"), record.get("_line"))))
-    # A bucket holds the doc id of its only text, or a list once a second text shares the key:
-    # almost every key is unique, and a list per key and band would cost more than the lookups
-    # (allocation and garbage-collector traversal of 16 lists per text).
-    for bucket, key in zip(self._buckets, keys):
-      hit = bucket.setdefault(key, doc_id)
-      if hit != doc_id:
-        if isinstance(hit, list):
-          hit.append(doc_id)
-        else:
-          bucket[key] = [hit, doc_id]
-    return record
-
-
-def lsh_bands(threshold: float, num_perm: int) -> int:
-  """The fewest bands whose LSH S-curve midpoint (1/b)^(1/r) sits well below the threshold: pairs
-  at the threshold are almost surely candidates, unrelated pairs rarely are."""
-  fitting = [b for b in (2, 4, 8, 16, 32, 64) if num_perm % b == 0 and
-             (1 / b) ** (b / num_perm) <= threshold - 0.1]
-  return min(fitting) if fitting else num_perm
-
-
-def band_slices(num_perm: int, bands: int) -> list[tuple[int, int]]:
-  """Byte ranges of each LSH band in a uint32 signature's bytes."""
-  rows = num_perm // bands
-  return [(i * rows * 4, (i + 1) * rows * 4) for i in range(bands)]
-
-
-def best_match(sig: bytes, candidates: Iterable[tuple[Any, bytes]]) -> tuple[float, Any]:
-  """(highest signature agreement, its candidate id; the first one on ties) over (id, signature)."""
-  mine = np.frombuffer(sig, np.uint32)
-  best, best_id = 0.0, None
-  for c, other in candidates:
-    sim = float(np.mean(np.frombuffer(other, np.uint32) == mine))
-    if sim > best:
-      best, best_id = sim, c
-  return best, best_id
-
-
-def near_detail(similarity: float, file: Any, line: Any) -> str:
-  return f"~{similarity:.2f} similar to {file}:{line}"
-
-
-def exact_detail(file: Any, line: Any) -> str:
-  return f"same as {file}:{line}"
