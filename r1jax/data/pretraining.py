@@ -51,12 +51,12 @@ otherwise takes most of the positions: `bench/NOTES_quality.md` measures the rea
 
 Process sharding: process p of n builds rows [p * B/n, (p + 1) * B/n) of the global batch; the
 document order is computed from the seed alone, so all processes agree without communicating.
-Stream position g is document `index_shuffle(g % N)` of epoch g // N (Grain's O(1)-memory
-permutation), and row r takes the positions g with g % B == r: within an epoch the processes read
+Stream position g is document `perm_e[g % N]` of epoch e = g // N (a seeded permutation, 4
+bytes per document), and row r takes the positions g with g % B == r: within an epoch the processes read
 disjoint sets of documents that together cover the corpus once (NSP's random B segments are the
 exception: any document). From tokenized shards (`shards.TokenizedCorpus`, written by the data
 stage) a process reads only those records, through Grain's ArrayRecord source, and resident memory
-does not grow with the corpus; from texts, every process holds all texts. Both give bitwise the
+grows only by the permutation's 4 bytes per document; from texts, every process holds all texts. Both give bitwise the
 same batches.
 Workers: `worker_count > 0` builds rows in Grain worker processes (`mp_prefetch`); worker w builds the
 rows w, w + workers, ... of this process, so the output is identical for any worker count. A worker
@@ -224,7 +224,7 @@ class _PretrainRowIterator(grain.DatasetIterator):
     self._store = _DocStore(ds.docs, ds.tokenizer, ds.knowledge)
     self._word_start = ds.tokenizer.word_start_table() if self._opt.whole_word else None
     self._vocab_size = ds.tokenizer.vocab_size
-    self._epoch_seeds = {}
+    self._perms = collections.OrderedDict()  # epoch -> its document permutation (the last few)
     self._triples = (knowledge_lib.TripleExamples(ds.knowledge, ds.tokenizer, self._opt.kg_seq_len)
                      if ds.knowledge is not None else None)
     rows = ds.rows
@@ -250,21 +250,22 @@ class _PretrainRowIterator(grain.DatasetIterator):
   def _doc_of(self, row: int, k: int) -> tuple[int, int]:
     """(document index, epoch) of the k-th document of global row `row`.
 
-    Position g of the endless document stream is position g % n of epoch g // n's shuffle, a
-    permutation computed one index at a time (Grain's index_shuffle): no per-epoch array, so
-    memory does not grow with the corpus.
+    Position g of the endless document stream is position g % n of epoch g // n's permutation
+    (numpy's, from the seed and the epoch; int32, 4 bytes per document, the last few epochs
+    kept). Grain's O(1)-memory index_shuffle was tried and learned markedly slower: the tiny
+    model's MLM loss after 600 steps was 5.43 against 4.80 (also with 16 rounds: 5.44).
     """
     n_docs = len(self._store)
     g = k * self._opt.global_batch_size + row
     epoch = g // n_docs
-    seed = self._epoch_seeds.get(epoch)
-    if seed is None:
-      seed = int(np.random.default_rng([self._opt.seed, epoch, 0x5EED]).integers(1 << 32))
-      if len(self._epoch_seeds) > 8:
-        self._epoch_seeds.clear()
-      self._epoch_seeds[epoch] = seed
-    doc = grain.experimental.index_shuffle(g % n_docs, max_index=n_docs - 1, seed=seed, rounds=4)
-    return doc, epoch
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self._opt.seed, epoch, 0x5EED]).permutation(n_docs)
+      perm = perm.astype(np.int32 if n_docs < 2**31 else np.int64)
+      self._perms[epoch] = perm
+      if len(self._perms) > 4:
+        self._perms.popitem(last=False)
+    return int(perm[g % n_docs]), epoch
 
   # --- one step ----------------------------------------------------------------------------------
   def __next__(self):
