@@ -339,17 +339,6 @@ def test_tiny_command_learns(tmp_path):
   assert accuracy > 0.15 and accuracy > 100 * summary["mlm_chance_accuracy"]
 
 
-def test_bucket_url_workdir_is_refused_with_the_fix(tmp_path):
-  """A gs:// workdir cannot work (metrics, reports and the lock use local file I/O): the command
-  says so before doing anything and names the mount to use instead."""
-  proc = subprocess.run(_command("gs://my-bucket/runs/a"), env=_env(), capture_output=True,
-                        text=True, timeout=300, cwd=tmp_path, check=False)
-  assert proc.returncode != 0
-  assert "--workdir=gs://my-bucket/runs/a" in proc.stderr
-  assert "gcsfuse --implicit-dirs my-bucket /mnt/gcs/my-bucket" in proc.stderr
-  assert os.listdir(tmp_path) == []
-
-
 def test_bad_config_exits_2_with_the_problem_not_a_traceback(tmp_path):
   proc = subprocess.run(_command(tmp_path / "w", "--config.train.batch_size=30"), env=_env(),
                         capture_output=True, text=True, timeout=300, check=False)
