@@ -145,7 +145,7 @@ def baseline(reference):
     ("truncate", "params/d"), ("flip_bytes", "train/d"),
     ("overwrite_span", "params/manifest.ocdbt"), ("empty", "train/_METADATA"),
     ("flip_bytes", "meta/metadata"), ("delete_file", "data"), ("delete_item", "data/x"),
-    ("digit", "data"), ("digit", "meta/metadata"),
+    ("digit", "data"), ("digit", "meta/metadata"), ("delete_file", "params/_METADATA"),
 ])
 def test_each_kind_of_damage_is_detected(reference, baseline, tmp_path, kind, path):
   """Damage to one file of the newest checkpoint: the restore falls back to the previous step and

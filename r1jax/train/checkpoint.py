@@ -355,30 +355,37 @@ class Checkpointer:
     """Restores the newest good step into `abstract` (ShapeDtypeStructs with shardings).
 
     Returns None when there is no checkpoint. Falls back past unreadable or corrupt steps (logging
-    each, then the step used); raises CheckpointShapeError if the model does not fit the checkpoint,
-    and RuntimeError if no step can be restored.
+    each, then the step used); raises CheckpointShapeError if the model fits no step (a newer step
+    whose damaged metadata alone disagrees with the model is corruption: it is skipped like any
+    other), and RuntimeError if no step can be restored.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
-    skipped = []
+    skipped, warnings, shape_error = [], [], None
     for step in steps:
       error = None
       try:
         restored = self._restore_step(step, abstract, with_data)
-      except CheckpointShapeError:
-        raise
+      except CheckpointShapeError as e:
+        error, shape_error = e, shape_error or e
       except Exception as e:  # pylint: disable=broad-except  (any read failure means "unusable")
         error = e
       if _all_processes_ok(error is None):
+        for message in warnings:
+          logging.warning("%s", message)
         if skipped:
           logging.warning("Restored checkpoint step %d instead of the newer step(s) %s, which could "
                           "not be restored (see warnings above).", step, skipped)
           self._move_aside(skipped)
         restored.skipped_steps = skipped
         return restored
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying an older one.",
-                      step, self.directory, type(error).__name__ if error else "another process",
-                      error)
+      warnings.append(f"Checkpoint step {step} in {self.directory} cannot be restored "
+                      f"({type(error).__name__ if error else 'another process'}: {error}); "
+                      "trying an older one.")
       skipped.append(step)
+    if shape_error is not None:
+      raise shape_error
+    for message in warnings:
+      logging.warning("%s", message)
     if steps:
       raise RuntimeError(f"No checkpoint in {self.directory} could be restored (tried steps "
                          f"{skipped}); move the directory away to start over.")
