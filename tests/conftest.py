@@ -22,6 +22,17 @@ from r1jax.data import tokenizer as tokenizer_lib  # noqa: E402
 jax.config.update("jax_threefry_partitionable", True)
 
 
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core this process may use, at most 4 (each worker is a JAX process
+  with 8 forced devices and its own compilations: 1-3 GB at peak)."""
+  del config
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  return max(1, min(4, cores))
+
+
 @pytest.fixture(scope="module")
 def docs():
   """400 documents of the embedded domain corpus (FOLDOC)."""
