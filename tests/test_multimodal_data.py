@@ -190,8 +190,9 @@ def test_augment_operations():
   assert np.abs(out[:, 0, 0, 0] - 100).max() > 1 and np.abs(out - 100).max() <= 50
   # Without crop the geometry is a pure rotation about the centre (Pillow's affine convention).
   turn = image_augment.ImageAugmentConfig(**dict(off, rotate_degrees=90.0))
-  a, b, c, d, e, f = image_augment._affine_maps(np.random.default_rng(0), 1, SIZE, turn,
-                                                np.array([True]))[0]
+  draws = np.random.default_rng(0).random((len(image_augment._DRAWS), 1))
+  a, b, c, d, e, f = image_augment._affine_maps(dict(zip(image_augment._DRAWS, draws)), SIZE,
+                                                turn)[0]
   assert a == pytest.approx(e) and b == pytest.approx(-d) and a * a + d * d == pytest.approx(1)
   centre = SIZE / 2
   assert a * centre + b * centre + c == pytest.approx(centre)
