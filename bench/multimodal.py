@@ -3,6 +3,7 @@ effect, and the image pipeline's throughput against what a training step consume
 
     python bench/multimodal.py        # tiny, 3 seeds: ~25 minutes on the shared 2-core machine
     python bench/multimodal.py --seeds 0 --epochs 20 --augment "" --workdir /tmp/mm
+    python bench/multimodal.py --throughput_only --epochs 8   # the pipeline target only: ~3 min
 
 Per seed, two finetuning runs (`configs/finetune.py:variant=tiny` with multimodal.enabled, from
 scratch, fixed steps, each model evaluated at its best dev step) on the same split:
@@ -14,6 +15,10 @@ Then, in this process, the image pipeline (`multimodal.image_text_dataset` with 
 training batches, one process, no workers) is timed for `--throughput_batches` batches, and set
 against the training step's consumption measured in run A (images per second of the fused
 model's train records, compilation excluded).
+
+--throughput_only: only the third target. One run of the fused model alone (first seed, run A's
+settings, --epochs epochs) measures the step's consumption, then the pipeline is timed as above;
+prints that line and the JSON line.
 
 Prints one table of test (and dev) accuracies, the targets with met / not met, and last a JSON
 line. Issue 28's targets: fused above both single-modality models; augmentation's effect on the
@@ -95,6 +100,31 @@ def pipeline_images_per_sec(args: argparse.Namespace, batches: int) -> float:
   return batches * args.batch_size / (time.perf_counter() - started)
 
 
+def pipeline_line(pipeline: float, consumption: float) -> str:
+  ratio = pipeline / consumption
+  return (f"image pipeline {pipeline:,.0f} images/s vs training step {consumption:,.0f} images/s: "
+          f"{ratio:.1f}x (target >= 10x: {'met' if ratio >= 10 else 'NOT met'})")
+
+
+def throughput_only(args: argparse.Namespace, root: str) -> dict:
+  """The fused model alone for the step's consumption, then the pipeline, in this process."""
+  seed = int(args.seeds.split(",")[0])
+  config = stage_config(args, seed, "fused", augment=True)
+  args.batch_size = config.train.batch_size
+  finetune.run(config, os.path.join(root, f"seed{seed}_fused"))
+  consumption = consumed_images_per_sec(os.path.join(root, f"seed{seed}_fused", "models",
+                                                     "fused"), config.train.batch_size)
+  pipeline = pipeline_images_per_sec(args, args.throughput_batches)
+  print(f"\nfused model, {args.epochs} epochs, {args.variant}, batch {args.batch_size}; load "
+        f"average {os.getloadavg()[0]:.2f}; runs in {root}")
+  print(pipeline_line(pipeline, consumption))
+  out = {"pipeline_images_per_sec": pipeline, "step_images_per_sec": consumption,
+         "pipeline_over_step": pipeline / consumption, "load_average": os.getloadavg()[0],
+         "workdir": root}
+  print(json.dumps(out))
+  return out
+
+
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--variant", default="tiny")
@@ -110,9 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
                       help="image_augment overrides for the augmented runs ('' = the config's "
                            "strengths)")
   parser.add_argument("--workdir", default="", help="where the runs go; '' = a temporary dir")
+  parser.add_argument("--throughput_only", action="store_true",
+                      help="only the pipeline vs the step (one fused-only run for the step)")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   root = args.workdir or tempfile.mkdtemp(prefix="bench_multimodal_")
+  if args.throughput_only:
+    return throughput_only(args, root)
   rows, consumed = [], []
   for seed in (int(s) for s in args.seeds.split(",")):
     config = stage_config(args, seed, "fused,text,image", augment=True)
@@ -155,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
   verdict = "helps" if image_aug > image_plain else "does not help"
   print(f"augmentation on the image-only model: {image_aug:.3f} with, {image_plain:.3f} without "
         f"({image_aug - image_plain:+.3f}; {verdict})")
-  print(f"image pipeline {pipeline:,.0f} images/s vs training step {consumption:,.0f} images/s: "
-        f"{ratio:.1f}x (target >= 10x: {'met' if ratio >= 10 else 'NOT met'})")
+  print(pipeline_line(pipeline, consumption))
   out = {"rows": rows, "mean_test_accuracy": mean, "pipeline_images_per_sec": pipeline,
          "step_images_per_sec": consumption, "targets": targets, "workdir": root,
          "models": list(finetune_multimodal.MODELS)}
