@@ -3,7 +3,7 @@ effect, and the image pipeline's throughput against what a training step consume
 
     python bench/multimodal.py        # tiny, 3 seeds: ~25 minutes on the shared 2-core machine
     python bench/multimodal.py --seeds 0 --epochs 20 --augment "" --workdir /tmp/mm
-    python bench/multimodal.py --throughput_only --epochs 8   # the pipeline target only: ~3 min
+    python bench/multimodal.py --throughput_only --epochs 8   # the pipeline target: ~3 min
 
 Per seed, two finetuning runs (`configs/finetune.py:variant=tiny` with multimodal.enabled, from
 scratch, fixed steps, each model evaluated at its best dev step) on the same split:
@@ -16,9 +16,9 @@ training batches, one process, no workers) is timed for `--throughput_batches` b
 against the training step's consumption measured in run A (images per second of the fused
 model's train records, compilation excluded).
 
---throughput_only: only the third target. One run of the fused model alone (first seed, run A's
-settings, --epochs epochs) measures the step's consumption, then the pipeline is timed as above;
-prints that line and the JSON line.
+--throughput_only: only the third target, --rounds times: a run of the fused model alone (first
+seed, run A's settings, --epochs epochs) measures the step's consumption, then the pipeline is
+timed as above; prints each round's line, the median ratio and the JSON line.
 
 Prints one table of test (and dev) accuracies, the targets with met / not met, and last a JSON
 line. Issue 28's targets: fused above both single-modality models; augmentation's effect on the
@@ -107,20 +107,30 @@ def pipeline_line(pipeline: float, consumption: float) -> str:
 
 
 def throughput_only(args: argparse.Namespace, root: str) -> dict:
-  """The fused model alone for the step's consumption, then the pipeline, in this process."""
+  """--rounds times: the fused model alone for the step's consumption, then the pipeline right
+  after, in this process; each round's ratio and their median (the machine's load moves both
+  figures from minute to minute, so one pair can mislead)."""
   seed = int(args.seeds.split(",")[0])
   config = stage_config(args, seed, "fused", augment=True)
   args.batch_size = config.train.batch_size
-  finetune.run(config, os.path.join(root, f"seed{seed}_fused"))
-  consumption = consumed_images_per_sec(os.path.join(root, f"seed{seed}_fused", "models",
-                                                     "fused"), config.train.batch_size)
-  pipeline = pipeline_images_per_sec(args, args.throughput_batches)
-  print(f"\nfused model, {args.epochs} epochs, {args.variant}, batch {args.batch_size}; load "
-        f"average {os.getloadavg()[0]:.2f}; runs in {root}")
-  print(pipeline_line(pipeline, consumption))
-  out = {"pipeline_images_per_sec": pipeline, "step_images_per_sec": consumption,
-         "pipeline_over_step": pipeline / consumption, "load_average": os.getloadavg()[0],
-         "workdir": root}
+  rounds = []
+  for r in range(args.rounds):
+    workdir = os.path.join(root, f"seed{seed}_fused_round{r}")
+    finetune.run(config, workdir)
+    consumption = consumed_images_per_sec(os.path.join(workdir, "models", "fused"),
+                                          config.train.batch_size)
+    pipeline = pipeline_images_per_sec(args, args.throughput_batches)
+    rounds.append({"pipeline_images_per_sec": pipeline, "step_images_per_sec": consumption,
+                   "pipeline_over_step": pipeline / consumption,
+                   "load_average": os.getloadavg()[0]})
+  print(f"\nfused model, {args.epochs} epochs, {args.variant}, batch {args.batch_size}, "
+        f"{args.rounds} rounds; runs in {root}")
+  for r in rounds:
+    print(f"  load {r['load_average']:.2f}: " + pipeline_line(r["pipeline_images_per_sec"],
+                                                              r["step_images_per_sec"]))
+  ratio = statistics.median(r["pipeline_over_step"] for r in rounds)
+  print(f"median over rounds: {ratio:.1f}x (target >= 10x: {'met' if ratio >= 10 else 'NOT met'})")
+  out = {"rounds": rounds, "pipeline_over_step": ratio, "workdir": root}
   print(json.dumps(out))
   return out
 
@@ -141,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
                            "strengths)")
   parser.add_argument("--workdir", default="", help="where the runs go; '' = a temporary dir")
   parser.add_argument("--throughput_only", action="store_true",
-                      help="only the pipeline vs the step (one fused-only run for the step)")
+                      help="only the pipeline vs the step (a fused-only run for the step)")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="--throughput_only: how many (step, pipeline) pairs to measure")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   root = args.workdir or tempfile.mkdtemp(prefix="bench_multimodal_")
