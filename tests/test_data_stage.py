@@ -168,7 +168,7 @@ def test_stage_with_augmentation_and_domain_filter(inputs, tmp_path):
   summary = data_stage.run(_config(inputs, **{
       "augment.enabled": True, "augment.copies": 2, "augment.synonym_prob": 0.5,
       "clean.domain_lexicon": str(lexicon), "clean.min_domain_score": 1.0,
-      "tokenizer.train": False}), workdir)
+      "tokenizer.train": False, "clean.dedup_index": "disk"}), workdir)
   with open(os.path.join(workdir, "data", "report.json"), encoding="utf-8") as f:
     report = json.load(f)
   kept = report["documents_out"]
@@ -180,6 +180,8 @@ def test_stage_with_augmentation_and_domain_filter(inputs, tmp_path):
   clean_texts = {r["text"] for r in sources.read_records(os.path.join(workdir, "data", "clean"))}
   assert len(clean_texts) == kept  # augmented texts are not mixed into clean/
   assert not os.path.exists(os.path.join(workdir, "tokenizer.model"))
+  # The deduplication index on disk was a scratch file in data/, gone with the run.
+  assert sorted(os.listdir(os.path.join(workdir, "data"))) == ["augmented", "clean", "report.json"]
 
 
 def test_configs_load_and_validate(inputs, tmp_path):
@@ -189,12 +191,13 @@ def test_configs_load_and_validate(inputs, tmp_path):
     data_stage.validate(config)
   assert configlib.load_config(f"{CONFIG}:variant=small").tokenizer.vocab_size == 8000
   bad = _config(inputs, **{"clean.max_url_fraction": 3.0, "data.format": "xml",
-                           "tokenizer.vocab_size": 10})
+                           "tokenizer.vocab_size": 10, "clean.dedup_index": "ssd"})
   with pytest.raises(configlib.ConfigError) as e:
     data_stage.validate(bad)
   message = str(e.value)
   assert "clean.max_url_fraction" in message and "data.format" in message
   assert "tokenizer.vocab_size" in message
+  assert "clean.dedup_index: 'ssd' is not one of ('auto', 'memory', 'disk')" in message
   with pytest.raises(FileNotFoundError, match="missing.jsonl"):
     data_stage.run(_config(inputs, **{"data.inputs": str(tmp_path / "missing.jsonl")}),
                    str(tmp_path / "w"))

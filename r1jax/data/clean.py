@@ -54,6 +54,8 @@ Steps, in pipeline order (the rule name is the report key):
   duplicate            exact duplicate after lowercasing and whitespace collapsing (main process)
   near_duplicate       MinHash (num_perm permutations, LSH bands) estimated Jaccard similarity of
                        5-unit shingles >= near_dup_threshold with an earlier text (main process)
+Both deduplication steps keep what they have seen in memory or, for large corpora, on disk in
+bounded memory (dedup_index: auto | memory | disk; same decisions either way, see dedup_index.py).
 The same steps run as an Apache Beam pipeline in `clean_beam` (the `[beam]` extra), with the same
 output and report.
 Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 of one.
@@ -74,6 +76,7 @@ import grain
 
 from r1jax.data import clean_steps
 from r1jax.data import dedup
+from r1jax.data import dedup_index
 from r1jax.data import grain_ops
 from r1jax.data import sources
 
@@ -125,6 +128,7 @@ class CleanConfig:
   num_perm: int = 64
   shingle_size: int = 5
   seed: int = 0
+  dedup_index: str = "auto"
 
   def validate(self):
     for name in ("max_url_fraction", "max_symbol_fraction", "max_repetition",
@@ -138,6 +142,7 @@ class CleanConfig:
       raise ValueError(f"clean.num_perm={self.num_perm} must be a multiple of 4, at least 8.")
     if self.shingle_size < 1:
       raise ValueError(f"clean.shingle_size={self.shingle_size} must be >= 1.")
+    dedup_index.resolve(self.dedup_index, None)
     for lang in self.languages:
       if not re.fullmatch(r"[a-z]{2,3}", lang):
         raise ValueError(f"clean.languages: {lang!r} is not an ISO 639 code such as en, zh, de.")
@@ -198,13 +203,19 @@ def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None
   return steps
 
 
-def sequential_steps(config: CleanConfig) -> list[grain.transforms.Map]:
-  """The stateful steps (deduplication), run in the main process in record order."""
+def sequential_steps(config: CleanConfig, num_docs: int | None = None,
+                     index_dir: str | None = None) -> list[grain.transforms.Map]:
+  """The stateful steps (deduplication), run in the main process in record order.
+
+  Their indexes are in memory or on disk (in `index_dir`, None: the temp dir) as
+  config.dedup_index says; "auto" decides by `num_docs` (see dedup_index.py).
+  """
   steps = []
+  index = dedup_index.resolve(config.dedup_index, num_docs)
   if config.dedup_exact:
-    steps.append(dedup.ExactDedup())
+    steps.append(dedup.ExactDedup(index, index_dir))
   if config.near_dup_threshold is not None:
-    steps.append(dedup.NearDedup(config.near_dup_threshold, config.num_perm))
+    steps.append(dedup.NearDedup(config.near_dup_threshold, config.num_perm, index, index_dir))
   return steps
 
 
@@ -225,7 +236,7 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
                      domain_scorer: Callable[[str], float] | None = None,
                      quality_scorer: Callable[[str], float] | None = None,
                      process_index: int = 0, process_count: int = 1,
-                     worker_count: int = 0) -> grain.IterDataset:
+                     worker_count: int = 0, index_dir: str | None = None) -> grain.IterDataset:
   """Grain pipeline over a random-access source: every record, marked, in source order.
 
   Args:
@@ -238,10 +249,12 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
       [config.min_quality, config.max_quality] (see clean_steps.QualityFilter).
     process_index, process_count: this process reads records process_index::process_count.
     worker_count: Grain worker processes for the per-record steps (0: this process).
+    index_dir: where a deduplication index on disk keeps its scratch files (None: the temp dir).
   """
   ds = grain.MapDataset.source(source)
   if process_count > 1:
     ds = ds[process_index::process_count]
+  num_docs = len(ds)
   imputer = fit_imputer(source, config, impute, ds)
   # Records travel in chunks of CHUNK_SIZE, and each Grain element is a chunk: Grain's per-element
   # bookkeeping (a few microseconds per element and transform) and a worker's per-message cost are
@@ -255,7 +268,7 @@ def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if worker_count:
     ds = grain_ops.worker_prefetch(ds, worker_count)
-  sequential = sequential_steps(config)
+  sequential = sequential_steps(config, num_docs, index_dir)
   if sequential:
     ds = ds.map(ForEachRecord(sequential))
   return grain_ops.FlattenIterDataset(ds)

@@ -2,9 +2,10 @@
 
 `DedupKey` and `MinHashSignature` are pure per-record work and run in the parallel part of the
 cleaning pipeline (Grain workers when there are any); `ExactDedup` and `NearDedup` hold the only
-cross-document state and run in the main process, in record order. `r1jax.data.clean_beam` reuses
-the signatures and the decision helpers (`lsh_bands`, `band_slices`, `best_match`) so both engines
-drop the same texts. The record contract is `clean_steps`' (`_drop`, `_detail`).
+cross-document state (in memory, or on disk in bounded memory: `dedup_index`) and run in the main
+process, in record order. `r1jax.data.clean_beam` reuses the signatures and the decision helpers
+(`lsh_bands`, `band_slices`, `best_match`) so both engines drop the same texts. The record contract
+is `clean_steps`' (`_drop`, `_detail`).
 """
 import hashlib
 import zlib
@@ -14,6 +15,7 @@ import grain
 import numpy as np
 
 from r1jax.data import clean_steps
+from r1jax.data import dedup_index
 
 
 
@@ -38,11 +40,15 @@ class ExactDedup(grain.transforms.Map):
   """Drops a text identical (after lowercasing and whitespace collapsing) to an earlier one.
 
   Uses `_dedup_key` from DedupKey when present (and removes it), else hashes the text itself.
+  `index`: where the keys are kept, "memory" or "disk" (dedup_index.py; same decisions), the disk
+  one in a scratch file in `directory` (None: the temp dir), opened at the first text.
   """
   name = "duplicate"
 
-  def __init__(self):
-    self._seen = {}
+  def __init__(self, index: str = "memory", directory: str | None = None):
+    self.index = dedup_index.resolve(index, None)
+    self.directory = directory
+    self._seen = None
 
   def map(self, record):
     key = record.pop("_dedup_key", None)
@@ -50,10 +56,10 @@ class ExactDedup(grain.transforms.Map):
       return record
     if key is None:
       key = _dedup_key(record["text"])
-    first = self._seen.get(key)
-    if first is None:
-      self._seen[key] = (record.get("_file"), record.get("_line"))
-    else:
+    if self._seen is None:
+      self._seen = dedup_index.exact_index(self.index, self.directory)
+    first = self._seen.first(key, (record.get("_file"), record.get("_line")))
+    if first is not None:
       record["_drop"] = self.name
       record["_detail"] = exact_detail(*first)
     return record
@@ -108,49 +114,33 @@ class NearDedup(grain.transforms.Map):
   signature agreement decides. Needs `_minhash` (bytes) from MinHashSignature. This step holds the
   only cross-document state, so it runs in the main process: it works on the signature's bytes
   directly (band keys are byte slices, no array per record) and decodes signatures to arrays only
-  for the rare candidates.
+  for the rare candidates. `index` and `directory`: where the signatures and band keys are kept,
+  as in ExactDedup.
   """
   name = "near_duplicate"
 
-  def __init__(self, threshold: float, num_perm: int = 64):
+  def __init__(self, threshold: float, num_perm: int = 64, index: str = "memory",
+               directory: str | None = None):
     self.threshold = threshold
     self.bands = lsh_bands(threshold, num_perm)
     self.rows = num_perm // self.bands
     self._band_bytes = band_slices(num_perm, self.bands)
-    self._buckets = [dict() for _ in range(self.bands)]
-    self._seen = []  # (signature bytes, (file, line)) of every text indexed, by doc id
+    self.index = dedup_index.resolve(index, None)
+    self.directory = directory
+    self._seen = None
 
   def map(self, record):
     sig = record.pop("_minhash", None)
     if record.get("_drop") or sig is None:
       return record
-    keys = [sig[a:b] for a, b in self._band_bytes]
-    candidates = set()
-    for bucket, key in zip(self._buckets, keys):
-      hit = bucket.get(key)
-      if hit is not None:
-        if isinstance(hit, list):
-          candidates.update(hit)
-        else:
-          candidates.add(hit)
+    if self._seen is None:
+      self._seen = dedup_index.near_index(self.index, self._band_bytes, self.directory)
+    candidates = self._seen.add(sig, (record.get("_file"), record.get("_line")))
     if candidates:
-      best, best_id = best_match(sig, ((c, self._seen[c][0]) for c in sorted(candidates)))
+      best, where = best_match(sig, ((where, other) for other, where in candidates))
       if best >= self.threshold:
         record["_drop"] = self.name
-        where = self._seen[best_id][1]
         record["_detail"] = near_detail(best, where[0], where[1])
-    doc_id = len(self._seen)
-    self._seen.append((sig, (record.get("_file"), record.get("_line"))))
-    # A bucket holds the doc id of its only text, or a list once a second text shares the key:
-    # almost every key is unique, and a list per key and band would cost more than the lookups
-    # (allocation and garbage-collector traversal of 16 lists per text).
-    for bucket, key in zip(self._buckets, keys):
-      hit = bucket.setdefault(key, doc_id)
-      if hit != doc_id:
-        if isinstance(hit, list):
-          hit.append(doc_id)
-        else:
-          bucket[key] = [hit, doc_id]
     return record
 
 

@@ -40,6 +40,7 @@ from r1jax.data import augment
 from r1jax.data import clean
 from r1jax.data import clean_beam
 from r1jax.data import clean_steps
+from r1jax.data import dedup_index
 from r1jax.data import shards
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
@@ -96,6 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if num_perm and num_perm % 4:
     v.add("clean.num_perm", f"{num_perm} must be a multiple of 4.")
   v.positive_int("clean.shingle_size")
+  v.choice("clean.dedup_index", dedup_index.INDEXES)
   v.int_at_least("clean.max_samples", 0)
   v.boolean("augment.enabled")
   v.positive_int("augment.copies")
@@ -148,6 +150,7 @@ def clean_config(config: ml_collections.ConfigDict) -> clean.CleanConfig:
       domain_lexicon=_list_or_file(c.domain_lexicon), min_domain_score=c.min_domain_score,
       dedup_exact=c.dedup_exact, near_dup_threshold=threshold(c.near_dup_threshold),
       num_perm=c.num_perm, shingle_size=c.shingle_size, seed=config.seed,
+      dedup_index=c.dedup_index,
       fix_text=c.fix_text, languages=_list_or_file(c.languages),
       min_quality=threshold(c.min_quality), max_quality=threshold(c.max_quality))
 
@@ -210,7 +213,7 @@ def _progress(total: int, enabled: bool, desc: str):
               smoothing=0.1, mininterval=0.5)
 
 
-def _run_cleaning(config, source, out_dir, reopen):
+def _run_cleaning(config, source, out_dir, reopen, index_dir):
   cfg = clean_config(config)
   scorer = quality_scorer(config)
   if config.data.engine == "beam":
@@ -227,7 +230,7 @@ def _run_cleaning(config, source, out_dir, reopen):
                                 max_samples=config.clean.max_samples)
   writer = _ShardWriter(out_dir, config.data.shard_docs)
   ds = clean.cleaning_dataset(source, cfg, worker_count=config.data.worker_count,
-                              quality_scorer=scorer)
+                              quality_scorer=scorer, index_dir=index_dir)
   start = time.perf_counter()
   with _progress(len(source), config.data.progress_bar, "clean") as bar:
     for record in ds:
@@ -381,7 +384,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Models and optional packages are checked now, not after the cleaning.
   back = _translator(config) if config.augment.enabled else None
   logging.info("Cleaning %d documents from %s", len(source), d.inputs)
-  report, shard_paths, clean_seconds = _run_cleaning(config, source, tmp_dir, reopen)
+  # A deduplication index on disk (clean.dedup_index) is a scratch file in data/, unlinked as
+  # soon as it is open: nothing to resume from, an interrupted run rebuilds it as it starts over.
+  report, shard_paths, clean_seconds = _run_cleaning(config, source, tmp_dir, reopen, data_dir)
   report_dict = report.to_dict()  # asserts documents_in == documents_out + sum(dropped)
   keep = set(_list_or_file(config.clean.languages))
   if report.dropped.get("language") and not keep & set(report.languages):
