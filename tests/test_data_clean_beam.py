@@ -4,6 +4,7 @@ The corpus is tiny and messy: exact and near duplicates (a chain of them), inval
 colour codes with and without their ESC, mojibake, HTML entities, a filler reply, other languages.
 Beam's local runner starts in seconds; the two-worker-process run through the data stage is slow.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,6 +78,9 @@ def test_beam_matches_grain_on_a_messy_corpus(corpus, tmp_path):
   beam_kept = [sources.public_fields(r) for r in clean_beam.records_in_order(out)]
   assert beam_kept == kept
   assert beam_report.to_dict() == report
+  # Grain with its deduplication index on disk (clean.dedup_index) too.
+  assert _grain(src, dataclasses.replace(config, dedup_index="disk"),
+                index_dir=str(tmp_path / "index")) == (kept, report)
   dropped = {k: v for k, v in report["dropped"].items() if v}
   assert dropped == {"malformed_json": 1, "duplicate": 2, "near_duplicate": 3,
                      "low_quality:meaningless": 1, "language": 1}

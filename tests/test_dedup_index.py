@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from r1jax import errors
 from r1jax.data import clean
 from r1jax.data import dedup
 from r1jax.data import dedup_index
@@ -130,3 +131,15 @@ def test_auto_index_and_bad_values():
   assert dedup_index.resolve("memory", 10**9) == "memory"
   with pytest.raises(ValueError, match="clean.dedup_index='ssd' must be one of auto, memory, disk"):
     clean.CleanConfig(dedup_index="ssd").validate()
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_fix(tmp_path):
+  near = dedup_index.DiskBands(dedup.band_slices(64, 16), str(tmp_path))
+  sigs = np.random.default_rng(1).integers(0, 2**31, (2000, 64), dtype=np.uint32)
+  near.add(sigs[0].tobytes(), ("a", 1))
+  db = near._db.db  # pylint: disable=protected-access
+  # SQLite's own limit on the file's size gives the error a full disk gives (SQLITE_FULL).
+  db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0] + 2}")
+  with pytest.raises(errors.UserError, match=f"in {tmp_path} ran out of space .*dedup_index=memory"):
+    for i, sig in enumerate(sigs[1:]):
+      near.add(sig.tobytes(), ("a", i + 2))

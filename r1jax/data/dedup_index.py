@@ -3,12 +3,12 @@
 `ExactDedup` and `NearDedup` (dedup.py) decide; an index only stores and finds. Two kinds give the
 same answers, so the kept documents and the report do not depend on the choice:
 
-  memory  Python dicts: the fastest, but every indexed text costs ~3.7 KB of RAM (a 12-byte key,
+  memory  Python dicts: the fastest, but every indexed text costs ~2.3 KB of RAM (a 12-byte key,
           a 256-byte signature, 16 band keys, its file and line, and the dicts around them):
-          ~4 GB at 1M documents.
+          2.4 GB of heap at 1M documents (bench/NOTES_cleaning_scale.md).
   disk    an SQLite database in a scratch file: band keys as an indexed integer column,
           signatures as blobs. Resident memory is SQLite's page cache (CACHE_KIB) plus constant
-          Python objects, whatever the corpus size; the data lives in the file (~1 KB per text).
+          Python objects, whatever the corpus size; the data lives in the file (~0.7 KB per text).
           The file is unlinked as soon as it is open, so it disappears with the process, even one
           that is killed; nothing is left to clean up or to resume from (an interrupted stage
           starts over and rebuilds it).
@@ -23,6 +23,8 @@ import os
 import sqlite3
 import tempfile
 from typing import Any, Sequence
+
+from r1jax import errors
 
 INDEXES = ("auto", "memory", "disk")
 AUTO_DISK_DOCS = 200_000  # auto: documents above which the index goes to disk (~0.75 GB in memory)
@@ -102,6 +104,7 @@ class _Database:
   def __init__(self, directory: str | None, schema: str, cache_kib: int):
     if directory:
       os.makedirs(directory, exist_ok=True)
+    self.directory = directory or tempfile.gettempdir()
     fd, path = tempfile.mkstemp(prefix="dedup-", suffix=".sqlite", dir=directory)
     os.close(fd)
     try:
@@ -124,6 +127,14 @@ class _Database:
       self.db.execute("BEGIN")
       self._pending = 0
 
+  def check(self, error: sqlite3.OperationalError) -> None:
+    """Raises a UserError naming the directory and the fix when `error` is a full disk."""
+    if "full" in str(error):  # SQLITE_FULL: "database or disk is full"
+      raise errors.UserError(
+          f"The deduplication index on disk in {self.directory} ran out of space ({error}); it "
+          "needs ~0.7 KB per document. Free space there, or set clean.dedup_index=memory (~2.3 KB "
+          "of RAM per document).") from error
+
   def __del__(self):
     db = getattr(self, "db", None)
     if db is not None:
@@ -140,10 +151,14 @@ class DiskKeys:
   def first(self, key: bytes, where: Where) -> Where | None:
     """Where the first text with `key` was, or None (and `where` is remembered) when this is it."""
     db = self._db.db
-    if db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
-                  (key, _value(where[0]), _value(where[1]))).rowcount:
-      self._db.wrote()
-      return None
+    try:
+      if db.execute("INSERT OR IGNORE INTO keys VALUES (?, ?, ?)",
+                    (key, _value(where[0]), _value(where[1]))).rowcount:
+        self._db.wrote()
+        return None
+    except sqlite3.OperationalError as e:
+      self._db.check(e)
+      raise
     return db.execute("SELECT file, line FROM keys WHERE key = ?", (key,)).fetchone()
 
 
@@ -176,12 +191,15 @@ class DiskBands:
                                      (doc,)).fetchone()
       if any(other[a:b] == sig[a:b] for a, b in self._band_bytes):
         found.append((other, (file, line)))
-    doc_id = self._count
+    try:
+      db.execute("INSERT INTO docs VALUES (?, ?, ?, ?)",
+                 (self._count, sig, _value(where[0]), _value(where[1])))
+      db.execute(self._insert, [v for k in keys for v in (k, self._count)])
+      self._db.wrote()
+    except sqlite3.OperationalError as e:
+      self._db.check(e)
+      raise
     self._count += 1
-    db.execute("INSERT INTO docs VALUES (?, ?, ?, ?)",
-               (doc_id, sig, _value(where[0]), _value(where[1])))
-    db.execute(self._insert, [v for k in keys for v in (k, doc_id)])
-    self._db.wrote()
     return found
 
 
