@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       near_dup_threshold=0.8,     # MinHash Jaccard estimate for near duplicates (-1 disables)
       num_perm=64,                # MinHash permutations (multiple of 4)
       shingle_size=5,             # words (CJK: characters) per shingle
-      dedup_index="auto",         # where dedup remembers seen texts: memory (fast, ~3.7 KB per
+      dedup_index="auto",         # where dedup remembers seen texts: memory (fast, ~2.3 KB per
                                   # document) | disk (SQLite scratch file, bounded memory, same
                                   # result) | auto (disk above 200,000 documents); Grain engine
       max_samples=5,              # dropped examples kept per rule in report.json

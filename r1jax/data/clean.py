@@ -63,9 +63,10 @@ Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 
 Where the work runs: every per-document computation (repairs, scores, the exact-duplicate hash,
 shingling and the MinHash signature) is in `parallel_steps`, which run in Grain worker processes
 when worker_count > 0; the main process keeps only `sequential_steps`, the cross-document lookups
-of deduplication (one dict lookup, and one per LSH band: about 5 us per text). Records move in
-chunks of CHUNK_SIZE, one Grain element per chunk, so Grain's per-element bookkeeping and a
-worker's per-message cost are paid per chunk. bench/data_throughput.py measures the result.
+of deduplication (one dict lookup, and one per LSH band: about 5 us per text in memory; about
+100-140 us with the index on disk, bench/NOTES_cleaning_scale.md). Records move in chunks of
+CHUNK_SIZE, one Grain element per chunk, so Grain's per-element bookkeeping and a worker's
+per-message cost are paid per chunk. bench/data_throughput.py measures the result.
 """
 import collections
 import dataclasses
