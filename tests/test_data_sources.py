@@ -32,6 +32,21 @@ def test_text_lines_and_paragraphs(tmp_path):
   assert [r["_line"] for r in records] == [1, 6, 8]
 
 
+def test_line_index_is_the_same_scanned_in_chunks_of_any_size(tmp_path, monkeypatch):
+  """Plain files are indexed a chunk at a time (memory: the index, not the file); "\r"-only lines
+  and "\r\n" pairs split across chunks are read as from one buffer, and gzip the same."""
+  import gzip
+  content = "a\r\n\r\n\nbb\n\r\nccc\r\n\n\r\r\nd 中文\n\ne"
+  plain = _write(tmp_path / "a.txt", content)
+  packed = tmp_path / "a.txt.gz"
+  packed.write_bytes(gzip.compress(content.encode("utf-8")))
+  whole = [(r.get("text"), r["_line"]) for r in sources.read_records(str(packed))]
+  assert whole == [("a", 1), ("bb", 4), ("ccc", 6), (None, 8), ("d 中文", 9), ("e", 11)]
+  for chunk in (1, 2, 3, 5, 1 << 24):
+    monkeypatch.setattr(sources, "_SCAN_CHUNK", chunk)
+    assert [(r.get("text"), r["_line"]) for r in sources.read_records(plain)] == whole, chunk
+
+
 def test_jsonl_with_metadata_and_custom_field(tmp_path):
   path = _write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in [
       {"body": "hello world", "label": "x", "score": 1.5},
