@@ -87,6 +87,7 @@ def corpus(directory, n_docs, near_fraction):
   near_fraction) -> (path, is_planted bool [n_docs], the lowest true Jaccard of a planted pair)."""
   path = os.path.join(directory, f"corpus_{n_docs}_{near_fraction}.jsonl")
   if not os.path.exists(path + ".npz"):
+    os.makedirs(directory, exist_ok=True)
     planted, lowest = generate(path + ".part", n_docs, near_fraction)
     os.replace(path + ".part", path)
     np.savez(path + ".npz", planted=planted, lowest=lowest)
