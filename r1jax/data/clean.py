@@ -24,10 +24,10 @@ Steps, in pipeline order (the rule name is the report key):
   undecodable          repair: remove U+FFFD left by invalid UTF-8
   ftfy                 repair (ftfy): terminal escapes (also those whose ESC is already gone),
                        mojibake, HTML entities, lone surrogates
+  control_chars        repair: remove control and format characters except newline and tab
   nfkc                 repair: Unicode NFKC (full-width ASCII -> ASCII, compatibility forms);
                        then ,!?:; right after a CJK character are written full width (，！？：；),
                        as "。" and "、" are: CJK punctuation in CJK context, ASCII in Latin context
-  control_chars        repair: remove control and format characters except newline and tab
   whitespace           repair: collapse spaces, strip lines, at most one blank line, no spaces
                        between two CJK characters
   missing_values       repair: fill missing metadata values: numeric columns with the median,
@@ -167,10 +167,12 @@ def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None
   steps = [clean_steps.SourceErrors(), clean_steps.RepairUndecodable()]
   if config.fix_text:
     steps.append(clean_steps.FixText())
-  if config.nfkc:
-    steps.append(clean_steps.NormalizeUnicode())
+  # Control characters go before NFKC: removing one can join a letter to a combining mark (not
+  # NFKC any more) or put a comma right after a CJK character (made full width by nfkc).
   if config.remove_control_chars:
     steps.append(clean_steps.RemoveControlChars())
+  if config.nfkc:
+    steps.append(clean_steps.NormalizeUnicode())
   if config.normalize_whitespace:
     steps.append(clean_steps.NormalizeWhitespace())
   if impute is not None and impute.fill_values:
