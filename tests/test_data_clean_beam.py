@@ -171,14 +171,15 @@ def test_stage_beam_with_two_worker_processes_matches_grain(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_near_dedup_scale_bench_at_a_tiny_size(tmp_path):
-  """bench/near_dedup_scale.py end to end at 3,000 documents: both engines find the planted near
-  duplicates, drop nothing else, and keep the same documents."""
+  """bench/near_dedup_scale.py end to end at 3,000 documents: both engines (Grain with either
+  dedup index) find the planted near duplicates, drop nothing else, and keep the same documents."""
   out = tmp_path / "scale.json"
   script = os.path.join(os.path.dirname(__file__), "..", "bench", "near_dedup_scale.py")
-  proc = subprocess.run([sys.executable, script, "--docs", "3000", "--out", str(out)],
+  proc = subprocess.run([sys.executable, script, "--docs", "3000", "--index", "memory,disk",
+                         "--out", str(out)],
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   result = json.loads(out.read_text())
-  assert result["engines_agree"]
-  for engine in ("grain", "beam"):
+  assert result["engines_agree"] and result["reports_agree"]
+  for engine in ("grain:memory", "grain:disk", "beam"):
     assert result[engine]["recall"] >= 0.95 and result[engine]["precision"] >= 0.99, result
