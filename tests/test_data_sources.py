@@ -1,4 +1,5 @@
 """Tests for r1jax.data.sources: formats, globs, sharding and every bad-input case of the issue."""
+import gzip
 import json
 
 import grain
@@ -35,7 +36,6 @@ def test_text_lines_and_paragraphs(tmp_path):
 def test_line_index_is_the_same_scanned_in_chunks_of_any_size(tmp_path, monkeypatch):
   """Plain files are indexed a chunk at a time (memory: the index, not the file); "\r"-only lines
   and "\r\n" pairs split across chunks are read as from one buffer, and gzip the same."""
-  import gzip
   content = "a\r\n\r\n\nbb\n\r\nccc\r\n\n\r\r\nd 中文\n\ne"
   plain = _write(tmp_path / "a.txt", content)
   packed = tmp_path / "a.txt.gz"

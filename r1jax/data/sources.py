@@ -162,8 +162,7 @@ class _OffsetFileSource(_FileSource):
 
   def __init__(self, path, fmt, text_field, on_undecodable, max_chars, text_mode):
     super().__init__(path, text_field, on_undecodable, max_chars)
-    self.fmt = fmt
-    self.text_mode = text_mode
+    self.fmt, self.text_mode = fmt, text_mode
     self._data = None  # the bytes of a gzip file; None: records are read with pread
     self._fd = None    # opened lazily (also in each worker process)
     gz = path.endswith(".gz")
@@ -187,19 +186,14 @@ class _OffsetFileSource(_FileSource):
     newlines = np.flatnonzero(arr == 10)
     if self.fmt == "text" and self.text_mode == "paragraphs":
       line_starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-      starts, ends, lines = [], [], []
-      pos = 0
+      units, pos = [], 0  # (start, end, line) of each paragraph
       for m in list(_PARAGRAPH_BREAK.finditer(buf)) + [None]:
         end = m.start() if m else len(buf)
         if buf[pos:end].strip():
-          starts.append(pos)
-          ends.append(end)
-          lines.append(int(np.searchsorted(line_starts, pos, side="right")))
+          units.append((pos, end, int(np.searchsorted(line_starts, pos, side="right"))))
         if m:
           pos = m.end()
-      self._starts = np.asarray(starts, np.int64)
-      self._ends = np.asarray(ends, np.int64)
-      self._lines = np.asarray(lines, np.int64)
+      self._starts, self._ends, self._lines = np.asarray(units, np.int64).reshape(-1, 3).T
       return
     self._set_lines(newlines, np.flatnonzero(arr == 13), len(arr))
 
@@ -219,23 +213,19 @@ class _OffsetFileSource(_FileSource):
     self._set_lines(np.concatenate(newlines), np.concatenate(returns), size)
 
   def _set_lines(self, newlines, returns, size):
-    """Lines from the positions of "\n" and "\r": skip the empty ones (length 0, or "\r" only);
-    other blank lines come through and the cleaning pipeline counts them as too short."""
+    """Lines from the positions of newlines and carriage returns: skip the empty ones (length 0,
+    or a carriage return only); other blank lines come through and cleaning counts them short."""
     line_starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
     line_ends = np.concatenate([newlines, [size]]).astype(np.int64)
     lengths = line_ends - line_starts
     keep = lengths > 0
     cr_only = np.flatnonzero(lengths == 1)
-    if cr_only.size:
-      keep[cr_only] = ~np.isin(line_starts[cr_only], returns)
-    self._starts = line_starts[keep]
-    self._ends = line_ends[keep]
+    keep[cr_only] = ~np.isin(line_starts[cr_only], returns)
+    self._starts, self._ends = line_starts[keep], line_ends[keep]
     self._lines = np.flatnonzero(keep) + 1
 
   def __getstate__(self):
-    state = dict(self.__dict__)
-    state["_fd"] = None  # reopened lazily in the worker
-    return state
+    return dict(self.__dict__, _fd=None)  # reopened lazily in the worker
 
   def __del__(self):
     if getattr(self, "_fd", None) is not None:
