@@ -197,6 +197,24 @@ def test_ftfy_repairs_terminal_escapes_mojibake_and_entities():
   assert report["repaired"]["ftfy"] == 1 and report["documents_out"] == 2
 
 
+def test_repairs_repeat_until_the_text_is_a_fixed_point():
+  """One repair can make work for an earlier one; cleaning cleaned text must change nothing."""
+  cases = {
+      # From the fuzz property: ftfy reads U+0080 as cp1252's euro sign; removing U+0001 then
+      # joins "\u00c0\u20ac", which ftfy decodes as an overlong NUL on a second pass.
+      "00000000a\u00c0\x01\x80 and more words": "00000000a and more words",
+      # NFKC turns a full-width ampersand into an HTML entity that ftfy unescapes.
+      "Tom \uff06amp; Jerry are here": "Tom & Jerry are here",
+  }
+  config = clean.CleanConfig(min_chars=1)
+  for raw, expected in cases.items():
+    kept, report = clean.clean_records([raw], config)
+    assert [r["text"] for r in kept] == [expected]
+    again, _ = clean.clean_records([expected], config)
+    assert [r["text"] for r in again] == [expected]
+    assert all(n == 1 for n in report["repaired"].values()), report["repaired"]  # once per record
+
+
 def test_language_filter_keeps_listed_languages_and_counts_all():
   records = [EN_GOOD, ZH_GOOD, "Die Speicherverwaltung des Betriebssystems teilt den Prozessen "
              "Seiten zu und lagert selten benutzte aus."]

@@ -165,16 +165,19 @@ def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None
   """The per-record steps (safe to run in Grain workers), in pipeline order."""
   config.validate()
   steps = [clean_steps.SourceErrors(), clean_steps.RepairUndecodable()]
+  repairs = []
   if config.fix_text:
-    steps.append(clean_steps.FixText())
+    repairs.append(clean_steps.FixText())
   # Control characters go before NFKC: removing one can join a letter to a combining mark (not
   # NFKC any more) or put a comma right after a CJK character (made full width by nfkc).
   if config.remove_control_chars:
-    steps.append(clean_steps.RemoveControlChars())
+    repairs.append(clean_steps.RemoveControlChars())
   if config.nfkc:
-    steps.append(clean_steps.NormalizeUnicode())
+    repairs.append(clean_steps.NormalizeUnicode())
   if config.normalize_whitespace:
-    steps.append(clean_steps.NormalizeWhitespace())
+    repairs.append(clean_steps.NormalizeWhitespace())
+  if repairs:  # repeated until none changes the text: cleaning is idempotent
+    steps.append(clean_steps.UntilFixed(repairs))
   if impute is not None and impute.fill_values:
     steps.append(impute)
   if config.meaningless_replies:

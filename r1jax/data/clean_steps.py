@@ -223,6 +223,36 @@ class NormalizeWhitespace(Repair):
     return _BLANK_LINES_RE.sub("\n\n", text).strip()
 
 
+class UntilFixed(Repair):
+  """The text repairs in order, repeated until a round changes nothing (at most `max_rounds`).
+
+  A repair can make work for an earlier one: removing a control character can join two characters
+  that ftfy then reads as mojibake ("a\u00c0\x01\u20ac" -> "a\u00c0\u20ac", which ftfy decodes
+  to "a\x00"), and NFKC can turn a full-width "\uff06amp;" into an HTML entity. Repeating the
+  round makes the output a fixed point of every repair, so cleaning cleaned text changes nothing.
+  A text no repair touches costs one round; a repaired one at least two. Each step still counts
+  under its own name, once per record.
+  """
+  name = "repairs"
+
+  def __init__(self, steps: Sequence[Repair], max_rounds: int = 4):
+    self.steps = tuple(steps)
+    self.max_rounds = max_rounds
+
+  def map(self, record):
+    if record.get("_drop"):
+      return record
+    for _ in range(self.max_rounds):
+      text = record["text"]
+      for step in self.steps:
+        record = step.map(record)
+      if record["text"] == text:
+        break
+    if "_repaired" in record:
+      record["_repaired"] = list(dict.fromkeys(record["_repaired"]))
+    return record
+
+
 class ImputeMissing(grain.transforms.Map):
   """Fills missing values in tabular columns: numeric columns with the median, others with the mode.
 
