@@ -443,9 +443,9 @@ class Validator:
     used); `what` names what it should be (the fix)."""
     value = self.string("init_from")
     if value and value.startswith(remote.SCHEME) and not url_ok:
-      self.add("init_from", f"{value!r}: an earlier run is read from a local or mounted path; "
-               f"mount the bucket (gcsfuse --implicit-dirs BUCKET /mnt/gcs/BUCKET) and pass "
-               f"/mnt/gcs/... ({what}).")
+      self.add("init_from", f"{value!r}: a gs:// run is read from a local copy, which "
+               f"r1jax.main makes; from Python, call r1jax.remote.localize_inputs(config) first "
+               f"({what}).")
     elif value and not (url_ok and "://" in value):
       self.require(os.path.isdir(os.path.expanduser(value)), "init_from",
                    f"{value!r} is not a directory; {what}.")

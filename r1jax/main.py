@@ -109,6 +109,7 @@ def main(argv):
   module = importlib.import_module(f"r1jax.stages.{stage}")
   workdir = _WORKDIR.value
   try:
+    remote.localize_inputs(config)  # gs:// input files and earlier runs: read from local copies
     if remote.is_remote(workdir):  # gs://: staged locally, mirrored to the bucket (r1jax.remote)
       with remote.StagedWorkdir(workdir) as local:
         logging.info("Running stage %r in %s (staged in %s); host allocator: %s", stage, workdir,

@@ -6,6 +6,8 @@
     with remote.StagedWorkdir("gs://bucket/runs/a") as local_dir:
       stage.run(config, local_dir)                         # mirrored to the bucket as it runs
     remote.checkpoints_of(local_dir)                       # gs://bucket/runs/a/checkpoints
+    remote.localize_inputs(config)                         # gs:// input files -> local copies
+    remote.write_object(url, data, if_generation=0)        # create-if-absent (a bucket lock)
 
 Files go through `etils.epath` (gcsfs underneath, the [gcs] extra). A gs:// workdir is a local
 staging directory (R1JAX_STAGING_DIR, default ~/.cache/r1jax/staging/<bucket>/<path>) that is
@@ -16,6 +18,11 @@ training loop's `checkpoints/` are not staged: Orbax writes them to the bucket i
 a checkpoint (checkpoints a stage writes elsewhere in its workdir are copied as files). A corpus object
 is downloaded once into R1JAX_CACHE_DIR (default ~/.cache/r1jax/gcs) and again when its size or
 generation changes; the readers then use random access on the local file as on any other.
+`localize_inputs` does this for every gs:// input of a stage config before the stage runs (main):
+corpus-like specs (SPEC_KEYS) are left to `sources.expand_spec`, which copies what they match;
+an earlier run's workdir (`init_from`) is copied with only its newest checkpoint; any other file,
+directory or list entry is copied as it is. The workdir lock of a gs:// workdir lives in the
+bucket (`run_dir.BucketLock`, on `write_object`'s generation preconditions).
 
 An emulator: STORAGE_EMULATOR_HOST=http://HOST:PORT points gcsfs at it, and this module points
 tensorstore at the same address (TENSORSTORE_GCS_HTTP_URL) unless that is set.
@@ -23,10 +30,12 @@ tensorstore at the same address (TENSORSTORE_GCS_HTTP_URL) unless that is set.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib
 import json
 import logging as py_logging
 import os
+import re
 import socket
 import threading
 import time
@@ -42,6 +51,13 @@ MARKER = ".remote.json"  # in a staging directory: {"url": the gs:// workdir it 
 CHECKPOINTS = "checkpoints"
 NOT_PUSHED = (MARKER, ".lock")  # top-level names a push leaves alone
 NOT_PULLED = NOT_PUSHED + (CHECKPOINTS,)  # Orbax reads the bucket's checkpoints/ itself
+# Config keys (last component) whose gs:// values localize_inputs leaves alone: input specs that
+# sources.expand_spec reads (it copies the objects a file, directory or glob matches itself) ...
+SPEC_KEYS = ("inputs", "corpus", "train", "dev", "test", "general", "domain", "domain_corpus",
+             "quality_good", "quality_bad", "extra_inputs")
+PASSED_ON = ("options",)  # ... and flags passed to another program (Beam's --temp_location=gs://)
+WORKDIR_KEYS = ("init_from", "workdirs")  # earlier runs: copied with their newest checkpoint only
+_URL = re.compile(r"gs://[^,\s]+")
 
 
 def is_remote(path: str) -> bool:
@@ -109,19 +125,25 @@ def check_bucket(url: str, *, write: bool) -> None:
                                f"{_fix(url)}") from None
 
 
+def _cache_root() -> str:
+  return os.environ.get("R1JAX_CACHE_DIR") or os.path.expanduser("~/.cache/r1jax/gcs")
+
+
 def local_copy(url: str) -> str:
-  """A local copy of the object `url` under R1JAX_CACHE_DIR, downloaded when missing or changed."""
+  """A local copy of the object `url` under R1JAX_CACHE_DIR, downloaded when missing or changed
+  (its size and time stamp are kept apart, under .stamps/, so a copied directory holds only the
+  bucket's files)."""
   _prepare()
   bucket, path = _split(url)
-  root = os.environ.get("R1JAX_CACHE_DIR") or os.path.expanduser("~/.cache/r1jax/gcs")
-  local = os.path.join(root, bucket, path)
+  local = os.path.join(_cache_root(), bucket, path)
   src = epath.Path(url)
   info = src.stat()
-  stamp = f"{local}.r1jax-stamp"
+  stamp = os.path.join(_cache_root(), ".stamps", bucket, path)
   version = json.dumps({"size": info.length, "mtime": info.mtime})
   if os.path.exists(local) and os.path.exists(stamp) and open(stamp).read() == version:
     return local
   os.makedirs(os.path.dirname(local), exist_ok=True)
+  os.makedirs(os.path.dirname(stamp), exist_ok=True)
   partial = f"{local}.partial.{os.getpid()}"
   src.copy(epath.Path(partial), overwrite=True)
   os.replace(partial, local)
@@ -145,13 +167,140 @@ def glob_objects(pattern: str) -> list[str]:
   return sorted(str(p) for p in found if not p.name.startswith(".") and not p.is_dir())
 
 
+def _objects_under(url: str) -> list[str]:
+  """The names (relative to `url`) of every object under the gs:// prefix `url`, sorted."""
+  fs = _fs()
+  bucket, path = _split(url)
+  fs.invalidate_cache(f"{bucket}/{path}")
+  start = len(f"{bucket}/{path}/")
+  return sorted(name[start:] for name in fs.find(f"{bucket}/{path}"))
+
+
+def local_tree(url: str, *, workdir: bool = False) -> str:
+  """A local copy (as `local_copy`) of every object under the gs:// prefix `url`; with `workdir`,
+  an earlier run's: its lock left out and of checkpoints/ only the newest step (what a stage
+  starting from it restores; the run should be finished)."""
+  url = url.rstrip("/")
+  names = _objects_under(url)
+  if not names:
+    raise errors.InputNotFound(f"{url}: no object under it; name an existing gs:// "
+                               f"{'workdir of an earlier run' if workdir else 'directory'}.")
+  if workdir:
+    steps = [int(n.split("/")[1]) for n in names
+             if n.startswith(CHECKPOINTS + "/") and n.split("/")[1].isdigit() and n.count("/") > 1]
+    newest = str(max(steps)) if steps else None
+    names = [n for n in names if n.split("/")[0] not in NOT_PUSHED and not (
+        n.startswith(CHECKPOINTS + "/") and n.count("/") > 1 and n.split("/")[1] != newest)]
+  for name in names:
+    local_copy(f"{url}/{name}")
+  bucket, path = _split(url)
+  return os.path.join(_cache_root(), bucket, path)
+
+
+def localize_inputs(config) -> dict[str, str]:
+  """Replaces every gs:// URL in `config`'s string values (any depth, in comma-separated lists
+  and `name=URL` entries too) by a local copy: an object by `local_copy`, a prefix by `local_tree`
+  (WORKDIR_KEYS: an earlier run's workdir); SPEC_KEYS and PASSED_ON are left as they are. Returns
+  {dotted key: new value} of what changed. Raises InputNotFound naming a URL with no object."""
+  changed = {}
+
+  def localize(key: str, url: str) -> str:
+    check_scheme(url, f"--config.{key}")
+    if key.rsplit(".", 1)[-1] in WORKDIR_KEYS:
+      return local_tree(url, workdir=True)
+    fs = _fs()
+    fs.invalidate_cache(url[len(SCHEME):])
+    if fs.isfile(url[len(SCHEME):]):
+      return local_copy(url)
+    try:
+      return local_tree(url)
+    except errors.InputNotFound:
+      raise errors.InputNotFound(f"--config.{key}: {url} is neither an object nor a directory "
+                                 f"in the bucket; check the path (gcloud storage ls "
+                                 f"{url}).") from None
+
+  def walk(section, prefix: str) -> None:
+    for name in list(section.keys()):
+      value, key = section[name], prefix + name
+      if hasattr(value, "keys"):
+        walk(value, key + ".")
+      elif (isinstance(value, str) and SCHEME in value and
+            name not in SPEC_KEYS + PASSED_ON):
+        section[name] = _URL.sub(lambda m, key=key: localize(key, m.group(0)), value)
+        changed[key] = section[name]
+        logging.info("--config.%s=%s is read from a local copy: %s", key, value, section[name])
+
+  walk(config, "")
+  return changed
+
+
+def url_of(workdir: str) -> str | None:
+  """The gs:// workdir a staging directory mirrors, or None for any other directory."""
+  marker = os.path.join(workdir, MARKER)
+  if not os.path.exists(marker):
+    return None
+  with open(marker) as f:
+    return json.load(f)["url"].rstrip("/")
+
+
 def checkpoints_of(workdir: str) -> str:
   """Where a workdir's checkpoints live: in the bucket for a staging directory, else DIR/checkpoints."""
-  marker = os.path.join(workdir, MARKER)
-  if os.path.exists(marker):
-    with open(marker) as f:
-      return json.load(f)["url"].rstrip("/") + "/" + CHECKPOINTS
-  return os.path.join(workdir, CHECKPOINTS)
+  url = url_of(workdir)
+  return f"{url}/{CHECKPOINTS}" if url else os.path.join(workdir, CHECKPOINTS)
+
+
+# Objects with generation preconditions (what a lock in a bucket needs; the JSON API through
+# gcsfs's session: a multipart upload, whose ifGenerationMatch fake-gcs-server honours too).
+
+
+def _fs():
+  _prepare()
+  return importlib.import_module("gcsfs").GCSFileSystem()
+
+
+def write_object(url: str, data: bytes, *, if_generation: int) -> int:
+  """Writes `data` to the object `url` only if its generation is `if_generation` (0: only if it
+  does not exist); returns the new generation. Raises FileExistsError when the precondition fails
+  (GCS's 412)."""
+  fs = _fs()
+  bucket, name = _split(url)
+  body = (b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n" +
+          json.dumps({"name": name}).encode() +
+          b"\n--==0==\nContent-Type: application/octet-stream\n\n" + data + b"\n--==0==--")
+  out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o",  # pylint: disable=protected-access
+                uploadType="multipart", ifGenerationMatch=str(if_generation), data=body,
+                headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True)
+  return int(out["generation"])
+
+
+def read_object(url: str) -> tuple[bytes, int, float] | None:
+  """(bytes, generation, seconds since it was last written by the bucket's clock against this
+  machine's) of the object `url`, or None when there is none."""
+  fs = _fs()
+  bucket, name = _split(url)
+  for _ in range(5):
+    try:
+      meta = fs.call("GET", "b/{}/o/{}", bucket, name, json_out=True)
+      _, data = fs.call("GET", "b/{}/o/{}", bucket, name, alt="media",
+                        generation=meta["generation"])
+    except FileNotFoundError:  # absent, or replaced between the two requests
+      fs.invalidate_cache(f"{bucket}/{name}")
+      if not fs.exists(f"{bucket}/{name}"):
+        return None
+      continue
+    updated = datetime.datetime.fromisoformat(meta["updated"].replace("Z", "+00:00"))
+    return data, int(meta["generation"]), time.time() - updated.timestamp()
+  return None
+
+
+def delete_object(url: str, *, if_generation: int) -> None:
+  """Deletes the object `url` if its generation is still `if_generation` (else leaves it)."""
+  fs = _fs()
+  bucket, name = _split(url)
+  try:
+    fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=str(if_generation))
+  except (FileNotFoundError, FileExistsError):
+    pass
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@
 What a workdir holds (ARCHITECTURE.md, "Stages and workdirs"): `config.json` (the config plus the
 values resolved at run time under "resolved"), `summary.json` (written last: a stage is finished when
 its summary says so), `checkpoints/<step>/params` (Orbax), `tokenizer.model`, and `.lock` while a
-process runs in it.
+process runs in it (for a gs:// workdir's staging directory, also in the bucket: `BucketLock`).
 
 This module sits below the training engine (`train/` imports it) and above `model/`: it reads
 checkpoints' metadata and config files but runs nothing.
@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from r1jax import distributed
 from r1jax import errors
+from r1jax import remote
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import transformer_xl as txl
 
@@ -40,6 +42,9 @@ CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_FILE = "tokenizer.model"
 LABELS_FILE = "labels.txt"          # a classifier's class names in id order, one per line
 LOCK_FILE = ".lock"
+# A gs:// workdir's lock not refreshed for this long is its owner's only sign of being gone when the
+# owner ran on another machine (it is refreshed every quarter of it while the run lives).
+LOCK_STALE_SECS = "R1JAX_LOCK_STALE_SECS"  # environment variable; default 600
 # summary.json "status" values of a run that ended by design (data_exhausted is not one: more
 # steps were asked for than the data gave, and a rerun with more data may continue).
 FINISHED_STATUSES = ("complete", "stopped_early")
@@ -143,6 +148,8 @@ class WorkdirLock:
     self.path = os.path.join(workdir, name)
     self.info = process_info()
     self.held = False
+    url = remote.url_of(workdir)  # a staging directory: the bucket holds the lock that counts
+    self.bucket = BucketLock(f"{url}/{name}") if url else None
 
   def _read(self) -> dict[str, Any] | None:
     for _ in range(20):  # the owner may be between create and write
@@ -203,10 +210,18 @@ class WorkdirLock:
       with os.fdopen(fd, "w") as f:
         json.dump(self.info, f)
       self.held = True
+      if self.bucket is not None:
+        try:
+          self.bucket.acquire()
+        except BaseException:
+          self.release()
+          raise
       return self
     raise WorkdirLocked(f"Could not take {self.path} (contended).")
 
   def release(self) -> None:
+    if self.bucket is not None:
+      self.bucket.release()
     if self.held:
       other = self._read()
       if other and other.get("pid") == self.info["pid"] and other.get("host") == self.info["host"]:
@@ -218,6 +233,101 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+class BucketLock:
+  """The lock object `gs://.../.lock` of a gs:// workdir (WorkdirLock takes it for a staging
+  directory): created only if absent (GCS precondition ifGenerationMatch=0), so two machines
+  starting the same workdir cannot both run. A thread rewrites it every quarter of `stale_secs`
+  (R1JAX_LOCK_STALE_SECS, 600) while the run lives. A lock whose owner is gone is taken over
+  (again with a precondition: its generation, so one contender wins): on the owner's host when its
+  process is gone, from another host when it was not refreshed for `stale_secs` (by the bucket's
+  clock against this machine's). Released (deleted if still ours) at the end."""
+
+  def __init__(self, url: str, stale_secs: float | None = None):
+    self.url = url
+    self.stale_secs = (float(os.environ.get(LOCK_STALE_SECS, "600")) if stale_secs is None
+                       else stale_secs)
+    self.info = process_info()
+    self.generation: int | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _payload(self) -> bytes:
+    return json.dumps({**self.info, "refreshed": time.time()}).encode()
+
+  def acquire(self) -> "BucketLock":
+    workdir = self.url.rsplit("/", 1)[0]
+    for _ in range(100):
+      try:
+        self.generation = remote.write_object(self.url, self._payload(), if_generation=0)
+        break
+      except FileExistsError:
+        pass
+      held = remote.read_object(self.url)
+      if held is None:
+        continue
+      try:
+        other = json.loads(held[0])
+      except ValueError:
+        other = {}
+      generation, age = held[1], held[2]
+      mine = ("pid", "host", "start_time")
+      if other and all(other.get(k) == self.info[k] for k in mine):  # a retried create of ours
+        self.generation = generation
+        break
+      if other.get("host") == self.info["host"]:
+        gone = not proc_alive(int(other.get("pid", -1)), other.get("start_time"))
+        if not gone:
+          raise WorkdirLocked(f"{workdir} is in use by a live run (pid {other['pid']} on "
+                              f"{other['host']}, lock {self.url}). Wait for it or use another "
+                              f"--workdir.")
+      elif age < self.stale_secs:
+        raise WorkdirLocked(
+            f"{workdir} is in use by pid {other.get('pid')} on host {other.get('host')} (its lock "
+            f"{self.url} was refreshed {max(age, 0):.0f} s ago). Wait for it or use another "
+            f"--workdir; if that run is gone, its lock is taken over once {self.stale_secs:.0f} s "
+            f"old ({LOCK_STALE_SECS}), or delete it now: gcloud storage rm {self.url}")
+      try:
+        self.generation = remote.write_object(self.url, self._payload(), if_generation=generation)
+      except FileExistsError:  # another contender took it over first
+        continue
+      logging.warning("Took over the lock %s of pid %s on %s (%s).", self.url, other.get("pid"),
+                      other.get("host"), "that process is gone" if other.get("host") ==
+                      self.info["host"] else f"not refreshed for {age:.0f} s")
+      break
+    else:
+      raise WorkdirLocked(f"Could not take {self.url} (contended).")
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._refresh_loop, name="r1jax-bucket-lock",
+                                    daemon=True)
+    self._thread.start()
+    return self
+
+  def _refresh_loop(self) -> None:
+    while not self._stop.wait(self.stale_secs / 4):
+      try:
+        self.generation = remote.write_object(self.url, self._payload(),
+                                              if_generation=self.generation)
+      except FileExistsError:
+        logging.error("The lock %s was taken over by another run (this one did not refresh it "
+                      "for %g s): two runs now write %s; stop one of them.", self.url,
+                      self.stale_secs, self.url.rsplit("/", 1)[0])
+        self.generation = None
+        return
+      except Exception as e:  # pylint: disable=broad-except  # a network hiccup: next round
+        logging.warning("Refreshing the lock %s failed (retried): %s", self.url, e)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self.generation is not None:
+      held = remote.read_object(self.url)  # checked here too: not every server honours the
+      if held is not None and held[1] == self.generation:  # delete's precondition (fake-gcs-server)
+        remote.delete_object(self.url, if_generation=self.generation)
+      self.generation = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
 """gs:// corpora and workdirs against a local GCS emulator (fake-gcs-server, started here): corpus
-objects read through a local copy, a bucket that cannot be used refused before any work, and
-(slow) a tiny pretraining run whose workdir is a bucket: checkpoints written there by Orbax,
-metrics and summary mirrored there, and a second machine resuming from what the bucket holds."""
+objects read through a local copy, the other gs:// inputs of a config (an earlier run's workdir,
+tokenizer and word-list files, a directory of rounds) copied before the stage runs, the lock of a
+gs:// workdir held in the bucket (one winner among contenders, stale locks taken over), a bucket
+that cannot be used refused before any work, and (slow) a tiny pretraining run whose workdir is a
+bucket: checkpoints written there by Orbax, metrics and summary mirrored there, a second machine
+resuming from what the bucket holds, and a run starting from it (init_from=gs://...)."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 from etils import epath
 import pytest
@@ -13,6 +19,7 @@ import pytest
 from r1jax import configlib
 from r1jax import errors
 from r1jax import remote
+from r1jax import run_dir
 from r1jax.data import builtin
 from r1jax.data import sources
 from r1jax.stages import pretrain
@@ -57,6 +64,134 @@ def test_gs_corpus_files_directories_and_globs_are_read_through_local_copies(gcs
     sources.expand_spec("gs://runs/corpus/*.csv")
 
 
+def _write(url: str, text: str = "x") -> None:
+  epath.Path(url).write_text(text)
+
+
+def _files(directory) -> set[str]:
+  return {os.path.relpath(os.path.join(d, f), directory) for d, _, fs in os.walk(directory)
+          for f in fs}
+
+
+def test_gs_inputs_of_a_config_are_read_from_local_copies(gcs_env, tmp_path):
+  src = "gs://runs/src"
+  for name in ("config.json", "tokenizer.model", "summary.json", ".lock", "checkpoints/4/params/a",
+               "checkpoints/8/params/a", "checkpoints/8/_CHECKPOINT_METADATA",
+               "checkpoints/9.orbax-checkpoint-tmp-1/params/a"):
+    _write(f"{src}/{name}", name)
+  for name in ("tok.model", "syn.txt", "langs.txt", "rounds/week1.jsonl", "rounds/week2.jsonl"):
+    _write(f"gs://runs/files/{name}", name)
+  cache = tmp_path / "cache" / "runs"
+  config = configlib.load_config(f"{os.path.join(ROOT, 'configs', 'finetune.py')}:variant=tiny")
+  config.init_from = src + "/"
+  config.task.tokenizer = "gs://runs/files/tok.model"
+  config.task.train = "gs://runs/files/train*.jsonl"  # an input spec: sources.expand_spec's
+  config.augment.synonyms = "wordnet,gs://runs/files/syn.txt"
+  changed = remote.localize_inputs(config)
+  assert config.init_from == str(cache / "src")
+  assert config.task.tokenizer == str(cache / "files" / "tok.model")
+  assert open(config.task.tokenizer).read() == "tok.model"
+  assert config.augment.synonyms == f"wordnet,{cache / 'files' / 'syn.txt'}"
+  assert config.task.train == "gs://runs/files/train*.jsonl"
+  assert set(changed) == {"init_from", "task.tokenizer", "augment.synonyms"}
+  # The earlier run: its files and its newest checkpoint, not its lock, older steps or Orbax's
+  # unfinished temporary directory; nothing else in the copy (the cache's stamps live apart).
+  assert _files(cache / "src") == {"config.json", "tokenizer.model", "summary.json",
+                                   "checkpoints/8/params/a", "checkpoints/8/_CHECKPOINT_METADATA"}
+
+  data = configlib.load_config(f"{os.path.join(ROOT, 'configs', 'data.py')}:variant=tiny")
+  data.clean.languages = "gs://runs/files/langs.txt"
+  data.beam.options = "--temp_location=gs://runs/tmp"  # Beam's own flag: passed on as it is
+  continual = configlib.load_config(f"{os.path.join(ROOT, 'configs', 'continual.py')}:variant=tiny")
+  continual.stream.rounds = "gs://runs/files/rounds"  # a directory: copied whole
+  remote.localize_inputs(data)
+  remote.localize_inputs(continual)
+  assert data.clean.languages == str(cache / "files" / "langs.txt")
+  assert data.beam.options == "--temp_location=gs://runs/tmp"
+  assert continual.stream.rounds == str(cache / "files" / "rounds")
+  assert _files(continual.stream.rounds) == {"week1.jsonl", "week2.jsonl"}
+
+  config = configlib.load_config(f"{os.path.join(ROOT, 'configs', 'finetune.py')}:variant=tiny")
+  config.task.tokenizer = "gs://runs/files/missing.model"
+  with pytest.raises(errors.InputNotFound, match=r"^--config.task.tokenizer: gs://runs/files/"
+                     r"missing.model is neither an object nor a directory in the bucket"):
+    remote.localize_inputs(config)
+  config.task.tokenizer, config.init_from = "", "gs://runs/no-run"
+  with pytest.raises(errors.InputNotFound, match=r"^gs://runs/no-run: no object under it; name an "
+                     r"existing gs:// workdir of an earlier run"):
+    remote.localize_inputs(config)
+
+
+def _lock_holder(url: str) -> dict:
+  held = remote.read_object(url)
+  return json.loads(held[0]) if held else {}
+
+
+def test_the_lock_of_a_gs_workdir_lives_in_the_bucket(gcs_env, tmp_path, monkeypatch):
+  url, lock_url = "gs://runs/locked", "gs://runs/locked/.lock"
+  monkeypatch.setenv("R1JAX_STAGING_DIR", str(tmp_path / "machine1"))
+  with remote.StagedWorkdir(url) as local1:
+    first = run_dir.WorkdirLock(local1).acquire()
+    assert _lock_holder(lock_url)["pid"] == os.getpid()
+    # Another machine (its own staging directory, another host name) is refused by the bucket.
+    monkeypatch.setenv("R1JAX_STAGING_DIR", str(tmp_path / "machine2"))
+    with remote.StagedWorkdir(url) as local2:
+      second = run_dir.WorkdirLock(local2)
+      second.bucket.info["host"] = "machine-2"
+      with pytest.raises(run_dir.WorkdirLocked, match=(
+          rf"^gs://runs/locked is in use by pid {os.getpid()} on host {socket.gethostname()} \(its "
+          rf"lock {lock_url} was refreshed \d+ s ago\)\. .*R1JAX_LOCK_STALE_SECS.*gcloud storage "
+          rf"rm {lock_url}$")):
+        second.acquire()
+      assert not os.path.exists(os.path.join(local2, ".lock"))  # its local lock given back
+      # The first machine is gone (it stopped refreshing): its lock is taken over once stale.
+      second.bucket.stale_secs = 1.0
+      while remote.read_object(lock_url)[2] <= 1.0:
+        time.sleep(0.2)
+      second.acquire()
+      assert _lock_holder(lock_url)["host"] == "machine-2"
+      first.release()  # the first run's end leaves the lock it lost alone
+      assert _lock_holder(lock_url)["host"] == "machine-2"
+      second.release()
+      assert remote.read_object(lock_url) is None
+
+  # On the owner's own host a lock whose process is gone is taken over at once.
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  remote.write_object(lock_url, json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                            "start_time": "1"}).encode(), if_generation=0)
+  lock = run_dir.BucketLock(lock_url).acquire()
+  assert _lock_holder(lock_url)["pid"] == os.getpid()
+  lock.release()
+
+
+def test_one_of_many_machines_starting_a_gs_workdir_at_once_wins(gcs_env):
+  """Create-if-absent (ifGenerationMatch=0), which the emulator honours on uploads: of eight
+  contenders that start together exactly one holds the lock."""
+  locks = [run_dir.BucketLock("gs://runs/race/.lock") for _ in range(8)]
+  for i, lock in enumerate(locks):
+    lock.info["host"] = f"machine-{i}"
+  barrier, outcome = threading.Barrier(len(locks)), {}
+
+  def contend(i):
+    barrier.wait()
+    try:
+      locks[i].acquire()
+      outcome[i] = "held"
+    except run_dir.WorkdirLocked:
+      outcome[i] = "refused"
+
+  threads = [threading.Thread(target=contend, args=(i,)) for i in range(len(locks))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  winners = [i for i, o in outcome.items() if o == "held"]
+  assert len(outcome) == 8 and len(winners) == 1, outcome
+  assert _lock_holder("gs://runs/race/.lock")["host"] == f"machine-{winners[0]}"
+  locks[winners[0]].release()
+
+
 def test_a_bucket_that_cannot_be_used_is_refused_before_any_work(gcs, tmp_path):
   env = dict(os.environ, **gcs.env, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              R1JAX_STAGING_DIR=str(tmp_path / "staging"))
@@ -72,9 +207,10 @@ def test_a_bucket_that_cannot_be_used_is_refused_before_any_work(gcs, tmp_path):
   with pytest.raises(errors.BadInput, match="mount it"):
     remote.StagedWorkdir("s3://bucket/run")
   config = configlib.load_config(f"{CONFIG}:variant=tiny")
-  config.init_from = "gs://runs/general"  # reading another run from a bucket: the gcsfuse route
-  with pytest.raises(configlib.ConfigError, match=r"init_from: 'gs://runs/general': an earlier "
-                     r"run is read from a local or mounted path; mount the bucket \(gcsfuse"):
+  config.init_from = "gs://runs/general"  # from Python, not localized first: refused, naming how
+  with pytest.raises(configlib.ConfigError, match=r"init_from: 'gs://runs/general': a gs:// run is "
+                     r"read from a local copy, which r1jax.main makes; from Python, call "
+                     r"r1jax.remote.localize_inputs\(config\) first"):
     pretrain.validate(config, num_devices=1, process_count=1)
 
 
