@@ -176,21 +176,37 @@ def _objects_under(url: str) -> list[str]:
   return sorted(name[start:] for name in fs.find(f"{bucket}/{path}"))
 
 
+def _checkpoint_step(name: str) -> tuple[str, str] | None:
+  """(the checkpoints/ directory, the entry under it) of an object in a step or temporary
+  directory of any checkpoints/ of a workdir ("a/checkpoints/8/params/x" -> ("a/checkpoints",
+  "8")); None for other objects (files directly in checkpoints/ included)."""
+  parts = name.split("/")
+  for i, part in enumerate(parts[:-2]):
+    if part == CHECKPOINTS:
+      return "/".join(parts[:i + 1]), parts[i + 1]
+  return None
+
+
 def local_tree(url: str, *, workdir: bool = False) -> str:
   """A local copy (as `local_copy`) of every object under the gs:// prefix `url`; with `workdir`,
-  an earlier run's: its lock left out and of checkpoints/ only the newest step (what a stage
-  starting from it restores; the run should be finished)."""
+  an earlier run's: its lock left out and of each checkpoints/ only the newest step (what a stage
+  starting from it restores; the run should be finished), not Orbax's unfinished tmp steps."""
   url = url.rstrip("/")
   names = _objects_under(url)
   if not names:
     raise errors.InputNotFound(f"{url}: no object under it; name an existing gs:// "
                                f"{'workdir of an earlier run' if workdir else 'directory'}.")
   if workdir:
-    steps = [int(n.split("/")[1]) for n in names
-             if n.startswith(CHECKPOINTS + "/") and n.split("/")[1].isdigit() and n.count("/") > 1]
-    newest = str(max(steps)) if steps else None
-    names = [n for n in names if n.split("/")[0] not in NOT_PUSHED and not (
-        n.startswith(CHECKPOINTS + "/") and n.count("/") > 1 and n.split("/")[1] != newest)]
+    newest: dict[str, int] = {}
+    for directory, entry in filter(None, map(_checkpoint_step, names)):
+      if entry.isdigit():
+        newest[directory] = max(newest.get(directory, -1), int(entry))
+
+    def keep(name: str) -> bool:
+      step = _checkpoint_step(name)
+      return step is None or step[1] == str(newest.get(step[0]))
+
+    names = [n for n in names if n.split("/")[0] not in NOT_PUSHED and keep(n)]
   for name in names:
     local_copy(f"{url}/{name}")
   bucket, path = _split(url)

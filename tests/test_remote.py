@@ -77,7 +77,8 @@ def test_gs_inputs_of_a_config_are_read_from_local_copies(gcs_env, tmp_path):
   src = "gs://runs/src"
   for name in ("config.json", "tokenizer.model", "summary.json", ".lock", "checkpoints/4/params/a",
                "checkpoints/8/params/a", "checkpoints/8/_CHECKPOINT_METADATA",
-               "checkpoints/9.orbax-checkpoint-tmp-1/params/a"):
+               "checkpoints/9.orbax-checkpoint-tmp-1/params/a", "phase_0/checkpoints/2/params/a",
+               "phase_0/checkpoints/3/params/a"):
     _write(f"{src}/{name}", name)
   for name in ("tok.model", "syn.txt", "langs.txt", "rounds/week1.jsonl", "rounds/week2.jsonl"):
     _write(f"gs://runs/files/{name}", name)
@@ -94,10 +95,11 @@ def test_gs_inputs_of_a_config_are_read_from_local_copies(gcs_env, tmp_path):
   assert config.augment.synonyms == f"wordnet,{cache / 'files' / 'syn.txt'}"
   assert config.task.train == "gs://runs/files/train*.jsonl"
   assert set(changed) == {"init_from", "task.tokenizer", "augment.synonyms"}
-  # The earlier run: its files and its newest checkpoint, not its lock, older steps or Orbax's
-  # unfinished temporary directory; nothing else in the copy (the cache's stamps live apart).
+  # The earlier run: its files and the newest step of each checkpoints/, not its lock, older steps
+  # or Orbax's unfinished temporary directory; nothing else (the cache's stamps live apart).
   assert _files(cache / "src") == {"config.json", "tokenizer.model", "summary.json",
-                                   "checkpoints/8/params/a", "checkpoints/8/_CHECKPOINT_METADATA"}
+                                   "checkpoints/8/params/a", "checkpoints/8/_CHECKPOINT_METADATA",
+                                   "phase_0/checkpoints/3/params/a"}
 
   data = configlib.load_config(f"{os.path.join(ROOT, 'configs', 'data.py')}:variant=tiny")
   data.clean.languages = "gs://runs/files/langs.txt"
@@ -214,13 +216,30 @@ def test_a_bucket_that_cannot_be_used_is_refused_before_any_work(gcs, tmp_path):
     pretrain.validate(config, num_devices=1, process_count=1)
 
 
-def _pretrain(gcs, staging, *overrides):
+def test_a_gs_workdir_in_use_on_another_machine_is_refused_and_left_alone(gcs_env, tmp_path):
+  lock = {"pid": 4242, "host": "machine-2", "start_time": "1"}
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             R1JAX_STAGING_DIR=str(tmp_path / "staging"))
+  remote.write_object("gs://runs/busy/.lock", json.dumps(lock).encode(), if_generation=0)
+  proc = subprocess.run([sys.executable, "-m", "r1jax.main", f"--config={CONFIG}:variant=tiny",
+                         "--workdir=gs://runs/busy"], env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == errors.EXIT_CODE, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("r1jax: gs://runs/busy is in use by pid 4242 on host machine-2 (its lock "
+                         "gs://runs/busy/.lock was refreshed "), last
+  assert "Traceback" not in proc.stderr
+  assert [p.name for p in epath.Path("gs://runs/busy").iterdir()] == [".lock"]  # nothing written
+  assert _lock_holder("gs://runs/busy/.lock") == lock
+
+
+def _pretrain(gcs, staging, *overrides, workdir="gs://runs/pretrain"):
   env = dict(os.environ, **gcs.env, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              R1JAX_STAGING_DIR=staging, R1JAX_SYNC_SECS="2")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-m", "r1jax.main", f"--config={CONFIG}:variant=tiny",
-       "--workdir=gs://runs/pretrain", "--config.data.corpus=gs://runs/corpus/",
+       f"--workdir={workdir}", "--config.data.corpus=gs://runs/corpus/",
        "--config.train.progress_bar=False", "--config.checkpoint.every_steps=4",
        "--config.eval.every_steps=4", "--config.eval.num_batches=2",
        "--config.train.log_every_steps=2", "--config.train.warmup_steps=2",
@@ -257,3 +276,16 @@ def test_pretraining_round_trip_through_a_bucket(gcs_env, tmp_path):
   train_steps = [r["step"] for r in records if r.get("split") == "train"]
   assert train_steps == sorted(set(train_steps)) and train_steps[0] == 2 and train_steps[-1] == 12
   assert [r["step"] for r in records if r.get("split") == "eval"] == [4, 8, 12]
+
+  # A run on a third machine starts from the bucket's run (continued pretraining, init_from=gs://):
+  # read from a local copy of its files and newest checkpoint, its parameters and tokenizer used.
+  third = str(tmp_path / "machine3")
+  proc = _pretrain(gcs_env, third, "--config.train.num_steps=4", "--config.init_from=gs://runs/"
+                   "pretrain", workdir="gs://runs/dapt")
+  copy = str(tmp_path / "cache" / "runs" / "pretrain")
+  assert f"Initialised parameters from {copy} (step 12)" in proc.stderr, proc.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["12"]
+  assert json.loads(gcs_env.read("gs://runs/dapt/summary.json"))["step"] == 4
+  assert (gcs_env.read("gs://runs/dapt/tokenizer.model") ==
+          gcs_env.read("gs://runs/pretrain/tokenizer.model"))
+  assert remote.read_object("gs://runs/dapt/.lock") is None  # released at the end
