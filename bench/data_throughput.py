@@ -66,9 +66,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from r1jax.data import builtin  # pylint: disable=g-import-not-at-top,wrong-import-position
 from r1jax.data import clean  # pylint: disable=wrong-import-position
+from r1jax.data import clean_grain  # pylint: disable=wrong-import-position
 from r1jax.data import clean_steps  # pylint: disable=wrong-import-position
 from r1jax.data import dedup  # pylint: disable=wrong-import-position
 from r1jax.data import pretraining  # pylint: disable=wrong-import-position
+from r1jax.data import readers  # pylint: disable=wrong-import-position
 from r1jax.data import sources  # pylint: disable=wrong-import-position
 from r1jax.data import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
@@ -223,7 +225,7 @@ def clean_run(records, config, workers, warmup):
   report = clean.CleaningReport(clean.rule_names(config))
   n = len(records)
   start = time.perf_counter()
-  it = iter(clean.cleaning_dataset(records, config, worker_count=workers))
+  it = iter(clean_grain.cleaning_dataset(records, config, worker_count=workers))
   kept = 0
   for i, record in enumerate(it):
     if i == warmup:
@@ -253,11 +255,11 @@ def bench_cleaning(worker_counts, limit, repeats):
   config = clean.CleanConfig()
   # Start-up: until every worker has delivered its first chunk; the same records are left out of
   # every configuration's steady rate, so all rates cover the same documents.
-  warmup = clean.CHUNK_SIZE * max(1, *worker_counts)
+  warmup = clean_grain.CHUNK_SIZE * max(1, *worker_counts)
   if n <= warmup:
     raise ValueError(f"--docs {n} leaves nothing to time after the {warmup} start-up documents.")
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  df = pd.DataFrame([sources.public_fields(r) for r in records])
+  df = pd.DataFrame([readers.public_fields(r) for r in records])
   runs = []
   for _, w in _rotations(list(worker_counts) + ["pandas"], repeats):
     if w == "pandas":
@@ -359,19 +361,18 @@ def _cpu_all():
 
 def engine_run(spec, config, engine, workers, tmp):
   """One cleaning pass end to end: -> (kept public records in order, report dict, stats)."""
-  import functools  # pylint: disable=g-import-not-at-top
   from r1jax.data import clean_beam  # pylint: disable=g-import-not-at-top
   load, start, cpu = _load(), time.perf_counter(), _cpu_all()
   src = sources.open_source(spec)
   if engine == "grain":
     report = clean.CleaningReport(clean.rule_names(config))
-    kept = [sources.public_fields(r) for r in map(report.add, clean.cleaning_dataset(
+    kept = [readers.public_fields(r) for r in map(report.add, clean_grain.cleaning_dataset(
         src, config, worker_count=workers)) if not r.get("_drop")]
   else:
     out = os.path.join(tmp, f"beam-{time.time_ns()}")
     report = clean_beam.clean_with_beam(src, config, out, num_workers=workers,
-                                        reopen=functools.partial(sources.open_source, spec))
-    kept = [sources.public_fields(r) for r in clean_beam.records_in_order(out)]
+                                        reopen=sources.reopener(spec))
+    kept = [readers.public_fields(r) for r in clean_beam.records_in_order(out)]
   seconds, cpu = time.perf_counter() - start, _cpu_all() - cpu
   n = report.documents_in
   return kept, report.to_dict(), {"engine": engine, "workers": workers, "seconds": seconds,

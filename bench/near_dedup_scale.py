@@ -14,7 +14,7 @@ probability ~1e-21), so a dropped original is a false positive.
 
 Cleaning runs with `CleanConfig` defaults except the per-text quality filters (off: random words
 would trip the repetition and symbol rules): exact and near deduplication, the repairs, NFKC.
-Engines: `grain` (clean.cleaning_dataset, 0 workers: the near-duplicate index in one process), once
+Engines: `grain` (clean_grain.cleaning_dataset, 0 workers: the near-duplicate index in one process), once
 per `--index` (`clean.dedup_index`: memory, disk; rows `grain:memory`, `grain:disk`), and `beam`
 (clean_beam on the local runner with `--workers` processes). `--corpus_dir` keeps the generated
 corpus there (corpus_N_F.jsonl and its planted flags) and reuses it on the next run.
@@ -29,7 +29,6 @@ whether the engines' kept documents and reports agree.
 """
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import resource
@@ -43,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from r1jax.data import clean  # pylint: disable=wrong-import-position
+from r1jax.data import clean_grain  # pylint: disable=wrong-import-position
 from r1jax.data import sources  # pylint: disable=wrong-import-position
 
 VOCAB = 20_000
@@ -134,7 +134,8 @@ def run(engine, path, workers, tmp, index="memory"):
   if engine == "grain":
     report = clean.CleaningReport(clean.rule_names(cfg), max_samples=5)
     tenth = max(1, len(src) // 10)
-    for n, r in enumerate(map(report.add, clean.cleaning_dataset(src, cfg, index_dir=tmp)), 1):
+    ds = clean_grain.cleaning_dataset(src, cfg, index_dir=tmp)
+    for n, r in enumerate(map(report.add, ds), 1):
       if not r.get("_drop"):
         kept[r["id"]] = True
       if n % tenth == 0:
@@ -143,7 +144,7 @@ def run(engine, path, workers, tmp, index="memory"):
     from r1jax.data import clean_beam  # pylint: disable=g-import-not-at-top
     out = os.path.join(tmp, "beam")
     report = clean_beam.clean_with_beam(src, cfg, out, num_workers=workers,
-                                        reopen=functools.partial(sources.open_source, path),
+                                        reopen=sources.reopener(path),
                                         max_samples=5)
     for r in clean_beam.records_in_order(out):
       kept[r["id"]] = True

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from r1jax.data import clean
+from r1jax.data import clean_grain
 from r1jax.data import clean_steps
 from r1jax.data import dedup
 from r1jax.data import sources
@@ -145,7 +146,7 @@ def test_pipeline_counts_are_exact():
       "ＦＵＬＬ　ｗｉｄｔｈ  text that is long enough to keep",  # kept: nfkc + whitespace repairs
   ]
   config = clean.CleanConfig(near_dup_threshold=0.5, num_perm=64)
-  kept, report = clean.clean_records(records, config)
+  kept, report = clean_grain.clean_records(records, config)
   assert report["documents_in"] == 10 and report["documents_out"] == 5
   dropped = {k: v for k, v in report["dropped"].items() if v}
   assert dropped == {"duplicate": 1, "near_duplicate": 1, "low_quality:meaningless": 1,
@@ -168,9 +169,8 @@ def test_pipeline_with_workers_matches_in_process(tmp_path):
   results = []
   for workers in (0, 2):
     report = clean.CleaningReport(clean.rule_names(config))
-    kept = [r["text"] for r in map(report.add, clean.cleaning_dataset(src, config,
-                                                                      worker_count=workers))
-            if not r.get("_drop")]
+    kept = [r["text"] for r in map(report.add, clean_grain.cleaning_dataset(
+        src, config, worker_count=workers)) if not r.get("_drop")]
     results.append((kept, report.to_dict()))
   assert results[0] == results[1]
   assert results[0][1]["dropped"]["duplicate"] + results[0][1]["dropped"]["near_duplicate"] == 5
@@ -192,8 +192,8 @@ def test_ftfy_repairs_terminal_escapes_mojibake_and_entities():
   assert _fix(fix, "Tom &amp; Jerry &lt;3") == "Tom & Jerry <3"
   assert _fix(fix, "code: a[m] = b[m] + “quoted”") == "code: a[m] = b[m] + “quoted”"
   assert _fix(fix, EN_GOOD) == EN_GOOD and _fix(fix, ZH_GOOD) == ZH_GOOD
-  _, report = clean.clean_records(["\x1b[1;31mError:\x1b[0m the build failed on every platform",
-                                   EN_GOOD])
+  _, report = clean_grain.clean_records(
+      ["\x1b[1;31mError:\x1b[0m the build failed on every platform", EN_GOOD])
   assert report["repaired"]["ftfy"] == 1 and report["documents_out"] == 2
 
 
@@ -208,9 +208,9 @@ def test_repairs_repeat_until_the_text_is_a_fixed_point():
   }
   config = clean.CleanConfig(min_chars=1)
   for raw, expected in cases.items():
-    kept, report = clean.clean_records([raw], config)
+    kept, report = clean_grain.clean_records([raw], config)
     assert [r["text"] for r in kept] == [expected]
-    again, _ = clean.clean_records([expected], config)
+    again, _ = clean_grain.clean_records([expected], config)
     assert [r["text"] for r in again] == [expected]
     assert all(n == 1 for n in report["repaired"].values()), report["repaired"]  # once per record
 
@@ -218,11 +218,11 @@ def test_repairs_repeat_until_the_text_is_a_fixed_point():
 def test_language_filter_keeps_listed_languages_and_counts_all():
   records = [EN_GOOD, ZH_GOOD, "Die Speicherverwaltung des Betriebssystems teilt den Prozessen "
              "Seiten zu und lagert selten benutzte aus."]
-  kept, report = clean.clean_records(records, clean.CleanConfig(languages=("en", "zh")))
+  kept, report = clean_grain.clean_records(records, clean.CleanConfig(languages=("en", "zh")))
   assert [r["text"] for r in kept] == records[:2]
   assert report["dropped"]["language"] == 1 and report["languages"] == {"en": 1, "zh": 1, "de": 1}
   assert "language de" in report["samples"]["language"][0]["detail"]
-  _, report = clean.clean_records(records)  # default: no keep-list, no detection
+  _, report = clean_grain.clean_records(records)  # default: no keep-list, no detection
   assert "language" not in report["dropped"] and "languages" not in report
   with pytest.raises(ValueError, match="ISO 639"):
     clean.CleanConfig(languages=("English",)).validate()
@@ -242,7 +242,7 @@ def test_quality_classifier_from_examples():
   config = clean.CleanConfig(min_quality=0.5)
   texts = ["Attention over cached segments extends the context the model can use.",
            "cheap cheap watches free free click now $$$ win"]
-  kept, report = clean.clean_records(texts, config, quality_scorer=scorer)
+  kept, report = clean_grain.clean_records(texts, config, quality_scorer=scorer)
   assert [r["text"] for r in kept] == texts[:1]
   assert report["dropped"]["low_quality:model"] == 1
   with pytest.raises(ValueError, match="good and bad"):

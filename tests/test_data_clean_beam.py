@@ -15,6 +15,9 @@ import pytest
 from r1jax import configlib
 from r1jax.data import clean
 from r1jax.data import clean_beam
+from r1jax.data import clean_grain
+from r1jax.data import clean_steps
+from r1jax.data import readers
 from r1jax.data import sources
 from r1jax.stages import data as data_stage
 
@@ -64,7 +67,7 @@ def corpus_fixture(tmp_path):
 
 def _grain(src, config, **kwargs):
   report = clean.CleaningReport(clean.rule_names(config, with_quality="quality_scorer" in kwargs))
-  kept = [sources.public_fields(r) for r in map(report.add, clean.cleaning_dataset(
+  kept = [readers.public_fields(r) for r in map(report.add, clean_grain.cleaning_dataset(
       src, config, **kwargs)) if not r.get("_drop")]
   return kept, report.to_dict()
 
@@ -75,7 +78,7 @@ def test_beam_matches_grain_on_a_messy_corpus(corpus, tmp_path):
   kept, report = _grain(src, config)
   out = str(tmp_path / "beam")
   beam_report = clean_beam.clean_with_beam(src, config, out, num_workers=0, shard_docs=7)
-  beam_kept = [sources.public_fields(r) for r in clean_beam.records_in_order(out)]
+  beam_kept = [readers.public_fields(r) for r in clean_beam.records_in_order(out)]
   assert beam_kept == kept
   assert beam_report.to_dict() == report
   # Grain with its deduplication index on disk (clean.dedup_index) too.
@@ -100,13 +103,47 @@ def test_near_duplicate_chain_is_decided_by_source_order(tmp_path):
   c = _change(b, 45)
   config = clean.CleanConfig()
   for order in ([a, b, c], [c, b, a]):
-    kept, report = clean.clean_records(order, config)
+    kept, report = clean_grain.clean_records(order, config)
     assert [r["text"] for r in kept] == order[:1]
     assert report["dropped"]["near_duplicate"] == 2
     beam_report = clean_beam.clean_with_beam(
         [{"text": t, "_file": "<memory>", "_line": i + 1} for i, t in enumerate(order)], config,
         str(tmp_path / str(len(order[0]) + len(os.listdir(tmp_path)))), num_workers=0)
     assert beam_report.to_dict() == report
+
+
+def test_beam_workers_import_neither_jax_nor_grain(corpus, tmp_path, monkeypatch):
+  """What the pipeline hands its workers (every function given to Map/FlatMap, with the steps, the
+  scorers and the source recipe inside, or the source) unpickles and runs in a fresh process without importing
+  JAX or Grain: their imports were most of a local Beam run's start-up cost."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top  # the [beam] extra
+  from apache_beam.internal import pickler  # pylint: disable=g-import-not-at-top
+  sent = []
+  for name in ("Map", "FlatMap"):
+    real = getattr(beam, name)
+    monkeypatch.setattr(beam, name, lambda fn, *a, _real=real, **k: sent.append(fn) or _real(
+        fn, *a, **k))
+  config = clean.CleanConfig(languages=("en", "zh"), min_quality=0.1)
+  scorer = clean_steps.QualityClassifier.train([_doc(i) for i in range(8)],
+                                               ["buy now cheap", "lol lol lol", "asdf qwer"])
+  out = str(tmp_path / "beam")
+  clean_beam.clean_with_beam(sources.open_source(corpus), config, out, num_workers=0,
+                             reopen=sources.reopener(corpus), quality_scorer=scorer)
+  cleaner = clean_beam._CleanBlock  # pylint: disable=protected-access
+  block = [i for i, fn in enumerate(sent) if isinstance(fn, cleaner)]
+  assert len(block) == 1 and len(sent) >= 8, sent
+  # Without a recipe, the source itself travels.
+  (tmp_path / "sent.pickle").write_bytes(pickler.dumps(sent + [sources.open_source(corpus)]))
+  code = ("import sys\n"
+          "from apache_beam.internal import pickler\n"
+          f"fns = pickler.loads(open({str(tmp_path / 'sent.pickle')!r}, 'rb').read())\n"
+          f"outputs = list(fns[{block[0]}](0))  # cleans the first block: every step runs\n"
+          "print(len(outputs), 'jax' in sys.modules, 'grain' in sys.modules)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split()[1:] == ["False", "False"], result.stdout
+  assert int(result.stdout.split()[0]) >= 2  # spilled records and dedup keys came out
 
 
 def test_missing_beam_names_the_extra():
@@ -162,7 +199,7 @@ def test_stage_beam_with_two_worker_processes_matches_grain(corpus, tmp_path):
       report = json.load(f)
     for key in ("seconds", "docs_per_sec"):
       report.pop(key)
-    kept = [sources.public_fields(r)
+    kept = [readers.public_fields(r)
             for r in sources.read_records(os.path.join(workdir, "data", "clean"))]
     results.append((kept, report, summary["documents_out"]))
   assert results[0] == results[1]

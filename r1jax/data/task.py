@@ -31,6 +31,7 @@ from r1jax import errors
 from r1jax.data import augment as augment_lib
 from r1jax.data import builtin
 from r1jax.data import grain_ops
+from r1jax.data import readers
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -50,7 +51,7 @@ def label_names_of(value: Any, multi_label: bool, delimiter: str = ",") -> list[
     names = [v.strip() for v in value.split(delimiter)]
   else:
     names = [str(value).strip()]
-  names = [n for n in names if n and n.lower() not in sources.MISSING_STRINGS]
+  names = [n for n in names if n and n.lower() not in readers.MISSING_STRINGS]
   return list(dict.fromkeys(names))  # drop repeats, keep order
 
 

@@ -17,7 +17,6 @@ report.json:
    "detail"}]}, "inputs": spec, "seconds": float, "docs_per_sec": float}
 with documents_in == documents_out + sum(dropped.values()) (checked before writing).
 """
-import functools
 import glob
 import itertools
 import json
@@ -39,9 +38,11 @@ from r1jax import errors
 from r1jax.data import augment
 from r1jax.data import clean
 from r1jax.data import clean_beam
+from r1jax.data import clean_grain
 from r1jax.data import clean_steps
 from r1jax.data import dedup_index
 from r1jax.data import shards
+from r1jax.data import readers
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 
@@ -56,11 +57,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   v.string("data.inputs")
   if v.has("data.inputs") and not str(config.data.inputs).strip():
     v.add("data.inputs", "is empty; name files, globs, builtin:general|domain or tfds:NAME/SPLIT.")
-  v.choice("data.format", sources.FORMATS)
+  v.choice("data.format", readers.FORMATS)
   v.string("data.text_field")
-  v.choice("data.text_mode", sources.TEXT_MODES)
+  v.choice("data.text_mode", readers.TEXT_MODES)
   v.string("data.csv_delimiter")
-  v.choice("data.on_undecodable", sources.UNDECODABLE_POLICIES)
+  v.choice("data.on_undecodable", readers.UNDECODABLE_POLICIES)
   v.positive_int("data.max_chars")
   v.positive_int("data.shard_docs")
   v.int_at_least("data.worker_count", 0)
@@ -199,7 +200,7 @@ class _ShardWriter:
       path = os.path.join(self.directory, f"part-{len(self.paths):05d}.jsonl")
       self._file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
       self.paths.append(path)
-    self._file.write(json.dumps(sources.public_fields(record), ensure_ascii=False) + "\n")
+    self._file.write(json.dumps(readers.public_fields(record), ensure_ascii=False) + "\n")
     self.count += 1
 
   def close(self) -> None:
@@ -229,8 +230,8 @@ def _run_cleaning(config, source, out_dir, reopen, index_dir):
   report = clean.CleaningReport(clean.rule_names(cfg, with_quality=scorer is not None),
                                 max_samples=config.clean.max_samples)
   writer = _ShardWriter(out_dir, config.data.shard_docs)
-  ds = clean.cleaning_dataset(source, cfg, worker_count=config.data.worker_count,
-                              quality_scorer=scorer, index_dir=index_dir)
+  ds = clean_grain.cleaning_dataset(source, cfg, worker_count=config.data.worker_count,
+                                    quality_scorer=scorer, index_dir=index_dir)
   start = time.perf_counter()
   with _progress(len(source), config.data.progress_bar, "clean") as bar:
     for record in ds:
@@ -286,7 +287,7 @@ def _run_augmentation(config, clean_dir, out_dir, back):
           if new is None:
             unchanged += 1
             continue
-          out = sources.public_fields(record)
+          out = readers.public_fields(record)
           out.update(text=new, augment_ops=["back_translation"], augment_source=start + i)
           writer.write(out)
         bar.update(len(batch))
@@ -376,10 +377,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   started = time.perf_counter()
 
   d = config.data
-  reopen = functools.partial(sources.open_source, d.inputs, text_field=d.text_field,
-                             format=d.format, text_mode=d.text_mode,
-                             on_undecodable=d.on_undecodable, max_chars=d.max_chars,
-                             csv_delimiter=d.csv_delimiter)
+  reopen = sources.reopener(d.inputs, text_field=d.text_field, format=d.format,
+                            text_mode=d.text_mode, on_undecodable=d.on_undecodable,
+                            max_chars=d.max_chars, csv_delimiter=d.csv_delimiter)
   source = reopen()
   # Models and optional packages are checked now, not after the cleaning.
   back = _translator(config) if config.augment.enabled else None

@@ -28,9 +28,11 @@ import pytest
 
 from r1jax.data import builtin
 from r1jax.data import clean
+from r1jax.data import clean_grain
 from r1jax.data import clean_steps
 from r1jax.data import knowledge
 from r1jax.data import pretraining
+from r1jax.data import readers
 from r1jax.data import sources
 from r1jax.data import task
 from r1jax.data import tokenizer as tokenizer_lib
@@ -132,7 +134,7 @@ def assert_clean_text(text: str, config: clean.CleanConfig) -> None:
 def check_cleaning(items, config: clean.CleanConfig | None = None) -> dict[str, int]:
   """In-memory cleaning of texts/records: counts add up, every kept text is valid."""
   config = config or clean.CleanConfig()
-  kept, report = clean.clean_records(list(items), config)
+  kept, report = clean_grain.clean_records(list(items), config)
   rules = set(clean.rule_names(config))
   assert report["documents_in"] == len(items)
   assert report["documents_in"] == report["documents_out"] + sum(report["dropped"].values())
@@ -178,12 +180,13 @@ def check_source_file(data: bytes, fmt: str, directory: str) -> dict[str, int]:
       assert isinstance(r["text"], str) and r["text"].strip()
   config = clean.CleanConfig()
   report = clean.CleaningReport(clean.rule_names(config))
-  kept = [r for r in map(report.add, clean.cleaning_dataset(src, config)) if not r.get("_drop")]
+  kept = [r for r in map(report.add, clean_grain.cleaning_dataset(src, config))
+          if not r.get("_drop")]
   counts = report.to_dict()
   assert counts["documents_in"] == len(src)
   for record in kept:
     assert_clean_text(record["text"], config)
-    _assert_utf8(sources.public_fields(record), "record")
+    _assert_utf8(readers.public_fields(record), "record")
   return {"in": counts["documents_in"], "out": counts["documents_out"],
           "dropped": sum(counts["dropped"].values()), "rejected_files": 0}
 
