@@ -75,6 +75,24 @@ def test_float_export_matches_jax_at_any_batch(float_art, exported):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
 
+def test_uniform_constants_are_expanded_in_the_graph_not_stored():
+  """An encoder's all-True [1, 1, Q, K] attention pattern was 64 kB of the tiny int8 file at 256
+  tokens: a uniform constant over FOLD_MIN elements is stored as one value and a shape."""
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  b = onnx_graph._Builder(onnx)  # pylint: disable=protected-access
+  uniform, varied = np.ones((1, 1, 64, 64), bool), np.arange(2048, dtype=np.float32)
+  outs = [b.const(uniform, "pattern"), b.const(varied, "table"), b.const(np.zeros(8, np.float32))]
+  graph = onnx.helper.make_graph(
+      b.nodes, "g", [], [onnx.helper.make_tensor_value_info(o, t, None)
+                         for o, t in zip(outs, (onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT,
+                                                onnx.TensorProto.FLOAT))], b.inits)
+  model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+  assert sorted(int(np.prod(i.dims)) for i in model.graph.initializer) == [1, 4, 8, 2048]
+  got = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {})
+  for value, expected in zip(got, (uniform, varied, np.zeros(8, np.float32))):
+    np.testing.assert_array_equal(value, expected)
+
+
 def test_cls_head_export_matches_jax(classifier_dir, tmp_path):  # noqa: F811
   art = _float_artifact(classifier_dir, str(tmp_path / "float"), "cls", 0)
   batch = _batch(art.spec, 3)
