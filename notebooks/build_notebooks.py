@@ -338,6 +338,9 @@ if TINY:
         p[stage].report.latency_repeats = 3
     for stage in ("distill", "quantize", "prune"):
         p[stage].export.enabled = False
+    for stage in ("finetune_general", "finetune_domain"):
+        p[stage].task.seq_len = 64  # 2 length-bucket widths to compile, not 8 of 256-token rows
+    p.finetune_general.report.linear_baseline = False  # TF-IDF + LR: a minute of CPU
     p.quantize.quant.calibration_batches = 2
     p.tune.n_trials = 2
 pipeline.validate(config)

@@ -319,8 +319,10 @@ def test_time_budget_cuts_the_planned_steps_and_phases_follow(tmp_path, tokenize
   assert summary["num_steps"] == budget["num_steps"]
   assert summary["phases"][0]["planned_end_step"] == round(budget["num_steps"] * 0.5)
   assert summary["phases"][-1]["end_step"] <= budget["num_steps"]
-  # The hard stop, plus the final evaluation, latency and report.
-  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 30.0
+  # The hard stop, plus start-up, compilations, the final evaluation, latency and report: about
+  # 30 s on a quiet machine, up to twice that when the slow suite runs beside another test; the
+  # 50,000 steps planned would take hours.
+  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 90.0
 
 
 def test_early_stopping_on_forced_plateau_restores_best(tmp_path, tokenizer_path):
@@ -539,10 +541,10 @@ def test_augmenter_follows_the_config():
 @pytest.mark.slow
 def test_general_vs_domain_adapted_on_foldoc(tmp_path):
   """Tiny general pretraining, continued on the domain corpus (DAPT), both finetuned with the tiny
-  defaults cut to 6 epochs of 64-token rows; both beat the majority class by a wide margin and
+  defaults cut to 3 epochs of 64-token rows; both beat the majority class by a wide margin and
   compare runs."""
   from r1jax.stages import compare  # pylint: disable=g-import-not-at-top
-  steps = {"train.num_steps": 600, "eval.every_steps": 300, "checkpoint.every_steps": 300}
+  steps = {"train.num_steps": 300, "eval.every_steps": 150, "checkpoint.every_steps": 150}
   general, dapt = str(tmp_path / "general"), str(tmp_path / "dapt")
   pretrain.run(make_config("pretrain.py", **steps), general)
   pretrain.run(make_config("pretrain.py", init_from=general, **{"data.corpus": "builtin:domain"},
@@ -552,11 +554,11 @@ def test_general_vs_domain_adapted_on_foldoc(tmp_path):
     assert a.read() == b.read()  # DAPT keeps the general tokenizer
   first = {d: next(r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))
                    if r["split"] == "train") for d in (general, dapt)}
-  assert first[dapt]["mlm_loss"] < first[general]["mlm_loss"] - 1.0  # starts from trained params
+  assert first[dapt]["mlm_loss"] < first[general]["mlm_loss"] - 0.3  # starts from trained params
   summaries = {}
   for name, init in (("ft_general", general), ("ft_dapt", dapt)):
     summaries[name] = finetune.run(make_config(init_from=init, **{
-        "train.num_epochs": 6.0, "task.seq_len": 64}), str(tmp_path / name))
+        "train.num_epochs": 3.0, "task.seq_len": 64}), str(tmp_path / name))
     s = summaries[name]
     assert s["test"]["accuracy"] >= s["majority_baseline"]["accuracy"] + 0.15, s["test"]
     assert s["test"]["macro_f1"] >= 4 * s["majority_baseline"]["macro_f1"]

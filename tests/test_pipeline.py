@@ -326,8 +326,10 @@ def test_budget_minutes_bounds_the_run(tmp_path):
   wall = time.time() - started
   summary = run_dir.read_json(str(tmp_path / "run" / "pretrain_general" / "summary.json"))
   assert 50 < summary["num_steps"] < 100_000
-  # The budget, plus the hard stop's margin on the training share, plus the final report.
-  assert wall < 60.0 * 1.25 + 15.0, wall
+  # The budget, plus the hard stop's margin on the training share, plus the final report (88 s
+  # seen with the slow suite's two workers and other jobs on 2 cores); 100,000 steps would take
+  # hours.
+  assert wall < 60.0 * 1.25 + 60.0, wall
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,8 +352,11 @@ def _cli_args(tmp_path, wd):
     if stage.startswith("pretrain"):
       args += [f"{s}{stage}.train.warmup_steps=2", f"{s}{stage}.eval.num_batches=2"]
   args += [f"{s}quantize.report.latency_repeats=2", f"{s}quantize.report.latency_warmup=1",
+           f"{s}quantize.quant.modes=dynamic",  # one int8 mode to compile and measure, not three
            f"{s}quantize.export.enabled=False", f"{s}quantize.quant.calibration_batches=2",
            f"{s}finetune_domain.report.latency_repeats=2",
+           # 64-token rows: two length-bucket widths to compile per phase, not the 8 of FOLDOC's 256.
+           f"{s}finetune_domain.task.seq_len=64",
            # Two phases, so that the second kill lands in a later phase than the first one.
            f"{s}finetune_domain.schedule=a_then_b"]
   # The stages on the path through the two killed ones, plus one compression stage after them.
