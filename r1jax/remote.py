@@ -3,6 +3,7 @@
     remote.is_remote("gs://bucket/runs/a")                 # True for gs:// (the one scheme served)
     remote.check_bucket("gs://bucket/runs/a", write=True)  # UserError naming the fix, before work
     path = remote.local_copy("gs://bucket/corpus/a.txt")   # a cached local copy of one object
+    remote.object_sizes("gs://bucket/corpus")              # {"a.txt": 812, ...}: one listing
     with remote.StagedWorkdir("gs://bucket/runs/a") as local_dir:
       stage.run(config, local_dir)                         # mirrored to the bucket as it runs
     remote.checkpoints_of(local_dir)                       # gs://bucket/runs/a/checkpoints
@@ -19,7 +20,9 @@ a checkpoint (checkpoints a stage writes elsewhere in its workdir are copied as 
 is downloaded once into R1JAX_CACHE_DIR (default ~/.cache/r1jax/gcs) and again when its size or
 generation changes; the readers then use random access on the local file as on any other.
 `localize_inputs` does this for every gs:// input of a stage config before the stage runs (main):
-corpus-like specs (SPEC_KEYS) are left to `sources.expand_spec`, which copies what they match;
+corpus-like specs (SPEC_KEYS) are left to `sources.expand_spec`, which copies what they match,
+and to pretraining, which of tokenized shards in a bucket copies only the files its process's
+rows read (`shards.TokenizedCorpus.fetch`, with `object_sizes` checking them all first);
 an earlier run's workdir (`init_from`) is copied with only its newest checkpoint; any other file,
 directory or list entry is copied as it is. The workdir lock of a gs:// workdir lives in the
 bucket (`run_dir.BucketLock`, on `write_object`'s generation preconditions).
@@ -167,13 +170,26 @@ def glob_objects(pattern: str) -> list[str]:
   return sorted(str(p) for p in found if not p.name.startswith(".") and not p.is_dir())
 
 
-def _objects_under(url: str) -> list[str]:
-  """The names (relative to `url`) of every object under the gs:// prefix `url`, sorted."""
+def object_sizes(url: str) -> dict[str, int]:
+  """{name relative to `url`: bytes} of every object under the gs:// prefix `url` (one listing)."""
   fs = _fs()
   bucket, path = _split(url)
   fs.invalidate_cache(f"{bucket}/{path}")
   start = len(f"{bucket}/{path}/")
-  return sorted(name[start:] for name in fs.find(f"{bucket}/{path}"))
+  return {name[start:]: int(info["size"])
+          for name, info in fs.find(f"{bucket}/{path}", detail=True).items()}
+
+
+def _objects_under(url: str) -> list[str]:
+  """The names (relative to `url`) of every object under the gs:// prefix `url`, sorted."""
+  return sorted(object_sizes(url))
+
+
+def is_object(url: str) -> bool:
+  """Whether the gs:// URL `url` names an object (not a prefix, not nothing), asked afresh."""
+  fs = _fs()
+  fs.invalidate_cache(url[len(SCHEME):])
+  return fs.isfile(url[len(SCHEME):])
 
 
 def _checkpoint_step(name: str) -> tuple[str, str] | None:
@@ -224,9 +240,7 @@ def localize_inputs(config) -> dict[str, str]:
     check_scheme(url, f"--config.{key}")
     if key.rsplit(".", 1)[-1] in WORKDIR_KEYS:
       return local_tree(url, workdir=True)
-    fs = _fs()
-    fs.invalidate_cache(url[len(SCHEME):])
-    if fs.isfile(url[len(SCHEME):]):
+    if is_object(url):
       return local_copy(url)
     try:
       return local_tree(url)

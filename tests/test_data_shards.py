@@ -1,7 +1,8 @@
 """Tokenized pretraining shards (r1jax.data.shards): written from cleaned JSONL, read through
 Grain's ArrayRecord source, bitwise the same batches as the texts, exact resume, disjoint process
-shares, resumable writing, one-line errors on damaged shards; the pretraining stage's choice of
-input (stages.pretrain.open_corpus)."""
+shares (with row groups: contiguous parts, and the shard files a process needs for them),
+resumable writing, one-line errors on damaged shards; the pretraining stage's choice of input
+(stages.pretrain.open_corpus)."""
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from r1jax import configlib
 from r1jax import errors
+from r1jax.data import doc_order
 from r1jax.data import pretraining
 from r1jax.data import shards
 from r1jax.data import sources
@@ -88,8 +90,9 @@ def test_shards_give_bitwise_the_batches_of_the_texts(corpus, tok, kw):
       len(tok.encode(t)) for t in train_texts]
 
 
-def test_resume_from_shards_continues_at_the_same_record(corpus, tok):
-  opts = dict(seq_len=32, batch_size=4, seed=5, nsp=False, pack=True)
+@pytest.mark.parametrize("row_groups", [1, 2])
+def test_resume_from_shards_continues_at_the_same_record(corpus, tok, row_groups):
+  opts = dict(seq_len=32, batch_size=4, seed=5, nsp=False, pack=True, row_groups=row_groups)
   docs = shards.TokenizedCorpus(corpus["out"])
   it = pretraining.pretrain_iterator(docs, tok, **opts)
   _batches(it, 9)
@@ -118,7 +121,7 @@ class _Recording(shards.TokenizedDocuments):
     return self._docs.tokens(i)
 
 
-def epoch_zero_reads(docs, tok, process_index, process_count, batch_size=6):
+def epoch_zero_reads(docs, tok, process_index, process_count, batch_size=6, row_groups=1):
   """The documents process `process_index` reads in epoch 0 of its stream (the multi-host test
   runs this in each process), stepping until each of its rows has reached epoch 1. Without the
   document cache, each row reads its current document once per step (no NSP, no packing), rows in
@@ -126,7 +129,7 @@ def epoch_zero_reads(docs, tok, process_index, process_count, batch_size=6):
   recording = _Recording(docs)
   it = pretraining.pretrain_iterator(recording, tok, seq_len=128, batch_size=batch_size, seed=1,
                                      nsp=False, process_index=process_index,
-                                     process_count=process_count)
+                                     process_count=process_count, row_groups=row_groups)
   epochs = [next(it)["epoch"]]
   while not np.max(epochs, axis=0).all():
     epochs.append(next(it)["epoch"])
@@ -141,6 +144,91 @@ def test_processes_read_disjoint_documents_covering_an_epoch(corpus, tok, monkey
   parts = [set(epoch_zero_reads(docs, tok, p, 2)) for p in range(2)]
   assert not parts[0] & parts[1]
   assert parts[0] | parts[1] == set(range(len(docs)))
+  # With a row group per process, each process reads its own half of the corpus.
+  parts = [set(epoch_zero_reads(docs, tok, p, 2, row_groups=2)) for p in range(2)]
+  assert parts == [set(range(60)), set(range(60, 120))]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory, docs, tok):
+  """Shards of 23, 5, 0, 41, 1, 17 and 34 short documents."""
+  root = tmp_path_factory.mktemp("uneven")
+  texts = [" ".join(t.split()[:12]) for t in docs]
+  start = 0
+  for i, n in enumerate((23, 5, 0, 41, 1, 17, 34)):
+    with open(root / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps({"text": t}) + "\n" for t in texts[start:start + n])
+      f.write(json.dumps({"text": " "}) + "\n")  # no document: the third shard is empty
+    start += n
+  out = str(root / "tokenized")
+  shards.write_shards(sources.expand_spec(str(root)), tok.save(str(root / "tok.model")), out,
+                      worker_count=0, progress=False)
+  return out
+
+
+@pytest.mark.parametrize("kw", [dict(nsp=True), dict(nsp=False, pack=True)])
+def test_row_groups_keep_the_global_batch_of_any_process_count(uneven, tok, kw):
+  docs = shards.TokenizedCorpus(uneven)
+  opts = dict(seq_len=32, batch_size=8, seed=3, row_groups=4, **kw)
+  full = _batches(pretraining.pretrain_iterator(docs, tok, **opts), 40)
+  for count in (2, 4):
+    parts = [_batches(pretraining.pretrain_iterator(docs, tok, process_index=p,
+                                                    process_count=count, **opts), 40)
+             for p in range(count)]
+    _assert_same(full, [{k: np.concatenate([part[s][k] for part in parts]) for k in full[s]}
+                        for s in range(40)])
+  assert max(int(b["epoch"].max()) for b in full) >= 1
+  # Other row groups, another stream (row_groups=1 is the layout without groups).
+  assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(
+      full, _batches(pretraining.pretrain_iterator(docs, tok, **dict(opts, row_groups=2)), 40)))
+
+
+def test_shard_files_holding_record_ranges():
+  counts = [10, 10, 0, 10, 7]  # records 0-9, 10-19, none, 20-29, 30-36
+  assert shards.shard_files(counts, [(0, 20)]) == [0, 1]
+  assert shards.shard_files(counts, [(20, 21)]) == [3]  # an empty shard never
+  assert shards.shard_files(counts, [(19, 21)]) == [1, 3]
+  assert shards.shard_files(counts, [(9, 10), (36, 37), (5, 5)]) == [0, 4]
+  assert shards.shard_files(counts, [(0, 37)]) == [0, 1, 3, 4]
+  assert shards.shard_files(counts, []) == []
+
+
+@pytest.mark.parametrize("count,groups", [(1, 1), (2, 1), (2, 2), (3, 3), (3, 6), (4, 4), (4, 2)])
+def test_a_process_needs_the_shard_files_its_rows_read(uneven, tok, count, groups):
+  """records_read -> shard_files: every file a process's training and held-out streams read (NSP
+  included, over an epoch of each row) is among them; with row groups a multiple of the process
+  count, each process needs only about its share of the files."""
+  corpus = shards.TokenizedCorpus(uneven)
+  counts = [s["records"] for s in json.load(open(os.path.join(uneven, shards.MANIFEST)))["shards"]]
+  file_of = np.repeat(np.arange(len(counts)), counts)
+  needs = []
+  for p in range(count):
+    need = shards.shard_files(counts, doc_order.records_read(
+        pretraining.split_documents(corpus, 7), batch_size=12, row_groups=groups,
+        process_index=p, process_count=count))
+    recording = _Recording(corpus)
+    for view in pretraining.split_documents(recording, 7):
+      it = pretraining.pretrain_iterator(view, tok, seq_len=16, batch_size=12, seed=1,
+                                         row_groups=groups, process_index=p, process_count=count)
+      while not next(it)["epoch"].all():
+        pass
+    assert set(file_of[recording.read].tolist()) <= set(need), (p, need)
+    needs.append(need)
+  assert set().union(*needs) == {0, 1, 3, 4, 5, 6}
+  if groups == 1:
+    assert all(len(n) == 6 for n in needs)  # every row reads from the whole corpus
+  if groups % count == 0 and count > 1:
+    assert sum(map(len, needs)) <= 6 + 2 * (count - 1)  # a boundary file may serve two processes
+    assert max(map(len, needs)) < 6
+
+
+def test_row_groups_need_whole_rows_and_enough_documents(corpus, tok):
+  docs = shards.TokenizedCorpus(corpus["out"])
+  with pytest.raises(ValueError, match="row_groups=3 must divide batch_size=8"):
+    pretraining.pretrain_iterator(docs, tok, seq_len=32, batch_size=8, row_groups=3)
+  with pytest.raises(errors.BadInput, match="too few for row_groups=8"):
+    pretraining.pretrain_iterator(pretraining.split_documents(docs, 30)[1], tok, seq_len=32,
+                                  batch_size=8, row_groups=8)
 
 
 def test_writing_is_resumable_and_damage_is_named_with_the_fix(corpus, tmp_path):

@@ -1,11 +1,13 @@
 """gs:// corpora and workdirs against a local GCS emulator (fake-gcs-server, started here): corpus
-objects read through a local copy, the other gs:// inputs of a config (an earlier run's workdir,
+objects read through a local copy, tokenized shards in a bucket of which a process copies only the
+files its rows read, the other gs:// inputs of a config (an earlier run's workdir,
 tokenizer and word-list files, a directory of rounds) copied before the stage runs, the lock of a
 gs:// workdir held in the bucket (one winner among contenders, stale locks taken over), a bucket
 that cannot be used refused before any work, and (slow) a tiny pretraining run whose workdir is a
 bucket: checkpoints written there by Orbax, metrics and summary mirrored there, a second machine
 resuming from what the bucket holds, and a run starting from it (init_from=gs://...)."""
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import threading
 import time
 
 from etils import epath
+import numpy as np
 import pytest
 
 from r1jax import configlib
@@ -21,7 +24,11 @@ from r1jax import errors
 from r1jax import remote
 from r1jax import run_dir
 from r1jax.data import builtin
+from r1jax.data import doc_order
+from r1jax.data import pretraining
+from r1jax.data import shards
 from r1jax.data import sources
+from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import pretrain
 
 import servers
@@ -62,6 +69,68 @@ def test_gs_corpus_files_directories_and_globs_are_read_through_local_copies(gcs
   assert open(sources.expand_spec("gs://runs/corpus/a.txt")[0]).read() == "changed"
   with pytest.raises(errors.InputNotFound, match="matches no object"):
     sources.expand_spec("gs://runs/corpus/*.csv")
+
+
+def test_a_process_copies_only_the_shard_files_its_rows_read(gcs_env, tmp_path, caplog):
+  """A data stage's workdir in a bucket, 160 documents in 4 shards: process 1 of 2 with a row
+  group per process copies the last two shards only and reads from them the records a local copy
+  gives; a shard missing from the bucket is named before any training."""
+  caplog.set_level(logging.INFO)
+  texts = [" ".join(t.split()[:15]) for t in builtin.texts("domain")[:160]]
+  data = tmp_path / "ws" / "data"
+  (data / "clean").mkdir(parents=True)
+  for i in range(4):
+    with open(data / "clean" / f"part-{i:05d}.jsonl", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps({"text": t}) + "\n" for t in texts[40 * i:40 * (i + 1)])
+  tok = tokenizer_lib.Tokenizer.train(texts, 600)
+  local = str(data / "tokenized")
+  shards.write_shards(sources.expand_spec(str(data / "clean")), tok.save(str(tmp_path / "t.model")),
+                      local, worker_count=0, progress=False)
+  for directory in ("clean", "tokenized"):
+    for name in os.listdir(data / directory):
+      epath.Path(data / directory / name).copy(epath.Path(f"gs://runs/ws/data/{directory}/{name}"))
+  url = "gs://runs/ws/data/tokenized"
+  assert shards.find_manifest("gs://runs/ws/data/clean/") == f"{url}/manifest.json"
+  assert shards.find_manifest(url) == f"{url}/manifest.json"
+  assert shards.find_manifest("gs://runs/ws/data/clean/part-00000.jsonl") is None
+  assert shards.source_of(f"{url}/manifest.json") == "gs://runs/ws/data/clean"
+
+  corpus = shards.TokenizedCorpus(url)
+  views = pretraining.split_documents(corpus, 7)
+  opts = dict(batch_size=8, row_groups=2, process_index=1, process_count=2)
+  corpus.fetch(doc_order.records_read(views, **opts), who="process 1 of 2")
+  cache = tmp_path / "cache" / "runs" / "ws" / "data" / "tokenized"
+  assert sorted(f for f in os.listdir(cache) if f.endswith(".array_record")) == [
+      "part-00002.array_record", "part-00003.array_record"]
+  total = sum(os.path.getsize(os.path.join(local, f"part-0000{i}.array_record")) for i in range(4))
+  fetched = sum(os.path.getsize(cache / f"part-0000{i}.array_record") for i in (2, 3))
+  assert (f"Tokenized shards {url}: process 1 of 2 reads 2 of 4 shard files ({fetched} of {total} "
+          "bytes)") in caplog.text
+  for view, local_view in zip(views, pretraining.split_documents(shards.TokenizedCorpus(local), 7)):
+    its = [pretraining.pretrain_iterator(v, tok, seq_len=32, seed=1, **opts)
+           for v in (view, local_view)]
+    epoch = 0
+    while not epoch:  # until each row has read all of its group's records
+      a, b = next(its[0]), next(its[1])
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+      epoch = a["epoch"].min()
+  with pytest.raises(ValueError, match="part-00000.array_record, which this process has not"):
+    corpus.tokens(0)
+
+  # The pretraining stage, as the only process: the bucket's shards, every file copied.
+  config = configlib.load_config(f"{CONFIG}:variant=tiny")
+  config.data.corpus = "gs://runs/ws/data/clean"
+  config.data.eval_every_nth_doc = 7
+  os.makedirs(tmp_path / "run")
+  chosen = pretrain.open_corpus(config, str(tmp_path / "run"))
+  assert chosen.input == "shards" and len(chosen.train) == 138
+  assert f"{url}: process 0 of 1 reads 4 of 4 shard files ({total} of {total} bytes)" in caplog.text
+
+  epath.Path(f"{url}/part-00001.array_record").unlink()
+  with pytest.raises(errors.BadInput, match=rf"^Tokenized shard {url}/part-00001.array_record: "
+                     r"missing in the bucket\. Copy the data stage's DIR/data/tokenized"):
+    pretrain.open_corpus(config, str(tmp_path / "run"))
 
 
 def _write(url: str, text: str = "x") -> None:

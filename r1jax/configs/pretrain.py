@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kg_weight=1.0,             # weight of the knowledge loss
       eval_every_nth_doc=50,     # held-out documents: every n-th of the corpus (independent of seed)
       worker_count=0,            # Grain worker processes building rows (0 = in-process)
+      row_groups=1,              # blocks of rows, each reading only its own contiguous part of the
+                                 # documents; a multiple of the process count makes each process
+                                 # fetch only its part of gs:// shards (1: every row reads all)
   ))
 
   config.train = configlib.train_section(

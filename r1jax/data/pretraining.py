@@ -32,7 +32,8 @@ while they fit in k.
 
 Streaming layout for Transformer-XL: the global batch has `batch_size` rows; row r owns an endless
 stream of documents (positions r, r + B, r + 2B, ... of the concatenation of per-epoch shuffles of
-the corpus). At each step row r takes the next tokens of its current document, so row r of step
+the corpus; `doc_order`, which with `row_groups` > 1 gives each block of rows its own contiguous
+part of the corpus to shuffle: "Row groups" below). At each step row r takes the next tokens of its current document, so row r of step
 t + 1 continues exactly where row r of step t stopped and the model's memory holds the real preceding
 text. A step never crosses a document boundary: when a document runs out the row is padded, and the
 next step starts the row's next document with `reset_memory[r] = True` (the engine clears that row's
@@ -50,14 +51,18 @@ FULL-SENTENCES packing). On corpora of short documents (definitions, questions, 
 otherwise takes most of the positions: `bench/NOTES_quality.md` measures the real-token fraction.
 
 Process sharding: process p of n builds rows [p * B/n, (p + 1) * B/n) of the global batch; the
-document order is computed from the seed alone, so all processes agree without communicating.
-Stream position g is document `perm_e[g % N]` of epoch e = g // N (a seeded permutation, 4
-bytes per document), and row r takes the positions g with g % B == r: within an epoch the processes read
-disjoint sets of documents that together cover the corpus once (NSP's random B segments are the
-exception: any document). From tokenized shards (`shards.TokenizedCorpus`, written by the data
-stage) a process reads only those records, through Grain's ArrayRecord source, and resident memory
-grows only by the permutation's 4 bytes per document; from texts, every process holds all texts. Both give bitwise the
-same batches.
+document order is computed from the seed alone, so all processes agree without communicating and
+the global batch is the same for any process count. Within an epoch the rows read disjoint sets of
+documents that together cover the corpus once (NSP's random B segments are the exception: any
+document of the row's group). From tokenized shards (`shards.TokenizedCorpus`, written by the data
+stage) a process reads only its rows' records, through Grain's ArrayRecord source, and resident
+memory grows only by the permutation's 4 bytes per document; from texts, every process holds all
+texts. Both give bitwise the same batches.
+Row groups (`row_groups`, default 1): the rows are split into that many blocks of consecutive rows,
+and block q reads only the documents [q * N // row_groups, (q + 1) * N // row_groups), shuffled
+per epoch (`doc_order`). With row_groups a multiple of the process count, a process's rows read
+one contiguous 1/n of the corpus, so of shards in a bucket it fetches only the files holding it
+(`doc_order.records_read`, `shards.TokenizedCorpus.fetch`); with 1, every row reads everywhere.
 Workers: `worker_count > 0` builds rows in Grain worker processes (`mp_prefetch`); worker w builds the
 rows w, w + workers, ... of this process, so the output is identical for any worker count. A worker
 sends its rows of several consecutive steps per message (at least MESSAGE_ROWS rows): finished
@@ -76,6 +81,7 @@ import grain
 import numpy as np
 
 from r1jax import errors
+from r1jax.data import doc_order
 from r1jax.data import grain_ops
 from r1jax.data import knowledge as knowledge_lib
 from r1jax.data import shards
@@ -186,6 +192,7 @@ class PretrainOptions:
   nsp: bool = True
   pack: bool = False
   kg_seq_len: int = 32
+  row_groups: int = 1  # rows split into this many groups, each reading its own part of the corpus
 
   @property
   def num_predictions(self) -> int:
@@ -207,6 +214,9 @@ class PretrainOptions:
                        "pairs: set nsp=False (RoBERTa drops NSP for the same reason).")
     if self.kg_seq_len < 8:
       raise ValueError(f"kg_seq_len={self.kg_seq_len} is too short; use at least 8.")
+    if self.row_groups < 1 or self.global_batch_size % self.row_groups:
+      raise ValueError(f"row_groups={self.row_groups} must divide batch_size="
+                       f"{self.global_batch_size} (each group is a block of whole rows).")
 
 
 def _stochastic_round(x: float, rng: np.random.Generator) -> int:
@@ -224,7 +234,8 @@ class _PretrainRowIterator(grain.DatasetIterator):
     self._store = _DocStore(ds.docs, ds.tokenizer, ds.knowledge)
     self._word_start = ds.tokenizer.word_start_table() if self._opt.whole_word else None
     self._vocab_size = ds.tokenizer.vocab_size
-    self._perms = collections.OrderedDict()  # epoch -> its document permutation (the last few)
+    self._order = doc_order.DocumentOrder(len(ds.docs), ds.options.global_batch_size,
+                                          ds.options.row_groups, ds.options.seed, ds.rows)
     self._triples = (knowledge_lib.TripleExamples(ds.knowledge, ds.tokenizer, self._opt.kg_seq_len)
                      if ds.knowledge is not None else None)
     rows = ds.rows
@@ -246,27 +257,6 @@ class _PretrainRowIterator(grain.DatasetIterator):
     self._docs_started = [int(x) for x in state["docs_started"]]
     self._cursor = [int(x) for x in state["cursor"]]
 
-  # --- document order ----------------------------------------------------------------------------
-  def _doc_of(self, row: int, k: int) -> tuple[int, int]:
-    """(document index, epoch) of the k-th document of global row `row`.
-
-    Position g of the endless document stream is position g % n of epoch g // n's permutation
-    (numpy's, from the seed and the epoch; int32, 4 bytes per document, the last few epochs
-    kept). Grain's O(1)-memory index_shuffle was tried and learned markedly slower: the tiny
-    model's MLM loss after 600 steps was 5.43 against 4.80 (also with 16 rounds: 5.44).
-    """
-    n_docs = len(self._store)
-    g = k * self._opt.global_batch_size + row
-    epoch = g // n_docs
-    perm = self._perms.get(epoch)
-    if perm is None:
-      perm = np.random.default_rng([self._opt.seed, epoch, 0x5EED]).permutation(n_docs)
-      perm = perm.astype(np.int32 if n_docs < 2**31 else np.int64)
-      self._perms[epoch] = perm
-      if len(self._perms) > 4:
-        self._perms.popitem(last=False)
-    return int(perm[g % n_docs]), epoch
-
   # --- one step ----------------------------------------------------------------------------------
   def __next__(self):
     rows = self._ds.rows
@@ -279,7 +269,7 @@ class _PretrainRowIterator(grain.DatasetIterator):
   def _row_example(self, j: int, row: int, step: int) -> dict[str, np.ndarray]:
     opt = self._opt
     rng = np.random.default_rng([opt.seed, row, step])
-    doc, epoch = self._doc_of(row, self._docs_started[j])
+    doc, epoch = self._order.doc_of(row, self._docs_started[j])
     ids, entity = self._store.get(doc)
     cursor = self._cursor[j]
     reset = cursor == 0
@@ -299,8 +289,9 @@ class _PretrainRowIterator(grain.DatasetIterator):
       else:
         len_a = min(remaining, int(rng.integers(1, content)))
         a = slice(cursor, cursor + len_a)
-        other = int(rng.integers(len(self._store) - 1))
-        other += other >= doc  # any document but this one
+        lo, hi = self._order.group_of(row)
+        other = lo + int(rng.integers(hi - lo - 1))
+        other += other >= doc  # any document of the row's group but this one
         o_ids, o_entity = self._store.get(other)
         len_b = min(content - len_a, len(o_ids))
         start = int(rng.integers(0, len(o_ids) - len_b + 1))
@@ -362,7 +353,7 @@ class _PretrainRowIterator(grain.DatasetIterator):
     room = self._opt.seq_len - 2          # [CLS] ... [SEP]
     id_parts, unit_parts, part = [[CLS_ID]], [[-1]], 0
     while True:
-      doc, _ = self._doc_of(self._ds.rows[j], self._docs_started[j])
+      doc, _ = self._order.doc_of(self._ds.rows[j], self._docs_started[j])
       ids, entity = self._store.get(doc)
       cursor = self._cursor[j]
       n = min(len(ids) - cursor, room)
@@ -490,7 +481,7 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
                      batch_size: int, seed: int = 0, mlm_prob: float = 0.15,
                      max_predictions: int | None = None, whole_word: bool = False,
                      nsp: bool = True, pack: bool = False, knowledge_path: str | None = None,
-                     kg_seq_len: int = 32,
+                     kg_seq_len: int = 32, row_groups: int = 1,
                      process_index: int = 0, process_count: int = 1,
                      worker_count: int = 0) -> grain.IterDataset:
   """An endless Grain dataset of pretraining batches (see module docstring for the layout).
@@ -511,12 +502,15 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
     knowledge_path: TSV of `entity<TAB>type` / `head<TAB>relation<TAB>tail` lines: enables
       whole-entity masking and the kg_* triple-validity arrays.
     kg_seq_len: T, tokens per triple sequence.
+    row_groups: split the rows into this many blocks, each reading only its own contiguous part
+      of the documents (see "Row groups" in the module docstring); must divide batch_size.
     process_index, process_count: this process's share of the global batch rows.
     worker_count: Grain worker processes building rows (0: in this process).
   """
   options = PretrainOptions(seq_len=seq_len, global_batch_size=batch_size, seed=seed,
                             mlm_prob=mlm_prob, max_predictions=max_predictions,
-                            whole_word=whole_word, nsp=nsp, pack=pack, kg_seq_len=kg_seq_len)
+                            whole_word=whole_word, nsp=nsp, pack=pack, kg_seq_len=kg_seq_len,
+                            row_groups=row_groups)
   options.validate()
   local_batch, rows = grain_ops.local_rows(batch_size, process_index, process_count)
   _check_workers(worker_count, local_batch)
@@ -533,6 +527,10 @@ def pretrain_dataset(docs_or_paths, tokenizer: tokenizer_lib.Tokenizer, *, seq_l
   if nsp and len(docs) < 2:
     raise errors.BadInput("NSP needs at least 2 documents to draw random next segments; got 1. "
                           "Pass nsp=False or more documents.")
+  if len(docs) // row_groups < 1 + nsp:
+    raise errors.BadInput(f"The corpus has {len(docs)} documents, too few for row_groups="
+                          f"{row_groups}: each group reads its own part and needs at least "
+                          f"{1 + nsp} (NSP draws random segments from the part). Use fewer groups.")
   knowledge = knowledge_lib.KnowledgeBase.from_file(knowledge_path) if knowledge_path else None
   ds = PretrainRowDataset(docs, tokenizer, options, rows, knowledge)
   if worker_count:
@@ -550,45 +548,13 @@ def pretrain_iterator(docs_or_paths, tokenizer, **kwargs) -> grain.DatasetIterat
   return iter(pretrain_dataset(docs_or_paths, tokenizer, **kwargs))
 
 
-class EveryNth(shards.TokenizedDocuments):
-  """The training (held_out=False) or held-out documents of a tokenized corpus under
-  `split_documents`' rule, as an index map: document j of the split is document
-  `index(j)` of the corpus."""
-
-  def __init__(self, docs: shards.TokenizedDocuments, every_nth: int, held_out: bool):
-    self._docs, self._n, self._held = docs, every_nth, held_out
-    for name in ("tokenizer_sha256", "tokenizer_path", "source_dir", "directory"):
-      setattr(self, name, getattr(docs, name))
-    held = len(docs) // every_nth
-    self._len = held if held_out else len(docs) - held
-
-  def index(self, j: int) -> int:
-    if self._held:
-      return j * self._n + self._n - 1
-    return j + j // (self._n - 1)
-
-  def __len__(self) -> int:
-    return self._len
-
-  def tokens(self, i: int) -> np.ndarray:
-    if not 0 <= i < self._len:
-      raise IndexError(i)
-    return self._docs.tokens(self.index(i))
-
-  def token_counts(self):
-    start = 0
-    for counts in self._docs.token_counts():
-      held = (np.arange(start, start + len(counts)) % self._n) == self._n - 1
-      yield counts[held if self._held else ~held]
-      start += len(counts)
-
-
 def split_documents(docs, every_nth: int):
   """(train, held-out): document i is held out when i % every_nth == every_nth - 1 (pretraining's
   eval split; the diagnose stage measures the same held-out documents). Lists of texts give lists;
-  a tokenized corpus gives two `EveryNth` views of it."""
+  a tokenized corpus gives two `shards.EveryNth` views of it."""
   if isinstance(docs, shards.TokenizedDocuments):
-    return EveryNth(docs, every_nth, held_out=False), EveryNth(docs, every_nth, held_out=True)
+    return (shards.EveryNth(docs, every_nth, held_out=False),
+            shards.EveryNth(docs, every_nth, held_out=True))
   held = [t for i, t in enumerate(docs) if i % every_nth == every_nth - 1]
   train = [t for i, t in enumerate(docs) if i % every_nth != every_nth - 1]
   return train, held

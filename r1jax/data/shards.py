@@ -31,20 +31,27 @@ Reading: `TokenizedCorpus` opens the manifest, checks every shard against it (pr
 record count from the ArrayRecord footer) and reads records through Grain's
 `ArrayRecordDataSource`; a problem raises `errors.BadInput` naming the file and the fix. Resident
 memory is the readers' footers and indices plus one shard's lengths at a time: it does not hold
-the corpus.
+the corpus. A tokenized directory in a bucket (gs://.../data/tokenized, or the gs://.../data/clean
+beside it) is read without copying it whole: opening copies the manifest, tokenizer and lengths
+to the cache (`remote.local_copy`) and checks that every shard object is there with its size;
+`fetch(ranges)` copies only the shard files holding those records (`shard_files`; pretraining
+passes what its rows read, `doc_order.records_read`), and a process with
+`row_groups` a multiple of the process count reads only its contiguous 1/n of the records.
 """
 import hashlib
 import json
 import os
 import shutil
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from absl import logging
 from array_record.python import array_record_module
 import grain
 import numpy as np
 import tqdm
 
 from r1jax import errors
+from r1jax import remote
 from r1jax.data import grain_ops
 from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
@@ -227,6 +234,13 @@ def find_manifest(spec: Any) -> str | None:
   path = os.path.expanduser(os.fspath(spec).strip().rstrip("/"))
   if "," in path:
     return None
+  if remote.is_remote(path):
+    if any(c in path for c in "*?[") or (os.path.basename(path) != MANIFEST and
+                                         remote.is_object(path)):  # a glob, a file
+      return None
+    candidates = ([path] if os.path.basename(path) == MANIFEST else
+                  [f"{path}/{MANIFEST}", f"{os.path.dirname(path)}/tokenized/{MANIFEST}"])
+    return next((c for c in candidates if remote.is_object(c)), None)
   if os.path.basename(path) == MANIFEST and os.path.isfile(path):
     return path
   if os.path.isdir(path):
@@ -237,11 +251,27 @@ def find_manifest(spec: Any) -> str | None:
   return None
 
 
+def _local(path: str) -> str:
+  """`path`, or the cached local copy of a gs:// object (`remote.local_copy`)."""
+  return remote.local_copy(path) if remote.is_remote(path) else path
+
+
+def tokenizer_file(manifest_path: str) -> str:
+  """The (local) tokenizer.model of the shards a manifest describes."""
+  if not remote.is_remote(manifest_path):
+    manifest_path = os.path.abspath(manifest_path)
+  return _local(f"{os.path.dirname(manifest_path)}/{TOKENIZER_FILE}")
+
+
 def source_of(manifest_path: str) -> str:
-  """The cleaned corpus directory a manifest's shards were tokenized from."""
+  """The cleaned corpus directory a manifest's shards were tokenized from; for a manifest in a
+  bucket, its namesake beside the tokenized directory there (the data stage's DIR/data/clean)."""
   try:
-    with open(manifest_path, encoding="utf-8") as f:
-      return json.load(f)["source"]
+    with open(_local(manifest_path), encoding="utf-8") as f:
+      source = json.load(f)["source"]
+    if remote.is_remote(manifest_path):
+      return f"{os.path.dirname(os.path.dirname(manifest_path))}/{os.path.basename(source)}"
+    return source
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise errors.BadInput(f"{manifest_path} is not a tokenized-corpus manifest ({e}). Rerun the "
                           "data stage on its workdir to rewrite it.") from e
@@ -267,6 +297,10 @@ class TokenizedDocuments:
   def token_counts(self) -> Iterator[np.ndarray]:
     raise NotImplementedError
 
+  def records(self, lo: int, hi: int) -> tuple[int, int]:
+    """[lo', hi'): the corpus records that documents [lo, hi) of this view read (contiguous)."""
+    raise NotImplementedError
+
   def check_tokenizer(self, tok: tokenizer_lib.Tokenizer, name: str) -> None:
     """Raises BadInput unless `tok` (named `name` in the message) is the shards' tokenizer."""
     if tokenizer_sha256(tok) != self.tokenizer_sha256:
@@ -290,81 +324,153 @@ def _record_count(path: str) -> int | str:
 
 
 def _bad(path: str, problem: str, directory: str) -> errors.BadInput:
-  return errors.BadInput(
-      f"Tokenized shard {path}: {problem}. Rerun the data stage on its workdir (it rewrites "
-      f"damaged or missing shards from the cleaned JSONL and keeps the good ones), or read the "
-      f"cleaned text instead with --config.data.input=memory ({directory}).")
+  fix = ("Rerun the data stage on its workdir (it rewrites damaged or missing shards from the "
+         "cleaned JSONL and keeps the good ones)")
+  if remote.is_remote(directory):
+    fix = (f"Copy the data stage's DIR/data/tokenized to {directory} again (gcloud storage rsync "
+           f"-r DIR/data/tokenized {directory}), after rerunning the data stage if it is damaged")
+  return errors.BadInput(f"Tokenized shard {path}: {problem}. {fix}, or read the cleaned text "
+                         f"instead with --config.data.input=memory ({directory}).")
+
+
+def shard_files(record_counts: Sequence[int], ranges: Iterable[tuple[int, int]]) -> list[int]:
+  """The shards (record_counts[k] records each, records numbered on across them in order) that
+  hold a record of any [lo, hi) range of `ranges`, ascending; shards without records never."""
+  offsets = np.cumsum([0] + list(record_counts))
+  needed: set[int] = set()
+  for lo, hi in ranges:
+    if hi > lo:
+      first, last = np.searchsorted(offsets, [lo, hi - 1], side="right") - 1
+      needed.update(k for k in range(int(first), int(last) + 1) if record_counts[k])
+  return sorted(needed)
 
 
 class TokenizedCorpus(TokenizedDocuments):
-  """The documents of a tokenized directory (see module docstring), checked against its manifest."""
+  """The documents of a tokenized directory (see module docstring), checked against its manifest.
+
+  `path`: the directory or its manifest.json, local or gs://. A local corpus is read as it is. Of
+  a corpus in a bucket, opening copies the manifest, tokenizer and per-shard lengths to the cache
+  and checks that every shard object is there with its size; `fetch(ranges)` then copies the
+  shard files holding those records (and only them), and reading any other record raises."""
 
   def __init__(self, path: str):
-    path = os.path.expanduser(path)
-    manifest_path = path if path.endswith(MANIFEST) else os.path.join(path, MANIFEST)
-    self.directory = os.path.dirname(os.path.abspath(manifest_path))
+    self.remote = remote.is_remote(path)
+    path = path.rstrip("/") if self.remote else os.path.abspath(os.path.expanduser(path))
+    manifest_path = path if path.endswith(MANIFEST) else f"{path}/{MANIFEST}"
+    self.directory = os.path.dirname(manifest_path)
     self.path = manifest_path
     try:
-      with open(manifest_path, encoding="utf-8") as f:
+      with open(_local(manifest_path), encoding="utf-8") as f:
         manifest = json.load(f)
       if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}, "
                          f"expected {FORMAT!r} version {VERSION}")
       self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
       shard_entries = list(manifest["shards"])
+      self._names = [entry["file"] for entry in shard_entries]
+      self._bytes = [int(entry["bytes"]) for entry in shard_entries]
+      self._counts = [int(entry["records"]) for entry in shard_entries]
       self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
-      self.tokenizer_path = os.path.join(self.directory, manifest["tokenizer"]["file"])
+      tokenizer_name = manifest["tokenizer"]["file"]
       self.source_dir = manifest["source"]
       self.num_tokens = int(manifest["tokens"])
       documents = int(manifest["documents"])
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise errors.BadInput(f"{manifest_path} is not a tokenized-corpus manifest ({e}). Rerun the "
                             "data stage on its workdir to rewrite it.") from e
-    self._files = []
-    counts = []
-    for entry in shard_entries:
-      file = os.path.join(self.directory, entry["file"])
-      if not os.path.isfile(file):
-        raise _bad(file, "missing", self.directory)
-      if os.path.getsize(file) != entry["bytes"]:
-        raise _bad(file, f"{os.path.getsize(file)} bytes, the manifest says {entry['bytes']} "
-                   "(truncated or replaced)", self.directory)
-      found = _record_count(file)
-      if found != entry["records"]:
-        raise _bad(file, f"not a readable ArrayRecord file with {entry['records']} records "
-                   f"(reads {found})", self.directory)
-      self._files.append(file)
-      counts.append(entry["records"])
-    if sum(counts) != documents:
-      raise errors.BadInput(f"{manifest_path} lists {sum(counts)} records in its shards but "
+    self._offsets = np.cumsum([0] + self._counts)
+    self._files: list[str | None] = [None] * len(self._names)  # local copies, by shard
+    if self.remote:
+      present = remote.object_sizes(self.directory)
+      for name, size in zip(self._names, self._bytes):
+        for other in (tokenizer_name, self._lengths_name(name)):
+          if other not in present:
+            raise _bad(f"{self.directory}/{other}", "missing in the bucket", self.directory)
+        if present.get(name) != size:
+          problem = ("missing in the bucket" if name not in present else
+                     f"{present[name]} bytes in the bucket, the manifest says {size}")
+          raise _bad(f"{self.directory}/{name}", problem, self.directory)
+    else:
+      for k in range(len(self._names)):
+        self._files[k] = self._checked(k, os.path.join(self.directory, self._names[k]))
+    if sum(self._counts) != documents:
+      raise errors.BadInput(f"{manifest_path} lists {sum(self._counts)} records in its shards but "
                             f"{documents} documents; rerun the data stage on its workdir.")
-    self._counts = counts
-    # Read instructions with the counts: the source does not reopen every file to count it.
+    self.tokenizer_path = _local(f"{self.directory}/{tokenizer_name}")
+    self._open()
+
+  @staticmethod
+  def _lengths_name(name: str) -> str:
+    return name[:-len(".array_record")] + ".lengths.npy"
+
+  def _checked(self, k: int, file: str) -> str:
+    """`file` (shard k's local copy) after checking it against the manifest."""
+    where = f"{self.directory}/{self._names[k]}" if self.remote else file
+    if not os.path.isfile(file):
+      raise _bad(where, "missing", self.directory)
+    if os.path.getsize(file) != self._bytes[k]:
+      raise _bad(where, f"{os.path.getsize(file)} bytes, the manifest says {self._bytes[k]} "
+                 "(truncated or replaced)", self.directory)
+    found = _record_count(file)
+    if found != self._counts[k]:
+      raise _bad(where, f"not a readable ArrayRecord file with {self._counts[k]} records "
+                 f"(reads {found})", self.directory)
+    return file
+
+  def _open(self) -> None:
+    """Grain's source over the local shards (read instructions with the counts: the source does
+    not reopen every file to count it); `_first[k]`: shard k's first record in it."""
+    have = [k for k, f in enumerate(self._files) if f is not None]
     self._source = grain.sources.ArrayRecordDataSource(
-        [f"{f}[0:{n}]" for f, n in zip(self._files, counts)])
-    self._offsets = np.cumsum([0] + counts)
+        [f"{self._files[k]}[0:{self._counts[k]}]" for k in have]) if have else None
+    self._first = {k: int(start) for k, start in
+                   zip(have, np.cumsum([0] + [self._counts[k] for k in have]))}
+
+  def fetch(self, ranges: Iterable[tuple[int, int]], who: str = "This process") -> None:
+    """Makes the records of `ranges` ([lo, hi) pairs) readable: of a corpus in a bucket, copies
+    the shard files that hold them (`shard_files`), and no other, into the cache
+    (`remote.local_copy`: again only when an object changed), checks them, and logs how many
+    files and bytes of the corpus that is. A local corpus has every file already."""
+    if not self.remote:
+      return
+    needed = shard_files(self._counts, ranges)
+    for k in needed:
+      if self._files[k] is None:
+        self._files[k] = self._checked(k, remote.local_copy(f"{self.directory}/{self._names[k]}"))
+    self._open()
+    logging.info("Tokenized shards %s: %s reads %d of %d shard files (%d of %d bytes), copied to "
+                 "%s.", self.directory, who, len(needed), len(self._names),
+                 sum(self._bytes[k] for k in needed), sum(self._bytes), os.path.dirname(
+                     self._files[needed[0]]) if needed else "nothing")
+
+  def records(self, lo: int, hi: int) -> tuple[int, int]:
+    return lo, hi
 
   def __len__(self) -> int:
     return int(self._offsets[-1])
 
   def tokens(self, i: int) -> np.ndarray:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
+    if self._files[shard] is None:
+      raise ValueError(f"Record {i} is in {self.directory}/{self._names[shard]}, which this "
+                       "process has not fetched (TokenizedCorpus.fetch with the records it reads).")
+    record = i - int(self._offsets[shard])
     try:
-      data = self._source[i]
+      data = self._source[self._first[shard] + record]
     except RuntimeError as e:
-      shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
-      raise _bad(self._files[shard], f"record {i - self._offsets[shard]} unreadable ({e})",
-                 self.directory) from e
+      raise _bad(self._files[shard], f"record {record} unreadable ({e})", self.directory) from e
     if len(data) % self.dtype.itemsize:
-      shard = int(np.searchsorted(self._offsets, i, side="right")) - 1
-      raise _bad(self._files[shard], f"record {i - self._offsets[shard]} has {len(data)} bytes, "
-                 f"not whole {self.dtype} ids", self.directory)
+      raise _bad(self._files[shard], f"record {record} has {len(data)} bytes, not whole "
+                 f"{self.dtype} ids", self.directory)
     return np.frombuffer(data, self.dtype).astype(np.int32)
 
   def token_counts(self) -> Iterator[np.ndarray]:
-    for file, n in zip(self._files, self._counts):
-      path = file[:-len(".array_record")] + ".lengths.npy"
+    for name, n in zip(self._names, self._counts):
+      path = f"{self.directory}/{self._lengths_name(name)}"
       try:
-        lengths = np.load(path)
+        lengths = np.load(_local(path))
       except (OSError, ValueError) as e:
         raise _bad(path, f"unreadable ({e})", self.directory) from e
       if lengths.shape != (n,):
@@ -372,4 +478,40 @@ class TokenizedCorpus(TokenizedDocuments):
       yield lengths
 
   def __str__(self) -> str:
-    return f"TokenizedCorpus({self.directory}, shards={len(self._files)}, documents={len(self)})"
+    return f"TokenizedCorpus({self.directory}, shards={len(self._names)}, documents={len(self)})"
+
+
+class EveryNth(TokenizedDocuments):
+  """The training (held_out=False) or held-out documents of a tokenized corpus under
+  `pretraining.split_documents`' rule, as an index map: document j of the split is document
+  `index(j)` of the corpus."""
+
+  def __init__(self, docs: TokenizedDocuments, every_nth: int, held_out: bool):
+    self._docs, self._n, self._held = docs, every_nth, held_out
+    for name in ("tokenizer_sha256", "tokenizer_path", "source_dir", "directory"):
+      setattr(self, name, getattr(docs, name))
+    held = len(docs) // every_nth
+    self._len = held if held_out else len(docs) - held
+
+  def index(self, j: int) -> int:
+    if self._held:
+      return j * self._n + self._n - 1
+    return j + j // (self._n - 1)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def tokens(self, i: int) -> np.ndarray:
+    if not 0 <= i < self._len:
+      raise IndexError(i)
+    return self._docs.tokens(self.index(i))
+
+  def records(self, lo: int, hi: int) -> tuple[int, int]:
+    return self._docs.records(*((self.index(lo), self.index(hi - 1) + 1) if hi > lo else (0, 0)))
+
+  def token_counts(self):
+    start = 0
+    for counts in self._docs.token_counts():
+      held = (np.arange(start, start + len(counts)) % self._n) == self._n - 1
+      yield counts[held if self._held else ~held]
+      start += len(counts)

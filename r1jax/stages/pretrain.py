@@ -34,8 +34,10 @@ import numpy as np
 
 from r1jax import configlib
 from r1jax import errors
+from r1jax import remote
 from r1jax import run_dir
 from r1jax.data import builtin
+from r1jax.data import doc_order
 from r1jax.data import pretraining
 from r1jax.data import shards
 from r1jax.data import tokenizer as tokenizer_lib
@@ -90,6 +92,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     v.int_at_least("data.eval_every_nth_doc", 2)
     workers = v.int_at_least("data.worker_count", 0)
     batch = config.train.get("batch_size")
+    groups = v.int_at_least("data.row_groups", 1)
+    if groups and isinstance(batch, int) and batch > 0 and batch % groups:
+      v.add("data.row_groups", f"{groups} does not divide train.batch_size={batch} (each group is "
+            "a block of whole rows); use a divisor of it, e.g. the process count.")
     if workers and isinstance(batch, int) and batch > 0 and (batch // v.process_count) % workers:
       v.add("data.worker_count", f"{workers} does not divide the per-process batch "
             f"{batch // v.process_count} (each worker builds a fixed subset of its rows); use a "
@@ -216,10 +222,11 @@ def open_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
         "Run the data stage with shards.enabled=True, or set --config.data.input=auto.")
   text_spec, tokenized, tokenizer_default = d.corpus, None, ""
   if manifest is not None:
-    tokenized_dir = os.path.dirname(os.path.abspath(manifest))
-    tokenizer_default = os.path.join(tokenized_dir, shards.TOKENIZER_FILE)
-    named = os.path.abspath(os.path.expanduser(str(d.corpus).strip().rstrip("/")))
-    if named in (tokenized_dir, os.path.abspath(manifest)):
+    tokenizer_default = shards.tokenizer_file(manifest)
+    named, where = str(d.corpus).strip().rstrip("/"), manifest
+    if not remote.is_remote(named):
+      named, where = os.path.abspath(os.path.expanduser(named)), os.path.abspath(manifest)
+    if named in (os.path.dirname(where), where):
       text_spec = shards.source_of(manifest)  # the corpus names the shards: texts are their source
     if d.input != "memory":
       tokenized = shards.TokenizedCorpus(manifest)
@@ -239,6 +246,10 @@ def open_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
       tokenized.check_tokenizer(tok, os.path.join(workdir, run_dir.TOKENIZER_FILE))
     if shards.tokenizer_sha256(tok) == tokenized.tokenizer_sha256:
       train, held = _split(tokenized, every, d.corpus)
+      p, n = jax.process_index(), jax.process_count()
+      tokenized.fetch(doc_order.records_read(
+          [train, held], batch_size=config.train.batch_size, row_groups=d.get("row_groups", 1),
+          process_index=p, process_count=n), who=f"process {p} of {n}")
       logging.info("Pretraining input: tokenized shards %s (%d documents, %d tokens); no "
                    "tokenizing at start, each process reads only its rows' documents.",
                    tokenized.directory, len(tokenized), tokenized.num_tokens)
@@ -259,7 +270,7 @@ def _batches(config, texts, tok, *, seq_len, seed, knowledge):
       texts, tok, seq_len=seq_len, batch_size=config.train.batch_size, seed=seed,
       mlm_prob=d.mlm_prob, max_predictions=None if d.max_predictions == -1 else d.max_predictions,
       whole_word=d.whole_word, nsp=d.nsp, pack=d.get("pack", False), knowledge_path=knowledge,
-      kg_seq_len=d.kg_seq_len,
+      kg_seq_len=d.kg_seq_len, row_groups=d.get("row_groups", 1),
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=d.worker_count)
 
