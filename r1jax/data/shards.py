@@ -426,7 +426,7 @@ class TokenizedCorpus(TokenizedDocuments):
     self._first = {k: int(start) for k, start in
                    zip(have, np.cumsum([0] + [self._counts[k] for k in have]))}
 
-  def fetch(self, ranges: Iterable[tuple[int, int]], who: str = "This process") -> None:
+  def fetch(self, ranges: Iterable[tuple[int, int]], who: str = "this process") -> None:
     """Makes the records of `ranges` ([lo, hi) pairs) readable: of a corpus in a bucket, copies
     the shard files that hold them (`shard_files`), and no other, into the cache
     (`remote.local_copy`: again only when an object changed), checks them, and logs how many

@@ -246,9 +246,13 @@ def open_corpus(config: ml_collections.ConfigDict, workdir: str) -> Corpus:
       tokenized.check_tokenizer(tok, os.path.join(workdir, run_dir.TOKENIZER_FILE))
     if shards.tokenizer_sha256(tok) == tokenized.tokenizer_sha256:
       train, held = _split(tokenized, every, d.corpus)
-      p, n = jax.process_index(), jax.process_count()
+      p, n, groups = jax.process_index(), jax.process_count(), d.get("row_groups", 1)
+      if tokenized.remote and groups % n:
+        logging.warning("data.row_groups=%d is not a multiple of the %d processes: each process "
+                        "reads from most of the corpus and copies most of its shards; "
+                        "--config.data.row_groups=%d copies only its part.", groups, n, n)
       tokenized.fetch(doc_order.records_read(
-          [train, held], batch_size=config.train.batch_size, row_groups=d.get("row_groups", 1),
+          [train, held], batch_size=config.train.batch_size, row_groups=groups,
           process_index=p, process_count=n), who=f"process {p} of {n}")
       logging.info("Pretraining input: tokenized shards %s (%d documents, %d tokens); no "
                    "tokenizing at start, each process reads only its rows' documents.",
