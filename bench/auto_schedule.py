@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print("|---|" + "---:|" * (len(TRAINING) + 5))
   for name, r in (("fixed", fixed), ("auto", auto)):
     cells = [f"{r['stages'][s]['step']} / {r['stages'][s]['num_steps']} "
-             f"({r['stages'][s]['wall_secs']:.0f})" for s in TRAINING]
+             f"({r['stages'][s]['wall_secs']:.0f})" if r["stages"][s]["wall_secs"] is not None
+             else "skipped" for s in TRAINING]
     print(f"| {name} | " + " | ".join(cells) + f" | {r['wall_secs']:.0f} | {r['cpu_secs']:.0f} | "
           f"{r['dev_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} |")
   wall_ratio = auto["wall_secs"] / fixed["wall_secs"]
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{fixed['test_accuracy']:.4f}")
   print(f"target same or better test macro-F1 at <= {WALL_TARGET:.0%} of the fixed wall time: "
         f"{'met' if met else 'NOT met'}")
+  domain = auto["decisions"].pop("domain_pretraining", None)
+  if domain:
+    print(f"  auto pretrain_domain {domain['action']} ({domain['wall_secs']:.1f} s): "
+          f"{domain['reason']}")
   for stage, d in auto["decisions"].items():
     print(f"  auto {stage}: " + (f"left at step {d['left_at']} of {d['planned_steps']} "
                                  f"({d['reason']})" if d["left_at"] is not None else

@@ -105,6 +105,10 @@ def test_verdict_levels():
   assert diagnose.verdict({"perplexity_ratio": 1.2}, 0.99).startswith("moderate shift")
   assert diagnose.verdict({"perplexity_ratio": 1.05}, 0.99).startswith("small shift")
   assert diagnose.verdict({"perplexity_ratio": 0.3}, 0.5).startswith("no shift for this checkpoint")
+  # The thresholds are settings (configs/diagnose.py): the same numbers, another level.
+  assert diagnose.shift_level({"perplexity_ratio": 1.2}, 0.99) == "moderate"
+  assert diagnose.shift_level({"perplexity_ratio": 1.2}, 0.99, moderate=1.3, large=2.0) == "small"
+  assert diagnose.verdict({"perplexity_ratio": 1.2}, 0.99, low_coverage=1.0).startswith("large")
 
 
 def test_sample_docs_is_even_and_deterministic():

@@ -1,7 +1,8 @@
 """schedule=auto in the pipeline (issue #26 part 2): on a forced plateau each pretraining stage is
 left at the right eval and the pipeline moves on, every decision is in the log, summary.json and
-the report; bad auto settings are one error; (slow) a pipeline killed mid-stage resumes with the
-same decisions as an uninterrupted run."""
+the report; a forced domain-shift verdict skips or runs domain pretraining, its decision taken
+back on a rerun; bad auto settings are one error; (slow) a pipeline killed mid-stage resumes
+with the same decisions as an uninterrupted run."""
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from r1jax import configlib
 from r1jax import run_dir
 from r1jax.stages import pipeline
+from r1jax.stages import pipeline_report
 from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
 from r1jax.train import schedule as schedule_lib
@@ -29,6 +31,8 @@ from test_pipeline import ROOT
     ({"auto.pretrain.relative": 1.5}, r"auto.pretrain.relative: 1.5 is outside \(0.0, 1.0\)"),
     ({"pipeline.pretrain_domain.eval.every_steps": 0},
      r"pipeline.pretrain_domain.eval.every_steps: 0: schedule=auto decides at each eval"),
+    ({"auto.diagnose.low_word_coverage": 1.5},
+     r"auto.diagnose.low_word_coverage: 1.5 is outside \[0.0, 1.0\]"),
 ])
 def test_bad_auto_settings_are_one_error(overrides, message):
   with pytest.raises(configlib.ConfigError, match=message) as e:
@@ -84,6 +88,59 @@ def test_auto_schedule_moves_on_at_a_forced_plateau_and_records_why(tmp_path):
   # Rerun as it was: nothing to redo, the decisions stay.
   again = pipeline.run(_auto(tmp_path), wd)
   assert again["ran"] == [] and again["schedule_decisions"]["pretrain_domain"]["left_at"] == 4
+
+
+def test_auto_schedule_skips_domain_pretraining_when_the_diagnostic_finds_no_shift(tmp_path):
+  """The same data under verdict thresholds where it counts as no shift, then as a shift: the
+  first skips pretrain_domain (finetune_domain would read the general model) with the numbers in
+  pipeline_state/, summary.json and the report; a rerun takes the decision back rather than
+  measuring again; the second decides afresh and runs it."""
+  same = {"auto.diagnose.moderate_ppl_ratio": 1e6, "auto.diagnose.large_ppl_ratio": 1e6}
+  no_shift = _auto(tmp_path, **same, **{"auto.diagnose.low_word_coverage": 0.0})
+  wd = str(tmp_path / "run")
+  summary = pipeline.run(no_shift, wd)
+  assert summary["ran"] == ["data_general", "data_domain", "pretrain_general"]
+  assert summary["stages"]["pretrain_domain"]["action"] == "skip"
+  assert not os.path.exists(os.path.join(wd, "pretrain_domain"))
+  decision = run_dir.read_json(pipeline_schedule.decision_path(wd))
+  assert (decision["action"], decision["level"]) == ("skip_stage", "small")
+  m = decision["measures"]
+  assert 0.0 < m["word_token_coverage"] < 1.0 and m["perplexity_ratio"] > 0
+  assert m["eval_rows_per_corpus"] == 4 * 16 and decision["general_model"]["step"] == 4
+  assert summary["schedule_decisions"]["domain_pretraining"] == decision
+  assert "finetune directly" in decision["reason"]
+  # The adapted model's finetuning now reads the general model, and depends on it.
+  general = os.path.join(wd, "pretrain_general")
+  assert pipeline.stage_config(no_shift, "finetune_domain", wd).init_from == general
+  assert pipeline.needs(no_shift, "finetune_domain", wd) == ("pretrain_general",)
+  report = open(os.path.join(wd, "report.md")).read()
+  section = report.split("## Stage transitions (schedule=auto)")[1]
+  assert "### pretrain_domain: run or skip" in section and "**Skipped.**" in section
+  assert "finetune_domain (the \"domain-adapted\" model) starts from the general model" in section
+  assert "| 4 | pretrain_domain |  |  | skipped by schedule=auto (no domain shift) |" in report
+
+  # A rerun (after a kill, say) takes the logged decision back: its numbers are not measured
+  # again (an edited number stays), and nothing runs.
+  ratio, m["perplexity_ratio"] = m["perplexity_ratio"], 123.0
+  run_dir.write_json(pipeline_schedule.decision_path(wd), decision)
+  again = pipeline.run(no_shift, wd)
+  assert again["ran"] == [] and again["stages"]["pretrain_domain"]["action"] == "skip"
+  assert run_dir.read_json(pipeline_schedule.decision_path(wd))["measures"][
+      "perplexity_ratio"] == 123.0
+
+  # Thresholds under which the same data is a (large) shift: decided again (the settings
+  # differ), and pretrain_domain runs (the pipeline's next step; not trained here).
+  shift = _auto(tmp_path, **same, **{"auto.diagnose.low_word_coverage": 1.0})
+  assert pipeline.plan(shift, wd)[3].action == "run"
+  assert not pipeline_schedule.skips(shift, wd, "pretrain_domain",
+                                     pipeline.stage_config(shift, "pretrain_domain", wd))
+  decision = run_dir.read_json(pipeline_schedule.decision_path(wd))
+  assert (decision["action"], decision["level"]) == ("run_stage", "large")
+  assert decision["measures"]["perplexity_ratio"] == pytest.approx(ratio)
+  assert pipeline.stage_config(shift, "finetune_domain", wd).init_from == os.path.join(
+      wd, "pretrain_domain")
+  pipeline_report.write_report(wd)
+  assert "**Run.** Decided from the general model" in open(os.path.join(wd, "report.md")).read()
 
 
 @pytest.mark.slow

@@ -32,5 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seq_len = -1             # MLM eval segment length; -1 = the checkpoint's
   config.batch_size = 32 if variant != "base" else 16  # MLM eval batch (global)
   config.num_batches = 16         # MLM eval batches per corpus
+  # The verdict's thresholds (diagnose.shift_level): domain / general perplexity from which the
+  # shift is moderate (DAPT may help; under 1 / this: none, the model prefers the domain text)
+  config.moderate_ppl_ratio = 1.15
+  config.large_ppl_ratio = 1.5     # domain / general perplexity from which the shift is large
+  config.low_word_coverage = 0.9   # share of domain word occurrences in general text under which: large
   config.mesh = configlib.mesh_section()
   return config

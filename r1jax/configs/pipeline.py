@@ -100,6 +100,12 @@ def _stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _diagnose_config(variant: str) -> ml_collections.ConfigDict:
+  config = configlib.load_config(os.path.join(_HERE, "diagnose.py") + f":variant={variant}")
+  config.update(dict(num_batches=4, batch_size=16, max_docs=1000, top_missing=10))
+  return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = configlib.parse_arg(arg, variant="tiny").variant
   configlib.check_variant(variant)
@@ -157,6 +163,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # finetuning's dev accuracy turns flat at a knee; bench/NOTES_auto_schedule.md).
       pretrain=ml_collections.ConfigDict(dict(metric="mlm_loss", min_gain=0.05, relative=0.5)),
       finetune=ml_collections.ConfigDict(dict(metric="accuracy", min_gain=0.02, relative=0.1)),
+      # Whether pretrain_domain runs: after pretrain_general, the general model is measured on the
+      # domain text against held-out general text (auto.diagnose) and domain pretraining is
+      # skipped when the verdict is a small shift or none (finetune_domain then starts from the
+      # general model); False: it always runs.
+      decide_domain=True,
+      # configs/diagnose.py's settings for that measurement (the pipeline fills in the model and
+      # both corpora), with a bounded number of rows: 4 x 16 held-out segments per corpus, the
+      # vocabulary statistics on 1000 documents of each (about 10 s on the 2-core CPU, tiny).
+      diagnose=_diagnose_config(variant),
   ))
   # Which earlier stage each compression stage starts from (its init_from).
   config.sources = ml_collections.ConfigDict(dict(

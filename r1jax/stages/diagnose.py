@@ -16,10 +16,12 @@ and between the corpora (on `max_docs` evenly spaced documents of each):
   words the general corpus never uses.
 
 The ratios domain / general (perplexity, unknown rate, pieces per word) summarise the shift; the
-verdict line is a rule of thumb: perplexity ratio >= 1.5 or word-occurrence coverage < 0.9 means a
-large shift (continued domain pretraining, DAPT, is likely to pay), >= 1.15 a moderate one, and
-below 1 / 1.15 the checkpoint already models the domain better than general text (adapted).
-Writes DIR/summary.json and DIR/report.md, and prints the table.
+verdict line is a rule of thumb (`shift_level`, thresholds in the config): perplexity ratio >= 1.5
+or word-occurrence coverage < 0.9 means a large shift (continued domain pretraining, DAPT, is
+likely to pay), >= 1.15 a moderate one, and below 1 / 1.15 the checkpoint already models the
+domain better than general text (adapted). Writes DIR/summary.json and DIR/report.md, and prints
+the table; `measure` computes the same without writing (the pipeline's schedule=auto decides from
+it whether to run domain pretraining).
 """
 from __future__ import annotations
 
@@ -70,6 +72,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   v.int_at_least("seq_len", 8, allow=(-1,))
   batch = v.positive_int("batch_size")
   v.positive_int("num_batches")
+  moderate = v.number_in("moderate_ppl_ratio", 0.0, 1e9, low_open=True)
+  large = v.number_in("large_ppl_ratio", 0.0, 1e9, low_open=True)
+  v.require(moderate is None or large is None or large >= moderate, "large_ppl_ratio",
+            f"{large} is below moderate_ppl_ratio={moderate}; a large shift is at least a "
+            "moderate one: raise it.")
+  v.number_in("low_word_coverage", 0.0, 1.0)
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   try:
@@ -201,22 +209,35 @@ class MLMEvaluator:
 # Entry point.
 
 
-def verdict(shift: dict[str, float], coverage: float) -> str:
-  """One line: how large the shift is for this checkpoint, and what to do about it."""
+def shift_level(shift: dict[str, float], coverage: float, *, large: float = LARGE_PPL_RATIO,
+                moderate: float = MODERATE_PPL_RATIO,
+                low_coverage: float = LOW_WORD_COVERAGE) -> str:
+  """How large the shift is for this checkpoint: "none" (perplexity ratio under 1 / `moderate`:
+  it models the domain better), "large" (ratio >= `large` or word coverage < `low_coverage`),
+  "moderate" (ratio >= `moderate`), else "small"."""
   ratio = shift["perplexity_ratio"]
-  if ratio < 1.0 / MODERATE_PPL_RATIO:  # the model prefers the domain: adapted already
+  if ratio < 1.0 / moderate:
+    return "none"
+  if ratio >= large or coverage < low_coverage:
+    return "large"
+  return "moderate" if ratio >= moderate else "small"
+
+
+def verdict(shift: dict[str, float], coverage: float, **thresholds: float) -> str:
+  """One line: how large the shift is for this checkpoint, and what to do about it
+  (`thresholds`: `shift_level`'s)."""
+  ratio = shift["perplexity_ratio"]
+  level = shift_level(shift, coverage, **thresholds)
+  if level == "none":  # the model prefers the domain: adapted already
     return (f"no shift for this checkpoint: its domain perplexity is {ratio:.2f}x the general one "
             f"(it models the domain text better, e.g. after DAPT), although only {coverage:.1%} of "
             "domain word occurrences are general-corpus words; finetune directly.")
-  if ratio >= LARGE_PPL_RATIO or coverage < LOW_WORD_COVERAGE:
-    level = ("large", "continued domain pretraining (DAPT: configs/pretrain.py with init_from and "
-             "the domain corpus) is likely to pay off")
-  elif ratio >= MODERATE_PPL_RATIO:
-    level = ("moderate", "DAPT may help; try finetuning first and compare")
-  else:
-    level = ("small", "the general model already models the domain text; finetune directly")
-  return (f"{level[0]} shift: domain perplexity is {ratio:.2f}x the general one and "
-          f"{coverage:.1%} of domain word occurrences are general-corpus words; {level[1]}.")
+  advice = {"large": "continued domain pretraining (DAPT: configs/pretrain.py with init_from and "
+                     "the domain corpus) is likely to pay off",
+            "moderate": "DAPT may help; try finetuning first and compare",
+            "small": "the general model already models the domain text; finetune directly"}
+  return (f"{level} shift: domain perplexity is {ratio:.2f}x the general one and "
+          f"{coverage:.1%} of domain word occurrences are general-corpus words; {advice[level]}.")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -225,8 +246,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not config.init_from:
     raise configlib.ConfigError("init_from is empty; name the pretraining workdir to diagnose, "
                                 "e.g. --config.init_from=/tmp/pretrain_tiny.")
-  init_from = os.path.expanduser(config.init_from)
   os.makedirs(workdir, exist_ok=True)
+  summary = measure(config)
+  text = report_text(summary)
+  print(text)
+  if jax.process_index() == 0:
+    configlib.write_config_json(config, workdir, held_out_every_nth=summary["held_out_every_nth"],
+                                seq_len=summary["seq_len"])
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+      f.write(text)
+    run_dir.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The diagnostic of `config.init_from` (validated, set) on the two corpora, as summary.json
+  holds it: per corpus, the shift ratios, the overlap, the `shift_level` and the verdict (with
+  the config's thresholds); writes nothing."""
+  init_from = os.path.expanduser(config.init_from)
   tok = tokenizer_lib.Tokenizer.load(run_dir.tokenizer_of(init_from))
   settings = _checkpoint_settings(init_from)
   every_nth = (config.held_out_every_nth if config.held_out_every_nth > 0
@@ -262,15 +299,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
            "pieces_per_word_ratio": d["pieces_per_word"] / g["pieces_per_word"]}
   summary = {"stage": "diagnose", "init_from": config.init_from, "checkpoint_step": evaluator.step,
              "model": settings["variant"], "seq_len": seq_len, "held_out_every_nth": every_nth,
-             "general": g, "domain": d, "overlap": overlap, "shift": shift,
-             "verdict": verdict(shift, overlap["word_token_coverage"])}
-  text = report_text(summary)
-  print(text)
-  if jax.process_index() == 0:
-    configlib.write_config_json(config, workdir, held_out_every_nth=every_nth, seq_len=seq_len)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-      f.write(text)
-    run_dir.write_json(os.path.join(workdir, "summary.json"), summary)
+             "eval_rows": config.num_batches * config.batch_size,
+             "general": g, "domain": d, "overlap": overlap, "shift": shift}
+  thresholds = {"large": config.large_ppl_ratio, "moderate": config.moderate_ppl_ratio,
+                "low_coverage": config.low_word_coverage}
+  coverage = overlap["word_token_coverage"]
+  summary.update(level=shift_level(shift, coverage, **thresholds),
+                 verdict=verdict(shift, coverage, **thresholds))
   return summary
 
 

@@ -33,9 +33,10 @@ splits, never test), `domain_vocab` (data_general's tokenizer also learns from t
 `budget_minutes` (`pipeline_schedule.stage_minutes`: each budgeted stage's share of the time
 left, as its `train.time_budget_minutes`; the stage record keeps the planned config), and
 `schedule=auto` (`pipeline_schedule`: each pretraining and finetuning stage is left when its eval
-metric plateaus, every decision logged in DIR/pipeline_state/<stage>.schedule.json, summary.json
-and the report); `multimodal.enabled`: the finetunings run the image+text task (tune, distill,
-prune: text only, not selected). The task and the domain text are checked before any stage runs.
+metric plateaus, and pretrain_domain is skipped when the general model's domain-shift diagnostic
+says no shift, the later stages then reading the general model; every decision in
+DIR/pipeline_state/, summary.json and the report); `multimodal.enabled`: the finetunings run the
+image+text task (tune, distill, prune: text only). Task and domain text are checked first.
 
 "Same config" ignores keys that do not change results (progress bars, worker counts, the mesh,
 async checkpointing), so a run can be resumed on another machine or slice.
@@ -46,10 +47,8 @@ import copy
 import dataclasses
 import datetime
 import fnmatch
-import hashlib
 import importlib
 import inspect
-import json
 import os
 import tempfile
 import time
@@ -95,11 +94,13 @@ class PipelineError(errors.UserError, ValueError):
 # Selection and dependencies.
 
 
-def needs(config: ml_collections.ConfigDict, name: str) -> tuple[str, ...]:
-  """The stages whose outputs `name` reads (pretrain_general is external with config.init_from)."""
+def needs(config: ml_collections.ConfigDict, name: str, workdir: str = "") -> tuple[str, ...]:
+  """The stages whose outputs `name` reads (pretrain_general is external with config.init_from;
+  it stands for a pretrain_domain that schedule=auto skipped in `workdir`)."""
   deps = pipeline_stages.SPEC[name].needs
   if name in SOURCE_CHOICES:
     deps = deps + (config.sources[name],)
+  deps = tuple(dict.fromkeys(pipeline_schedule.source(config, workdir, d) for d in deps))
   if config.init_from:
     deps = tuple(d for d in deps if d != "pretrain_general")
   return deps
@@ -163,8 +164,8 @@ def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str, *,
   cfg = copy.deepcopy(config.pipeline[name])
   cfg.seed = int(cfg.seed) + int(config.seed)
 
-  def d(stage):
-    return stand_in if stand_in else stage_dir(config, stage, workdir)
+  def d(stage):  # a skipped pretrain_domain's output is the general model
+    return stand_in or stage_dir(config, pipeline_schedule.source(config, workdir, stage), workdir)
 
   def file_in(stage, *parts):
     return "" if stand_in else os.path.join(d(stage), *parts)
@@ -270,17 +271,6 @@ def stage_fingerprint(config: ml_collections.ConfigDict, name: str,
   auto = pipeline_schedule.settings(config, name)
   out.update({f"schedule_auto.{k}": v for k, v in (auto or {}).items()})
   return out
-
-
-def _sha(data: Any) -> str:
-  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _file_sha(path: str) -> str | None:
-  if not os.path.exists(path):
-    return None
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,19 +405,19 @@ def _finished_state(workdir: str, name: str, directory: str) -> dict[str, Any] |
   state = run_dir.read_json(pipeline_stages.state_path(workdir, name))
   if not state or state.get("status") != "finished":
     return None
-  if state.get("summary_sha") != _file_sha(os.path.join(directory, run_dir.SUMMARY_FILE)):
+  if state.get("summary_sha") != pipeline_stages.summary_sha(directory):
     return None
   return state
 
 
-def _downstream(config, name: str, among: Sequence[str]) -> list[str]:
+def _downstream(config, name: str, among: Sequence[str], workdir: str) -> list[str]:
   """The stages in `among` that read `name`'s output, directly or through other stages."""
   reached = {name}
   grew = True
   while grew:
     grew = False
     for other in among:
-      if other not in reached and any(d in reached for d in needs(config, other)):
+      if other not in reached and any(d in reached for d in needs(config, other, workdir)):
         reached.add(other)
         grew = True
   return [s for s in pipeline_stages.STAGES if s in reached and s != name]
@@ -438,7 +428,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
   chosen = selected_stages(config)
   problems = []
   for name in chosen:
-    for dep in needs(config, name):
+    for dep in needs(config, name, workdir):
       ddir = stage_dir(config, dep, workdir)
       if dep == "pretrain_general" and config.init_from:
         continue
@@ -456,6 +446,10 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
     directory = stage_dir(config, name, workdir)
     cfg = stage_config(config, name, workdir)
     state = _finished_state(workdir, name, directory)
+    if pipeline_schedule.source(config, workdir, name) != name:
+      actions[name] = "skip"
+      out.append(Planned(name, directory, cfg, "skip", pipeline_schedule.SKIP_REASON))
+      continue
     if state is None:
       actions[name] = "run"
       resumed = os.path.isdir(directory) and os.listdir(directory)
@@ -463,7 +457,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
                          "resuming an interrupted attempt" if resumed else "not run yet"))
       continue
     redo = [directory] + [stage_dir(config, s, workdir)
-                          for s in _downstream(config, name, finished_here)]
+                          for s in _downstream(config, name, finished_here, workdir)]
     how = (f"Delete {', '.join(redo)} to redo {'them' if len(redo) > 1 else 'it'} with the new "
            "settings, or use a new --workdir.")
     old, new = state.get("config", {}), stage_fingerprint(config, name, cfg, workdir)
@@ -474,9 +468,10 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Planned]:
       changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:8])
       problems.append(f"{directory} finished with a different config ({changes}). {how}")
       continue
-    rerun = [d for d in needs(config, name) if actions.get(d) == "run"]
-    changed = [d for d in needs(config, name) if d not in rerun and state.get("inputs", {}).get(d)
-               != _file_sha(os.path.join(stage_dir(config, d, workdir), run_dir.SUMMARY_FILE))]
+    inputs = needs(config, name, workdir)
+    rerun = [d for d in inputs if actions.get(d) == "run"]
+    changed = [d for d in inputs if d not in rerun and state.get("inputs", {}).get(d)
+               != pipeline_stages.summary_sha(stage_dir(config, d, workdir))]
     if rerun or changed:
       problems.append(f"{directory} was made from earlier outputs of {rerun + changed}, which "
                       f"{'will be redone' if rerun else 'changed since'}. {how}")
@@ -518,8 +513,8 @@ def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str,
   attempts = int(previous.get("attempts", 0)) + 1
   run_dir.write_json(path, {"stage": item.name, "status": "running", "attempts": attempts,
                             "started_at": _now()})
-  inputs = {d: _file_sha(os.path.join(stage_dir(config, d, workdir), run_dir.SUMMARY_FILE))
-            for d in needs(config, item.name)}
+  inputs = {d: pipeline_stages.summary_sha(stage_dir(config, d, workdir))
+            for d in needs(config, item.name, workdir)}
   started = time.perf_counter()
   on_eval = pipeline_schedule.controller(config, item.name, workdir)  # schedule=auto
   summary = _module(item.name).run(run_config or item.config, item.directory,
@@ -530,7 +525,7 @@ def run_stage(config: ml_collections.ConfigDict, item: Planned, workdir: str,
            "finished_at": _now(), "wall_secs": wall,
            "config": stage_fingerprint(config, item.name, item.config, workdir),
            "inputs": inputs,
-           "summary_sha": _file_sha(os.path.join(item.directory, run_dir.SUMMARY_FILE))}
+           "summary_sha": pipeline_stages.summary_sha(item.directory)}
   run_dir.write_json(path, state)
   _sync(f"r1jax_pipeline_{item.name}_state")
   return summary
@@ -562,6 +557,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       logging.info("[%d/%d] %s: skipped, %s (%s).", i, len(planned), item.name, item.reason,
                    item.directory)
       continue
+    if pipeline_schedule.skips(config, workdir, item.name, item.config):  # decided now
+      item.action, item.reason = "skip", pipeline_schedule.SKIP_REASON
+      for later in planned[i:]:  # the later stages read the general model instead
+        later.config = stage_config(config, later.name, workdir)
+      continue
     minutes = pipeline_schedule.stage_minutes(config, item.name, time.perf_counter() - started,
                             [p.name for p in planned[i - 1:] if p.action == "run"])
     run_config = None
@@ -586,9 +586,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          "wall_secs": state.get("wall_secs"), "attempts": state.get("attempts")}
   summary = {"stage": "pipeline", "status": "complete", "variant": config.variant,
              "stages": stages, "ran": ran, "wall_secs_this_run": wall,
-             "schedule": config.get("schedule", "fixed")}
-  if pipeline_schedule.is_auto(config):
-    summary["schedule_decisions"] = pipeline_schedule.summary(workdir)
+             "schedule": config.get("schedule", "fixed"), **({"schedule_decisions": (
+                 pipeline_schedule.summary(workdir))} if pipeline_schedule.is_auto(config) else {})}
   if jax.process_index() == 0:
     paths = pipeline_report.write_report(workdir, config=config, device=_device_line())
     summary.update(report=paths["markdown"], report_html=paths.get("html"),

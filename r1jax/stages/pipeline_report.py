@@ -334,15 +334,43 @@ def _pretrain_section(doc: Document, workdir: str, stages: Mapping[str, StageInf
                "MLM accuracy", "NSP accuracy", "tokens/s", "status"], rows)
 
 
+def _domain_skipped(workdir: str, stages: Mapping[str, StageInfo]) -> bool:
+  """Whether schedule=auto skipped pretrain_domain in this workdir (and it has not run since)."""
+  return (pipeline_schedule.decision_record(workdir).get("action") == pipeline_schedule.SKIP
+          and not stages[pipeline_schedule.DOMAIN_STAGE].finished)
+
+
+def _domain_section(doc: Document, workdir: str, d: Mapping[str, Any]) -> None:
+  """Whether pretrain_domain ran, and the diagnostic numbers that decided it."""
+  m, t = d["measures"], d["thresholds"]
+  doc.heading(3, "pretrain_domain: run or skip")
+  path = _rel(workdir, pipeline_schedule.decision_path(workdir))
+  doc.para(("**Skipped.** Domain pretraining did not run: finetune_domain (the "
+            "\"domain-adapted\" model) starts from the general model, pretrain_general, as "
+            "finetune_general does. " if d["action"] == pipeline_schedule.SKIP else "**Run.** ") +
+           f"Decided from the general model (step {d['general_model']['step']}) measured on "
+           f"{m['eval_rows_per_corpus']} held-out segments of {m['seq_len']} tokens of each "
+           f"corpus ({fmt_secs(d['wall_secs'])}): {d['reason']} Record: `{path}` (the "
+           "diagnostic's report beside it).")
+  doc.table(["measure", "general", "domain", "domain / general", "thresholds"], [
+      ["held-out MLM loss", m["general_mlm_loss"], m["domain_mlm_loss"], "", ""],
+      ["perplexity", m["general_perplexity"], m["domain_perplexity"], m["perplexity_ratio"],
+       f"moderate >= {cell(t['moderate_ppl_ratio'])}, large >= {cell(t['large_ppl_ratio'])}"],
+      ["domain word occurrences in general text", "", m["word_token_coverage"], "",
+       f"large < {cell(t['low_word_coverage'])}"]])
+
+
 def _schedule_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo]) -> None:
   """schedule=auto: where each stage was left and every decision with its numbers."""
-  logs = pipeline_schedule.read_logs(workdir)
-  if not logs:
+  logs, decision = pipeline_schedule.read_logs(workdir), pipeline_schedule.decision_record(workdir)
+  if not logs and not decision:
     return
   doc.heading(2, "Stage transitions (schedule=auto)")
   doc.para("Each pretraining and finetuning stage was left when its eval metric gained too "
            "little per 1000 steps (its configured steps are the ceiling); one decision per eval, "
            "with the numbers behind it (`pipeline_state/<stage>.schedule.json`).")
+  if decision:
+    _domain_section(doc, workdir, decision)
   for name, log in logs.items():
     info, cfg = stages[name], log.get("settings") or {}
     s = info.summary or {}
@@ -371,11 +399,14 @@ def _compare_section(doc: Document, workdir: str, stages: Mapping[str, StageInfo
     return
   names = result["names"]
   doc.heading(2, "General vs domain-adapted model")
+  skipped = ("**Domain pretraining was skipped** (schedule=auto: no domain shift): here the "
+             "\"domain-adapted\" classifier was finetuned from the general model too. "
+             if _domain_skipped(workdir, stages) else "")
   doc.para(f"Both classifiers were finetuned the same way on the same task "
            f"({result.get('split', 'test')} split shown); the only difference is the pretrained "
-           "model they started from. " + ("Differences are adapted minus general." if len(names)
-                                          == 2 else "Each finetuning trained a fused "
-           "(text+image), a text-only and an image-only model on the same batches "
+           f"model they started from. {skipped}" + ("Differences are adapted minus general."
+                                                    if len(names) == 2 else "Each finetuning "
+           "trained a fused (text+image), a text-only and an image-only model on the same batches "
            f"(multimodal.enabled); differences are each column minus {names[0]}."))
   headers = ["metric", *names] + [f"{n} - {names[0]}" for n in names[1:]]
   rows = []
@@ -484,6 +515,7 @@ def build(workdir: str, config: Mapping[str, Any] | None = None, *, max_points: 
 
   doc.heading(2, "Stages")
   rows = []
+  domain_skipped = _domain_skipped(workdir, stages)
   for i, name in enumerate(pipeline_stages.STAGES, 1):
     info = stages[name]
     state = info.state or {}
@@ -491,6 +523,8 @@ def build(workdir: str, config: Mapping[str, Any] | None = None, *, max_points: 
       status = info.summary.get("status", "complete")
     elif state.get("status") == "running":
       status = "interrupted (rerun to resume)"
+    elif name == pipeline_schedule.DOMAIN_STAGE and domain_skipped:
+      status = "skipped by schedule=auto (no domain shift)"
     else:
       status = "not run"
     wall = state.get("wall_secs") if state.get("status") == "finished" else None

@@ -9,7 +9,10 @@ each one in DIR/pipeline_state/<stage>.json (config fingerprint, inputs, wall ti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+
+from r1jax import run_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +74,13 @@ def stage_dir(workdir: str, name: str, init_from: str = "") -> str:
 def state_path(workdir: str, name: str) -> str:
   """DIR/pipeline_state/<name>.json: the pipeline's record of stage `name`."""
   return os.path.join(workdir, STATE_DIR, f"{name}.json")
+
+
+def summary_sha(directory: str) -> str | None:
+  """SHA-256 of DIR/summary.json (None if absent): what a later stage's record says it was made
+  from, so a redone input is noticed."""
+  path = os.path.join(directory, run_dir.SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
