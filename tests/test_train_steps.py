@@ -111,6 +111,29 @@ def test_grad_accumulation_matches_full_batch(single, batches):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["engine1", "engine8"])
+def test_init_state_from_restored_params_equals_init_then_replace(which, request):
+  """init_state_from (only the unrestored parameters' init compiles) gives the state init_state
+  gives with those parameters replaced, leaf for leaf; with every parameter restored too."""
+  engine = request.getfixturevalue(which)
+  rng = jax.random.PRNGKey(3)
+  full = engine.init_state(rng)
+  other = engine.init_state(jax.random.PRNGKey(4)).params
+  partial = {"backbone": other["backbone"]}
+  for restored in (partial, other):
+    want = full.replace(params={**full.params, **restored})
+    got = engine.init_state_from(rng, restored)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert a.sharding == b.sharding
+      np.testing.assert_array_equal(jax.random.key_data(a) if jnp.issubdtype(
+          a.dtype, jax.dtypes.prng_key) else a, jax.random.key_data(b) if jnp.issubdtype(
+          b.dtype, jax.dtypes.prng_key) else b)
+  # Not a vacuous comparison: the heads differ between the two seeds.
+  assert not np.array_equal(full.params["nsp_head"]["pooler"]["kernel"],
+                            other["nsp_head"]["pooler"]["kernel"])
+
+
 def test_compiles_once_and_donates_state(engine8, batches):
   engine = engine8
   state = engine.init_state(jax.random.PRNGKey(0))

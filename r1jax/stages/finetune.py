@@ -303,10 +303,10 @@ def _build_engine(ctx: _Context, phase: Phase, start: int, end: int):
   return engine, rules, counts
 
 
-def _initial_params(ctx: _Context, engine: steps_lib.Engine, params: Any) -> Any:
-  """`params` (freshly initialised) with the backbone (+ pooler) restored from init_from."""
+def _restored_params(ctx: _Context, engine: steps_lib.Engine) -> dict[str, Any]:
+  """The backbone (+ pooler) restored from init_from, as a partial params tree ({} without)."""
   if not ctx.config.init_from:
-    return params
+    return {}
   abstract = engine.abstract_state().params
   saved = ctx.saved_shapes
   target = {"backbone": abstract["backbone"]}
@@ -315,9 +315,9 @@ def _initial_params(ctx: _Context, engine: steps_lib.Engine, params: Any) -> Any
   if pooler_fits:
     target["nsp_head"] = {"pooler": pooler}
   restored, step = ckpt_lib.restore_params(os.path.expanduser(ctx.config.init_from), target)
-  params = dict(params, backbone=restored["backbone"])
+  params = {"backbone": restored["backbone"]}
   if pooler_fits:
-    params[HEAD] = dict(params[HEAD], pooler=restored["nsp_head"]["pooler"])
+    params[HEAD] = {"pooler": restored["nsp_head"]["pooler"]}
   logging.info("Initialised the backbone%s from %s (step %d); the head%s is new.",
                " and the pooler" if pooler_fits else "", ctx.config.init_from, step,
                "'s output layer" if pooler_fits else "")
@@ -347,9 +347,9 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
 
   def init_state() -> TrainState:
     rng = jax.random.PRNGKey(cfg.seed + phase.index)
-    if previous is None:
-      state = engine.init_state(rng)
-      state = state.replace(params=_initial_params(ctx, engine, state.params))
+    if previous is None:  # only the new parameters' init compiles
+      restored = _restored_params(ctx, engine)
+      state = engine.init_state_from(rng, restored) if restored else engine.init_state(rng)
     else:
       params, _ = ckpt_lib.restore_params(previous["dir"], engine.abstract_state().params,
                                           step=previous["best_step"])

@@ -340,13 +340,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     engine = make_engine(num_steps)
 
   def init_state():
-    state = engine.init_state(jax.random.PRNGKey(config.seed))
-    if config.init_from:
-      params, step = ckpt_lib.restore_params(os.path.expanduser(config.init_from),
-                                             engine.abstract_state().params)
-      logging.info("Initialised parameters from %s (step %d).", config.init_from, step)
-      state = state.replace(params=params)
-    return state
+    rng = jax.random.PRNGKey(config.seed)
+    if not config.init_from:
+      return engine.init_state(rng)
+    params, step = ckpt_lib.restore_params(os.path.expanduser(config.init_from),
+                                           engine.abstract_state().params)
+    logging.info("Initialised parameters from %s (step %d).", config.init_from, step)
+    return engine.init_state_from(rng, params)  # every parameter restored: no init compiled
 
   train_iter = _batches(config, train_texts, tok, seq_len=seq_len, seed=config.seed,
                         knowledge=knowledge)

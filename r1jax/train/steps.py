@@ -19,6 +19,8 @@ import os
 import platform as platform_lib
 from typing import Any, Callable, Mapping, Sequence
 
+from flax import traverse_util
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,6 +241,7 @@ class Engine:
     self.rules = tuple(rules)
     self.tx = tx
     self.batch_size = batch_size
+    self._init_params = init_params
     init = state_lib.init_state_fn(init_params, tx, init_extras)
     abstract, self.state_shardings = state_lib.abstract_state(init, mesh, self.rules, batch_size)
     self._abstract = abstract
@@ -274,6 +277,24 @@ class Engine:
     """A fresh state, every leaf created directly in its sharding."""
     with mesh_lib.mesh_context(self.mesh, self.rules):
       return self._init(rng)
+
+  def init_state_from(self, rng: jax.Array, restored: Mapping[str, Any]) -> TrainState:
+    """`init_state(rng)` with the parameters in `restored` (a partial params tree, e.g.
+    {"backbone": ...} restored from a pretraining checkpoint) in place of their initial values.
+    Only the other parameters are initialised, with the values `init_state(rng)` gives them, so
+    only their init compiles (XLA drops the rest): a pretrained model's full init took 30-40 s to
+    compile on the loaded 2-core CPU, to be thrown away (bench/NOTES_auto_schedule.md)."""
+    keep = traverse_util.flatten_dict(restored)
+    params_rng, _ = jax.random.split(rng)  # as state_lib.init_state_fn splits it
+
+    def fresh(r):
+      flat = traverse_util.flatten_dict(meta.unbox(self._init_params(r)))
+      return {k: v for k, v in flat.items() if k not in keep}
+
+    missing = set(traverse_util.flatten_dict(self._abstract.params)) - set(keep)
+    with mesh_lib.mesh_context(self.mesh, self.rules):
+      new = jax.jit(fresh)(params_rng) if missing else {}
+    return self.state_from_params(traverse_util.unflatten_dict({**new, **keep}), rng)
 
   def state_from_params(self, params: Any, rng: jax.Array) -> TrainState:
     """A fresh state (step 0, new optimizer state and extras) around existing sharded `params`:
