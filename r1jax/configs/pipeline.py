@@ -14,7 +14,8 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
         --config.pipeline.data_general.data.inputs=corpus/*.jsonl
     # Everything within 30 minutes (steps and epochs sized from the measured step rates):
     ... --config.budget_minutes=30
-    # Each pretraining / finetuning stage left when its eval metric plateaus, not at a step count:
+    # Each pretraining / finetuning stage left when its eval metric plateaus, not at a step count,
+    # and domain pretraining skipped when the general model shows no domain shift (diagnose):
     ... --config.schedule=auto [--config.auto.policy=rule --config.auto.finetune.min_gain=0.05]
     # The image+text task (embedded icons): fused, text-only and image-only models compared:
     ... --config.multimodal.enabled=True
