@@ -209,10 +209,7 @@ def finished(stream):
   return workdir, continual.run(stage_config(stream), workdir)
 
 
-# The slow step spreads tests over xdist workers one by one (`--dist loadgroup`): these two share the
-# module's finished run, so they go to one worker rather than each building it.
 @pytest.mark.slow
-@pytest.mark.xdist_group("continual_finished_run")
 def test_rounds_report_drift_and_naive_reference(finished, stream):
   workdir, summary = finished
   assert summary["status"] == "complete" and summary["tasks"] == ["task0", "a_week1", "c_week3"]
@@ -266,7 +263,6 @@ def test_rounds_report_drift_and_naive_reference(finished, stream):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("continual_finished_run")
 def test_killed_round_resumes_bitwise_with_its_replay_buffer(finished, stream, tmp_path):
   straight_dir, straight = finished
   workdir = str(tmp_path / "killed")
