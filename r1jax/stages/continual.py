@@ -51,7 +51,6 @@ from r1jax import errors
 from r1jax import eval as eval_lib
 from r1jax import run_dir
 from r1jax.compress import measure
-from r1jax.compress import source as source_lib
 from r1jax.compress import spec as spec_lib
 from r1jax.compress import stage_lib
 from r1jax.data import replay as replay_lib

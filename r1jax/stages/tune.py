@@ -161,7 +161,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     except ImportError:
       v.add("sampler.name", "'gp' needs torch (pip install torch, or the project's 'reference' "
             "extra); or use sampler.name=tpe.")
-  pruner = v.choice("pruner.name", PRUNERS)
+  v.choice("pruner.name", PRUNERS)
   v.int_at_least("pruner.startup_trials", 0, allow=(-1,))
   v.int_at_least("pruner.warmup_steps", 0)
   v.int_at_least("pruner.min_resource", 1, allow=(-1,))

@@ -126,7 +126,7 @@ def parse_space(config: ml_collections.ConfigDict, v: configlib.Validator) -> li
       close = difflib.get_close_matches(path, leaves, n=2, cutoff=0.8)
       v.add(f"{key}.field", f"{path!r} is not a field of the base {config.tune.stage} config"
             + (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else
-               f"; fields look like 'train.learning_rate', 'model.dropout'."))
+               "; fields look like 'train.learning_rate', 'model.dropout'."))
       continue
     if path in seen:
       v.add(f"{key}.field", f"{path!r} is already searched by space.{seen[path]}.")
@@ -136,7 +136,7 @@ def parse_space(config: ml_collections.ConfigDict, v: configlib.Validator) -> li
     if kind == "categorical":
       texts = [c for c in str(entry.get("choices") or "").split(",") if c.strip()]
       if not texts:
-        v.add(f"{key}.choices", f"is empty; list the values comma-separated, e.g. '32,64'.")
+        v.add(f"{key}.choices", "is empty; list the values comma-separated, e.g. '32,64'.")
         continue
       try:
         choices = tuple(dict.fromkeys(_parse_choice(c, typ) for c in texts))
