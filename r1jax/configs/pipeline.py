@@ -1,6 +1,6 @@
 r"""The whole recipe in one command: data -> pretraining -> domain adaptation -> (tuning) -> compression.
 
-    # Tiny settings, about 8 minutes on a 2-core CPU; ends by printing the path of DIR/report.md:
+    # Tiny settings, 28-76 minutes on a shared 2-core CPU (README); ends by printing DIR/report.md:
     python -m r1jax.main --config=configs/pipeline.py --workdir=runs/pipeline
     # Real accelerators: the stage configs' own small / base settings.
     python -m r1jax.main --config=configs/pipeline.py:variant=base --workdir=/mnt/gcs/BUCKET/run
