@@ -209,6 +209,8 @@ def eval_section(**values: Any) -> ml_collections.ConfigDict:
       every_steps=100,              # 0 disables periodic eval (the final eval still runs)
       num_batches=8,                # held-out batches per eval
       early_stopping_patience=3,    # evals without improvement before stopping; 0 disables
+      early_stopping_min_delta=0.0,  # least gain (metric units, e.g. 0.005 accuracy) that resets
+                                    # the patience; the best checkpoint still takes any gain
       best_metric="loss",           # eval metric that picks the best checkpoint and drives the
                                     # patience: loss/nll lower is better, accuracy/F1 higher
   ))
@@ -520,6 +522,8 @@ def validate_training(config: ml_collections.ConfigDict, *, num_devices: int | N
   v.int_at_least("eval.every_steps", 0)
   v.positive_int("eval.num_batches")
   v.int_at_least("eval.early_stopping_patience", 0)
+  if "early_stopping_min_delta" in config.get("eval", {}):
+    v.number_in("eval.early_stopping_min_delta", 0.0, 1e6)
   v.int_at_least("checkpoint.every_steps", 1)
   v.positive_int("checkpoint.max_to_keep")
   v.int_at_least("checkpoint.keep_best", 0)

@@ -175,6 +175,27 @@ def test_best_metric_accuracy_picks_and_stops_by_accuracy(engine, tmp_path):
     loop.selection_score({"loss": 2.0}, "f1")
 
 
+def test_min_delta_gains_keep_the_best_but_not_the_patience(engine, tmp_path):
+  # Accuracy 0.70, then gains of 0.002: each is the new best, none is 0.005 above the 0.70 that
+  # last reset the patience, so the run stops 3 evals after 0.70 with its best at 0.704.
+  accs = [0.70, 0.702, 0.704, 0.703, 0.9]
+  evals = iter(accs)
+  run = lambda path, **kw: _fit(engine, path, Batches(),
+                                evaluate=lambda p: {"loss": 1.0, "accuracy": next(evals)},
+                                num_steps=100, eval_every=2, checkpoint_every=50,
+                                early_stopping_patience=3, best_metric="accuracy", **kw)
+  result, ckpt = run(tmp_path / "delta", early_stopping_min_delta=0.005)
+  assert result.step == 8 and result.loop.stop_reason == "early_stopping"
+  assert result.loop.best_step == 6 and result.loop.best_score == -0.704
+  assert result.loop.patience_score == -0.70
+  ckpt.close()
+  # Without min_delta each small gain resets the patience and the run reaches the jump to 0.9.
+  evals = iter(accs + [0.9] * 10)
+  result, ckpt = run(tmp_path / "plain")
+  assert result.loop.best_score == -0.9 and result.loop.best_step == 10
+  ckpt.close()
+
+
 def test_on_eval_hook_can_stop(engine, tmp_path):
   seen = []
 

@@ -395,6 +395,7 @@ def run_round(ctx: _Context, chain_dir: str, controls: Controls, index: int,
       num_steps=end, log_every=cfg.train.log_every_steps, eval_every=cfg.eval.every_steps,
       checkpoint_every=cfg.checkpoint.every_steps,
       early_stopping_patience=cfg.eval.early_stopping_patience, best_metric=cfg.eval.best_metric,
+      early_stopping_min_delta=cfg.eval.get("early_stopping_min_delta", 0.0),
       skip_nonfinite=cfg.train.skip_nonfinite, progress_bar=cfg.train.progress_bar,
       sigterm_grace_secs=cfg.checkpoint.sigterm_grace_secs,
       deadline=loop_lib.deadline_of(cfg, ctx.started))

@@ -364,6 +364,7 @@ def run_phase(ctx: _Context, phase: Phase, start: int, previous: dict[str, Any] 
   options = loop_lib.LoopOptions(
       num_steps=end, log_every=cfg.train.log_every_steps, eval_every=cfg.eval.every_steps,
       checkpoint_every=cfg.checkpoint.every_steps, early_stopping_patience=phase.patience,
+      early_stopping_min_delta=cfg.eval.get("early_stopping_min_delta", 0.0),
       best_metric=cfg.eval.best_metric,
       skip_nonfinite=cfg.train.skip_nonfinite, progress_bar=cfg.train.progress_bar,
       sigterm_grace_secs=cfg.checkpoint.sigterm_grace_secs,

@@ -49,6 +49,8 @@ class LoopOptions:
   eval_every: int = 0                 # 0: only the final eval
   checkpoint_every: int = 500
   early_stopping_patience: int = 0    # evals without improvement; 0 disables
+  early_stopping_min_delta: float = 0.0  # what counts as an improvement for the patience (in the
+                                      # metric's units); the best step still takes any gain
   skip_nonfinite: bool = False
   tokens_per_step: int = 0            # global tokens per step when constant (else counted)
   flops_per_step: float = 0.0         # model training FLOPs per step (global batch), for MFU
@@ -67,6 +69,7 @@ class LoopOptions:
     return cls(num_steps=num_steps, deadline=deadline, log_every=config.train.log_every_steps,
                eval_every=config.eval.every_steps, checkpoint_every=config.checkpoint.every_steps,
                early_stopping_patience=config.eval.early_stopping_patience,
+               early_stopping_min_delta=config.eval.get("early_stopping_min_delta", 0.0),
                skip_nonfinite=config.train.skip_nonfinite, tokens_per_step=tokens_per_step,
                flops_per_step=flops_per_step, peak_flops=peak_flops,
                progress_bar=config.train.progress_bar,
@@ -93,6 +96,7 @@ class LoopState:
   best_score: float | None = None      # selection_score at best_step (lower is better)
   best_step: int | None = None
   evals_without_improvement: int = 0
+  patience_score: float | None = None  # the score that last reset the patience (by > min_delta)
   nonfinite_skips: int = 0
   stopped_early: bool = False
   stop_reason: str = ""               # why stopped_early: early_stopping | on_eval | time_budget
@@ -280,10 +284,14 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
         loop.last_eval = dict(result, step=step)
         if loop.best_score is None and loop.best_eval_loss is not None:  # a run saved before
           loop.best_score = loop.best_eval_loss                          # best_score existed
+        if loop.patience_score is None:      # a run saved before patience_score existed
+          loop.patience_score = loop.best_score
         improved = loop.best_score is None or score < loop.best_score
         if improved:
           loop.best_score, loop.best_eval_loss, loop.best_step = score, result["loss"], step
-          loop.evals_without_improvement = 0
+        if (loop.patience_score is None
+            or score < loop.patience_score - options.early_stopping_min_delta):
+          loop.patience_score, loop.evals_without_improvement = score, 0
         else:
           loop.evals_without_improvement += 1
         logging.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
