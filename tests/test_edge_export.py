@@ -116,6 +116,27 @@ def test_int8_export_is_int8_smaller_and_agrees(float_art, exported):
   assert 0 < check["max_abs_diff"] and check["argmax_agreement"] >= 0.9, check
 
 
+def test_int8_export_keeps_the_output_projections_float(float_art, exported):
+  """The d x C projections to the logits (the pooled head and the n-gram path) stay float MatMuls
+  in the int8 file; every other MatMul against a 2-D weight becomes integer."""
+  graph = onnx.load(exported["float"]).graph
+  for i, node in enumerate(graph.node):
+    node.name = f"n{i}"  # as edge.quantize names them
+  weights = {i.name: tuple(i.dims) for i in graph.initializer}
+  heads = set(edge.output_projections(graph))
+  d, num_classes = float_art.spec.model.d_model, len(float_art.spec.label_names)
+  assert sorted(weights[n.input[1]] for n in graph.node if n.name in heads) == [
+      (d, num_classes)] * 2
+  matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+  against_2d_weights = [n for n in matmuls if len(weights.get(n.input[1], ())) == 2]
+  int8 = onnx.load(exported["int8"]).graph
+  # Float MatMuls left: the heads, and those against activations or batched weights.
+  assert sum(1 for n in int8.node if n.op_type == "MatMul") == (
+      len(matmuls) - len(against_2d_weights) + len(heads))
+  assert sum(1 for i in int8.initializer if tuple(i.dims) == (d, num_classes)
+             and i.data_type == onnx.TensorProto.FLOAT) == 2
+
+
 def test_serve_encodes_as_finetuning_does(float_art):
   tok = tokenizer_lib.Tokenizer.load(float_art.spec.tokenizer)
   labels = task_lib.LabelVocab(tuple(float_art.spec.label_names))
