@@ -67,7 +67,7 @@ def _batch(spec, batch_size, seed=0):
           "images": rng.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.uint8)}
 
 
-def make_multimodal_workdir(path, *, models="fused", seed=0):
+def make_multimodal_workdir(path, *, models="fused", seed=0, fusion="joint"):
   """A multimodal-finetuning-like workdir with a random 1-layer classifier on the icon task."""
   os.makedirs(path, exist_ok=True)
   tok_path = _tokenizer(os.path.join(path, "tokenizer.model"))
@@ -75,7 +75,8 @@ def make_multimodal_workdir(path, *, models="fused", seed=0):
   cfg = txl.get_variant("tiny", vocab_size=vocab, n_layer=1, n_token_types=2, dropout=0.0,
                         ngram_buckets=0)
   labels = builtin.labels("icons")
-  model = vision.MultimodalClassifier(cfg, vision.ImageConfig(IMAGE_SIZE, PATCH), len(labels))
+  model = vision.MultimodalClassifier(cfg, vision.ImageConfig(IMAGE_SIZE, PATCH, fusion=fusion),
+                                      len(labels))
   params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])
   write_checkpoint(path, params)
   with open(os.path.join(path, "labels.txt"), "w") as f:
@@ -86,7 +87,7 @@ def make_multimodal_workdir(path, *, models="fused", seed=0):
   config = {"stage": "finetune", "model": {"variant": "tiny", "n_layer": 1, "dropout": 0.0,
                                            "ngram_buckets": 16384},
             "multimodal": {"enabled": True, "image_size": IMAGE_SIZE, "patch_size": PATCH,
-                           "models": models, "image_field": "image"},
+                           "models": models, "image_field": "image", "fusion": fusion},
             "task": task,
             "resolved": {"seq_len": SEQ_LEN, "vocab_size": vocab, "labels": list(labels),
                          "models": models.split(","), "task": task}}
@@ -151,6 +152,26 @@ def test_int8_and_onnx_round_trip_of_a_multimodal_classifier(fused_art, fused_on
   meta = serve.metadata(serve.session(fused_onnx["int8"]))
   assert json.loads(meta[serve.META_MODALITIES]) == ["text", "image"]
   assert meta[serve.META_IMAGE_SIZE] == str(IMAGE_SIZE) and meta[serve.META_KIND] == "int8"
+
+
+def test_late_fusion_workdir_loads_and_exports_with_its_two_heads(tmp_path):
+  """A late-fusion fused model (a head per modality) is read from its parameters, keeps its
+  fusion through the spec's JSON, and its float ONNX file computes the sum of the branches."""
+  src = source_lib.load(make_multimodal_workdir(str(tmp_path / "late"), fusion="late"))
+  spec = src.spec
+  assert spec.image == vision.ImageConfig(IMAGE_SIZE, PATCH, fusion="late")
+  assert spec.kind == "text+image" and spec.num_classes == len(builtin.labels("icons"))
+  assert spec_lib.ClassifierSpec.from_json(spec.to_json(), spec.tokenizer) == spec
+  model = spec_lib.classifier_module(spec)
+  batch = _batch(spec, 4)
+  logits = np.asarray(spec_lib.apply_logits(model, spec, src.params, *spec.inputs_of(batch)))
+  text_spec, image_spec = spec.replace(modalities=("text",)), spec.replace(modalities=("image",))
+  branches = [np.asarray(spec_lib.apply_logits(model, s, src.params, *s.inputs_of(batch)))
+              for s in (text_spec, image_spec)]
+  np.testing.assert_allclose(logits, branches[0] + branches[1], rtol=1e-5, atol=1e-5)
+  art = artifact_lib.save(str(tmp_path / "float"), spec, src.params)
+  onnx = edge.export(art, str(tmp_path / "float" / "model.onnx"))
+  np.testing.assert_allclose(edge.runner(onnx)(batch), logits, atol=1e-4)
 
 
 def test_served_with_an_image_and_a_text_without_jax(fused_art, fused_onnx, icon_png):

@@ -17,6 +17,7 @@ from r1jax.model import vision
 CONFIG = txl.get_variant("tiny", vocab_size=50, d_model=32, n_layer=1, n_head=2, d_head=16,
                          d_inner=64, dropout=0.1, pooling="mean", n_token_types=2)
 IMAGE = vision.ImageConfig(image_size=16, patch_size=4, channels=3)
+LATE = dataclasses.replace(IMAGE, fusion="late")
 
 
 def _inputs(batch=3, qlen=7, seed=0):
@@ -89,8 +90,9 @@ def test_text_image_and_fused_inputs(model_and_params):
   np.testing.assert_allclose(again, fused, rtol=1e-5, atol=1e-5)
 
 
-def test_one_parameter_tree_whatever_the_init_input():
-  model = vision.MultimodalClassifier(CONFIG, IMAGE, num_classes=5)
+@pytest.mark.parametrize("image", [IMAGE, LATE], ids=["joint", "late"])
+def test_one_parameter_tree_whatever_the_init_input(image):
+  model = vision.MultimodalClassifier(CONFIG, image, num_classes=5)
   tokens, mask, images = _inputs()
   shapes = [jax.tree.map(jnp.shape, nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                                             **kw)["params"]))
@@ -168,3 +170,76 @@ def test_modality_dropout_hides_images_in_training_only(model_and_params):
   np.testing.assert_allclose(almost_all(params, batch, {}, key, True)[0], fused, rtol=1e-6)
   with pytest.raises(ValueError, match="modality_dropout=1.0"):
     losses.multimodal_loss_fn(model, modalities=("text", "image"), modality_dropout=1.0)
+
+
+@pytest.fixture(scope="module")
+def late_model_and_params():
+  model = vision.MultimodalClassifier(CONFIG, LATE, num_classes=5)
+  tokens, mask, images = _inputs()
+  params = nn.unbox(model.init(jax.random.key(0), tokens, mask, images=images)["params"])
+  return model, params
+
+
+def test_late_fusion_sums_one_head_per_modality(late_model_and_params):
+  model, params = late_model_and_params
+  assert sorted(params) == ["backbone", "image_head", "patch_embed", "text_head"]
+  for head in ("text_head", "image_head"):
+    assert params[head]["out"]["kernel"].shape == (32, 5)
+  tokens, mask, images = _inputs()
+  types = np.zeros_like(tokens)
+  text, aux_t = model.apply({"params": params}, tokens, mask, types)
+  image, aux_i = model.apply({"params": params}, images=images)
+  fused, aux_f = model.apply({"params": params}, tokens, mask, types, images=images)
+  for logits in (text, image, fused, aux_f["text_logits"], aux_f["image_logits"]):
+    assert logits.shape == (3, 5) and logits.dtype == jnp.float32
+  assert aux_t["hidden"].shape == (3, 7, 32) and aux_i["hidden"].shape == (3, 16, 32)
+  assert aux_f["hidden"].shape == (3, 7 + IMAGE.num_patches, 32)
+  assert aux_f["pooled"].shape == (3, 32)
+  # Each modality is encoded alone: the branches are what each input alone gives.
+  np.testing.assert_allclose(aux_f["text_logits"], text, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux_f["image_logits"], image, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fused, text + image, rtol=1e-5, atol=1e-6)
+  masked, _ = model.apply({"params": params}, tokens, mask, types, images=images,
+                          image_mask=np.array([True, False, True]))
+  np.testing.assert_allclose(masked[1], text[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(masked[0], fused[0], rtol=1e-5, atol=1e-6)
+  # The text branch is the text classifier with the text head.
+  text_params = {"backbone": params["backbone"], "cls_head": params["text_head"]}
+  want, _ = heads.Classifier(CONFIG, 5).apply({"params": text_params}, tokens, mask, types)
+  np.testing.assert_allclose(text, want, rtol=1e-6, atol=1e-6)
+  # Joint fusion with the same backbone and patch embedding reads the two together: different.
+  joint = vision.MultimodalClassifier(CONFIG, IMAGE, num_classes=5)
+  joint_params = {k: v for k, v in params.items() if k in ("backbone", "patch_embed")}
+  joint_params["cls_head"] = params["text_head"]
+  got, aux = joint.apply({"params": joint_params}, tokens, mask, types, images=images)
+  assert "text_logits" not in aux and not np.allclose(got, fused)
+  with pytest.raises(ValueError, match="fusion='early'"):
+    vision.ImageConfig(image_size=16, patch_size=4, fusion="early")
+
+
+def test_aux_weight_adds_each_branch_loss_in_training_only(late_model_and_params):
+  _, params = late_model_and_params
+  model = vision.MultimodalClassifier(dataclasses.replace(CONFIG, dropout=0.0), LATE, 5)
+  tokens, mask, images = _inputs()
+  labels = np.array([0, 3, 4], np.int32)
+  batch = {"tokens": tokens, "token_mask": mask, "images": images, "label": labels}
+  key = jax.random.key(2)
+
+  def loss(weight, deterministic):
+    fn = losses.multimodal_loss_fn(model, modalities=("text", "image"), aux_weight=weight)
+    return float(fn(params, batch, {}, key, deterministic)[0])
+  _, aux = model.apply({"params": params}, tokens, mask, np.zeros_like(tokens), images=images)
+  text_ce = float(losses.cross_entropy(aux["text_logits"], labels)[0].mean())
+  image_ce = float(losses.cross_entropy(aux["image_logits"], labels)[0].mean())
+  base = loss(0.0, False)
+  assert loss(0.0, True) == pytest.approx(base, rel=1e-6)
+  assert loss(0.5, False) == pytest.approx(base + 0.5 * (text_ce + image_ce), rel=1e-5)
+  assert loss(0.5, True) == pytest.approx(base, rel=1e-6)     # evaluation: the fused loss only
+  # A joint model has no branches: the weight leaves its loss alone.
+  joint = vision.MultimodalClassifier(dataclasses.replace(CONFIG, dropout=0.0), IMAGE, 5)
+  joint_params = nn.unbox(joint.init(jax.random.key(0), tokens, mask, images=images)["params"])
+  joint_loss = [losses.multimodal_loss_fn(joint, modalities=("text", "image"), aux_weight=w)(
+      joint_params, batch, {}, key, False)[0] for w in (0.0, 1.0)]
+  assert float(joint_loss[0]) == float(joint_loss[1])
+  with pytest.raises(ValueError, match="aux_weight=-1"):
+    losses.multimodal_loss_fn(model, modalities=("text", "image"), aux_weight=-1.0)

@@ -24,7 +24,7 @@ def _config(**multimodal):
 
 
 def test_multimodal_keys_are_validated_together():
-  config = _config(image_size=30, patch_size=8, models="fused,audio")
+  config = _config(image_size=30, patch_size=8, models="fused,audio", fusion="early")
   config.image_augment.hue = 0.9
   config.image_augment.crop_scale_min = 0.0
   with pytest.raises(configlib.ConfigError) as e:
@@ -32,8 +32,10 @@ def test_multimodal_keys_are_validated_together():
   message = str(e.value)
   for expected in ("multimodal.patch_size: 8 must divide multimodal.image_size=30",
                    "multimodal.models: 'fused,audio'", "image_augment.hue: 0.9 must be in",
-                   "image_augment.crop_scale_min"):
+                   "image_augment.crop_scale_min", "multimodal.fusion"):
     assert expected in message
+  with pytest.raises(configlib.ConfigError, match="aux_weight: 1.0 needs multimodal.fusion=late"):
+    finetune.validate(_config(fusion="joint", aux_weight=1.0), num_devices=8, process_count=1)
   finetune.validate(_config(), num_devices=8, process_count=1)   # the defaults are valid
 
 

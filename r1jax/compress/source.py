@@ -58,6 +58,8 @@ class Source:
 def check_classifier_shapes(shapes: Mapping[str, tuple], workdir: str, prefix: str = "") -> int:
   """Returns num_classes, or raises WrongCheckpointKind for a checkpoint without cls_head."""
   key = f"{prefix}cls_head/out/kernel"
+  if key not in shapes and f"{prefix}text_head/out/kernel" in shapes:
+    key = f"{prefix}text_head/out/kernel"   # a late-fusion multimodal classifier: a head each
   if key not in shapes:
     tops = sorted({p[len(prefix):].split("/")[0] for p in shapes if p.startswith(prefix)})
     heads = [t for t in tops if t != "backbone"] or ["none"]
@@ -111,8 +113,10 @@ def _image_path(shapes: Mapping[str, tuple], config: Mapping[str, Any], prefix: 
   section = config.get("multimodal") or {}
   size = int(section.get("image_size", 32))
   patch = size // max(1, int(round(num_patches ** 0.5)))
+  late = f"{prefix}text_head/out/kernel" in shapes   # late fusion: a head per modality
   image = vision.ImageConfig(image_size=size, patch_size=patch,
-                             channels=int(kernel[0]) // (patch * patch))
+                             channels=int(kernel[0]) // (patch * patch),
+                             fusion="late" if late else "joint")
   models = (config.get("resolved") or {}).get("models") or [
       m.strip() for m in str(section.get("models", "fused")).split(",") if m.strip()]
   modalities = vision.MODELS.get(models[0] if models else "fused", ("text", "image"))

@@ -85,6 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       patch_size=8,         # ViT patch side in pixels: (image_size / patch_size)^2 image tokens
       models="fused,text,image",  # models trained on the same batches (first = the stage's)
       modality_dropout=0.0,  # fused model: share of training rows whose image is hidden each step
+      fusion="late",        # fused model: late (a head per modality, logits summed) | joint (one head)
+      aux_weight=0.0,       # late fusion: weight of each branch's own loss beside the fused one
   ))
   # Augmentation of the training images (multimodal only), drawn afresh every epoch.
   config.image_augment = ml_collections.ConfigDict(dict(

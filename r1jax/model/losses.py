@@ -226,7 +226,8 @@ def multimodal_inputs(batch: Mapping[str, Any], modalities: Sequence[str],
 
 
 def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
-                       label_smoothing: float = 0.0, modality_dropout: float = 0.0) -> LossFn:
+                       label_smoothing: float = 0.0, modality_dropout: float = 0.0,
+                       aux_weight: float = 0.0) -> LossFn:
   """Single-label loss for a `vision.MultimodalClassifier` reading `modalities` of the batch.
 
   batch: tokens/token_mask [B, Q] (read when "text" is in `modalities`), images [B, S, S, C]
@@ -234,11 +235,16 @@ def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
   text-only, an image-only and a fused model, so the three are compared on the same rows.
   Metrics: loss, nll, accuracy. `modality_dropout` (training, text and image read): the share
   of rows whose image is hidden (`image_mask` False) at each step, so the model also learns to
-  classify from the text alone instead of leaning on the weaker modality.
+  classify from the text alone instead of leaning on the weaker modality. `aux_weight`
+  (training, a model that returns per-modality logits: late fusion): the loss adds
+  aux_weight * (mean CE of the text branch + mean CE of the image branch, over the rows that have
+  an image), so each branch learns to classify on its own and one cannot starve the other.
   """
   multimodal_inputs({}, modalities, 0)  # refuses unknown modalities now, not when traced
   if not 0.0 <= modality_dropout < 1.0:
     raise ValueError(f"modality_dropout={modality_dropout}: must be in [0, 1).")
+  if not aux_weight >= 0.0:
+    raise ValueError(f"aux_weight={aux_weight}: must be >= 0.")
   drops_images = modality_dropout > 0 and set(modalities) == {"text", "image"}
 
   def loss_fn(params, batch, extras, rng, deterministic):
@@ -246,11 +252,17 @@ def multimodal_loss_fn(model: nn.Module, *, modalities: Sequence[str],
     if drops_images and not deterministic:
       rng, key = jax.random.split(rng)
       inputs["image_mask"] = jax.random.uniform(key, batch["label"].shape[:1]) >= modality_dropout
-    logits, _ = model.apply({"params": params}, **inputs, deterministic=deterministic,
-                            rngs={"dropout": rng})
+    logits, aux = model.apply({"params": params}, **inputs, deterministic=deterministic,
+                              rngs={"dropout": rng})
     weights = batch.get("example_mask", jnp.ones(logits.shape[:1], bool))
     metrics = weighted_classification(logits, batch["label"], weights, label_smoothing)
-    return metrics["loss"][0] / jnp.maximum(metrics["loss"][1], 1.0), (metrics, extras)
+    loss = metrics["loss"][0] / jnp.maximum(metrics["loss"][1], 1.0)
+    if aux_weight and not deterministic and "text_logits" in aux:
+      image_rows = jnp.logical_and(weights, inputs.get("image_mask", True))
+      for key, rows in (("text_logits", weights), ("image_logits", image_rows)):
+        branch = weighted_classification(aux[key], batch["label"], rows, label_smoothing)
+        loss = loss + aux_weight * branch["loss"][0] / jnp.maximum(branch["loss"][1], 1.0)
+    return loss, (metrics, extras)
   return loss_fn
 
 

@@ -15,9 +15,17 @@ what a `heads.Classifier` with the same parameters computes (tests/test_multimod
 
 Parameters: `backbone/...` (a `TransformerXL`, the same tree a text checkpoint holds),
 `patch_embed/proj/{kernel [P*P*C, d], bias [d]}`, `patch_embed/pos_emb` [N, d],
-`patch_embed/image_type` [d], `cls_head/...` (a `heads.PooledHead` reading the mean of the
-real positions; with both modalities, the average of the text's mean and the image's mean, so
-the N patches do not outweigh a short text).
+`patch_embed/image_type` [d], then the head(s), by `ImageConfig.fusion`:
+
+  joint  `cls_head/...` (a `heads.PooledHead` reading the mean of the real positions; with both
+         modalities, the average of the text's mean and the image's mean, so the N patches do not
+         outweigh a short text). Text and patches attend to each other in one sequence.
+  late   `text_head/...` and `image_head/...`: the backbone (the same parameters) encodes the
+         text and the patches as two sequences, each modality's mean goes through its own head,
+         and the fused logits are the sum of the two (a product of the two softmaxes, up to
+         normalisation). Each branch's logits come back beside them (`text_logits`,
+         `image_logits`), for per-modality auxiliary losses (`losses.multimodal_loss_fn`'s
+         `aux_weight`); one modality alone reads its own branch.
 
 Pixels come in as values 0..255 ([B, S, S, C], uint8 from `r1jax.data.images`, any dtype) and are
 scaled to about [-2, 2] inside the model, so batches stay uint8 (a quarter of float32's bytes) on
@@ -36,6 +44,8 @@ from r1jax.model import heads
 from r1jax.model import transformer_xl as txl
 
 MODALITIES = ("text", "image")
+# How a model reading both modalities combines them (ImageConfig.fusion; module docstring).
+FUSIONS = ("joint", "late")
 # The multimodal models a task trains and compares, by name -> the modalities each reads.
 MODELS = {"fused": ("text", "image"), "text": ("text",), "image": ("image",)}
 # Pixel scaling: 0..255 -> (x / 255 - 0.5) / 0.25, so a mid-grey pixel is 0.
@@ -49,6 +59,7 @@ class ImageConfig:
   image_size: int = 32   # S, side of the (square) images in pixels.
   patch_size: int = 8    # P, side of a patch; S must be a multiple of it.
   channels: int = 3      # C, colour channels (RGB).
+  fusion: str = "joint"  # one of FUSIONS: one sequence and one head, or a head per modality.
 
   def __post_init__(self):
     for name in ("image_size", "patch_size", "channels"):
@@ -58,6 +69,8 @@ class ImageConfig:
     if self.image_size % self.patch_size:
       raise ValueError(f"ImageConfig.patch_size={self.patch_size} must divide image_size="
                        f"{self.image_size} (e.g. patch_size={_divisor_near(self.image_size, 8)}).")
+    if self.fusion not in FUSIONS:
+      raise ValueError(f"ImageConfig.fusion={self.fusion!r}: choose one of {', '.join(FUSIONS)}.")
 
   @property
   def num_patches(self) -> int:
@@ -137,7 +150,12 @@ class MultimodalClassifier(nn.Module):
                        "classifier has no n-gram path; set model.ngram_buckets=0.")
     self.backbone = txl.TransformerXL(self.config)
     self.patch_embed = PatchEmbed(self.config, self.image)
-    self.cls_head = heads.PooledHead(self.config, self.num_classes, self.config.dropout, "mean")
+    if self.image.fusion == "late":
+      self.text_head = heads.PooledHead(self.config, self.num_classes, self.config.dropout, "mean")
+      self.image_head = heads.PooledHead(self.config, self.num_classes, self.config.dropout,
+                                         "mean")
+    else:
+      self.cls_head = heads.PooledHead(self.config, self.num_classes, self.config.dropout, "mean")
 
   def __call__(self, tokens: jax.Array | None = None, token_mask: jax.Array | None = None,
                token_types: jax.Array | None = None, images: jax.Array | None = None,
@@ -153,8 +171,13 @@ class MultimodalClassifier(nn.Module):
       deterministic: True disables dropout.
 
     Returns:
-      (logits float32 [B, C], {"hidden": [B, Q + N, d] (text rows first), "pooled": [B, d]}).
+      (logits float32 [B, C], {"hidden": [B, Q + N, d] (text rows first), "pooled": [B, d]});
+      late fusion with both modalities adds "text_logits" and "image_logits" [B, C] (the
+      image's for every row, `image_mask` or not), and "pooled" is then the average of the two
+      branches' pooled rows.
     """
+    if self.image.fusion == "late":
+      return self._late(tokens, token_mask, token_types, images, image_mask, deterministic)
     if tokens is None and images is None:
       raise ValueError("MultimodalClassifier needs tokens, images or both; got neither.")
     rows, masks = [], []
@@ -194,3 +217,39 @@ class MultimodalClassifier(nn.Module):
     summary = jnp.where(masks[1][:, :1], 0.5 * (text + image), text)
     logits, pooled = self.cls_head(summary[:, None], deterministic)
     return logits, {"hidden": hidden, "pooled": pooled}
+
+  def _late(self, tokens, token_mask, token_types, images, image_mask, deterministic):
+    """Late fusion: each modality encoded alone by the shared backbone, a head each, logits
+    summed (the image's only where `image_mask`). Arguments and results as `__call__`."""
+    branches = {}
+    if tokens is not None:
+      txl.check_inputs(self.config, tokens, None, token_mask, token_types)
+      tokens = jnp.asarray(tokens)
+      mask = (jnp.ones(tokens.shape, bool) if token_mask is None
+              else jnp.asarray(token_mask, bool))
+      rows = self.backbone.embed(tokens, token_types, deterministic=deterministic)
+      hidden, _ = self.backbone.encode(rows, None, mask, deterministic=deterministic)
+      branches["text"] = (hidden, *self.text_head(hidden, deterministic, mask))
+    elif self.is_initializing():
+      self.backbone.embed(jnp.zeros((1, 1), jnp.int32))
+      self.text_head(jnp.zeros((1, 1, self.config.d_model), self.config.dtype))
+    if images is not None:
+      check_images(self.image, images, None if tokens is None else tokens.shape[0])
+      rows = self.patch_embed(images, deterministic)                            # [B, N, d]
+      hidden, _ = self.backbone.encode(rows, None, None, deterministic=deterministic)
+      branches["image"] = (hidden, *self.image_head(hidden, deterministic))
+    elif self.is_initializing():
+      self.patch_embed(jnp.zeros((1, self.image.image_size, self.image.image_size,
+                                  self.image.channels), jnp.uint8))
+      self.image_head(jnp.zeros((1, 1, self.config.d_model), self.config.dtype))
+    if len(branches) == 1:
+      ((hidden, logits, pooled),) = branches.values()
+      return logits, {"hidden": hidden, "pooled": pooled}
+    (text_h, text_logits, text_pooled), (image_h, image_logits, image_pooled) = (
+        branches["text"], branches["image"])
+    present = (jnp.ones(text_logits.shape[:1], bool) if image_mask is None
+               else jnp.asarray(image_mask, bool))
+    logits = text_logits + jnp.where(present[:, None], image_logits, 0.0)
+    return logits, {"hidden": jnp.concatenate([text_h, image_h], axis=1),
+                    "pooled": 0.5 * (text_pooled + image_pooled),
+                    "text_logits": text_logits, "image_logits": image_logits}

@@ -10,7 +10,9 @@ folders). Every model is a `vision.MultimodalClassifier` (the backbone of init_f
 plus a new patch embedding and head), trained with all its parameters at `train.learning_rate`
 through the shared engine, its checkpoints and metrics in DIR/models/<name>/:
 
-  fused   text and image in one sequence;
+  fused   text and image (`multimodal.fusion`: late, the default = the backbone reads each
+          modality alone, a head each, logits summed, `multimodal.aux_weight` adding each
+          branch's own loss; joint = one sequence over both, one head);
   text    the text alone;
   image   the image alone.
 `multimodal.models` lists which to train (default all three, on the same batches, so the report
@@ -75,6 +77,11 @@ def validate(v: configlib.Validator, config: ml_collections.ConfigDict) -> None:
   mm = config.multimodal
   v.string("multimodal.image_field")
   v.number_in("multimodal.modality_dropout", 0.0, 1.0, high_open=True)
+  fusion = v.choice("multimodal.fusion", vision.FUSIONS)
+  aux = v.number_in("multimodal.aux_weight", 0.0, 100.0)
+  if aux and fusion == "joint":
+    v.add("multimodal.aux_weight", f"{aux} needs multimodal.fusion=late (joint fusion has one "
+          "head, no branch to weigh); set it to 0 or choose late.")
   size, patch = v.positive_int("multimodal.image_size"), v.positive_int("multimodal.patch_size")
   if size and patch and size % patch:
     v.add("multimodal.patch_size", f"{patch} must divide multimodal.image_size={size} "
@@ -157,6 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                  "without one.", mcfg.ngram_buckets)
     mcfg = dataclasses.replace(mcfg, ngram_buckets=0)
   image = vision.ImageConfig(image_size=mm.image_size, patch_size=mm.patch_size)
+  fusion = mm.get("fusion", "joint")
   seq_len = config.task.seq_len if config.task.seq_len > 0 else txl.SEGMENT_LEN[
       config.model.variant]
   batch_size = config.train.batch_size
@@ -184,9 +192,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         process_index=0 if not train else jax.process_index(),
         process_count=1 if not train else jax.process_count())
 
-  model = vision.MultimodalClassifier(mcfg, image, len(data.labels))
   results = {}
   for name in names:
+    # The fusion is the fused model's; one modality alone reads the plain joint path.
+    model = vision.MultimodalClassifier(
+        mcfg, dataclasses.replace(image, fusion=fusion if len(MODELS[name]) > 1 else "joint"),
+        len(data.labels))
     results[name] = _train_one(config, workdir, name, model, mesh, total, batches, data,
                                init_from, on_eval, main=name == names[0], seq_len=seq_len)
   main = results[names[0]]
@@ -230,7 +241,8 @@ def _train_one(config, workdir, name, model, mesh, total, batches, data, init_fr
       config, mesh=mesh, tx=tx, init_params=init_params, num_steps=total,
       loss_fn=losses.multimodal_loss_fn(
           model, modalities=modalities, label_smoothing=config.train.label_smoothing,
-          modality_dropout=config.multimodal.get("modality_dropout", 0.0)),
+          modality_dropout=config.multimodal.get("modality_dropout", 0.0),
+          aux_weight=config.multimodal.get("aux_weight", 0.0)),
       eval_loss_fn=losses.multimodal_loss_fn(model, modalities=modalities))
 
   def init_state():
