@@ -4,6 +4,7 @@ effect, and the image pipeline's throughput against what a training step consume
     python bench/multimodal.py        # tiny, 3 seeds: ~25 minutes on the shared 2-core machine
     python bench/multimodal.py --seeds 0 --epochs 20 --augment "" --workdir /tmp/mm
     python bench/multimodal.py --throughput_only --epochs 8   # the pipeline target: ~3 min
+    python bench/multimodal.py --fusion joint --aux_weight 0  # the fused model of sessions 1-17
 
 Per seed, two finetuning runs (`configs/finetune.py:variant=tiny` with multimodal.enabled, from
 scratch, fixed steps, each model evaluated at its best dev step) on the same split:
@@ -20,9 +21,11 @@ model's train records, compilation excluded).
 seed, run A's settings, --epochs epochs) measures the step's consumption, then the pipeline is
 timed as above; prints each round's line, the median ratio and the JSON line.
 
-Prints one table of test (and dev) accuracies, the targets with met / not met, and last a JSON
-line. Issue 28's targets: fused above both single-modality models; augmentation's effect on the
-image-only model measured; pipeline >= 10x the training step's consumption.
+Prints one table of test (and dev) accuracies, the fused model's per-seed gain over the
+text-only one on dev and test (their mean and its standard error over seeds), the targets with
+met / not met, and last a JSON line. Issue 28's targets: fused above both single-modality
+models; augmentation's effect on the image-only model measured; pipeline >= 10x the training
+step's consumption.
 """
 from __future__ import annotations
 
@@ -69,6 +72,10 @@ def stage_config(args: argparse.Namespace, seed: int, models: str, augment: bool
   config.eval.best_metric = "accuracy"
   config.checkpoint.every_steps = args.eval_every
   config.image_augment.prob = 1.0 if augment else 0.0
+  if args.fusion:
+    config.multimodal.fusion = args.fusion
+  if args.aux_weight is not None:
+    config.multimodal.aux_weight = args.aux_weight
   if augment:
     for item in filter(None, args.augment.split(",")):
       key, value = item.split("=")
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--augment", default=MILD_AUGMENT,
                       help="image_augment overrides for the augmented runs ('' = the config's "
                            "strengths)")
+  parser.add_argument("--fusion", default="", help="multimodal.fusion ('' = the config's)")
+  parser.add_argument("--aux_weight", type=float, default=None,
+                      help="multimodal.aux_weight (default: the config's)")
   parser.add_argument("--workdir", default="", help="where the runs go; '' = a temporary dir")
   parser.add_argument("--throughput_only", action="store_true",
                       help="only the pipeline vs the step (a fused-only run for the step)")
@@ -187,11 +197,21 @@ def main(argv: list[str] | None = None) -> dict:
   mean = {label: statistics.mean(r["test"] for r in rows if r["model"] == label)
           for label in dict.fromkeys(r["model"] for r in rows)}
   print("mean test accuracy over seeds: " + "; ".join(f"{k} {v:.3f}" for k, v in mean.items()))
+  gains = {}
+  for split in ("dev", "test"):
+    by = {(r["seed"], r["model"]): r[split] for r in rows}
+    diffs = [by[s, "fused (text+image), augmented"] - by[s, "text only"]
+             for s in dict.fromkeys(r["seed"] for r in rows)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    gains[split] = {"per_seed": diffs, "mean": statistics.mean(diffs), "standard_error": se}
+    print(f"fused minus text only, {split}: " + " ".join(f"{d:+.3f}" for d in diffs)
+          + f"; mean {statistics.mean(diffs):+.3f} +- {se:.3f} (standard error over seeds)")
   fused, text = mean["fused (text+image), augmented"], mean["text only"]
   image_aug, image_plain = mean["image only, augmented"], mean["image only, not augmented"]
   ratio = pipeline / consumption
   targets = {
       "fused_above_both": fused > max(text, image_aug, image_plain),
+      "fused_minus_text": gains,
       "augmentation_effect_on_image_only": image_aug - image_plain,
       "pipeline_over_step": ratio,
       "pipeline_at_least_10x": ratio >= 10.0,
@@ -202,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"augmentation on the image-only model: {image_aug:.3f} with, {image_plain:.3f} without "
         f"({image_aug - image_plain:+.3f}; {verdict})")
   print(pipeline_line(pipeline, consumption))
-  out = {"rows": rows, "mean_test_accuracy": mean, "pipeline_images_per_sec": pipeline,
+  out = {"rows": rows, "mean_test_accuracy": mean, "fusion": config.multimodal.fusion,
+         "aux_weight": config.multimodal.aux_weight, "pipeline_images_per_sec": pipeline,
          "step_images_per_sec": consumption, "targets": targets, "workdir": root,
          "models": list(finetune_multimodal.MODELS)}
   print(json.dumps(out))
