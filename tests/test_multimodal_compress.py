@@ -154,6 +154,7 @@ def test_int8_and_onnx_round_trip_of_a_multimodal_classifier(fused_art, fused_on
   assert meta[serve.META_IMAGE_SIZE] == str(IMAGE_SIZE) and meta[serve.META_KIND] == "int8"
 
 
+@pytest.mark.slow  # 55 s at load 7 (2 shared cores): a tokenizer trained, an ONNX export
 def test_late_fusion_workdir_loads_and_exports_with_its_two_heads(tmp_path):
   """A late-fusion fused model (a head per modality) is read from its parameters, keeps its
   fusion through the spec's JSON, and its float ONNX file computes the sum of the branches."""
