@@ -1,13 +1,13 @@
 r"""The fused models against the text-only one by K-fold cross-validation over the icon task's
 train + dev icons (559), so every comparison reads 559 held-out icons instead of dev's 94.
 
-    python bench/multimodal_folds.py                     # 5 folds, seed 0: ~25 min on 2 loaded cores
-    python bench/multimodal_folds.py --variants joint,late:0,late:1 --seeds 0,1 --workdir /tmp/f
+    python bench/multimodal_folds.py        # 5 folds, seed 0, 3 variants: 37 min at load 6-10
+    python bench/multimodal_folds.py --variants joint,late:1 --seeds 0,1 --workdir /tmp/f
 
 Why: on the 94 dev / 101 test icons the fused-minus-text-only difference moves by several points
-with the split alone (NOTES_multimodal.md, session 23: the joint fused model +7 points on dev and
--4 on test over the same seeds), and seeds only resample the training noise, never which icons
-are judged. The test split is never read here.
+with the split alone (NOTES_multimodal.md, session 23: the joint fused model +3.9 points on dev
+and -1.7 on test over the same three seeds), and seeds only resample the training noise, never
+which icons are judged. The test split is never read here.
 
 Folds: a hash of the icon's name without "-symbolic" (an icon and its symbolic version fall in the
 same fold, as in the task's own split). Per fold and seed, one finetuning run per variant
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--folds", type=int, default=5)
   parser.add_argument("--seeds", default="0")
-  parser.add_argument("--variants", default="joint,late:1",
+  parser.add_argument("--variants", default="joint,late:0,late:1",
                       help="fused variants, fusion[:aux_weight], comma-separated")
   parser.add_argument("--steps", type=int, default=560, help="training steps per run")
   parser.add_argument("--eval_every", type=int, default=56)
