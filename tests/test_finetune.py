@@ -541,14 +541,18 @@ def test_augmenter_follows_the_config():
 @pytest.mark.slow
 def test_general_vs_domain_adapted_on_foldoc(tmp_path):
   """Tiny general pretraining, continued on the domain corpus (DAPT), both finetuned with the tiny
-  defaults cut to 3 epochs of 64-token rows; both beat the majority class by a wide margin and
-  compare runs."""
+  defaults cut to 1 epoch of 64-token rows (no TF-IDF baseline: test_eval's); both beat the
+  majority class by a wide margin and compare runs. Measured (2026-12-07): test accuracy 0.60 and
+  0.59 against the 0.37 asked, macro-F1 0.46 and 0.45 against 0.14; DAPT's first MLM loss 0.64
+  below general's (0.3 asked)."""
   from r1jax.stages import compare  # pylint: disable=g-import-not-at-top
-  steps = {"train.num_steps": 300, "eval.every_steps": 150, "checkpoint.every_steps": 150}
   general, dapt = str(tmp_path / "general"), str(tmp_path / "dapt")
-  pretrain.run(make_config("pretrain.py", **steps), general)
-  pretrain.run(make_config("pretrain.py", init_from=general, **{"data.corpus": "builtin:domain"},
-                           **steps), dapt)
+  pretrain.run(make_config("pretrain.py", **{"train.num_steps": 300, "eval.every_steps": 150,
+                                             "checkpoint.every_steps": 150}), general)
+  # DAPT for 100 steps: the first train record (step 100) is what the test compares.
+  pretrain.run(make_config("pretrain.py", init_from=general, **{
+      "data.corpus": "builtin:domain", "train.num_steps": 100, "eval.every_steps": 100,
+      "checkpoint.every_steps": 100}), dapt)
   with open(os.path.join(general, "tokenizer.model"), "rb") as a, \
       open(os.path.join(dapt, "tokenizer.model"), "rb") as b:
     assert a.read() == b.read()  # DAPT keeps the general tokenizer
@@ -558,8 +562,12 @@ def test_general_vs_domain_adapted_on_foldoc(tmp_path):
   summaries = {}
   for name, init in (("ft_general", general), ("ft_dapt", dapt)):
     summaries[name] = finetune.run(make_config(init_from=init, **{
-        "train.num_epochs": 3.0, "task.seq_len": 64}), str(tmp_path / name))
+        "train.num_epochs": 1.0, "task.seq_len": 64, "report.linear_baseline": False}),
+        str(tmp_path / name))
     s = summaries[name]
+    print(f"{name}: test accuracy {s['test']['accuracy']:.3f}, macro-F1 {s['test']['macro_f1']:.3f}"
+          f" (majority class: {s['majority_baseline']['accuracy']:.3f}, "
+          f"{s['majority_baseline']['macro_f1']:.3f})")
     assert s["test"]["accuracy"] >= s["majority_baseline"]["accuracy"] + 0.15, s["test"]
     assert s["test"]["macro_f1"] >= 4 * s["majority_baseline"]["macro_f1"]
   result = compare.run(make_config("compare.py", workdirs=",".join(
