@@ -19,6 +19,8 @@ from r1jax.stages import pipeline_report
 from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "configs", "pipeline.py")
 
@@ -413,9 +415,7 @@ def _has_checkpoint(directory, at_least):
 @pytest.mark.slow
 def test_kill_mid_stage_and_rerun_gives_the_same_numbers(tmp_path):
   # One CPU device per run (the test process forces 8): quicker to compile, same code path.
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_force_host_platform_device_count"))
-  env = dict(os.environ, R1JAX_DISTRIBUTED="off", XLA_FLAGS=flags)
+  env = dict(os.environ, R1JAX_DISTRIBUTED="off", XLA_FLAGS=xla_env.flags(1))
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
   subprocess.run(_cli_args(tmp_path, reference), cwd=ROOT, env=env, check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)

@@ -21,6 +21,7 @@ from test_pipeline import _config
 from test_pipeline import _run_until
 from test_pipeline import _small_config
 from test_pipeline import ROOT
+import xla_env
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -148,9 +149,7 @@ def test_killed_auto_pipeline_resumes_with_the_same_decisions(tmp_path):
   """General then domain pretraining under schedule=auto (adaptive policy, every eval a
   decision), killed once pretrain_domain has logged a decision past its last checkpoint, then
   rerun: every stage's decisions (and where it left) are those of an uninterrupted run."""
-  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_force_host_platform_device_count"))
-  env = dict(os.environ, R1JAX_DISTRIBUTED="off", XLA_FLAGS=flags)
+  env = dict(os.environ, R1JAX_DISTRIBUTED="off", XLA_FLAGS=xla_env.flags(1))
   stages = "--config.stages=data_general,data_domain,pretrain_general,pretrain_domain"
 
   def cmd(wd):

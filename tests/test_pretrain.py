@@ -22,6 +22,8 @@ from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import metrics
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
 TIMING = loop_lib.TIMING_FIELDS
@@ -208,7 +210,9 @@ def test_second_run_on_a_live_workdir_is_refused(tokenizer_path, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The real command in subprocesses (slow: each start imports JAX and compiles).
+# The real command in subprocesses (slow: each start imports JAX and compiles), on one CPU device
+# as a user's CPU runs it: quicker to compile and step. The exact resume of a run sharded over 8
+# devices is test_preempted_run_resumes_exactly's.
 
 
 def _command(workdir, *overrides):
@@ -216,9 +220,10 @@ def _command(workdir, *overrides):
           f"--workdir={workdir}", "--config.train.progress_bar=False", *overrides]
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return env
+def _env(devices=1):
+  """The test process's environment, with `devices` forced CPU devices (its own: 8)."""
+  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              XLA_FLAGS=xla_env.flags(devices))
 
 
 SUBPROCESS_OVERRIDES = ("--config.train.num_steps=60", "--config.train.log_every_steps=1",
@@ -325,8 +330,8 @@ def test_sigterm_saves_and_exits_within_grace_then_resumes(tokenizer_path, tmp_p
 
 @pytest.mark.slow
 def test_tiny_command_learns(tmp_path):
-  """The README command: held-out MLM accuracy far above chance (1/vocab) and above always
-  predicting the most frequent token."""
+  """The README command on one CPU device, as a user's CPU runs it: held-out MLM accuracy far
+  above chance (1/vocab) and above always predicting the most frequent token."""
   workdir = str(tmp_path / "tiny")
   start = time.time()
   subprocess.run(_command(workdir), env=_env(), check=True, capture_output=True)
@@ -340,7 +345,7 @@ def test_tiny_command_learns(tmp_path):
 
 
 def test_bad_config_exits_2_with_the_problem_not_a_traceback(tmp_path):
-  proc = subprocess.run(_command(tmp_path / "w", "--config.train.batch_size=30"), env=_env(),
+  proc = subprocess.run(_command(tmp_path / "w", "--config.train.batch_size=30"), env=_env(8),
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "train.batch_size: 30 is not divisible by data-parallel size" in proc.stderr

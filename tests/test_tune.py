@@ -21,6 +21,8 @@ from r1jax.stages import tune
 from r1jax.stages import tune_space
 from r1jax.stages import tune_storage
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNE = os.path.join(ROOT, "configs", "tune.py")
 
@@ -367,7 +369,9 @@ def test_tiny_search_end_to_end(tmp_path):
 
 def _env():
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device: the CLI as a user runs it, and faster compiles
+  # One CPU device, as the CLI runs for a user, compiled at conftest's fast settings (the trials'
+  # time is mostly compiling: 12-step runs of a 1-layer model).
+  env["XLA_FLAGS"] = xla_env.flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env
