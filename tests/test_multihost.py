@@ -18,6 +18,8 @@ from r1jax.data import sources
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.train import metrics
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
 
@@ -30,7 +32,8 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith("R1JAX_")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  # `devices` CPU devices per process, compiled at conftest's fast settings like the test process.
+  env.update(XLA_FLAGS=xla_env.flags(devices), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
   return env
 
