@@ -32,6 +32,7 @@ from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.stages import pretrain
 
 import servers
+import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "pretrain.py")
@@ -304,8 +305,7 @@ def test_a_gs_workdir_in_use_on_another_machine_is_refused_and_left_alone(gcs_en
 
 def _pretrain(gcs, staging, *overrides, workdir="gs://runs/pretrain"):
   env = dict(os.environ, **gcs.env, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             R1JAX_STAGING_DIR=staging, R1JAX_SYNC_SECS="2")
-  env.pop("XLA_FLAGS", None)
+             R1JAX_STAGING_DIR=staging, R1JAX_SYNC_SECS="2", XLA_FLAGS=xla_env.flags(1))
   proc = subprocess.run(
       [sys.executable, "-m", "r1jax.main", f"--config={CONFIG}:variant=tiny",
        f"--workdir={workdir}", "--config.data.corpus=gs://runs/corpus/",
