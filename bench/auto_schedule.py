@@ -9,8 +9,9 @@ Runs the path the auto schedule controls twice, with the same settings except `s
 (general and domain) -> general pretraining -> domain-adaptive pretraining -> finetuning of the
 adapted model. The fixed run trains each stage for its configured steps (finetuning: its epochs
 with early stopping on dev accuracy); the auto run has the same ceilings and leaves each stage
-when its eval metric plateaus (configs/pipeline.py `auto.*`). Both pretraining stages evaluate
-every `--pretrain-eval-every` steps in both runs (the fixed run's evals only cost time).
+when its eval metric plateaus (configs/pipeline.py `auto.*`; by default the learning rate is
+lowered at a stage's first plateau and the stage left at the next). Both pretraining stages
+evaluate every `--pretrain-eval-every` steps in both runs (the fixed run's evals only cost time).
 
 Prints, per run: each training stage's steps and wall time, the whole run's wall and process CPU
 time, and the finetuned model's dev accuracy and test accuracy / macro-F1; then the ratios and the
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"  auto pretrain_domain {domain['action']} ({domain['wall_secs']:.1f} s): "
           f"{domain['reason']}")
   for stage, d in auto["decisions"].items():
+    for a in d.get("actions", []):  # unfreeze / lower_lr before leaving
+      print(f"  auto {stage}: {a['action']} at step {a['step']} ({a['reason']})")
     print(f"  auto {stage}: " + (f"left at step {d['left_at']} of {d['planned_steps']} "
                                  f"({d['reason']})" if d["left_at"] is not None else
                                  f"not left by the schedule ({d['decisions']} decisions)"))

@@ -15,6 +15,7 @@ from r1jax.stages import pipeline
 from r1jax.stages import pipeline_report
 from r1jax.stages import pipeline_schedule
 from r1jax.stages import pipeline_stages
+from r1jax.train import metrics as metrics_lib
 from r1jax.train import schedule as schedule_lib
 from test_pipeline import _cli_args
 from test_pipeline import _config
@@ -30,6 +31,8 @@ import xla_env
     ({"auto.pretrain.metric": "accuracy"}, r"auto.pretrain.metric: 'accuracy' is not among"),
     ({"auto.policy": "bandit"}, r"auto.policy: 'bandit' is not one of \('adaptive', 'rule'\)"),
     ({"auto.pretrain.relative": 1.5}, r"auto.pretrain.relative: 1.5 is outside \(0.0, 1.0\)"),
+    ({"auto.lr_factor": 1.0}, r"auto.lr_factor: 1.0 is outside \(0.0, 1.0\)"),
+    ({"auto.max_lr_drops": -1}, r"auto.max_lr_drops: -1"),
     ({"pipeline.pretrain_domain.eval.every_steps": 0},
      r"pipeline.pretrain_domain.eval.every_steps: 0: schedule=auto decides at each eval"),
     ({"auto.diagnose.low_word_coverage": 1.5},
@@ -45,7 +48,8 @@ def test_bad_auto_settings_are_one_error(overrides, message):
 
 def _auto(tmp_path, **overrides):
   """data + both pretraining stages, 12 steps each with an eval every 2; policy rule with a
-  minimum no gain reaches (a forced plateau): each stage leaves at its second eval's rate."""
+  minimum no gain reaches (a forced plateau): each stage lowers its learning rate at its second
+  eval's rate (auto.max_lr_drops=1) and leaves at the next."""
   values = {"stages": "data_general,data_domain,pretrain_general,pretrain_domain",
             "schedule": "auto", "auto.policy": "rule", "auto.window": 1,
             "auto.pretrain.min_gain": 1e6,
@@ -65,30 +69,39 @@ def test_auto_schedule_moves_on_at_a_forced_plateau_and_records_why(tmp_path):
   summary = pipeline.run(_auto(tmp_path), wd)
   for name in ("pretrain_general", "pretrain_domain"):
     stage = run_dir.read_json(os.path.join(wd, name, "summary.json"))
-    # Evals at 2 (no rate yet) and 4 (a rate, under the minimum): left at step 4 of 12.
-    assert (stage["step"], stage["num_steps"], stage["stopped_by"]) == (4, 12, "on_eval"), name
+    # Evals at 2 (no rate yet), 4 (a rate, under the minimum: the learning rate x0.3) and 6 (the
+    # rate since step 4, under it again): left at step 6 of 12.
+    assert (stage["step"], stage["num_steps"], stage["stopped_by"]) == (6, 12, "on_eval"), name
     log = schedule_lib.read_log(pipeline_schedule.log_path(wd, name))
     assert [(d["step"], d["action"]) for d in log["decisions"]] == [
-        (2, "continue"), (4, "leave_stage")]
-    assert log["left_at"] == 4 and log["settings"]["metric"] == "mlm_loss"
-    assert "per 1000 steps < 1e+06 (the rule's minimum)" in log["decisions"][1]["reason"]
-    assert summary["schedule_decisions"][name]["left_at"] == 4
-  # The domain stage started from the general one's last (step 4) checkpoint.
+        (2, "continue"), (4, "lower_lr"), (6, "leave_stage")]
+    assert log["left_at"] == 6 and log["settings"]["metric"] == "mlm_loss"
+    lowered = log["decisions"][1]
+    assert "per 1000 steps < 1e+06 (the rule's minimum)" in lowered["reason"]
+    assert "learning rate x0.3 (drop 1 of 1)" in lowered["reason"]
+    # The rate from step 4 on is the (decaying) schedule's x0.3: the logged rates show it.
+    assert lowered["lr_factor"] == 0.3 and 0 < lowered["learning_rate"]
+    rates = {r["step"]: r["learning_rate"] for r in
+             metrics_lib.read_metrics(os.path.join(wd, name), "train")}
+    assert 0 < rates[6] < 0.31 * rates[4]
+    assert summary["schedule_decisions"][name]["left_at"] == 6
+  # The domain stage started from the general one's last (step 6) checkpoint.
   assert json.load(open(os.path.join(wd, "pretrain_domain", "config.json")))["init_from"] == (
       os.path.join(wd, "pretrain_general"))
   assert summary["schedule"] == "auto"
   report = open(os.path.join(wd, "report.md")).read()
   section = report.split("## Stage transitions (schedule=auto)")[1]
   assert "### pretrain_general" in section and "### pretrain_domain" in section
-  assert "left at step 4, 67% of its planned 12 steps saved" in section
-  assert section.count("| leave_stage |") == 2
+  assert "left at step 6, 50% of its planned 12 steps saved" in section
+  assert section.count("| leave_stage |") == 2 and section.count("| lower_lr |") == 2
+  assert "learning rate x0.3 (drop 1 of 1)" in section
 
   # The same workdir under schedule=fixed: the finished stages were made by another schedule.
   with pytest.raises(pipeline.PipelineError, match=r"schedule_auto.policy: 'rule' -> None"):
     pipeline.plan(_auto(tmp_path, schedule="fixed"), wd)
   # Rerun as it was: nothing to redo, the decisions stay.
   again = pipeline.run(_auto(tmp_path), wd)
-  assert again["ran"] == [] and again["schedule_decisions"]["pretrain_domain"]["left_at"] == 4
+  assert again["ran"] == [] and again["schedule_decisions"]["pretrain_domain"]["left_at"] == 6
 
 
 def test_auto_schedule_skips_domain_pretraining_when_the_diagnostic_finds_no_shift(tmp_path):
@@ -107,7 +120,7 @@ def test_auto_schedule_skips_domain_pretraining_when_the_diagnostic_finds_no_shi
   assert (decision["action"], decision["level"]) == ("skip_stage", "small")
   m = decision["measures"]
   assert 0.0 < m["word_token_coverage"] < 1.0 and m["perplexity_ratio"] > 0
-  assert m["eval_rows_per_corpus"] == 4 * 16 and decision["general_model"]["step"] == 4
+  assert m["eval_rows_per_corpus"] == 4 * 16 and decision["general_model"]["step"] == 6
   assert summary["schedule_decisions"]["domain_pretraining"] == decision
   assert "finetune directly" in decision["reason"]
   # The adapted model's finetuning now reads the general model, and depends on it.

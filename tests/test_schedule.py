@@ -1,15 +1,23 @@
 """The plateau controller (issue #26 part 2's rule-based piece): a forced plateau makes loop.fit
-leave the stage at the right eval, and every eval's decision is kept with its numbers."""
+leave the stage at the right eval, lower the learning rate first (the rate really drops, and a
+run killed after it resumes bitwise), or unfreeze while layers are frozen; every eval's decision
+is kept with its numbers."""
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import pytest
 
+from r1jax import configlib
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop
 from r1jax.train import metrics as metrics_lib
+from r1jax.train import optim
 from r1jax.train import schedule
 from test_train_loop import Batches
 from test_train_loop import _fit
 from test_train_loop import engine  # noqa: F401  (fixture)
+from test_train_loop import make_engine
 
 
 def test_rate_per_compute_decides_and_every_decision_is_recorded():
@@ -106,3 +114,126 @@ def test_decision_log_resumes_with_the_same_decisions(tmp_path):
   log = schedule.read_log(path)
   assert log["decisions"] == reference.to_json() and log["left_at"] == reference.left_at
   assert log["settings"]["policy"] == "adaptive"
+
+
+@pytest.fixture(scope="module")
+def lr_engine():
+  """test_train_loop's engine (constant learning rate 0.3) with a learning-rate factor."""
+  return make_engine(adjustable_lr=True)
+
+
+def test_first_plateau_lowers_the_learning_rate_and_the_next_one_leaves(lr_engine, tmp_path):
+  # test_forced_plateau's evals: the rate over two evals is 0 at step 20, a plateau. With one
+  # drop allowed it lowers the rate (x0.3) there; from step 20 on the rate is measured afresh, and
+  # the eval at step 24 (still flat) leaves.
+  losses = iter([4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+  controller = schedule.PlateauController(metric="loss", window=2, min_gain_per_kstep=10.0,
+                                          lr_factor=0.3, max_lr_drops=1)
+  assert schedule.lowers_lr(controller)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=1, keep_best=1)
+  writer = metrics_lib.MetricsWriter(str(tmp_path), enabled=True, tensorboard=False)
+  try:
+    result = loop.fit(lr_engine, lr_engine.init_state(jax.random.PRNGKey(0)), Batches(),
+                      options=loop.LoopOptions(num_steps=100, eval_every=4, log_every=4,
+                                               checkpoint_every=50, progress_bar=False),
+                      checkpointer=ckpt, writer=writer, evaluate=lambda p: {"loss": next(losses)},
+                      on_eval=controller)
+  finally:
+    writer.close()
+  assert result.step == 24 and result.loop.stop_reason == "on_eval"
+  assert [(d.step, d.action) for d in controller.decisions] == [
+      (4, "continue"), (8, "continue"), (12, "continue"), (16, "continue"), (20, "lower_lr"),
+      (24, "leave_stage")]
+  lowered, left = controller.decisions[4], controller.decisions[5]
+  assert lowered.lr_factor == 0.3 and lowered.learning_rate == pytest.approx(0.09)
+  assert "learning rate x0.3 (drop 1 of 1): 0.3 -> 0.09" in lowered.reason
+  assert "over steps 20-24" in left.reason and left.learning_rate == pytest.approx(0.09)
+  # The rate really dropped: the factor is optimizer state, and the logged rate is the one used.
+  assert float(optim.lr_factor(result.state.opt_state)) == pytest.approx(0.3)
+  rates = {r["step"]: r["learning_rate"] for r in metrics_lib.read_metrics(str(tmp_path), "train")}
+  assert [rates[s] for s in (16, 20)] == pytest.approx([0.3, 0.3])
+  assert rates[24] == pytest.approx(0.09)
+  ckpt.close()
+  # An optimizer built without the factor cannot be lowered (one clear error).
+  plain = optim.build_optimizer(configlib.train_section(), {"w": jnp.zeros((2, 2))}, num_steps=10)
+  state = plain.init({"w": jnp.zeros((2, 2))})
+  assert optim.lr_factor(state) == 1.0
+  with pytest.raises(ValueError, match="adjustable_lr=True"):
+    optim.scale_lr(state, 0.3)
+
+
+def test_a_plateau_unfreezes_while_layers_are_frozen_then_lowers_then_leaves():
+  # A finetuning with one more phase to go (it sets unfreezes_left): the first plateau unfreezes;
+  # in the last phase the next lowers the rate, the one after leaves. Evals every 100 steps.
+  controller = schedule.PlateauController(metric="accuracy", window=1, min_gain_per_kstep=0.3,
+                                          max_lr_drops=1, lr_factor=0.5)
+  controller.unfreezes_left = 1
+  answers = []
+  for step, accuracy in ((100, 0.5), (200, 0.7), (300, 0.7001), (400, 0.75), (500, 0.7502),
+                         (600, 0.80), (700, 0.8001)):
+    answers.append(controller(step, {"accuracy": accuracy, "learning_rate": 1e-3}))
+    if controller.decisions[-1].action == "unfreeze":
+      controller.unfreezes_left = 0  # the finetuning's last phase
+  assert [d.action for d in controller.decisions] == [
+      "continue", "continue", "unfreeze", "continue", "lower_lr", "continue", "leave_stage"]
+  assert answers[2] is True and answers[4] == loop.EvalAction(lr_factor=0.5)
+  assert answers[-1] is True and controller.left_at == 700
+  assert "unfreeze: the next phase trains more layers (1 left)" in controller.decisions[2].reason
+  assert controller.decisions[4].learning_rate == pytest.approx(5e-4)
+  with pytest.raises(ValueError, match="lr_factor=1.5"):
+    schedule.PlateauController(lr_factor=1.5)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_run_killed_after_lowering_the_rate_resumes_bitwise(lr_engine, tmp_path):
+  """Killed right after the lower_lr decision at step 8 (its last checkpoint: step 6), then
+  resumed: the same decisions, the same logged rates and the same final state, bit for bit."""
+  config = ml_collections.ConfigDict(dict(checkpoint=configlib.checkpoint_section(
+      async_save=False, max_to_keep=2, keep_best=1)))
+  options = loop.LoopOptions(num_steps=40, eval_every=4, log_every=2, checkpoint_every=6,
+                             progress_bar=False)
+  x = np.random.default_rng(99).normal(size=(16, 4)).astype(np.float32)
+
+  def evaluate(params):  # a real held-out loss: the resumed run evaluates the same numbers
+    w = np.asarray(jax.device_get(params["w"]))
+    return {"loss": float(np.mean(((x @ w)[:, 0] - x @ np.array([1.0, -2.0, 0.5, 3.0])) ** 2))}
+
+  def run(workdir, kill_at=None):
+    # The rule's minimum no rate reaches: lower_lr at the first rate (step 8), leave at step 12.
+    controller = schedule.PlateauController(
+        metric="loss", window=1, min_gain_per_kstep=1e9, max_lr_drops=1, lr_factor=0.3,
+        log_path=str(workdir / "schedule.json"))
+
+    def hook(step, metrics):
+      answer = controller(step, metrics)
+      if step == kill_at:
+        raise _Killed(step)
+      return answer
+    return loop.resume_and_fit(
+        config, engine=lr_engine, train_iter=Batches(), options=options,
+        init_state=lambda: lr_engine.init_state(jax.random.PRNGKey(0)),
+        checkpoint_dir=str(workdir / "ckpt"), metrics_dir=str(workdir), evaluate=evaluate,
+        on_eval=hook)[0]
+
+  reference = run(tmp_path / "reference")
+  with pytest.raises(_Killed):
+    run(tmp_path / "resumed", kill_at=8)
+  log = schedule.read_log(str(tmp_path / "resumed" / "schedule.json"))
+  assert [d["action"] for d in log["decisions"]] == ["continue", "lower_lr"]
+  resumed = run(tmp_path / "resumed")
+  assert reference.step == resumed.step == 12
+  want = schedule.read_log(str(tmp_path / "reference" / "schedule.json"))
+  assert [(d["step"], d["action"]) for d in want["decisions"]] == [
+      (4, "continue"), (8, "lower_lr"), (12, "leave_stage")]
+  assert schedule.read_log(str(tmp_path / "resumed" / "schedule.json")) == want
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(reference.state),
+               jax.device_get(resumed.state))
+  assert float(optim.lr_factor(resumed.state.opt_state)) == pytest.approx(0.3)
+
+  def rates(wd):
+    return [(r["step"], r["learning_rate"]) for r in metrics_lib.read_metrics(str(wd), "train")]
+  assert rates(tmp_path / "resumed") == rates(tmp_path / "reference")
+  assert dict(rates(tmp_path / "reference"))[10] == pytest.approx(0.09)

@@ -51,11 +51,11 @@ class Batches:
     self.step = state["step"]
 
 
-def make_engine(steps_per_call=1):
+def make_engine(steps_per_call=1, adjustable_lr=False):
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1)))
   train = configlib.train_section(learning_rate=0.3, warmup_steps=0, schedule="constant")
   tx = optim.build_optimizer(train, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
-                             num_steps=100)
+                             num_steps=100, adjustable_lr=adjustable_lr)
   return steps.Engine(mesh=mesh, rules=axes.DEFAULT_RULES, loss_fn=loss_fn, tx=tx,
                       init_params=init_params, init_extras=lambda: {}, batch_size=B,
                       lr_schedule=optim.make_schedule(train, 100), steps_per_call=steps_per_call)

@@ -14,7 +14,8 @@ r"""The whole recipe in one command: data -> pretraining -> domain adaptation ->
         --config.pipeline.data_general.data.inputs=corpus/*.jsonl
     # Everything within 30 minutes (steps and epochs sized from the measured step rates):
     ... --config.budget_minutes=30
-    # Each pretraining / finetuning stage left when its eval metric plateaus, not at a step count,
+    # Each pretraining / finetuning stage left when its eval metric plateaus, not at a step count
+    # (after lowering the learning rate at a first plateau, and unfreezing frozen layers first),
     # and domain pretraining skipped when the general model shows no domain shift (diagnose):
     ... --config.schedule=auto [--config.auto.policy=rule --config.auto.finetune.min_gain=0.05]
     # The image+text task (embedded icons): fused, text-only and image-only models compared:
@@ -158,6 +159,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # adaptive also uses until the stage has gained anything.
       policy="adaptive",
       window=2,  # a gain compares the best eval score with the best `window` evals earlier
+      # At a plateau, before leaving the stage: a finetuning with frozen layers unfreezes the next
+      # ones (its schedule's next phase), then the learning rate is multiplied by `lr_factor`
+      # from that step on, at most `max_lr_drops` times (0: leave at the first plateau).
+      lr_factor=0.3,
+      max_lr_drops=1,
       # Per kind of stage: the eval metric (pretrain: loss | mlm_loss | mlm_accuracy | nsp_*;
       # finetune: accuracy | loss | nll), the rule's minimum gain per 1000 steps in the metric's
       # units, and adaptive's fraction of the best rate (pretraining's loss falls off slowly,

@@ -18,7 +18,8 @@ r"""Finetuning stage: a pretrained backbone + a new classification head, trained
                   smaller model; each phase logs what it trains) train at
                   `unfreeze.learning_rate` while the head keeps `train.learning_rate`;
      progressive  stage A, then one more layer from the top every `unfreeze.every_epochs` epochs
-                  (or earlier after `unfreeze.plateau_patience` evals without improvement);
+                  (or earlier after `unfreeze.plateau_patience` evals without improvement,
+                  or, under the pipeline's schedule=auto, at its controller's "unfreeze");
      full         everything trains (backbone at `unfreeze.learning_rate`).
    Freezing is a list of regex rules over parameter paths (`optim.build_optimizer`): frozen leaves
    get no optimizer state, and the loss stops their gradients, so the backward pass skips them;
@@ -70,6 +71,7 @@ from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import optim
+from r1jax.train import schedule as schedule_lib
 from r1jax.train import steps as steps_lib
 from r1jax.train.state import TrainState
 
@@ -289,7 +291,8 @@ def _build_engine(ctx: _Context, phase: Phase, start: int, end: int):
   counts["frozen"] = counts["total"] - counts["trainable"]
   frozen = jax.tree.map(lambda l: l == optim.FROZEN, labels)
   steps = end - start
-  tx = optim.build_optimizer(cfg.train, ctx.abstract_params, num_steps=steps, rules=rules)
+  tx = optim.build_optimizer(cfg.train, ctx.abstract_params, num_steps=steps, rules=rules,
+                             adjustable_lr=schedule_lib.lowers_lr(ctx.on_eval))
   schedule = optim.make_schedule(cfg.train, steps)
   model, multi = ctx.model, ctx.task.multi_label
   engine = loop_lib.engine_for(
@@ -532,6 +535,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     if previous is not None and previous.get("stopped_by") == "time_budget":
       logging.warning("Time budget spent: phase %s does not run.", phase.name)
       break
+    if isinstance(on_eval, schedule_lib.PlateauController):  # schedule=auto: while a later phase
+      on_eval.unfreezes_left = len(plan) - 1 - phase.index  # trains more, a plateau goes to it
     previous = run_phase(ctx, phase, start, previous)
     records.append(previous)
     start = previous["end_step"]

@@ -54,6 +54,7 @@ from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import optim
+from r1jax.train import schedule as schedule_lib
 
 # Model name -> the modalities it reads; the first listed is the stage's own model.
 MODELS = vision.MODELS
@@ -236,7 +237,8 @@ def _train_one(config, workdir, name, model, mesh, total, batches, data, init_fr
                       images=jnp.zeros((1, image.image_size, image.image_size, 3),
                                        jnp.uint8))["params"]
   abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
-  tx = optim.build_optimizer(config.train, abstract, num_steps=total)
+  tx = optim.build_optimizer(config.train, abstract, num_steps=total,
+                             adjustable_lr=schedule_lib.lowers_lr(on_eval))
   engine = loop_lib.engine_for(
       config, mesh=mesh, tx=tx, init_params=init_params, num_steps=total,
       loss_fn=losses.multimodal_loss_fn(

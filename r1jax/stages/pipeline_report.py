@@ -367,7 +367,8 @@ def _schedule_section(doc: Document, workdir: str, stages: Mapping[str, StageInf
     return
   doc.heading(2, "Stage transitions (schedule=auto)")
   doc.para("Each pretraining and finetuning stage was left when its eval metric gained too "
-           "little per 1000 steps (its configured steps are the ceiling); one decision per eval, "
+           "little per 1000 steps (its configured steps are the ceiling), after unfreezing frozen "
+           "layers and lowering the learning rate at earlier plateaus; one decision per eval, "
            "with the numbers behind it (`pipeline_state/<stage>.schedule.json`).")
   if decision:
     _domain_section(doc, workdir, decision)
@@ -388,7 +389,8 @@ def _schedule_section(doc: Document, workdir: str, stages: Mapping[str, StageInf
     doc.heading(3, name)
     doc.para(f"{how}; policy {cfg.get('policy')} on `{cfg.get('metric')}`, window "
              f"{cfg.get('window')} evals, relative {cell(cfg.get('relative'))}, rule minimum "
-             f"{cell(cfg.get('min_gain_per_kstep'))} per 1000 steps.")
+             f"{cell(cfg.get('min_gain_per_kstep'))} per 1000 steps, learning rate x"
+             f"{cell(cfg.get('lr_factor'))} up to {cell(cfg.get('max_lr_drops'))} times.")
     headers, rows = schedule_lib.decision_rows(log["decisions"], cfg.get("metric", "metric"))
     doc.table(headers, rows)
 

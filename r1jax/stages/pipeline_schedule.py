@@ -11,7 +11,9 @@ stage a `train.schedule.PlateauController` as its `on_eval` hook: the pipeline m
 general pretraining to domain pretraining to finetuning as soon as the stage's eval metric
 (`auto.<kind>.metric`) gains less per 1000 steps than the policy's threshold (`auto.policy`:
 adaptive, a fraction `auto.<kind>.relative` of the stage's own best rate; or rule, a fixed
-`auto.<kind>.min_gain`). Each decision is written as it is made to
+`auto.<kind>.min_gain`). Before leaving, a plateau first unfreezes the next layers of a
+finetuning that has frozen ones (its schedule's next phase), then lowers the learning rate
+(x `auto.lr_factor`, up to `auto.max_lr_drops` times). Each decision is written as it is made to
 DIR/pipeline_state/<stage>.schedule.json with the numbers behind it; a killed pipeline resumes
 with the same decisions (the controller takes its log back and redoes only the decisions after
 the checkpoint the stage resumes from), and summary.json and report.md show every one.
@@ -113,7 +115,8 @@ def settings(config: ml_collections.ConfigDict, name: str) -> dict[str, Any] | N
   kind = config.auto[CONTROLLED[name]]
   return {"metric": kind.metric, "window": int(config.auto.window),
           "min_gain_per_kstep": float(kind.min_gain), "policy": config.auto.policy,
-          "relative": float(kind.relative)}
+          "relative": float(kind.relative), "lr_factor": float(config.auto.lr_factor),
+          "max_lr_drops": int(config.auto.max_lr_drops)}
 
 
 def controller(config: ml_collections.ConfigDict, name: str, workdir: str
@@ -141,6 +144,8 @@ def validate(config: ml_collections.ConfigDict, v: configlib.Validator,
       for line in str(e).splitlines()[1:]:
         v.problems.append(f"auto.diagnose.{line.strip()}")
   v.positive_int("auto.window")
+  v.number_in("auto.lr_factor", 0.0, 1.0, low_open=True, high_open=True)
+  v.int_at_least("auto.max_lr_drops", 0)
   for kind in sorted(set(CONTROLLED.values())):
     v.string(f"auto.{kind}.metric")
     v.number_in(f"auto.{kind}.min_gain", 0.0, 1e9)
@@ -281,7 +286,8 @@ def read_logs(workdir: str) -> dict[str, dict[str, Any]]:
 
 def summary(workdir: str) -> dict[str, Any]:
   """summary.json's "schedule" entry: per controlled stage, where it left (None: it trained to
-  its ceiling or stopped otherwise), how many decisions, and the decisive one's reason."""
+  its ceiling or stopped otherwise), how many decisions, the decisive one's reason, and the
+  unfreeze / lower_lr decisions made before it ("actions": step, action, reason)."""
   out = {}
   for name, log in read_logs(workdir).items():
     leave = next((d for d in log["decisions"] if d["action"] == schedule_lib.LEAVE), None)
@@ -289,6 +295,8 @@ def summary(workdir: str) -> dict[str, Any]:
     out[name] = {"left_at": log.get("left_at"), "decisions": len(log["decisions"]),
                  "planned_steps": stage_summary.get("num_steps"),
                  "reason": leave["reason"] if leave else None, "log": log_path(workdir, name),
+                 "actions": [{k: d[k] for k in ("step", "action", "reason")}
+                             for d in log["decisions"] if d["action"] in schedule_lib.ACTIONS],
                  "settings": log.get("settings")}
   if decision := decision_record(workdir):
     out["domain_pretraining"] = decision

@@ -49,6 +49,7 @@ from r1jax.train import loop as loop_lib
 from r1jax.train import mesh as mesh_lib
 from r1jax.train import metrics as metrics_lib
 from r1jax.train import optim
+from r1jax.train import schedule as schedule_lib
 from r1jax.train import steps as steps_lib
 
 
@@ -322,7 +323,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   def make_engine(steps: int) -> steps_lib.Engine:
     return loop_lib.engine_for(
         config, mesh=mesh, num_steps=steps, init_params=init_params,
-        tx=optim.build_optimizer(config.train, abstract_params, num_steps=steps),
+        tx=optim.build_optimizer(config.train, abstract_params, num_steps=steps,
+                                 adjustable_lr=schedule_lib.lowers_lr(on_eval)),
         loss_fn=losses.pretrain_loss_fn(model, label_smoothing=config.train.label_smoothing,
                                         kg_weight=config.data.kg_weight, nsp=config.data.nsp),
         init_extras=lambda: {"memory": txl.init_memory(mcfg, batch_size)})

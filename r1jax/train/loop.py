@@ -77,6 +77,15 @@ class LoopOptions:
                best_metric=config.eval.get("best_metric", "loss"))
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalAction:
+  """What an on_eval hook may return instead of a bool: stop, and/or multiply the learning rate
+  by `lr_factor` from the next step on (the optimizer needs `optim.build_optimizer(...,
+  adjustable_lr=True)`; the factor is optimizer state, checkpointed with the rest)."""
+  stop: bool = False
+  lr_factor: float = 1.0
+
+
 def selection_score(result: Mapping[str, float], metric: str) -> float:
   """An eval result's score for `metric`, lower is better: a loss as it is (names ending in loss,
   nll or perplexity), any other metric (accuracy, F1) negated."""
@@ -142,8 +151,9 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
     options: loop settings.
     checkpointer, writer: where checkpoints and metrics go.
     evaluate: params -> {"loss": ..., ...} on held-out data (also run at the end).
-    on_eval: hook called after each eval with (step, metrics); returning True stops training
-      (e.g. an optuna pruner). Early stopping on eval loss is built in.
+    on_eval: hook called after each eval with (step, metrics; with the engine's learning rate for
+      the next step as "learning_rate"); returning True stops training (e.g. an optuna pruner),
+      an `EvalAction` may also lower the learning rate. Early stopping on eval loss is built in.
     loop_state: host state restored from the checkpoint (None for a fresh run).
     start_step: `state.step` as a host int if already known (avoids one fetch).
   Raises:
@@ -295,7 +305,16 @@ def fit(engine: steps_lib.Engine, state: TrainState, train_iter: Iterator[Mappin
         else:
           loop.evals_without_improvement += 1
         logging.info("step %d eval: %s", step, " ".join(f"{k}={v:.4f}" for k, v in result.items()))
-        stop = bool(on_eval(step, result)) if on_eval is not None else False
+        stop = False
+        if on_eval is not None:
+          rate = engine.learning_rate(state) if hasattr(engine, "learning_rate") else None
+          answer = on_eval(step, result if rate is None else dict(result, learning_rate=rate))
+          if isinstance(answer, EvalAction) and answer.lr_factor != 1.0:
+            state = state.replace(opt_state=optim.scale_lr(state.opt_state, answer.lr_factor))
+            logging.info("Learning rate x%g from step %d on (%s -> %s).", answer.lr_factor, step,
+                         rate, engine.learning_rate(state) if rate is not None else None)
+            is_ckpt = True  # a resumed run restores the lowered rate, not the decision
+          stop = answer.stop if isinstance(answer, EvalAction) else bool(answer)
         if stop:
           loop.stop_reason = "on_eval"
         patience = options.early_stopping_patience

@@ -12,14 +12,20 @@ A rule that matches no parameter (including one shadowed by earlier rules) raise
 typo would otherwise silently train (or freeze) the wrong thing. Frozen leaves carry no optimizer state
 (`optax.multi_transform` with `optax.set_to_zero()`), and their gradients are zeroed before clipping so
 they do not count towards the global norm.
+
+`build_optimizer(..., adjustable_lr=True)` adds a learning-rate factor to the optimizer state
+(`LrFactorState`, 1.0 at the start) that multiplies every update: `scale_lr(opt_state, 0.3)` lowers
+the learning rate from the next step on (an on_eval hook's `loop.EvalAction`), and since the factor
+is a leaf of the state it is checkpointed and restored with it (a resumed run is bitwise the same).
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 from flax.core import meta
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -138,8 +144,51 @@ def _adamw(train_cfg: Any, schedule: optax.Schedule, weight_decay: float) -> opt
   )
 
 
-def build_optimizer(train_cfg: Any, params: Any, *, num_steps: int,
-                    rules: Sequence[Rule] = ()) -> optax.GradientTransformation:
+class LrFactorState(NamedTuple):
+  """The learning-rate factor's optimizer state."""
+  factor: jax.Array  # float32 []: every update is multiplied by it (1.0: the schedule's rate)
+
+
+def scale_by_lr_factor() -> optax.GradientTransformation:
+  """Multiplies the updates by a factor kept in the state (`scale_lr` changes it): the end of an
+  AdamW chain, where it scales the learning rate (weight decay's step included, as lowering the
+  rate would)."""
+  def init(params):
+    del params
+    return LrFactorState(jnp.ones((), jnp.float32))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: u * state.factor.astype(u.dtype), updates), state
+  return optax.GradientTransformation(init, update)
+
+
+def _is_factor(x: Any) -> bool:
+  return isinstance(x, LrFactorState)
+
+
+def lr_factor(opt_state: Any) -> Any:
+  """The learning-rate factor in `opt_state` (a float32 [] array), or 1.0 if it has none."""
+  found = [s.factor for s in jax.tree.leaves(opt_state, is_leaf=_is_factor) if _is_factor(s)]
+  return found[0] if found else 1.0
+
+
+def scale_lr(opt_state: Any, factor: float) -> Any:
+  """`opt_state` with its learning-rate factor multiplied by `factor` (same sharding). Raises
+  ValueError if the optimizer was built without one (`build_optimizer(adjustable_lr=False)`)."""
+  if not any(_is_factor(s) for s in jax.tree.leaves(opt_state, is_leaf=_is_factor)):
+    raise ValueError("The optimizer has no learning-rate factor to lower: build it with "
+                     "optim.build_optimizer(..., adjustable_lr=True).")
+
+  def one(s):
+    if not _is_factor(s):
+      return s
+    return LrFactorState(jax.device_put(s.factor * jnp.float32(factor), s.factor.sharding))
+  return jax.tree.map(one, opt_state, is_leaf=_is_factor)
+
+
+def build_optimizer(train_cfg: Any, params: Any, *, num_steps: int, rules: Sequence[Rule] = (),
+                    adjustable_lr: bool = False) -> optax.GradientTransformation:
   """AdamW + schedule + clipping + per-group rules.
 
   Args:
@@ -148,6 +197,7 @@ def build_optimizer(train_cfg: Any, params: Any, *, num_steps: int,
     params: the (possibly abstract or boxed) parameter tree, used for paths and shapes only.
     num_steps: optimizer steps, for the schedule.
     rules: (regex, "frozen" | {"lr_mult"|"learning_rate"|"weight_decay": float}) pairs.
+    adjustable_lr: end with `scale_by_lr_factor` (a learning-rate factor `scale_lr` can lower).
   """
   assigned = assign_groups(params, rules)
   labels = assigned["labels"]
@@ -164,6 +214,8 @@ def build_optimizer(train_cfg: Any, params: Any, *, num_steps: int,
   if train_cfg.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
   chain.append(optax.multi_transform(transforms, labels))
+  if adjustable_lr:
+    chain.append(scale_by_lr_factor())
   return optax.chain(*chain)
 
 

@@ -32,6 +32,7 @@ from r1jax.data import grain_ops
 from r1jax.model import losses
 from r1jax.model.losses import LossFn
 from r1jax.train import mesh as mesh_lib
+from r1jax.train import optim
 from r1jax.train import state as state_lib
 from r1jax.train.state import TrainState
 
@@ -128,8 +129,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, loss_fn: Lo
       nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
   metrics = dict(metrics, grad_norm=losses.metric(grad_norm),
                  nonfinite=losses.metric((~finite).astype(jnp.float32)))
-  if lr_schedule is not None:
-    metrics["learning_rate"] = losses.metric(lr_schedule(state.step))
+  if lr_schedule is not None:  # the rate this step used: the schedule's, times any lowering
+    metrics["learning_rate"] = losses.metric(lr_schedule(state.step) *
+                                             optim.lr_factor(state.opt_state))
   return new_state, metrics
 
 
@@ -240,6 +242,7 @@ class Engine:
     self.length_buckets = length_buckets
     self.rules = tuple(rules)
     self.tx = tx
+    self.lr_schedule = lr_schedule
     self.batch_size = batch_size
     self._init_params = init_params
     init = state_lib.init_state_fn(init_params, tx, init_extras)
@@ -309,6 +312,13 @@ class Engine:
       raise AssertionError(f"train state structure {jax.tree.structure(state)} differs from the "
                            f"engine's {expected}")
     return jax.device_put(state, sh)
+
+  def learning_rate(self, state: TrainState) -> float | None:
+    """The learning rate `state`'s next step uses (the logged schedule times the optimizer's
+    learning-rate factor, `optim.lr_factor`); None without a schedule."""
+    if self.lr_schedule is None:
+      return None
+    return float(jax.device_get(self.lr_schedule(state.step) * optim.lr_factor(state.opt_state)))
 
   def new_extras(self) -> Any:
     with mesh_lib.mesh_context(self.mesh, self.rules):
