@@ -23,6 +23,9 @@ from r1jax.stages import finetune
 from r1jax.stages import pretrain
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import optim
+from r1jax.train import schedule as schedule_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = {"model.d_model": 32, "model.n_layer": 2, "model.n_head": 2, "model.d_head": 16,
@@ -393,6 +396,32 @@ def test_progressive_unfreezes_one_more_layer_on_plateau(staged, pretrained, tmp
         k for k in params if k.startswith(("cls_head/",) + layers)}
   assert phases[0]["planned_end_step"] == 32 and phases[-1]["planned_end_step"] == 120
   assert summary["status"] == "stopped_early" and summary["step"] == phases[-1]["end_step"]
+
+
+@pytest.mark.slow  # a finetuning of three phases with its final evaluation (377 s at load 11)
+def test_auto_schedule_plateaus_unfreeze_then_lower_the_rate_then_leave(pretrained, tmp_path):
+  """progressive under the pipeline's schedule=auto controller (a forced plateau: a rule minimum
+  no rate reaches, one eval's rate): while a later phase trains more layers a plateau ends the
+  phase (the existing unfreezing), in the last phase it lowers the learning rate, then leaves."""
+  config = staged_config(tmp_path, pretrained)
+  config.schedule = "progressive"
+  config.unfreeze.num_layers, config.unfreeze.every_epochs = 2, 2.0  # 32 steps per phase at most
+  config.eval.every_steps, config.eval.early_stopping_patience = 4, 100
+  config.train.num_steps = 120
+  controller = schedule_lib.PlateauController(metric="loss", window=1, min_gain_per_kstep=1e9,
+                                              max_lr_drops=1, lr_factor=0.3)
+  workdir = str(tmp_path / "run")
+  summary = finetune.run(config, workdir, on_eval=controller)
+  assert [(d.step, d.action) for d in controller.decisions] == [
+      (4, "continue"), (8, "unfreeze"), (12, "unfreeze"), (16, "lower_lr"), (20, "leave_stage")]
+  assert [(p["name"], p["start_step"], p["end_step"], p["stopped_by"]) for p in
+          summary["phases"]] == [("head", 0, 8, "on_eval"), ("top1", 8, 12, "on_eval"),
+                                 ("top2", 12, 20, "on_eval")]
+  # The last phase's rate (its own schedule over steps 12-120) x0.3 from step 16 on.
+  schedule = optim.make_schedule(config.train, 120 - 12)
+  rates = {r["step"]: r["learning_rate"] for r in metrics_lib.read_metrics(workdir, "train")}
+  assert rates[16] == pytest.approx(float(schedule(15 - 12)), rel=1e-5)
+  assert rates[20] == pytest.approx(0.3 * float(schedule(19 - 12)), rel=1e-5)
 
 
 def test_killed_run_resumes_in_the_right_phase(staged, pretrained, tmp_path):
