@@ -237,3 +237,14 @@ def test_run_killed_after_lowering_the_rate_resumes_bitwise(lr_engine, tmp_path)
     return [(r["step"], r["learning_rate"]) for r in metrics_lib.read_metrics(str(wd), "train")]
   assert rates(tmp_path / "resumed") == rates(tmp_path / "reference")
   assert dict(rates(tmp_path / "reference"))[10] == pytest.approx(0.09)
+
+
+def test_an_unlowered_factor_trains_bit_for_bit_like_no_factor(engine, lr_engine):  # noqa: F811
+  # Until the rate is lowered, a stage under schedule=auto trains exactly as under fixed.
+  data_a, data_b = Batches(), Batches()
+  a = engine.init_state(jax.random.PRNGKey(0))
+  b = lr_engine.init_state(jax.random.PRNGKey(0))
+  for _ in range(5):
+    a, _ = engine.train_step(a, next(data_a))
+    b, _ = lr_engine.train_step(b, next(data_b))
+  np.testing.assert_array_equal(np.asarray(a.params["w"]), np.asarray(b.params["w"]))
