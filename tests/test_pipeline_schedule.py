@@ -52,7 +52,7 @@ def _auto(tmp_path, **overrides):
   eval's rate (auto.max_lr_drops=1) and leaves at the next."""
   values = {"stages": "data_general,data_domain,pretrain_general,pretrain_domain",
             "schedule": "auto", "auto.policy": "rule", "auto.window": 1,
-            "auto.pretrain.min_gain": 1e6,
+            "auto.pretrain.min_gain": 1e6, "auto.max_lr_drops": 1,
             "pipeline.pretrain_general.train.num_steps": 12}
   s = "pipeline.pretrain_domain."
   for key, value in (("train.num_steps", 12), ("train.warmup_steps", 1), ("train.batch_size", 8),

@@ -161,9 +161,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       window=2,  # a gain compares the best eval score with the best `window` evals earlier
       # At a plateau, before leaving the stage: a finetuning with frozen layers unfreezes the next
       # ones (its schedule's next phase), then the learning rate is multiplied by `lr_factor`
-      # from that step on, at most `max_lr_drops` times (0: leave at the first plateau).
+      # from that step on, at most `max_lr_drops` times (0: leave at the first plateau). Off by
+      # default: the stages' rates already decay, and one drop per stage (bench run 7) bought no
+      # dev or held-out gain for an eval interval more of each stage (bench/NOTES_auto_schedule.md).
       lr_factor=0.3,
-      max_lr_drops=1,
+      max_lr_drops=0,
       # Per kind of stage: the eval metric (pretrain: loss | mlm_loss | mlm_accuracy | nsp_*;
       # finetune: accuracy | loss | nll), the rule's minimum gain per 1000 steps in the metric's
       # units, and adaptive's fraction of the best rate (pretraining's loss falls off slowly,
