@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -110,6 +111,19 @@ def test_near_duplicate_chain_is_decided_by_source_order(tmp_path):
         [{"text": t, "_file": "<memory>", "_line": i + 1} for i, t in enumerate(order)], config,
         str(tmp_path / str(len(order[0]) + len(os.listdir(tmp_path)))), num_workers=0)
     assert beam_report.to_dict() == report
+
+
+def test_local_runner_leaves_no_temp_directory(tmp_path, monkeypatch):
+  """The DirectRunner runs Beam's FnApiRunner directly: Beam's own DirectRunner first tries
+  PrismRunner, which offline left an empty beam-temp* directory in the temp dir on every run."""
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  report = clean_beam.clean_with_beam([{"text": _doc(i), "_file": "<memory>", "_line": i + 1}
+                                       for i in range(3)], clean.CleanConfig(),
+                                      str(tmp_path / "out"), num_workers=0)
+  assert report.to_dict()["documents_out"] == 3
+  assert [p for p in os.listdir(temp) if p.startswith("beam-temp")] == []
 
 
 def test_beam_workers_import_neither_jax_nor_grain(corpus, tmp_path, monkeypatch):
