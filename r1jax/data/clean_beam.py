@@ -374,9 +374,9 @@ def local_runner(opts):
   Beam's DirectRunner first tries PrismRunner, which downloads a Go binary from GitHub; offline
   that fails and it falls back to this runner, but leaves an empty /tmp/beam-temp* directory
   behind on every run (Beam 2.78's PrismJobServer makes it before the download and never removes
-  it). Online it would run on Prism instead, which ignores `num_workers`. Asking for the fallback
-  directly runs what the tests and benches measure, leaving nothing behind; PrismRunner remains a
-  runner of its own."""
+  it). Online it would run on Prism instead, not the multi-process runner configured here. Asking
+  for the fallback directly runs what the tests and benches measure and leaves nothing behind;
+  PrismRunner remains a runner of its own."""
   if opts.view_as(_beam().options.pipeline_options.StandardOptions).runner != "DirectRunner":
     return None
   # pylint: disable=g-import-not-at-top
