@@ -380,9 +380,9 @@ def local_runner(opts):
   if opts.view_as(_beam().options.pipeline_options.StandardOptions).runner != "DirectRunner":
     return None
   # pylint: disable=g-import-not-at-top
-  from apache_beam.portability.api import beam_provision_api_pb2
-  from apache_beam.runners.portability import portable_runner
-  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  from apache_beam.portability.api import beam_provision_api_pb2  # the [beam] extra
+  from apache_beam.runners.portability import portable_runner  # the [beam] extra
+  from apache_beam.runners.portability.fn_api_runner import fn_runner  # the [beam] extra
   encoded = portable_runner.JobServiceHandle.encode_pipeline_options(opts.get_all_options())
   return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
