@@ -141,3 +141,11 @@ def test_readme_states_the_python_that_setup_cfg_requires():
   readme = (ROOT / "README.md").read_text(encoding="utf-8")
   stated = set(re.findall(r"Python (>= ?\d+(?:\.\d+)*)", readme))
   assert stated and {s.replace(" ", "") for s in stated} == {required}, (stated, required)
+
+
+def test_the_heavy_files_run_first_exist():
+  """tests/conftest.py's HEAVY_FILES (the default suite's heaviest files, started first): a renamed
+  or removed file would silently drop out of that order."""
+  import conftest  # pylint: disable=g-import-not-at-top  # tests/ is on sys.path
+  missing = [name for name in conftest.HEAVY_FILES if not (ROOT / "tests" / name).is_file()]
+  assert not missing, f"tests/conftest.py HEAVY_FILES names files that do not exist: {missing}"
