@@ -1,6 +1,7 @@
 """Smoke test of bench/train_throughput.py: it runs end to end at toy sizes and its last line is
 the JSON summary with the keys the issue names (the figures themselves are meaningless at toy size).
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -134,3 +135,25 @@ def test_ab_step_bad_flags_name_the_fix(flags, message):
   proc = _run_ab(*flags)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_ci_schedule_replays_xdist_orders(tmp_path):
+  """bench/ci_schedule.py on a made-up --durations=0 log: six 2 s files of four tests, a 10 s and a
+  6 s single-test file. xdist's reordering (most tests first) leaves the two heavy files for the
+  end, one per worker after three light ones each: 6 + 10 = 16 s. Heaviest first, the light files
+  fill in behind the 6 s one: the even split, 14 s."""
+  spec = importlib.util.spec_from_file_location("ci_schedule", os.path.join(REPO, "bench",
+                                                                          "ci_schedule.py"))
+  ci_schedule = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ci_schedule)
+  lines = [f"0.50s call     tests/test_{f}.py::test_{i}" for f in "abcdef" for i in range(4)]
+  lines += ["10.00s call     tests/test_y.py::test_0", "5.00s setup    tests/test_z.py::test_0",
+            "1.00s call     tests/test_z.py::test_0"]
+  log = tmp_path / "run.log"
+  log.write_text("\n".join(lines) + "\n")
+  tests = ci_schedule.read_durations(str(log))
+  assert len(tests) == 26 and tests[-1] == ("test_z.py", 6.0)
+  assert max(ci_schedule.loadfile(tests, 2, reorder=True)) == pytest.approx(16.0)
+  heavy = ci_schedule.heavy_first(tests, ["test_y.py", "test_z.py"])
+  assert ci_schedule.loadfile(heavy, 2, reorder=False) == pytest.approx([14.0, 14.0])
+  assert set(ci_schedule.heavy_files()) >= {"test_finetune.py", "test_bench.py"}
