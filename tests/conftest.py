@@ -58,7 +58,8 @@ def tok(docs):
 # xdist's loadfile hands each worker a whole file at a time in collection order; setup.cfg turns
 # off its own reordering (files with the most tests first), which started these few-test heavy
 # files last and left one worker finishing them alone (bench/ci_schedule.py on that run's times:
-# 11% over an even split, this order 1%; on a later complete run's: 1.3% and 0.9%). Unnamed files follow in name order and fill the gaps at the end.
+# 11% over an even split, this order 1%; on a later complete run's: 1.3% and 0.9%). Unnamed
+# files follow in name order and fill the gaps at the end.
 HEAVY_FILES = (
     "test_finetune.py", "test_bench.py", "test_train_steps.py", "test_faults.py",
     "test_compress_prune.py", "test_model.py", "test_pretrain.py", "test_user_errors.py",
