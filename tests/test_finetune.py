@@ -323,9 +323,9 @@ def test_time_budget_cuts_the_planned_steps_and_phases_follow(tmp_path, tokenize
   assert summary["phases"][0]["planned_end_step"] == round(budget["num_steps"] * 0.5)
   assert summary["phases"][-1]["end_step"] <= budget["num_steps"]
   # The hard stop, plus start-up, compilations, the final evaluation, latency and report: about
-  # 30 s on a quiet machine, up to twice that when the slow suite runs beside another test; the
-  # 50,000 steps planned would take hours.
-  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 90.0
+  # 30 s on a quiet machine, 123 s with the slow and the default suite side by side on 2 cores
+  # (load 6-10, session 22); the 50,000 steps planned would take hours.
+  assert time.time() - started < 24.0 * loop_lib.BUDGET_HARD_STOP + 270.0
 
 
 def test_early_stopping_on_forced_plateau_restores_best(tmp_path, tokenizer_path):
